@@ -1,0 +1,146 @@
+"""Command line: ``python -m engine {train,verify,explain,info,prune} ...``.
+
+Every command prints a human summary, or one JSON object with ``--json``. Errors the
+user can fix are printed as one ``error:`` line (exit status 2), never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from engine.errors import ExplaindError
+
+Handler = Callable[[argparse.Namespace], dict[str, Any]]
+
+
+def _config_options(parser: argparse.ArgumentParser, config_cls: type) -> None:
+    """One ``--field-name`` option per field of a task's frozen config dataclass."""
+    hints = get_type_hints(config_cls)
+    for field in dataclasses.fields(config_cls):
+        flag = "--" + field.name.replace("_", "-")
+        kind = hints[field.name]
+        default = field.default
+        if kind is bool:
+            parser.add_argument(flag, dest=field.name, type=_parse_bool, default=None,
+                                help=f"true/false (default {default})")
+        elif kind in (int, float, str):
+            parser.add_argument(flag, dest=field.name, type=kind, default=None, help=f"default {default}")
+        else:  # tuples such as betas: comma-separated numbers
+            parser.add_argument(flag, dest=field.name, type=_parse_floats, default=None,
+                                help=f"comma-separated (default {','.join(map(str, default))})")
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _parse_floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
+
+
+# ---------------------------------------------------------------------------- commands
+def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    from engine.tasks import TASKS, train_task
+
+    _, config_cls = TASKS[args.task]
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)
+                 if getattr(args, f.name) is not None}
+    out = train_task(args.task, Path(args.out), overrides, progress=not args.json, overwrite=args.overwrite)
+    from engine.history import History
+
+    history = History.open(out)
+    metrics = history.metrics()
+    last = metrics.tail(1).to_dicts()[0] if metrics.height else {}
+    return {"run": str(out), "task": args.task, "steps": history.num_steps, "final": last}
+
+
+def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
+    from engine.verify import verify
+
+    report = verify(args.run, allow_incomplete=args.allow_incomplete, progress=not args.json)
+    return report.to_json()
+
+
+def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
+    from engine.store import info
+
+    return info(Path(args.path))
+
+
+COMMANDS: dict[str, tuple[Handler, str]] = {
+    "train": (cmd_train, "train a built-in task and record it"),
+    "verify": (cmd_verify, "replay every recorded update from the record (MATH.md §3)"),
+    "info": (cmd_info, "summarize a run database"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from engine.tasks import TASKS
+
+    parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help=COMMANDS["train"][1])
+    tasks = train.add_subparsers(dest="task", required=True)
+    for name, (_, config_cls) in TASKS.items():
+        task = tasks.add_parser(name, help=(config_cls.__doc__ or name).splitlines()[0])
+        task.add_argument("--out", required=True, help="run directory to create")
+        task.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+        task.add_argument("--json", action="store_true", help="print one JSON object")
+        _config_options(task, config_cls)
+
+    verify = sub.add_parser("verify", help=COMMANDS["verify"][1])
+    verify.add_argument("run", help="run directory")
+    verify.add_argument("--allow-incomplete", action="store_true", help="verify the steps of an unfinished run")
+    verify.add_argument("--json", action="store_true", help="print one JSON object")
+
+    info = sub.add_parser("info", help=COMMANDS["info"][1])
+    info.add_argument("path", help="run database (.duckdb)")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def _print_human(result: dict[str, Any]) -> None:
+    for key, value in result.items():
+        if isinstance(value, dict):
+            print(f"{key}:")
+            for k, v in value.items():
+                print(f"  {k}: {v}")
+        else:
+            print(f"{key}: {value}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    handler, _ = COMMANDS[args.command]
+    try:
+        result = handler(args)
+    except ExplaindError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was published", file=sys.stderr)
+        return 130
+    if getattr(args, "json", False):
+        print(json.dumps(result, default=str))
+    else:
+        _print_human(result)
+    return 0
+

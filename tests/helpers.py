@@ -1,0 +1,81 @@
+"""Small models, data and a hand-written training loop shared by the tests.
+
+The model and data functions are importable by path (``tests.helpers:TinyMLP``), so runs
+recorded here can be rebuilt by ``engine.tasks.get_task`` exactly like a user's own code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.record import Recorder
+
+
+class TinyMLP(nn.Module):
+    def __init__(self, n_in: int = 4, hidden: int = 6, n_out: int = 3, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.hidden = nn.Linear(n_in, hidden)
+        self.out = nn.Linear(hidden, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.hidden(x)))
+
+
+def tiny_data(n_train: int = 24, n_val: int = 8, n_in: int = 4, n_out: int = 3, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_train + n_val, n_in, generator=g)
+    y = torch.randint(0, n_out, (n_train + n_val,), generator=g)
+    return {"train": (x[:n_train], y[:n_train]), "val": (x[n_train:], y[n_train:])}
+
+
+def tiny_spec(**model_kwargs) -> dict:
+    return {"model": "tests.helpers:TinyMLP", "model_kwargs": model_kwargs,
+            "data": "tests.helpers:tiny_data", "data_kwargs": {}, "loss": "cross_entropy"}
+
+
+def record_tiny_run(
+    out: Path,
+    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+    steps: int = 12,
+    batch_size: int = 8,
+    clip: float | None = None,
+    scheduler: Callable[[torch.optim.Optimizer], object] | None = None,
+    weighted: bool = False,
+    chunk_steps: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Train TinyMLP with a plain loop and the Recorder; return the run directory."""
+    model = TinyMLP()
+    if dtype == torch.float64:
+        model = model.double()
+    x, y = tiny_data()["train"]
+    x = x.to(dtype)
+    optimizer = make_optimizer(model)
+    sched = scheduler(optimizer) if scheduler else None
+    g = torch.Generator().manual_seed(1)
+    with Recorder(model, optimizer, out, model_spec=tiny_spec(), train_data=tiny_data()["train"],
+                  chunk_steps=chunk_steps, dtype=dtype) as rec:
+        for _ in range(steps):
+            ids = torch.randperm(len(y), generator=g)[:batch_size]
+            optimizer.zero_grad()
+            losses = F.cross_entropy(model(x[ids]), y[ids], reduction="none")
+            if weighted:
+                w = torch.linspace(0.5, 1.5, len(ids), dtype=losses.dtype) / len(ids)
+                (losses * w).sum().backward()
+                rec.batch(ids, weights=w)
+            else:
+                losses.mean().backward()
+                rec.batch(ids)
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            optimizer.step()
+            if sched is not None:
+                sched.step()
+            rec.log(train_loss=float(losses.detach().mean()))
+    return out
