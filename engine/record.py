@@ -156,7 +156,7 @@ class Recorder:
                 self._params[name] = p
         order = {n: i for i, (n, _) in enumerate(model.named_parameters())}
         self.names.sort(key=order.__getitem__)
-        if any(len(optimizer.state[p]) for p in self._params.values()):
+        if self.family != "other" and any(len(optimizer.state[p]) for p in self._params.values()):
             self.data_axis_reason = (
                 "the optimizer already had state (momentum or moments) when recording started, so "
                 "earlier gradients that it carries are not in the record"
