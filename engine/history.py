@@ -102,7 +102,9 @@ class History:
         try:
             manifest = json.loads(manifest_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CorruptRunError(f"{manifest_path} is not valid JSON ({exc}); the file is truncated or foreign") from exc
+            raise CorruptRunError(
+                f"{manifest_path} is not valid JSON ({exc}); the file is truncated or foreign"
+            ) from exc
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise CorruptRunError(f"{manifest_path} is not an ExPLAIND Studio run manifest (format != {FORMAT!r})")
         version = manifest.get("schema_version")
@@ -111,7 +113,8 @@ class History:
                 f"{manifest_path} has schema version {version!r}; this release reads version {SCHEMA_VERSION}. "
                 "Upgrade explaind-studio to open it"
             )
-        missing = [k for k in ("parameters", "chunks", "steps", "model", "optimizer", "data", "status") if k not in manifest]
+        required = ("parameters", "chunks", "steps", "model", "optimizer", "data", "status")
+        missing = [k for k in required if k not in manifest]
         if missing:
             raise CorruptRunError(f"{manifest_path} lacks the keys {missing}")
         history = cls(path, manifest)
@@ -279,7 +282,9 @@ class History:
         try:
             tensors = load_file(str(file))
         except (SafetensorError, OSError, ValueError) as exc:
-            raise CorruptRunError(f"{file} cannot be read as safetensors ({exc}); the file is truncated or foreign") from exc
+            raise CorruptRunError(
+                f"{file} cannot be read as safetensors ({exc}); the file is truncated or foreign"
+            ) from exc
         count = meta["last_step"] - meta["first_step"] + 1
         for n in self.param_names:
             shape = self.param_shapes[n]

@@ -28,8 +28,10 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +100,155 @@ def _group_hparams(group: Mapping[str, Any], decoupled_default: bool) -> dict[st
     }
 
 
+@dataclass(frozen=True)
+class StepData:
+    """What one optimizer step contributes to the record (θ_s and the state after the step)."""
+
+    theta: dict[str, torch.Tensor]             # θ_s, before the step
+    batch_ids: torch.Tensor                    # (batch,) int64
+    batch_weights: torch.Tensor                # (batch,) float64
+    hparams: list[dict[str, Any]]              # one dict of HPARAM_COLUMNS per parameter group
+    active: list[bool]                         # per tensor (writer order): had a gradient
+    clip_scale: float = 1.0
+    second_moment: dict[str, torch.Tensor] | None = None   # Adam v_{s+1} (amsgrad: running max)
+    adam_step: list[float] | None = None       # Adam step counter after the step, per tensor
+
+
+class RunWriter:
+    """Writes a run directory step by step, one chunk of steps in memory at a time.
+
+    The Recorder feeds it from hooks; importers of other formats feed it directly. A chunk is
+    flushed when full, once the parameters that end its last step (the next step's θ) are
+    known; the manifest is rewritten atomically after each flush.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike[str],
+        *,
+        parameters: Mapping[str, tuple[tuple[int, ...], int]],
+        model_spec: Mapping[str, Any],
+        optimizer: Mapping[str, Any],
+        n_train: int,
+        fingerprint: str,
+        dtype: torch.dtype = torch.float32,
+        chunk_steps: int | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        if self.out_dir.exists() and any(self.out_dir.iterdir()) and not overwrite:
+            raise BadInputError(
+                f"run directory {self.out_dir} already exists and is not empty; "
+                "choose a new directory or pass overwrite=True"
+            )
+        if dtype not in (torch.float32, torch.float64):
+            raise BadInputError(f"storage dtype must be float32 or float64, got {dtype}")
+        self.dtype = dtype
+        self.names = list(parameters)
+        numel = sum(math.prod(shape) for shape, _ in parameters.values())
+        per_step = numel * (2 if optimizer.get("family") == "adam" else 1) * torch.finfo(dtype).bits // 8
+        self.chunk_steps = chunk_steps or max(1, min(MAX_CHUNK_STEPS, DEFAULT_CHUNK_BYTES // max(per_step, 1)))
+        self.steps = 0
+        self._buffer: list[StepData] = []
+        self._metrics: list[dict[str, Any]] = []
+        self._chunks: list[dict[str, Any]] = []
+        if self.out_dir.exists() and overwrite:
+            shutil.rmtree(self.out_dir)
+        (self.out_dir / "chunks").mkdir(parents=True, exist_ok=True)
+        self.manifest: dict[str, Any] = {
+            "format": FORMAT,
+            "schema_version": SCHEMA_VERSION,
+            "status": "recording",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "torch_version": torch.__version__,
+            "model": dict(model_spec),
+            "parameters": [
+                {"name": n, "shape": list(shape), "group": group} for n, (shape, group) in parameters.items()
+            ],
+            "optimizer": dict(optimizer),
+            "data": {"n_train": int(n_train), "fingerprint": fingerprint},
+            "dtype": str(dtype).removeprefix("torch."),
+            "chunk_steps": self.chunk_steps,
+            "chunks": [],
+            "steps": 0,
+        }
+        self._write_manifest()
+
+    def set_data_axis_reason(self, reason: str | None) -> None:
+        self.manifest["optimizer"]["data_axis_reason"] = reason
+
+    def save_initial_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Optimizer state that existed before the first recorded step (keys ``"<state>/<tensor>"``)."""
+        if tensors:
+            save_file({k: v.to("cpu", self.dtype).contiguous() for k, v in tensors.items()},
+                      str(self.out_dir / "initial_state.safetensors"))
+
+    def add_step(self, data: StepData) -> None:
+        if len(self._buffer) == self.chunk_steps:
+            self._flush(data.theta)
+        self._buffer.append(data)
+        self.steps += 1
+
+    def log(self, step: int, **metrics: float) -> None:
+        for name, value in metrics.items():
+            self._metrics.append({"step": int(step), "name": name, "value": float(value)})
+
+    def finish(self, theta_end: Mapping[str, torch.Tensor], status: str) -> Path:
+        """Flush the last chunk (ending at ``theta_end``) and mark the run ``status``."""
+        self._flush(theta_end)
+        if status == "complete":
+            save_file({n: theta_end[n].to("cpu", self.dtype).contiguous() for n in self.names},
+                      str(self.out_dir / "final.safetensors"))
+        self.manifest["status"] = status
+        self._write_manifest()
+        return self.out_dir
+
+    def _write_manifest(self) -> None:
+        write_json_atomic(self.out_dir / "manifest.json", self.manifest)
+
+    def _flush(self, theta_end: Mapping[str, torch.Tensor]) -> None:
+        count = len(self._buffer)
+        if count == 0:
+            return
+        first = self.steps - count
+        last = self.steps - 1
+        stem = f"chunk-{first:08d}"
+        steps = self._buffer
+        tensors: dict[str, torch.Tensor] = {}
+        for n in self.names:
+            tensors[f"theta/{n}"] = torch.stack([d.theta[n] for d in steps]).to(self.dtype)
+            tensors[f"theta_end/{n}"] = theta_end[n].to("cpu", self.dtype, copy=True)
+            if steps[0].second_moment is not None:
+                tensors[f"v/{n}"] = torch.stack([d.second_moment[n] for d in steps]).to(self.dtype)
+        tensors["active"] = torch.tensor([d.active for d in steps], dtype=torch.uint8).reshape(count, len(self.names))
+        tensors["clip_scale"] = torch.tensor([d.clip_scale for d in steps], dtype=torch.float64)
+        if steps[0].adam_step is not None:
+            tensors["adam_step"] = torch.tensor([d.adam_step for d in steps], dtype=torch.float64)
+        chunks = self.out_dir / "chunks"
+        tmp = chunks / f".{stem}.tmp"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, chunks / f"{stem}.safetensors")
+
+        pl.DataFrame({
+            "step": [first + i for i, d in enumerate(steps) for _ in range(d.batch_ids.numel())],
+            "example": torch.cat([d.batch_ids for d in steps]).numpy(),
+            "weight": torch.cat([d.batch_weights for d in steps]).numpy(),
+        }, schema={"step": pl.Int64, "example": pl.Int64, "weight": pl.Float64}).write_parquet(
+            chunks / f"{stem}.batches.parquet")
+        pl.DataFrame([{"step": first + i, "group": g, **row}
+                      for i, d in enumerate(steps) for g, row in enumerate(d.hparams)]).write_parquet(
+            chunks / f"{stem}.hparams.parquet")
+        pl.DataFrame(self._metrics, schema={"step": pl.Int64, "name": pl.Utf8, "value": pl.Float64}).write_parquet(
+            chunks / f"{stem}.metrics.parquet")
+
+        self._chunks.append({"stem": stem, "first_step": first, "last_step": last})
+        self.manifest["chunks"] = self._chunks
+        self.manifest["steps"] = last + 1
+        self._write_manifest()
+        self._buffer = []
+        self._metrics = []
+
+
 class Recorder:
     """Hooks that record every optimizer step of a training loop into ``out_dir``.
 
@@ -126,23 +277,12 @@ class Recorder:
         chunk_steps: int | None = None,
         overwrite: bool = False,
     ) -> None:
-        self.out_dir = Path(out_dir)
-        if self.out_dir.exists() and any(self.out_dir.iterdir()) and not overwrite:
-            raise BadInputError(
-                f"run directory {self.out_dir} already exists and is not empty; "
-                "choose a new directory or pass overwrite=True"
-            )
-        if dtype not in (torch.float32, torch.float64):
-            raise BadInputError(f"storage dtype must be float32 or float64, got {dtype}")
-        self.model = model
         self.optimizer = optimizer
         self.dtype = dtype
-        self.family, self.data_axis_reason = optimizer_family(optimizer)
-
+        self.family, reason = optimizer_family(optimizer)
         names = {id(p): n for n, p in model.named_parameters()}
-        self.names: list[str] = []
-        self.group_of: dict[str, int] = {}
         self._params: dict[str, torch.nn.Parameter] = {}
+        group_of: dict[str, int] = {}
         for index, group in enumerate(optimizer.param_groups):
             for p in group["params"]:
                 if id(p) not in names:
@@ -150,73 +290,61 @@ class Recorder:
                         "the optimizer holds a parameter that is not among model.named_parameters(); "
                         "pass the model whose parameters the optimizer trains"
                     )
-                name = names[id(p)]
-                self.names.append(name)
-                self.group_of[name] = index
-                self._params[name] = p
+                group_of[names[id(p)]] = index
+                self._params[names[id(p)]] = p
         order = {n: i for i, (n, _) in enumerate(model.named_parameters())}
-        self.names.sort(key=order.__getitem__)
+        self.names = sorted(self._params, key=order.__getitem__)
         if self.family != "other" and any(len(optimizer.state[p]) for p in self._params.values()):
-            self.data_axis_reason = (
+            reason = (
                 "the optimizer already had state (momentum or moments) when recording started, so "
                 "earlier gradients that it carries are not in the record"
             )
-
         inputs, labels = train_data
         self.n_train = int(labels.shape[0])
         if int(inputs.shape[0]) != self.n_train:
-            raise BadInputError(
-                f"train_data inputs have {inputs.shape[0]} rows but labels have {self.n_train}"
-            )
-        self.fingerprint = data_fingerprint(inputs, labels)
-
-        numel = sum(p.numel() for p in self._params.values())
-        per_step = numel * (2 if self.family == "adam" else 1) * torch.finfo(dtype).bits // 8
-        self.chunk_steps = chunk_steps or max(1, min(MAX_CHUNK_STEPS, DEFAULT_CHUNK_BYTES // max(per_step, 1)))
-
-        self.step = 0                     # index of the next optimizer step
-        self._pending_batch: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._in_step: dict[str, torch.Tensor] | None = None
-        self._raw_sq_norm: dict[str, float] = {}
-        self._reset_buffers()
-        self._chunks: list[dict[str, Any]] = []
-        self._closed = False
-
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "chunks").mkdir(exist_ok=True)
-        self._manifest: dict[str, Any] = {
-            "format": FORMAT,
-            "schema_version": SCHEMA_VERSION,
-            "status": "recording",
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "torch_version": torch.__version__,
-            "model": dict(model_spec),
-            "parameters": [
-                {"name": n, "shape": list(self._params[n].shape), "group": self.group_of[n]} for n in self.names
-            ],
-            "optimizer": {
+            raise BadInputError(f"train_data inputs have {inputs.shape[0]} rows but labels have {self.n_train}")
+        self._decoupled_default = isinstance(optimizer, torch.optim.AdamW)
+        self.writer = RunWriter(
+            out_dir,
+            parameters={n: (tuple(self._params[n].shape), group_of[n]) for n in self.names},
+            model_spec=model_spec,
+            optimizer={
                 "class": type(optimizer).__name__,
                 "family": self.family,
-                "data_axis_reason": self.data_axis_reason,
-                "groups": [
-                    _group_hparams(g, isinstance(optimizer, torch.optim.AdamW)) for g in optimizer.param_groups
-                ],
+                "data_axis_reason": reason,
+                "groups": [_group_hparams(g, self._decoupled_default) for g in optimizer.param_groups],
             },
-            "data": {"n_train": self.n_train, "fingerprint": self.fingerprint},
-            "dtype": str(dtype).removeprefix("torch."),
-            "chunk_steps": self.chunk_steps,
-            "chunks": [],
-            "steps": 0,
-        }
-        self._save_initial_state()
-        write_json_atomic(self.out_dir / "manifest.json", self._manifest)
-
+            n_train=self.n_train,
+            fingerprint=data_fingerprint(inputs, labels),
+            dtype=dtype,
+            chunk_steps=chunk_steps,
+            overwrite=overwrite,
+        )
+        self.writer.save_initial_state({
+            f"{key}/{n}": value
+            for n in self.names
+            for key, value in optimizer.state.get(self._params[n], {}).items()
+            if isinstance(value, torch.Tensor) and value.shape == self._params[n].shape
+        })
+        self._pending_batch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._in_step: dict[str, Any] | None = None
+        self._raw_sq_norm: dict[str, float] = {}
+        self._closed = False
         self._handles = [
             optimizer.register_step_pre_hook(self._before_step),
             optimizer.register_step_post_hook(self._after_step),
         ]
         for name, p in self._params.items():
             self._handles.append(p.register_post_accumulate_grad_hook(self._grad_hook(name)))
+
+    @property
+    def out_dir(self) -> Path:
+        return self.writer.out_dir
+
+    @property
+    def step(self) -> int:
+        """Index of the next optimizer step."""
+        return self.writer.steps
 
     # ----------------------------------------------------------------- user calls
     def batch(self, ids: Sequence[int] | torch.Tensor, weights: Sequence[float] | torch.Tensor | None = None,
@@ -253,8 +381,7 @@ class Recorder:
         at = self.step - 1 if step is None else int(step)
         if at < 0:
             raise BadInputError("log() was called before the first optimizer.step(); pass step= explicitly")
-        for name, value in metrics.items():
-            self._metrics.append({"step": at, "name": name, "value": float(value)})
+        self.writer.log(at, **metrics)
 
     def close(self) -> Path:
         """Flush the last chunk, store the final parameters and mark the run complete."""
@@ -279,135 +406,62 @@ class Recorder:
             raise BadInputError(
                 f"step {self.step}: optimizer.step() was called without rec.batch(ids) for this step"
             )
-        snapshot = self._snapshot()
-        if self._buffered == self.chunk_steps:
-            self._flush(snapshot)
-        active = [self._params[n].grad is not None for n in self.names]
-        self._in_step = snapshot
-        self._theta.append(snapshot)
-        self._active.append(active)
-        self._clip.append(self._clip_scale())
-        ids, w = self._pending_batch
-        self._batches.append((self.step, ids, w))
+        ids, weights = self._pending_batch
         self._pending_batch = None
+        self._in_step = {
+            "theta": self._snapshot(),
+            "batch_ids": ids,
+            "batch_weights": weights,
+            "active": [self._params[n].grad is not None for n in self.names],
+            "clip_scale": self._clip_scale(),
+        }
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         if self._closed or self._in_step is None:
             return
+        second_moment = adam_step = None
         if self.family == "adam":
-            v: dict[str, torch.Tensor] = {}
-            counters: list[float] = []
+            second_moment, adam_step = {}, []
             for n in self.names:
                 p = self._params[n]
                 state = optimizer.state.get(p, {})
-                amsgrad = bool(optimizer.param_groups[self.group_of[n]].get("amsgrad", False))
-                key = "max_exp_avg_sq" if amsgrad else "exp_avg_sq"
+                key = "max_exp_avg_sq" if "max_exp_avg_sq" in state else "exp_avg_sq"
                 if key in state:
-                    v[n] = state[key].detach().to("cpu", self.dtype, copy=True)
-                    counters.append(float(state["step"]))
+                    second_moment[n] = state[key].detach().to("cpu", self.dtype, copy=True)
+                    adam_step.append(float(state["step"]))
                 else:
-                    v[n] = torch.zeros(p.shape, dtype=self.dtype)
-                    counters.append(0.0)
-            self._second_moment.append(v)
-            self._adam_step.append(counters)
-        for index, group in enumerate(optimizer.param_groups):
-            row = _group_hparams(group, isinstance(optimizer, torch.optim.AdamW))
-            self._hparams.append({"step": self.step, "group": index, **row})
+                    second_moment[n] = torch.zeros(p.shape, dtype=self.dtype)
+                    adam_step.append(0.0)
+        hparams = [_group_hparams(g, self._decoupled_default) for g in optimizer.param_groups]
+        self.writer.add_step(StepData(**self._in_step, hparams=hparams, second_moment=second_moment,
+                                      adam_step=adam_step))
         self._in_step = None
         self._raw_sq_norm = {}
-        self.step += 1
 
     # ----------------------------------------------------------------- internals
     def _snapshot(self) -> dict[str, torch.Tensor]:
         return {n: self._params[n].detach().to("cpu", self.dtype, copy=True) for n in self.names}
 
     def _clip_scale(self) -> float:
-        """Ratio of the gradient the optimizer sees to the one backward produced (1.0 if untouched)."""
-        raw = sum(self._raw_sq_norm.get(n, 0.0) for n in self.names)
-        if raw == 0.0:
-            return 1.0
-        now = sum(
-            float(self._params[n].grad.detach().double().pow(2).sum())
-            for n in self.names if self._params[n].grad is not None and n in self._raw_sq_norm
-        )
-        scale = math.sqrt(now / raw)
-        for n in self._raw_sq_norm:
+        """Ratio of the gradient the optimizer sees to the one backward produced (1.0 if untouched).
+
+        Only a global scale keeps the update linear in the per-example gradients; a tensor-wise
+        change (``clip_grad_value_``, per-tensor clipping) withdraws the data view, with the reason.
+        """
+        ratios = {}
+        for n, raw in self._raw_sq_norm.items():
             grad = self._params[n].grad
-            if grad is None or self._raw_sq_norm[n] == 0.0:
-                continue
-            ratio = math.sqrt(float(grad.detach().double().pow(2).sum()) / self._raw_sq_norm[n])
-            if abs(ratio - scale) > 1e-4 * max(scale, 1e-12):
-                self.data_axis_reason = (
-                    f"at step {self.step} the gradients were changed non-uniformly between backward() and "
-                    "step() (e.g. clip_grad_value_ or per-tensor clipping); only a global scale is linear"
-                )
-                self._manifest["optimizer"]["data_axis_reason"] = self.data_axis_reason
-                break
+            if grad is not None and raw > 0.0:
+                ratios[n] = (float(grad.detach().double().pow(2).sum()), raw)
+        if not ratios:
+            return 1.0
+        scale = math.sqrt(sum(now for now, _ in ratios.values()) / sum(raw for _, raw in ratios.values()))
+        if any(abs(math.sqrt(now / raw) - scale) > 1e-4 * scale for now, raw in ratios.values()):
+            self.writer.set_data_axis_reason(
+                f"at step {self.step} the gradients were changed non-uniformly between backward() and "
+                "step() (e.g. clip_grad_value_ or per-tensor clipping); only a global scale is linear"
+            )
         return scale
-
-    def _reset_buffers(self) -> None:
-        self._theta: list[dict[str, torch.Tensor]] = []
-        self._second_moment: list[dict[str, torch.Tensor]] = []
-        self._adam_step: list[list[float]] = []
-        self._active: list[list[bool]] = []
-        self._clip: list[float] = []
-        self._batches: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-        self._hparams: list[dict[str, Any]] = []
-        self._metrics: list[dict[str, Any]] = getattr(self, "_metrics", [])
-
-    @property
-    def _buffered(self) -> int:
-        return len(self._theta)
-
-    def _flush(self, theta_end: dict[str, torch.Tensor]) -> None:
-        """Write the buffered steps (whose last update ends at ``theta_end``) as one chunk."""
-        count = len(self._theta)
-        if count == 0:
-            return
-        first = self._batches[0][0]
-        last = first + count - 1
-        stem = f"chunk-{first:08d}"
-        tensors: dict[str, torch.Tensor] = {}
-        for n in self.names:
-            tensors[f"theta/{n}"] = torch.stack([t[n] for t in self._theta])
-            tensors[f"theta_end/{n}"] = theta_end[n].clone()
-            if self._second_moment:
-                tensors[f"v/{n}"] = torch.stack([t[n] for t in self._second_moment])
-        tensors["active"] = torch.tensor(self._active, dtype=torch.uint8).reshape(count, len(self.names))
-        tensors["clip_scale"] = torch.tensor(self._clip, dtype=torch.float64)
-        if self._adam_step:
-            tensors["adam_step"] = torch.tensor(self._adam_step, dtype=torch.float64)
-        chunks = self.out_dir / "chunks"
-        tmp = chunks / f".{stem}.tmp"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, chunks / f"{stem}.safetensors")
-
-        batches = pl.DataFrame({
-            "step": [s for s, ids, _ in self._batches for _ in range(ids.numel())],
-            "example": torch.cat([ids for _, ids, _ in self._batches]).numpy(),
-            "weight": torch.cat([w for _, _, w in self._batches]).numpy(),
-        }, schema={"step": pl.Int64, "example": pl.Int64, "weight": pl.Float64})
-        batches.write_parquet(chunks / f"{stem}.batches.parquet")
-        hparams = pl.DataFrame(self._hparams)
-        hparams.write_parquet(chunks / f"{stem}.hparams.parquet")
-        metrics = pl.DataFrame(self._metrics, schema={"step": pl.Int64, "name": pl.Utf8, "value": pl.Float64})
-        metrics.write_parquet(chunks / f"{stem}.metrics.parquet")
-
-        self._chunks.append({"stem": stem, "first_step": first, "last_step": last})
-        self._manifest["chunks"] = self._chunks
-        self._manifest["steps"] = last + 1
-        write_json_atomic(self.out_dir / "manifest.json", self._manifest)
-        self._metrics = []
-        self._reset_buffers()
-
-    def _save_initial_state(self) -> None:
-        tensors = {}
-        for n in self.names:
-            for key, value in self.optimizer.state.get(self._params[n], {}).items():
-                if isinstance(value, torch.Tensor) and value.shape == self._params[n].shape:
-                    tensors[f"{key}/{n}"] = value.detach().to("cpu", self.dtype, copy=True).contiguous()
-        if tensors:
-            save_file(tensors, str(self.out_dir / "initial_state.safetensors"))
 
     def _finish(self, status: str) -> Path:
         if self._closed:
@@ -415,20 +469,9 @@ class Recorder:
         for handle in self._handles:
             handle.remove()
         if self._in_step is not None:
-            # interrupted inside optimizer.step(): that step never completed, drop it
-            end = self._theta.pop()
-            self._active.pop()
-            self._clip.pop()
-            self._batches.pop()
-            self._in_step = None
-            status = "incomplete"
+            # interrupted inside optimizer.step(): that step never completed, so it ends the record
+            end, status = self._in_step["theta"], "incomplete"
         else:
             end = self._snapshot()
-        self._flush(end)
-        if status == "complete":
-            save_file({n: t.contiguous() for n, t in end.items()}, str(self.out_dir / "final.safetensors"))
-        self._manifest["status"] = status
-        self._manifest["optimizer"]["data_axis_reason"] = self.data_axis_reason
-        write_json_atomic(self.out_dir / "manifest.json", self._manifest)
         self._closed = True
-        return self.out_dir
+        return self.writer.finish(end, status)

@@ -194,7 +194,7 @@ def test_missing_and_foreign_directories(tmp_path):
     with pytest.raises(RunNotFoundError, match="does not exist"):
         History.open(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CorruptRunError, match="no manifest.json"):
+    with pytest.raises(CorruptRunError, match=r"no manifest\.json"):
         History.open(tmp_path / "empty")
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "manifest.json").write_text('{"format": "something-else"}')
@@ -213,10 +213,10 @@ def test_truncated_manifest_and_chunk(tmp_path):
     chunk = run / "chunks" / "chunk-00000003.safetensors"
     chunk.write_bytes(chunk.read_bytes()[:100])
     h = History.open(run)
-    with pytest.raises(CorruptRunError, match="chunk-00000003.safetensors"):
+    with pytest.raises(CorruptRunError, match=r"chunk-00000003\.safetensors"):
         h.params(4)
     (run / "chunks" / "chunk-00000000.batches.parquet").unlink()
-    with pytest.raises(CorruptRunError, match="batches.parquet is missing"):
+    with pytest.raises(CorruptRunError, match=r"batches\.parquet is missing"):
         History.open(run)
 
 
@@ -244,7 +244,7 @@ def test_shape_mismatch_and_nan_detected(tmp_path):
     bad["theta/out.bias"] = tensors["theta/out.bias"].clone()
     bad["theta/out.bias"][1, 0] = float("nan")
     save_file(bad, str(path))
-    with pytest.raises(CorruptRunError, match="NaN or Inf .* step 1"):
+    with pytest.raises(CorruptRunError, match=r"NaN or Inf .* step 1"):
         History.open(run).params(0)
 
 
@@ -272,9 +272,9 @@ def test_batch_ids_outside_dataset_in_file(tmp_path):
 
 def test_step_without_batch_and_existing_directory(tmp_path):
     run = _record_ok(tmp_path)
-    with pytest.raises(BadInputError, match="already exists"):
-        Recorder(TinyMLP(), adamw(TinyMLP()), run, model_spec=tiny_spec(), train_data=tiny_data()["train"])
     model = TinyMLP()
+    with pytest.raises(BadInputError, match="already exists"):
+        Recorder(model, adamw(model), run, model_spec=tiny_spec(), train_data=tiny_data()["train"])
     opt = adamw(model)
     x, y = tiny_data()["train"]
     rec = Recorder(model, opt, tmp_path / "nobatch", model_spec=tiny_spec(), train_data=(x, y))
