@@ -1,0 +1,1 @@
+"""ExPLAIND Studio dashboard: ``streamlit run app/main.py``; figures in ``app.charts``."""

@@ -1,0 +1,651 @@
+"""Plotly figures and display tables built from the store's polars frames.
+
+Every builder is a pure function: frames and options in, a ``plotly`` figure (or a
+small polars table) out, with titled axes and units. Nothing here touches
+streamlit or the database, so each builder is unit-tested on hand-made frames.
+
+Figures are assembled as plain trace and layout dicts and validated once by
+``go.Figure`` (with a slim template): incremental ``update_*``/``add_vrect`` calls and the
+stock templates cost tens of milliseconds each, which a dashboard rerun cannot afford.
+
+Colours are fixed: a group (layer, module or tensor) gets its colour from its
+position in model order (``group_colors``), so a layer has the same colour on
+every chart of a run and on both sides of a comparison of runs of one model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import plotly.graph_objects as go
+import polars as pl
+
+from app.phases import Phase
+
+PALETTE = (
+    "#4E79A7", "#F28E2B", "#E15759", "#76B7B2", "#59A14F", "#EDC948", "#B07AA1", "#FF9DA7",
+    "#9C755F", "#BAB0AC", "#1F77B4", "#D62728", "#2CA02C", "#9467BD", "#8C564B", "#E377C2",
+    "#17BECF", "#BCBD22", "#7F7F7F", "#FF7F0E",
+)  # fmt: skip
+SPLIT_COLORS = {"train": "#4E79A7", "val": "#E15759"}
+SIDE_COLORS = {"proponent": "#59A14F", "opponent": "#E15759"}
+METHOD_COLORS = {"kernel": "#4E79A7", "magnitude": "#F28E2B", "random": "#7F7F7F"}
+PHASE_COLORS = {"memorization": "#F28E2B", "circuit formation": "#4E79A7", "clean-up": "#59A14F"}
+RUN_DASHES = ("solid", "dash")
+MEASURE_TITLES = {
+    "signed": "influence (Δ {q})",
+    "absolute": "|influence| (Δ {q})",
+    "share": "share of |influence|",
+}
+MISSING = "—"
+LOG_COUNTS_FROM = 100
+
+
+def _template(background: str, text: str, grid: str) -> dict:
+    axis = {"gridcolor": grid, "linecolor": grid, "zerolinecolor": grid, "automargin": True, "ticks": ""}
+    return {
+        "layout": {
+            "paper_bgcolor": background, "plot_bgcolor": background, "font": {"color": text},
+            "colorway": list(PALETTE), "xaxis": axis, "yaxis": axis, "hoverlabel": {"align": "left"},
+            "legend": {"bgcolor": "rgba(0,0,0,0)"},
+        }
+    }  # fmt: skip
+
+
+LIGHT = _template("white", "#1F2933", "#E5E9F0")
+DARK = _template("#0E1117", "#FAFAFA", "#31333F")
+
+
+@dataclass(frozen=True)
+class Style:
+    """How figures look: normal screen use or projector-friendly presentation mode."""
+
+    presentation: bool = False
+    dark: bool = False
+
+    @property
+    def template(self) -> dict:
+        return DARK if self.dark and not self.presentation else LIGHT
+
+    @property
+    def font_size(self) -> int:
+        return 20 if self.presentation else 13
+
+    @property
+    def line_width(self) -> float:
+        return 3.5 if self.presentation else 2.0
+
+    def height(self, base: int) -> int:
+        return round(base * 1.3) if self.presentation else base
+
+    def image_config(self, filename: str, fmt: str = "png") -> dict:
+        """``st.plotly_chart`` config: the toolbar camera saves ``filename`` as PNG or SVG."""
+        scale = 3 if self.presentation else 2
+        return {
+            "displaylogo": False,
+            "toImageButtonOptions": {"format": fmt, "filename": filename, "scale": scale},
+        }
+
+
+def group_colors(groups: Iterable[str]) -> dict[str, str]:
+    """A colour per group name, assigned from ``PALETTE`` in the given (model) order."""
+    colors: dict[str, str] = {}
+    for name in groups:
+        if name not in colors:
+            colors[name] = PALETTE[len(colors) % len(PALETTE)]
+    return colors
+
+
+def group_order(groups: pl.DataFrame, level: str) -> list[str]:
+    """Distinct ``level`` names ("layer", "module" or "tensor") in model order (by ``position``)."""
+    if groups.height == 0:
+        return []
+    ordered = groups.sort("position").get_column(level).to_list()
+    return list(dict.fromkeys(ordered))
+
+
+def _ordered(present: Iterable[str], order: Sequence[str]) -> list[str]:
+    """The ``present`` names in model ``order``, unknown names last (sorted)."""
+    names = set(present)
+    return [g for g in order if g in names] + sorted(names - set(order))
+
+
+# ── layout plumbing ─────────────────────────────────────────────────────────────────
+
+
+def _axis_id(k: int) -> str:
+    return "" if k == 1 else str(k)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Axes of a ``rows × cols`` grid of subplots: ``layout`` entries and the trace axis refs."""
+
+    rows: int
+    cols: int
+    layout: dict
+
+    def refs(self, row: int, col: int = 1) -> dict:
+        k = (row - 1) * self.cols + col
+        return {"xaxis": f"x{_axis_id(k)}", "yaxis": f"y{_axis_id(k)}"}
+
+    def x(self, row: int, col: int = 1) -> dict:
+        return self.layout[f"xaxis{_axis_id((row - 1) * self.cols + col)}"]
+
+    def y(self, row: int, col: int = 1) -> dict:
+        return self.layout[f"yaxis{_axis_id((row - 1) * self.cols + col)}"]
+
+
+def grid(
+    rows: int = 1,
+    cols: int = 1,
+    *,
+    row_heights: Sequence[float] | None = None,
+    v_space: float = 0.08,
+    h_space: float = 0.08,
+    shared_x: bool = False,
+) -> Grid:
+    """Axes for a grid; row 1 on top. ``shared_x`` links every x axis to the first one."""
+    weights = np.asarray(row_heights if row_heights is not None else [1.0] * rows, dtype=float)
+    heights = weights / weights.sum() * (1 - v_space * (rows - 1))
+    width = (1 - h_space * (cols - 1)) / cols
+    layout: dict = {}
+    top = 1.0
+    for row in range(1, rows + 1):
+        bottom = max(top - heights[row - 1], 0.0)
+        for col in range(1, cols + 1):
+            k = (row - 1) * cols + col
+            left = (col - 1) * (width + h_space)
+            xaxis = {"domain": [left, left + width], "anchor": f"y{_axis_id(k)}"}
+            if shared_x and k > 1:
+                xaxis["matches"] = "x"
+            if shared_x and row < rows:
+                xaxis["showticklabels"] = False
+            layout[f"xaxis{_axis_id(k)}"] = xaxis
+            layout[f"yaxis{_axis_id(k)}"] = {"domain": [bottom, top], "anchor": f"x{_axis_id(k)}"}
+        top = bottom - v_space
+    return Grid(rows, cols, layout)
+
+
+def _title(text: str) -> dict:
+    return {"title": {"text": text}}
+
+
+def _subplot_titles(g: Grid, titles: Sequence[str], style: Style) -> list[dict]:
+    out = []
+    for i, text in enumerate(titles):
+        row, col = divmod(i, g.cols)
+        x0, x1 = g.x(row + 1, col + 1)["domain"]
+        out.append({
+            "text": text, "x": (x0 + x1) / 2, "y": g.y(row + 1, col + 1)["domain"][1], "xref": "paper",
+            "yref": "paper", "yanchor": "bottom", "showarrow": False, "font": {"size": style.font_size},
+        })  # fmt: skip
+    return out
+
+
+def _figure(
+    traces: list[dict], layout: dict, style: Style, title: str, height: int, legend: bool = True
+) -> go.Figure:
+    """Validate the assembled dicts once, with the style's template, fonts and title."""
+    full = {
+        "template": style.template,
+        "title": {"text": title, "x": 0.0, "xanchor": "left", "font": {"size": style.font_size + 4}},
+        "font": {"size": style.font_size},
+        "height": style.height(height),
+        "margin": {"l": 70, "r": 30, "t": 90, "b": 60},
+        "showlegend": legend,
+        "legend": {"orientation": "h", "yanchor": "bottom", "y": 1.02, "xanchor": "right", "x": 1.0},
+        **layout,
+    }
+    return go.Figure(data=traces, layout=full)
+
+
+def _series(frame: pl.DataFrame, x: str, y: str) -> tuple[np.ndarray, np.ndarray]:
+    """``x`` and ``y`` of the rows where ``y`` was logged (not null, not NaN)."""
+    if y not in frame.columns:
+        return np.empty(0), np.empty(0)
+    kept = frame.select(x, pl.col(y).cast(pl.Float64)).drop_nulls().filter(pl.col(y).is_not_nan())
+    return kept.get_column(x).to_numpy(), kept.get_column(y).to_numpy()
+
+
+def _line(x, y, name: str, color: str, style: Style, **extra) -> dict:
+    return {"type": "scatter", "mode": "lines", "x": x, "y": y, "name": name,
+            "line": {"color": color, "width": style.line_width, **extra.pop("line", {})}, **extra}  # fmt: skip
+
+
+def _phase_shapes(g: Grid, phases: Sequence[Phase], log_x: bool, style: Style) -> tuple[list[dict], list[dict]]:
+    """A shaded band per phase on every row, and the phase names above the top row."""
+    shapes, notes = [], []
+    for phase in phases:
+        color = PHASE_COLORS.get(phase.name, PALETTE[-1])
+        for row in range(1, g.rows + 1):
+            refs = g.refs(row)
+            shapes.append({
+                "type": "rect", "xref": refs["xaxis"], "yref": f"{refs['yaxis']} domain", "x0": phase.start,
+                "x1": phase.end, "y0": 0, "y1": 1, "fillcolor": color, "opacity": 0.12, "line": {"width": 0},
+                "layer": "below",
+            })  # fmt: skip
+        mid = math.sqrt(max(phase.start, 1) * max(phase.end, 1)) if log_x else (phase.start + phase.end) / 2
+        notes.append({
+            "x": math.log10(mid) if log_x else mid, "xref": "x", "y": 1.0, "yref": "paper", "yanchor": "bottom",
+            "text": phase.name, "showarrow": False, "font": {"color": color, "size": style.font_size},
+        })  # fmt: skip
+    return shapes, notes
+
+
+def _step_axis(g: Grid, log_x: bool, title: str = "training step") -> None:
+    for row in range(1, g.rows + 1):
+        g.x(row)["type"] = "log" if log_x else "linear"
+    g.x(g.rows).update(_title(title + (" (log scale)" if log_x else "")))
+
+
+# ── overview ────────────────────────────────────────────────────────────────────────
+
+
+def _split_name(split: str) -> str:
+    return "train" if split == "train" else "validation"
+
+
+def training_curves(steps: pl.DataFrame, phases: Sequence[Phase], style: Style, log_x: bool = False) -> go.Figure:
+    """Train/validation loss (log scale) and accuracy over steps, phases shaded."""
+    g = grid(2, shared_x=True)
+    traces = []
+    for row, metric in ((1, "loss"), (2, "acc")):
+        for split in ("train", "val"):
+            x, y = _series(steps, "step", f"{split}_{metric}")
+            traces.append(_line(x, y, _split_name(split), SPLIT_COLORS[split], style, legendgroup=split,
+                                showlegend=row == 1, **g.refs(row)))  # fmt: skip
+    g.y(1).update(_title("loss (nats)"), type="log")
+    g.y(2).update(_title("accuracy"), range=[0, 1.02], tickformat=".0%")
+    _step_axis(g, log_x)
+    shapes, notes = _phase_shapes(g, phases, log_x, style)
+    layout = {**g.layout, "shapes": shapes, "annotations": notes, "hovermode": "x unified"}
+    return _figure(traces, layout, style, "Training curves", 560)
+
+
+def optimizer_curves(steps: pl.DataFrame, phases: Sequence[Phase], style: Style, log_x: bool = False) -> go.Figure:
+    """Parameter norm, update norm and learning rate over steps, phases shaded."""
+    rows = (
+        ("param_norm", "‖θ‖ (L2)", "parameter norm", "linear"),
+        ("update_norm", "‖Δθ‖ (L2)", "update norm", "log"),
+        ("lr", "learning rate", "learning rate", "linear"),
+    )
+    g = grid(3, shared_x=True, v_space=0.06)
+    traces = []
+    for row, (column, axis_title, name, y_type) in enumerate(rows, start=1):
+        x, y = _series(steps, "step", column)
+        traces.append(_line(x, y, name, PALETTE[row + 3], style, **g.refs(row)))
+        g.y(row).update(_title(axis_title), type=y_type, exponentformat="e")
+        if y_type == "linear" and y.size and y.min() == y.max() > 0:  # a constant: show it against zero
+            g.y(row)["range"] = [0, 1.25 * float(y.max())]
+    _step_axis(g, log_x)
+    shapes, notes = _phase_shapes(g, phases, log_x, style)
+    layout = {**g.layout, "shapes": shapes, "annotations": notes, "hovermode": "x unified"}
+    return _figure(traces, layout, style, "Parameters and optimizer", 620, legend=False)
+
+
+# ── components ──────────────────────────────────────────────────────────────────────
+
+
+def _window_labels(frame: pl.DataFrame) -> list[str]:
+    return [f"steps {lo}–{hi - 1}" for lo, hi in zip(frame["step_lo"], frame["step_hi"], strict=True)]
+
+
+def component_heatmap(
+    matrix: pl.DataFrame, order: Sequence[str], measure: str, quantity: str, style: Style
+) -> go.Figure:
+    """Groups (rows, model order top to bottom) × step windows (columns) of ``value``."""
+    windows = matrix.select("step_lo", "step_hi").unique().sort("step_lo")
+    groups = _ordered(matrix.get_column("group").to_list(), order)
+    row_of = pl.DataFrame({"group": groups, "row": np.arange(len(groups))})
+    col_of = windows.select("step_lo", col=pl.int_range(pl.len()))
+    cells = matrix.join(row_of, on="group").join(col_of, on="step_lo")
+    z = np.full((len(groups), windows.height), np.nan)
+    z[cells["row"].to_numpy(), cells["col"].to_numpy()] = cells["value"].to_numpy()
+    centers = ((windows["step_lo"] + windows["step_hi"] - 1) / 2).to_numpy()
+    hover = np.tile(np.array(_window_labels(windows), dtype=object), (len(groups), 1))
+    trace = {
+        "type": "heatmap", "z": z, "x": centers, "y": groups, "customdata": hover,
+        "colorbar": {"title": {"text": MEASURE_TITLES[measure].format(q=quantity), "side": "right"}},
+        "hovertemplate": "%{y}<br>%{customdata}<br>%{z:.4g}<extra></extra>",
+    }  # fmt: skip
+    if measure == "signed":
+        bound = float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0
+        trace.update(colorscale="RdBu", reversescale=True, zmid=0.0, zmin=-bound, zmax=bound)
+    elif measure == "share":
+        trace.update(colorscale="Viridis", zmin=0.0, zmax=1.0)
+        trace["colorbar"]["tickformat"] = ".0%"
+    else:
+        trace.update(colorscale="Viridis", zmin=0.0)
+    layout = {"xaxis": _title("training step (window centre)"), "yaxis": {"autorange": "reversed"}}
+    height = min(220 + 28 * len(groups), 900)
+    return _figure([trace], layout, style, f"Influence by component and step window ({measure})", height, legend=False)
+
+
+def component_lines(
+    matrix: pl.DataFrame,
+    colors: dict[str, str],
+    order: Sequence[str],
+    measure: str,
+    quantity: str,
+    style: Style,
+    cumulative: bool = False,
+) -> go.Figure:
+    """One line per group over step windows (optionally the running sum over windows)."""
+    traces = []
+    for (group,), rows in matrix.sort("step_lo").partition_by("group", as_dict=True, maintain_order=True).items():
+        y = rows.get_column("value").cum_sum() if cumulative else rows.get_column("value")
+        traces.append(_line(rows["step_lo"].to_numpy(), y.to_numpy(), group, colors.get(group, PALETTE[-1]), style,
+                            hovertemplate="%{y:.4g}"))  # fmt: skip
+    rank = {g: i for i, g in enumerate(_ordered([t["name"] for t in traces], order))}
+    traces.sort(key=lambda t: rank[t["name"]])
+    axis = ("cumulative " if cumulative else "") + MEASURE_TITLES[measure].format(q=quantity)
+    layout = {"xaxis": _title("training step (window start)"), "yaxis": _title(axis), "hovermode": "x unified"}
+    title = "Cumulative influence per component" if cumulative else "Influence per component over steps"
+    return _figure(traces, layout, style, title, 480)
+
+
+def decay_balance(
+    totals: pl.DataFrame, colors: dict[str, str], order: Sequence[str], quantity: str, style: Style
+) -> go.Figure:
+    """Per group: the gradient (data) part and the weight-decay part of the influence, and their sum."""
+    groups = _ordered(totals.get_column("group").to_list(), order)
+    rows = {r["group"]: r for r in totals.iter_rows(named=True)}
+    net = np.array([rows[g]["value"] for g in groups], dtype=float)
+    decay = np.array([rows[g]["decay"] for g in groups], dtype=float)
+    traces = [
+        {"type": "bar", "x": groups, "y": net - decay, "name": "gradient (data) part",
+         "marker": {"color": [colors.get(g, PALETTE[0]) for g in groups]}},
+        {"type": "bar", "x": groups, "y": decay, "name": "weight-decay part",
+         "marker": {"color": "#BAB0AC", "pattern": {"shape": "/"}}},
+        {"type": "scatter", "mode": "markers", "x": groups, "y": net, "name": "net influence",
+         "marker": {"symbol": "diamond", "size": 14 if style.presentation else 10, "color": "#222222"}},
+    ]  # fmt: skip
+    layout = {"barmode": "relative", "yaxis": _title(f"influence (Δ {quantity})"), "xaxis": _title("")}
+    return _figure(traces, layout, style, "Gradient vs weight-decay balance", 460)
+
+
+# ── data ────────────────────────────────────────────────────────────────────────────
+
+
+def _example_label(train: int) -> str:
+    return "weight decay" if train < 0 else f"#{train}"
+
+
+def top_examples_bar(top: pl.DataFrame, quantity: str, style: Style) -> go.Figure:
+    """Horizontal bars of the top proponents (positive) and opponents (negative)."""
+    ordered = top.sort("value")
+    trace = {
+        "type": "bar", "orientation": "h", "x": ordered["value"].to_numpy(),
+        "y": [_example_label(t) for t in ordered["train"].to_list()],
+        "marker": {"color": [SIDE_COLORS.get(s, PALETTE[0]) for s in ordered["side"].to_list()]},
+        "customdata": [(t or "").replace("\n", "<br>") for t in ordered["text"].to_list()],
+        "hovertemplate": "%{y}: %{x:.4g}<br>%{customdata}<extra></extra>",
+    }  # fmt: skip
+    layout = {
+        "hoverlabel": {"font": {"family": "monospace"}},
+        "yaxis": {**_title("training example"), "type": "category"},
+        "xaxis": {**_title(f"influence (Δ {quantity})"), "zeroline": True},
+    }
+    height = 200 + 24 * max(ordered.height, 4)
+    return _figure([trace], layout, style, "Top proponents (green) and opponents (red)", height, legend=False)
+
+
+def example_over_time(frame: pl.DataFrame, train: int, quantity: str, style: Style) -> go.Figure:
+    """A training example's influence per step window (bars) and its running sum (line)."""
+    rows = frame.sort("step_lo")
+    x = rows["step_lo"].to_numpy()
+    g = grid(2, shared_x=True, v_space=0.1)
+    traces = [
+        {"type": "bar", "x": x, "y": rows["value"].to_numpy(), "name": "per window", "marker": {"color": PALETTE[0]},
+         "customdata": _window_labels(rows), "hovertemplate": "%{customdata}: %{y:.4g}<extra></extra>",
+         **g.refs(1)},
+        _line(x, rows["value"].cum_sum().to_numpy(), "cumulative", PALETTE[1], style, **g.refs(2)),
+    ]  # fmt: skip
+    g.y(1).update(_title(f"influence (Δ {quantity})"))
+    g.y(2).update(_title("cumulative"))
+    g.x(2).update(_title("training step (window start)"))
+    return _figure(traces, g.layout, style, f"Influence of training example {_example_label(train)} over time", 520)
+
+
+def influence_histogram(dist: pl.DataFrame, quantity: str, style: Style, bins: int = 60) -> go.Figure:
+    """Histogram of the influences of all training examples (regularizer shown as a line).
+
+    The count axis is logarithmic once a bin holds ``LOG_COUNTS_FROM`` examples, so that
+    the tails stay visible next to a tall centre.
+    """
+    examples = dist.filter(pl.col("train") >= 0).get_column("value").to_numpy()
+    regularizer = dist.filter(pl.col("train") < 0).get_column("value").to_list()
+    traces, log_counts = [], False
+    if examples.size:
+        counts, edges = np.histogram(examples, bins=bins)
+        centers = (edges[:-1] + edges[1:]) / 2
+        log_counts = int(counts.max()) >= LOG_COUNTS_FROM
+        traces.append({
+            "type": "bar", "x": centers, "y": counts, "width": float(edges[1] - edges[0]),
+            "name": "training examples", "hovertemplate": "%{x:.3g}: %{y} examples<extra></extra>",
+            "marker": {"color": [SIDE_COLORS["proponent"] if c >= 0 else SIDE_COLORS["opponent"] for c in centers]},
+        })  # fmt: skip
+    shapes = [{"type": "line", "xref": "x", "yref": "paper", "x0": v, "x1": v, "y0": 0, "y1": 1,
+               "line": {"dash": "dash", "color": "#555555"}} for v in regularizer]  # fmt: skip
+    notes = [{"x": v, "xref": "x", "y": 1, "yref": "paper", "yanchor": "bottom", "text": "weight decay",
+              "showarrow": False} for v in regularizer]  # fmt: skip
+    yaxis = {**_title("training examples (count, log scale)"), "type": "log"} if log_counts else {
+        **_title("training examples (count)"), "rangemode": "tozero"}  # fmt: skip
+    layout = {"yaxis": yaxis, "xaxis": _title(f"influence (Δ {quantity})"), "bargap": 0.02, "shapes": shapes,
+              "annotations": notes}  # fmt: skip
+    title = f"Distribution of influences ({examples.size:,} training examples)"
+    return _figure(traces, layout, style, title, 420, legend=False)
+
+
+# ── reconstruction ──────────────────────────────────────────────────────────────────
+
+
+def reconstruction_change(comp: pl.DataFrame, quantity: str, style: Style) -> go.Figure:
+    """True vs reconstructed change per step, and the cumulative reconstruction error."""
+    rows = comp.sort("step")
+    x = rows["step"].to_numpy()
+    error = (rows["true_change"] - rows["reconstructed"]).cum_sum().to_numpy()
+    g = grid(2, shared_x=True, v_space=0.1, row_heights=[0.6, 0.4])
+    traces = [
+        _line(x, rows["true_change"].to_numpy(), "true change", PALETTE[0], style, **g.refs(1)),
+        _line(x, rows["reconstructed"].to_numpy(), "reconstructed", PALETTE[1], style, line={"dash": "dot"},
+              **g.refs(1)),
+        _line(x, error, "cumulative error", PALETTE[2], style, **g.refs(2)),
+    ]  # fmt: skip
+    g.y(1).update(_title(f"Δ {quantity} per step"))
+    g.y(2).update(_title("Σ (true − reconstructed)"), exponentformat="e")
+    g.x(2).update(_title("training step"))
+    return _figure(traces, {**g.layout, "hovermode": "x unified"}, style, "True vs reconstructed change", 560)
+
+
+def residual_figure(comp: pl.DataFrame, quantity: str, style: Style) -> go.Figure:
+    """|quadrature residual| and |optimizer residual| per step (log scale), and nodes used."""
+    rows = comp.sort("step")
+    x = rows["step"].to_numpy()
+    g = grid(2, shared_x=True, v_space=0.1, row_heights=[0.65, 0.35])
+    traces = []
+    for i, (column, name) in enumerate((("quadrature_residual", "quadrature"), ("optimizer_residual", "optimizer"))):
+        if column not in rows.columns:
+            continue
+        positive = rows[column].cast(pl.Float64).abs().to_numpy().astype(float)
+        positive[~(positive > 0)] = np.nan  # zeros and missing values have no place on a log axis
+        traces.append(_line(x, positive, f"{name} residual", PALETTE[2 + 2 * i], style, **g.refs(1)))
+    traces.append(_line(x, rows["nodes"].to_numpy(), "nodes", PALETTE[6], style, line={"shape": "hv"}, **g.refs(2)))
+    g.y(1).update(_title(f"|residual| (Δ {quantity})"), type="log", exponentformat="e")
+    g.y(2).update(_title("quadrature nodes"), rangemode="tozero")
+    g.x(2).update(_title("training step"))
+    layout = {**g.layout, "hovermode": "x unified"}
+    return _figure(traces, layout, style, "Residuals and quadrature nodes per step", 520)
+
+
+def exactness_figure(exactness: pl.DataFrame, style: Style) -> go.Figure:
+    """Agreement and KL of reconstructed vs true predictions, one bar per quadrature."""
+    names = exactness["quadrature"].to_list()
+    evals = exactness["gradient_evaluations"].to_numpy()
+    g = grid(1, 2)
+    traces = [
+        {"type": "bar", "x": names, "y": exactness["agreement"].to_numpy(), "marker": {"color": PALETTE[0]},
+         "customdata": evals, "texttemplate": "%{y:.3f}",
+         "hovertemplate": "%{x}: %{y:.4f}<br>%{customdata:,} gradient evaluations", **g.refs(1, 1)},
+        {"type": "bar", "x": names, "y": exactness["kl"].to_numpy(), "marker": {"color": PALETTE[2]},
+         "customdata": evals, "texttemplate": "%{y:.2e}",
+         "hovertemplate": "%{x}: %{y:.3e}<br>%{customdata:,} gradient evaluations", **g.refs(1, 2)},
+    ]  # fmt: skip
+    g.y(1, 1).update(_title("agreement"), range=[0, 1.05], tickformat=".0%")
+    g.y(1, 2).update(_title("KL (nats)"))
+    g.x(1, 1).update(_title("quadrature rule"))
+    g.x(1, 2).update(_title("quadrature rule"))
+    notes = _subplot_titles(g, ("agreement with true predictions", "KL(true ‖ reconstructed)"), style)
+    layout = {**g.layout, "annotations": notes}
+    return _figure(traces, layout, style, "Exactness of the reconstruction", 420, legend=False)
+
+
+# ── pruning and comparison ──────────────────────────────────────────────────────────
+
+
+def pruning_figure(pruning: pl.DataFrame, style: Style) -> go.Figure:
+    """Agreement, accuracy and KL vs sparsity per method (mean over seeds, band = min–max).
+
+    The x axis is the kept fraction ``1 − sparsity`` on a reversed log axis, so that 90 %,
+    99 % and 99.9 % sparsity are evenly spaced, sparser to the right.
+    """
+    panels = (("agreement", "agreement", ".0%"), ("accuracy", "accuracy", ".0%"), ("kl", "KL (nats)", None))
+    present = pruning.get_column("method").unique().to_list()
+    methods = [m for m in METHOD_COLORS if m in present] + sorted(set(present) - set(METHOD_COLORS))
+    g = grid(1, 3, h_space=0.08)
+    traces = []
+    for col, (metric, title, fmt) in enumerate(panels, start=1):
+        for i, method in enumerate(methods):
+            color = METHOD_COLORS.get(method, PALETTE[(i + 4) % len(PALETTE)])
+            stats = (
+                pruning.filter(pl.col("method") == method)
+                .group_by("sparsity")
+                .agg(mean=pl.col(metric).mean(), lo=pl.col(metric).min(), hi=pl.col(metric).max())
+                .sort("sparsity")
+            )
+            kept = (1 - stats["sparsity"]).to_numpy()
+            if (stats["hi"] - stats["lo"]).abs().max() > 0:
+                traces.append({
+                    "type": "scatter", "x": np.concatenate([kept, kept[::-1]]),
+                    "y": np.concatenate([stats["hi"].to_numpy(), stats["lo"].to_numpy()[::-1]]), "fill": "toself",
+                    "fillcolor": color, "opacity": 0.15, "line": {"width": 0}, "hoverinfo": "skip",
+                    "showlegend": False, "legendgroup": method, **g.refs(1, col),
+                })  # fmt: skip
+            traces.append(_line(
+                kept, stats["mean"].to_numpy(), method, color, style, mode="lines+markers", legendgroup=method,
+                showlegend=col == 1, customdata=[f"{v:.3g}" for v in stats["sparsity"].to_list()],
+                hovertemplate=f"{method}, sparsity %{{customdata}}: %{{y:.4g}}<extra></extra>", **g.refs(1, col),
+            ))  # fmt: skip
+        g.y(1, col).update(_title(title), **({"tickformat": fmt} if fmt else {}))
+        g.x(1, col).update(_title("kept fraction (1 − sparsity)"), type="log", autorange="reversed", tickformat=".1%")
+    layout = {**g.layout, "annotations": _subplot_titles(g, [p[1] for p in panels], style),
+              "margin": {"l": 70, "r": 30, "t": 120, "b": 60}}  # fmt: skip
+    fig = _figure(traces, layout, style, "Pruning by kernel importance vs magnitude vs random", 480)
+    fig.layout.legend.y = 1.14
+    return fig
+
+
+def compare_curves(runs: Sequence[tuple[str, pl.DataFrame]], style: Style, log_x: bool = False) -> go.Figure:
+    """Loss and accuracy of several runs on shared axes; the line dash tells the runs apart."""
+    g = grid(2, shared_x=True)
+    traces = []
+    for r, (name, steps) in enumerate(runs):
+        for row, metric in ((1, "loss"), (2, "acc")):
+            for split in ("train", "val"):
+                x, y = _series(steps, "step", f"{split}_{metric}")
+                traces.append(_line(
+                    x, y, f"{name} · {_split_name(split)}", SPLIT_COLORS[split], style,
+                    line={"dash": RUN_DASHES[r % len(RUN_DASHES)]}, legendgroup=f"{r}{split}", showlegend=row == 1,
+                    **g.refs(row),
+                ))  # fmt: skip
+    g.y(1).update(_title("loss (nats)"), type="log")
+    g.y(2).update(_title("accuracy"), range=[0, 1.02], tickformat=".0%")
+    _step_axis(g, log_x)
+    return _figure(traces, {**g.layout, "hovermode": "x unified"}, style, "Training curves", 600)
+
+
+def compare_shares(
+    runs: Sequence[tuple[str, pl.DataFrame]], colors: dict[str, str], order: Sequence[str], style: Style
+) -> go.Figure:
+    """Each group's share of the total |influence|, one bar per run (hatched for the second)."""
+    groups = _ordered([g for _, totals in runs for g in totals.get_column("group").to_list()], order)
+    traces = []
+    for r, (name, totals) in enumerate(runs):
+        share = dict(totals.select("group", "share").iter_rows())
+        traces.append({
+            "type": "bar", "x": groups, "y": [share.get(g) for g in groups], "name": name,
+            "marker": {"color": [colors.get(g, PALETTE[-1]) for g in groups],
+                       "pattern": {"shape": "" if r == 0 else "/", "fillmode": "overlay"},
+                       "line": {"color": "#333333", "width": 1}},
+            "hovertemplate": f"{name}<br>%{{x}}: %{{y:.1%}}<extra></extra>",
+        })  # fmt: skip
+    layout = {"barmode": "group", "xaxis": _title(""),
+              "yaxis": {**_title("share of |influence|"), "tickformat": ".0%", "rangemode": "tozero"}}  # fmt: skip
+    return _figure(traces, layout, style, "Component shares", 460)
+
+
+# ── run card ────────────────────────────────────────────────────────────────────────
+
+
+def _fmt_number(value) -> str:
+    if value is None:
+        return MISSING
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def _fmt_mapping(value) -> str:
+    if value is None:
+        return MISSING
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_fmt_mapping(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return "(" + ", ".join(_fmt_mapping(v) for v in value) + ")"
+    return _fmt_number(value)
+
+
+def _seconds(value) -> str:
+    if not isinstance(value, (int, float)):
+        return MISSING
+    return f"{value:.1f} s" if value < 120 else f"{value / 60:.1f} min"
+
+
+def run_card(meta: dict) -> pl.DataFrame:
+    """The run's facts as a two-column table (``field``, ``value``) for the Overview page."""
+    spec = meta.get("model_spec") or {}
+    summary = meta.get("model_summary") or {}
+    optimizer = meta.get("optimizer") or {}
+    groups = optimizer.get("groups") or []
+    first_group = groups[0] if groups else {}
+    hparams = {k: v for k, v in first_group.items() if v is not None and k not in {"params", "param_names"}}
+    config = spec.get("config") if isinstance(spec, dict) else None
+    if summary.get("parameters") is not None:
+        size = f"{_fmt_number(summary.get('parameters'))} parameters in {_fmt_number(summary.get('tensors'))} tensors"
+    else:
+        size = MISSING
+    rows = [
+        ("task", str(meta.get("task") or spec.get("task") or spec.get("model") or MISSING)),
+        ("model config", _fmt_mapping(config) if config else MISSING),
+        ("model size", size),
+        ("optimizer", f"{optimizer.get('class', MISSING)} ({optimizer.get('family', MISSING)} family)"),
+        ("hyper-parameters", _fmt_mapping(hparams) if hparams else MISSING),
+        ("parameter groups", _fmt_number(len(groups)) if groups else MISSING),
+        ("steps", _fmt_number(meta.get("steps"))),
+        ("explained quantity", _fmt_mapping(meta.get("quantity"))),
+        ("quadrature", _fmt_mapping(meta.get("quadrature"))),
+        ("max relative residual", _fmt_number(meta.get("max_rel_residual"))),
+        ("max absolute residual", _fmt_number(meta.get("max_abs_residual"))),
+        ("gradient evaluations", _fmt_number(meta.get("gradient_evaluations"))),
+        ("compute time", _seconds(meta.get("seconds"))),
+        ("data fingerprint", str(meta.get("data_fingerprint") or MISSING)[:16]),
+    ]
+    return pl.DataFrame({"field": [r[0] for r in rows], "value": [r[1] for r in rows]})

@@ -1,0 +1,423 @@
+"""Session plumbing of the dashboard: where runs are, which one is open, the URL, caching.
+
+- Runs are DuckDB files (``*.duckdb``) in a runs directory: the ``--runs DIR`` script
+  argument (``streamlit run app/main.py -- --runs DIR``), else ``$EXPLAIND_RUNS``, else the
+  shipped ``sample_runs/``; the sidebar can point to another directory.
+- Every slice control is a *URL control* (``url_widget``): its value is seeded from the
+  query parameter of the same name, validated by a ``Codec``, and written back, so a
+  copied link reopens the same view. A malformed value gives a ``st.warning`` and the
+  default. Parameters no control used in a run are dropped from the URL (``finish_url_run``).
+- ``Run`` opens a database through ``st.cache_resource`` (keyed by path and
+  modification time) and caches every frame it reads with ``st.cache_data``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import plotly.graph_objects as go
+import polars as pl
+import streamlit as st
+
+from app.charts import Style
+from engine.errors import RunNotFoundError
+from engine.store import RunDB, TestSelector, list_runs
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_RUNS = ROOT / "sample_runs"
+ENV_RUNS = "EXPLAIND_RUNS"
+
+T = TypeVar("T")
+_SAVED = "_url_saved"  # name -> last formatted value of each URL control in this session
+_USED = "_url_used"  # names of the URL controls drawn in the current script run
+_PAGE = "_url_page"  # page of the current script run
+_LIVE = "_url_live"  # (page, names) of the controls drawn in the last complete run
+_RUN = "_current_run"
+_CHOICES = "_run_choices"
+_STYLE = "_style"
+_IMAGE_FORMAT = "_image_format"
+
+
+# ── runs ────────────────────────────────────────────────────────────────────────────
+
+
+def runs_dir_from_args(argv: Sequence[str]) -> Path | None:
+    """The ``--runs DIR`` script argument, if given (unknown arguments are ignored)."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--runs", default=None)
+    known, _ = parser.parse_known_args(list(argv))
+    return Path(known.runs).expanduser() if known.runs else None
+
+
+def default_runs_dir(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> Path:
+    """Where to look for runs: ``--runs`` argument, else ``$EXPLAIND_RUNS``, else ``sample_runs/``."""
+    argv = sys.argv[1:] if argv is None else argv
+    environ = dict(os.environ) if environ is None else environ
+    from_args = runs_dir_from_args(argv)
+    if from_args is not None:
+        return from_args
+    if environ.get(ENV_RUNS):
+        return Path(environ[ENV_RUNS]).expanduser()
+    return SAMPLE_RUNS
+
+
+def find_runs(directory: Path) -> list[Path]:
+    """Run databases in ``directory`` (``engine.store.list_runs``); none when it does not exist."""
+    try:
+        return list_runs(directory)
+    except RunNotFoundError:
+        return []
+
+
+# ── URL controls ────────────────────────────────────────────────────────────────────
+
+
+@dataclass(frozen=True)
+class Codec(Generic[T]):
+    """Text form of a control value: ``parse`` (raises ``ValueError`` saying why) and ``fmt``."""
+
+    parse: Callable[[str], T]
+    fmt: Callable[[T], str]
+
+
+def choice(options: Sequence[str]) -> Codec[str]:
+    """One of ``options``, written as itself."""
+    allowed = list(options)
+
+    def parse(raw: str) -> str:
+        if raw not in allowed:
+            shown = ", ".join(allowed[:8]) + (", …" if len(allowed) > 8 else "")
+            raise ValueError(f"it is not one of {shown}")
+        return raw
+
+    return Codec(parse, str)
+
+
+def integer(lo: int, hi: int) -> Codec[int]:
+    """An integer in ``[lo, hi]``."""
+
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError("it is not a whole number") from None
+        if not lo <= value <= hi:
+            raise ValueError(f"it is outside {lo}…{hi}")
+        return value
+
+    return Codec(parse, str)
+
+
+def integer_choice(options: Sequence[int]) -> Codec[int]:
+    """One of the integers ``options``."""
+    allowed = list(options)
+
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError("it is not a whole number") from None
+        if value not in allowed:
+            raise ValueError(f"it is not one of {', '.join(map(str, allowed[:10]))}")
+        return value
+
+    return Codec(parse, str)
+
+
+def interval(lo: int, hi: int) -> Codec[tuple[int, int]]:
+    """A step interval ``a-b`` with ``lo ≤ a < b ≤ hi``."""
+
+    def parse(raw: str) -> tuple[int, int]:
+        first, sep, second = raw.partition("-")
+        try:
+            a, b = int(first), int(second)
+        except ValueError:
+            raise ValueError("it is not of the form START-END (two whole numbers)") from None
+        if not sep or not lo <= a < b <= hi:
+            raise ValueError(f"it must satisfy {lo} ≤ START < END ≤ {hi}")
+        return a, b
+
+    return Codec(parse, lambda v: f"{int(v[0])}-{int(v[1])}")
+
+
+def flag() -> Codec[bool]:
+    """A boolean, written ``1``/``0`` (``true``/``false`` accepted)."""
+
+    def parse(raw: str) -> bool:
+        lowered = raw.strip().lower()
+        if lowered in {"1", "true", "yes", "on"}:
+            return True
+        if lowered in {"0", "false", "no", "off"}:
+            return False
+        raise ValueError("it is not 1 or 0")
+
+    return Codec(parse, lambda v: "1" if v else "0")
+
+
+def text() -> Codec[str]:
+    """Free text (a directory path)."""
+    return Codec(lambda raw: raw, str)
+
+
+def _warn_param(name: str, raw: str, reason: str, default: Any, fmt: Callable[[Any], str]) -> None:
+    shown = raw if len(raw) <= 60 else raw[:57] + "…"
+    st.warning(
+        f"The link's `{name}={shown}` was ignored because {reason}; showing `{fmt(default)}` instead.",
+        icon="⚠️",
+    )
+
+
+def _valid(codec: Codec[T], value: Any) -> bool:
+    try:
+        codec.parse(codec.fmt(value))
+    except (ValueError, TypeError, IndexError):
+        return False
+    return True
+
+
+def url_widget(name: str, codec: Codec[T], default: T, make: Callable[[str], T]) -> T:
+    """A widget whose value lives in the URL parameter ``name``.
+
+    A widget drawn in the previous complete run of the same page keeps its live value.
+    Otherwise (first visit, page switch, reappearing control) the value is this session's
+    last value of ``name``, else the URL's (a malformed one is warned about), else
+    ``default``. ``make(key)`` draws the widget with that session-state key.
+    """
+    state = st.session_state
+    key = f"url:{name}"
+    page, drawn = state.get(_LIVE, ("", frozenset()))
+    live = page == state.get(_PAGE) and name in drawn and key in state and _valid(codec, state[key])
+    if not live:
+        state[key] = _initial(name, codec, default, state.setdefault(_SAVED, {}))
+    value = make(key)
+    publish(name, codec.fmt(value))
+    return value
+
+
+def _initial(name: str, codec: Codec[T], default: T, saved: dict[str, str]) -> T:
+    if name in saved:  # remembered from earlier in this session; silently reset if no longer valid
+        try:
+            return codec.parse(saved[name])
+        except ValueError:
+            return default
+    raw_values = st.query_params.get_all(name)
+    if raw_values:
+        raw = raw_values[-1]
+        try:
+            return codec.parse(raw)
+        except ValueError as exc:
+            _warn_param(name, raw, str(exc), default, codec.fmt)
+    return default
+
+
+def publish(name: str, formatted: str) -> None:
+    """Write a control's value to the URL (an empty value is left out) and mark it as in use this run."""
+    st.session_state.setdefault(_SAVED, {})[name] = formatted
+    st.session_state.setdefault(_USED, set()).add(name)
+    if not formatted:
+        if name in st.query_params:
+            del st.query_params[name]
+    elif st.query_params.get(name) != formatted:
+        st.query_params[name] = formatted
+
+
+def begin_url_run(page: str) -> None:
+    """Start a script run of ``page``: no URL control is drawn yet."""
+    st.session_state[_PAGE] = page
+    st.session_state[_USED] = set()
+
+
+def finish_url_run() -> None:
+    """End a complete run: remember which controls were drawn, drop URL parameters no control used.
+
+    Not called for a run that a newer one interrupted, so controls it did not reach stay live.
+    """
+    used = st.session_state.get(_USED, set())
+    st.session_state[_LIVE] = (st.session_state.get(_PAGE), frozenset(used))
+    for name in [n for n in st.query_params if n not in used]:
+        del st.query_params[name]
+
+
+# ── the open run ────────────────────────────────────────────────────────────────────
+
+
+@st.cache_resource(max_entries=8, show_spinner=False, on_release=RunDB.close)
+def _open_db(path: str, mtime_ns: int) -> RunDB:
+    """One read-only connection per run file version (a rewritten file gets a new one);
+    connections evicted from the cache are closed."""
+    return RunDB.open(path)
+
+
+@st.cache_data(max_entries=512, show_spinner=False)
+def _query(path: str, mtime_ns: int, method: str, kwargs: tuple) -> Any:
+    """``RunDB.<method>(**kwargs)`` of one run file version, cached by its arguments."""
+    return getattr(_open_db(path, mtime_ns), method)(**dict(kwargs))
+
+
+@dataclass(frozen=True)
+class Run:
+    """An open run database: cached reads of the store API (``engine.store.RunDB``)."""
+
+    path: str
+    mtime_ns: int
+
+    @classmethod
+    def at(cls, path: Path) -> Run:
+        """The run file as it is now; a file removed meanwhile gets mtime 0 and fails on ``open``."""
+        try:
+            mtime_ns = path.stat().st_mtime_ns
+        except FileNotFoundError:
+            mtime_ns = 0
+        return cls(str(path), mtime_ns)
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).stem
+
+    def open(self) -> RunDB:
+        """Open (or reuse) the connection; raises the store's errors for bad files."""
+        return _open_db(self.path, self.mtime_ns)
+
+    def _get(self, method: str, **kwargs: Any) -> Any:
+        return _query(self.path, self.mtime_ns, method, tuple(sorted(kwargs.items())))
+
+    def meta(self) -> dict:
+        return self._get("meta")
+
+    def steps(self) -> pl.DataFrame:
+        return self._get("steps")
+
+    def groups(self) -> pl.DataFrame:
+        return self._get("groups")
+
+    def examples(self, split: str) -> pl.DataFrame:
+        return self._get("examples", split=split)
+
+    def views(self) -> dict[str, int]:
+        return self._get("views")
+
+    def windows(self, view: str) -> pl.DataFrame:
+        return self._get("windows", view=view)
+
+    def component_matrix(
+        self, level: str, window: int, steps: tuple[int, int], tests: TestSelector, measure: str
+    ) -> pl.DataFrame:
+        return self._get("component_matrix", level=level, window=window, steps=steps, tests=tests, measure=measure)
+
+    def component_totals(self, level: str, steps: tuple[int, int] | None, tests: TestSelector) -> pl.DataFrame:
+        return self._get("component_totals", level=level, steps=steps, tests=tests)
+
+    def top_train_examples(self, tests: TestSelector, steps: tuple[int, int] | None, k: int) -> pl.DataFrame:
+        return self._get("top_train_examples", tests=tests, steps=steps, k=k)
+
+    def train_example_over_time(self, train: int, tests: TestSelector) -> pl.DataFrame:
+        return self._get("train_example_over_time", train=train, tests=tests)
+
+    def data_distribution(self, tests: TestSelector, steps: tuple[int, int] | None) -> pl.DataFrame:
+        return self._get("data_distribution", tests=tests, steps=steps)
+
+    def completeness(self, steps: tuple[int, int] | None, tests: TestSelector) -> pl.DataFrame:
+        return self._get("completeness", steps=steps, tests=tests)
+
+    def exactness(self) -> pl.DataFrame:
+        return self._get("exactness")
+
+    def pruning(self) -> pl.DataFrame:
+        return self._get("pruning")
+
+
+def set_current_run(run: Run | None) -> None:
+    st.session_state[_RUN] = run
+
+
+def current_run() -> Run | None:
+    """The run chosen in the sidebar (``None`` when there is none to show)."""
+    return st.session_state.get(_RUN)
+
+
+def set_run_choices(runs: Sequence[Run]) -> None:
+    st.session_state[_CHOICES] = list(runs)
+
+
+def run_choices() -> list[Run]:
+    """Every run of the sidebar's directory (for the Compare page)."""
+    return st.session_state.get(_CHOICES, [])
+
+
+def num_steps(run: Run) -> int:
+    """Number of recorded steps ``N`` (step ids run over ``0 … N-1``)."""
+    meta_steps = run.meta().get("steps")
+    if isinstance(meta_steps, int) and meta_steps > 0:
+        return meta_steps
+    steps = run.steps()
+    return int(steps["step"].max()) + 1 if steps.height else 1
+
+
+def quantity_label(meta: dict) -> str:
+    """Short name of the explained quantity for axis titles."""
+    quantity = meta.get("quantity")
+    if isinstance(quantity, dict):
+        return str(quantity.get("name") or quantity.get("kind") or "quantity")
+    return str(quantity or "quantity")
+
+
+# ── display ─────────────────────────────────────────────────────────────────────────
+
+
+def set_style(style: Style, image_format: str) -> None:
+    st.session_state[_STYLE] = style
+    st.session_state[_IMAGE_FORMAT] = image_format
+
+
+def style() -> Style:
+    return st.session_state.get(_STYLE, Style())
+
+
+def presenting() -> bool:
+    return style().presentation
+
+
+def hint(body: str) -> None:
+    """A caption that presentation mode hides."""
+    if not presenting():
+        st.caption(body)
+
+
+def _file_stem(name: str) -> str:
+    run = current_run()
+    return f"{run.name}-{name}" if run is not None else name
+
+
+def show_figure(fig: go.Figure, name: str) -> None:
+    """Draw a figure with a toolbar image export (PNG/SVG) and an interactive-HTML download."""
+    stem = _file_stem(name)
+    st.plotly_chart(fig, theme=None, config=style().image_config(stem, st.session_state.get(_IMAGE_FORMAT, "png")))
+    st.download_button(
+        "Download interactive HTML",
+        data=lambda: fig.to_html(include_plotlyjs="cdn", full_html=True),
+        file_name=f"{stem}.html",
+        mime="text/html",
+        on_click="ignore",
+        icon=":material/download:",
+        key=f"html:{name}",
+    )
+
+
+def show_table(frame: pl.DataFrame, name: str, column_config: dict | None = None, height: int | str = "auto") -> None:
+    """Draw a table with a CSV download of exactly the rows shown."""
+    st.dataframe(frame, hide_index=True, column_config=column_config, height=height)
+    st.download_button(
+        "Download CSV",
+        data=lambda: frame.write_csv(),
+        file_name=f"{_file_stem(name)}.csv",
+        mime="text/csv",
+        on_click="ignore",
+        icon=":material/table:",
+        key=f"csv:{name}",
+    )

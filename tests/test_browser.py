@@ -1,0 +1,237 @@
+"""The dashboard in a real Chromium: every page, a slice change per page, links and downloads.
+
+Starts ``streamlit run app/main.py -- --runs DIR`` on a free port with two demo runs,
+drives it with Playwright and saves a screenshot of every page to
+``artifacts/screenshots/``. Needs Chromium at ``/usr/bin/chromium``
+(``apt-get install -y chromium``). Without it the tests are skipped, except where
+``EXPLAIND_REQUIRE_BROWSER=1`` (set by ``.ci/run``), where a missing browser fails them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engine.store import write_run
+from tests.fixtures_store import make_demo_bundle
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+SCREENSHOTS = ROOT / "artifacts" / "screenshots"
+PAGES = ("overview", "components", "data", "reconstruction", "pruning", "compare")
+STARTUP_SECONDS = 60
+SETTLE_MS = 30_000
+
+FIGURE_DATA = """(index) => {
+    const plots = document.querySelectorAll('[data-testid="stPlotlyChart"] .js-plotly-plot');
+    const plot = plots[index];
+    return plot && plot.data ? JSON.stringify({data: plot.data, layout: plot.layout}) : null;
+}"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[str]:
+    """A running dashboard on two demo runs; yields its base URL."""
+    runs = tmp_path_factory.mktemp("browser-runs")
+    write_run(runs / "demo.duckdb", make_demo_bundle())
+    write_run(runs / "demo-seed1.duckdb", make_demo_bundle(seed=1))
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "streamlit.log"
+    env = {k: v for k, v in os.environ.items() if k != "EXPLAIND_RUNS"}
+    command = [
+        sys.executable, "-m", "streamlit", "run", "app/main.py", "--server.headless", "true",
+        "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
+        "--server.fileWatcherType", "none", "--", "--runs", str(runs),
+    ]  # fmt: skip
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/_stcore/health", timeout=2) as response:
+                    if response.read().strip() == b"ok":
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"streamlit did not start on port {port}:\n{log.read_text()[-3000:]}")
+            time.sleep(0.3)
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        message = f"{CHROMIUM} is missing: install it (apt-get install -y chromium) to run the browser tests"
+        if os.environ.get("EXPLAIND_REQUIRE_BROWSER") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1600, "height": 1000}, accept_downloads=True)
+    tab = context.new_page()
+    yield tab
+    context.close()
+
+
+def settle(tab) -> None:
+    """Wait until the script run finished and at least one chart or message is drawn."""
+    tab.wait_for_selector('[data-testid="stApp"]', timeout=SETTLE_MS)
+    tab.wait_for_function(
+        """() => !document.querySelector('[data-testid="stStatusWidget"]')
+               && document.querySelector('[data-testid="stPlotlyChart"] .js-plotly-plot, [data-testid="stAlert"]')""",
+        timeout=SETTLE_MS,
+    )
+    tab.wait_for_timeout(300)
+
+
+def figure(tab, index: int = 0) -> str:
+    tab.wait_for_function(f"() => ({FIGURE_DATA})({index}) !== null", timeout=SETTLE_MS)
+    return tab.evaluate(FIGURE_DATA, index)
+
+
+def changed(tab, before: str, index: int = 0) -> str:
+    """Wait for figure ``index`` to differ from ``before``; return the new figure JSON."""
+    tab.wait_for_function(f"(old) => {{ const now = ({FIGURE_DATA})({index}); return now && now !== old; }}",
+                          arg=before, timeout=SETTLE_MS)
+    settle(tab)
+    return figure(tab, index)
+
+
+def no_exception(tab) -> None:
+    assert tab.locator('[data-testid="stException"]').count() == 0, tab.locator(
+        '[data-testid="stException"]').first.inner_text()
+
+
+def shoot(tab, name: str) -> None:
+    """Screenshot the whole page: the viewport grows to the height of the scrolling main area."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    size = tab.viewport_size
+    height = tab.evaluate("""() => document.querySelector('[data-testid="stMain"]').scrollHeight""")
+    tab.set_viewport_size({"width": size["width"], "height": min(max(height, size["height"]), 8000)})
+    tab.wait_for_timeout(500)
+    tab.screenshot(path=str(SCREENSHOTS / f"{name}.png"))
+    tab.set_viewport_size(size)
+
+
+def open_page(tab, server: str, name: str, query: str = "") -> None:
+    """Load a page by its URL (the default page, Overview, lives at ``/``)."""
+    tab.goto(f"{server}/{'' if name == 'overview' else name}{query}")
+    settle(tab)
+    no_exception(tab)
+
+
+def control(tab, name: str):
+    """The widget of URL control ``name`` (streamlit marks each keyed widget with a CSS class)."""
+    return tab.locator(f".st-key-url-{name}")
+
+
+def segmented(tab, name: str, option: str) -> None:
+    control(tab, name).get_by_role("radio", name=option, exact=True).click()
+
+
+def test_every_page_draws_without_exceptions(page, server):
+    for name in PAGES:
+        open_page(page, server, name, "?run=demo")
+        assert page.locator('[data-testid="stPlotlyChart"]').count() >= 1, name
+        assert "Page not found" not in page.locator("body").inner_text()
+        shoot(page, name)
+
+
+def test_overview_log_axis_changes_the_figure_and_url(page, server):
+    open_page(page, server, "overview", "?run=demo")
+    before = figure(page)
+    control(page, "logx").get_by_text("Log step axis").click()
+    after = changed(page, before)
+    assert '"type":"log"' in after.replace(" ", "")
+    assert "logx=1" in page.url
+    no_exception(page)
+
+
+def test_components_level_window_and_subset_change_the_heatmap(page, server):
+    open_page(page, server, "components", "?run=demo")
+    before = figure(page)
+    segmented(page, "level", "module")
+    after = changed(page, before)
+    assert "blocks.0.attn" in after and "blocks.0.attn" not in before
+    assert "level=module" in page.url
+    segmented(page, "measure", "share")
+    shared = changed(page, after)
+    assert "level=module" in page.url and "measure=share" in page.url
+    shoot(page, "components-module-share")
+    # a copied link reopens the same view
+    link = page.url
+    page.goto(link)
+    settle(page)
+    assert figure(page) == shared
+    no_exception(page)
+
+
+def test_data_page_example_count_changes_the_ranking(page, server):
+    open_page(page, server, "data", "?run=demo&k=10")
+    before = figure(page)
+    box = control(page, "k").locator("input")
+    box.fill("2")
+    box.press("Enter")
+    after = changed(page, before)
+    assert after.count('"#') < before.count('"#') or len(after) < len(before)
+    assert "k=2" in page.url
+    no_exception(page)
+
+
+def test_invalid_link_warns_and_falls_back(page, server):
+    open_page(page, server, "components", "?run=nope&level=atoms&steps=9-3")
+    alerts = " ".join(page.locator('[data-testid="stAlert"]').all_inner_texts())
+    assert "run=nope" in alerts and "level=atoms" in alerts and "steps=9-3" in alerts
+    assert "level=layer" in page.url
+    shoot(page, "invalid-link")
+
+
+def test_presentation_mode_and_html_download(page, server):
+    open_page(page, server, "reconstruction", "?run=demo&present=1")
+    spec = figure(page)
+    assert '"size":20' in spec.replace(" ", "")
+    shoot(page, "reconstruction-presentation")
+    with page.expect_download() as download_info:
+        page.get_by_role("button", name="Download interactive HTML").first.click()
+    download = download_info.value
+    assert download.suggested_filename == "demo-reconstruction-change.html"
+    html = Path(download.path()).read_text()
+    assert "cdn.plot.ly" in html and "True vs reconstructed change" in html
