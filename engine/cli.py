@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, get_type_hints
 
+import polars as pl
+
 from engine.errors import ExplaindError
 
 Handler = Callable[[argparse.Namespace], dict[str, Any]]
@@ -75,6 +77,50 @@ def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
     return report.to_json()
 
 
+def cmd_explain(args: argparse.Namespace) -> dict[str, Any]:
+    from engine.decompose import ExplainConfig, explain_history, parse_test
+    from engine.history import History
+    from engine.store import validate_run_name, write_run
+    from engine.tasks import get_task
+
+    out = Path(args.out)
+    validate_run_name(out.stem)
+    history = History.open(args.run, allow_incomplete=args.allow_incomplete)
+    task = get_task(history.model_spec)
+    common = {**parse_test(args.test), "dtype": args.dtype, "device": args.device, "subsample": args.subsample}
+    config = ExplainConfig(**common, quantity=args.quantity, quadrature=args.quadrature, views=args.views,
+                           window=args.window)
+    explanation = explain_history(history, task, config, progress=not args.json)
+    exactness = [explanation.exactness()] if explanation.exactness() is not None else []
+    for quadrature in _split(args.exactness):
+        # prediction-level exactness (agreement, KL) needs every logit reconstructed
+        check = ExplainConfig(**common, quantity="logits", quadrature=quadrature, views=())
+        exactness.append(explain_history(history, task, check, progress=not args.json).exactness())
+    table = pl.concat(exactness).unique("quadrature", keep="first", maintain_order=True) if exactness else None
+    write_run(out, explanation.to_bundle(history, task, exactness=table))
+    summary = explanation.summary()
+    summary["out"] = str(out)
+    if table is not None:
+        summary["exactness"] = table.to_dicts()
+    return summary
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
+    from engine.prune import cmd_prune as run
+
+    return run(args)
+
+
+def cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
+    from engine.samples import build_sample
+
+    return build_sample(args.name, Path(args.out), Path(args.work), progress=not args.json)
+
+
 def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
     from engine.store import info
 
@@ -84,14 +130,17 @@ def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
 COMMANDS: dict[str, tuple[Handler, str]] = {
     "train": (cmd_train, "train a built-in task and record it"),
     "verify": (cmd_verify, "replay every recorded update from the record (MATH.md §3)"),
+    "explain": (cmd_explain, "decompose a recorded run into influences and write a run database"),
+    "prune": (cmd_prune, "prune the final model by kernel importance vs magnitude and random (MATH.md §5)"),
     "info": (cmd_info, "summarize a run database"),
+    "sample": (cmd_sample, "rebuild a shipped sample run from scratch (train, verify, explain, prune)"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     from engine.tasks import TASKS
 
-    parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m engine", description="Record, verify, explain and prune training runs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -109,9 +158,42 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--allow-incomplete", action="store_true", help="verify the steps of an unfinished run")
     verify.add_argument("--json", action="store_true", help="print one JSON object")
 
+    explain = sub.add_parser("explain", help=COMMANDS["explain"][1])
+    explain.add_argument("run", help="run directory")
+    explain.add_argument("--out", required=True, help="run database to write (.duckdb), replaced atomically")
+    explain.add_argument("--test", default="val:16", help="explained examples: SPLIT, SPLIT:N, SPLIT:all, "
+                         "SPLIT:ids=I,J (default %(default)s)")
+    explain.add_argument("--views", default="components", help="comma-separated from components,data,importance; "
+                         "completeness is always computed (default %(default)s)")
+    explain.add_argument("--quantity", default="logits",
+                         help="logits, true-logit, logprob, loss or margin (default %(default)s)")
+    explain.add_argument("--quadrature", default="adaptive",
+                         help="adaptive, adaptive:N, gauss:N or midpoint:N (default %(default)s)")
+    explain.add_argument("--window", type=int, default=1, help="steps per stored window (default %(default)s)")
+    explain.add_argument("--subsample", type=float, default=1.0,
+                         help="fraction of steps computed, by |loss change|; the rest is residual (default 1)")
+    explain.add_argument("--exactness", default="", help="extra quadratures for the exactness table, "
+                         "e.g. midpoint:100,midpoint:10 (all logits, completeness only)")
+    explain.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    explain.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    explain.add_argument("--allow-incomplete", action="store_true", help="explain the steps of an unfinished run")
+    explain.add_argument("--json", action="store_true", help="print one JSON object")
+
+    from engine.prune import add_arguments as prune_arguments
+
+    prune_arguments(sub.add_parser("prune", help=COMMANDS["prune"][1]))
+
     info = sub.add_parser("info", help=COMMANDS["info"][1])
     info.add_argument("path", help="run database (.duckdb)")
     info.add_argument("--json", action="store_true", help="print one JSON object")
+
+    from engine.samples import SAMPLES
+
+    sample = sub.add_parser("sample", help=COMMANDS["sample"][1])
+    sample.add_argument("name", choices=sorted(SAMPLES), help="which sample run")
+    sample.add_argument("--out", default="sample_runs", help="folder of the published database (default %(default)s)")
+    sample.add_argument("--work", default="runs", help="folder of the recorded run directory (default %(default)s)")
+    sample.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
