@@ -1,0 +1,293 @@
+"""The task interface: a model, its data and its loss, described by a JSON-able spec.
+
+A ``Task`` is what the engine needs to rebuild a recorded run without the training
+script: ``build_model()`` gives a module with the recorded parameter names,
+``dataset(split)`` gives the exact training and validation tensors, and
+``per_example_loss`` gives the loss whose gradients the optimizer followed.
+Built-in tasks live beside this file; ``ImportedTask`` wraps a user's own model and
+data functions named by import path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from engine.errors import BadInputError
+
+SPLITS = ("train", "val")
+GREY_RAMP = " .:-=+*#%@"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One split of a task: model inputs, int64 class labels and how to show an example.
+
+    ``kind`` selects the renderer: ``"modular"`` (inputs are ``(a, b, =)`` token rows,
+    ``meta["p"]`` the modulus), ``"digits"`` (inputs are ``(1, 8, 8)`` images in [0, 1]) or
+    ``"generic"`` (anything else).
+    """
+
+    inputs: Tensor
+    labels: Tensor
+    kind: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.labels.dtype != torch.int64 or self.labels.dim() != 1:
+            raise BadInputError(
+                f"dataset labels must be a 1-D int64 tensor, got {self.labels.dtype} "
+                f"with shape {tuple(self.labels.shape)}; convert them with labels.long()"
+            )
+        if self.inputs.shape[0] != self.labels.shape[0]:
+            raise BadInputError(
+                f"dataset has {self.inputs.shape[0]} inputs but {self.labels.shape[0]} labels; "
+                "both must have one row per example"
+            )
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def render(self, i: int) -> str:
+        """A short human-readable text of example ``i`` (shown in the dashboard)."""
+        x, y = self.inputs[i], int(self.labels[i])
+        if self.kind == "modular":
+            a, b = int(x[0]), int(x[1])
+            return f"{a} + {b} = {y} (mod {self.meta['p']})"
+        if self.kind == "digits":
+            image = x.reshape(8, 8).clamp(0.0, 1.0)
+            top = len(GREY_RAMP) - 1
+            rows = ["".join(GREY_RAMP[round(float(v) * top)] for v in row) for row in image]
+            return "\n".join([*rows, f"label {y}"])
+        values = x.flatten()
+        shown = ", ".join(f"{float(v):.3g}" for v in values[:8])
+        more = ", …" if values.numel() > 8 else ""
+        return f"[{shown}{more}] → {y}"
+
+    def fingerprint(self) -> str:
+        """sha256 over dtype, shape and bytes of inputs and labels; stable across runs."""
+        digest = hashlib.sha256()
+        for tensor in (self.inputs, self.labels):
+            t = tensor.detach().cpu().contiguous()
+            digest.update(f"{t.dtype}:{tuple(t.shape)};".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+
+def default_layer(tensor_name: str) -> str:
+    """Default layer label: the top-level module of a parameter, with its index inside a container.
+
+    ``fc1.weight`` → ``fc1``; ``blocks.3.attn.q.weight`` → ``blocks.3``; ``0.weight`` → ``0``.
+    """
+    parts = tensor_name.split(".")
+    if len(parts) > 2 and parts[1].isdigit():
+        return f"{parts[0]}.{parts[1]}"
+    return parts[0]
+
+
+class Task(ABC):
+    """A model, its data and its per-example loss, fully determined by ``config``."""
+
+    name: ClassVar[str]
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """A freshly initialised model; the same parameters for the same ``config.seed``."""
+
+    @abstractmethod
+    def dataset(self, split: str) -> Dataset:
+        """The ``"train"`` or ``"val"`` split, deterministic from the configuration."""
+
+    def per_example_loss(self, output: Tensor, labels: Tensor) -> Tensor:
+        """Cross-entropy of each example: ``(batch, classes), (batch,) → (batch,)``."""
+        return F.cross_entropy(output, labels, reduction="none")
+
+    def spec(self) -> dict[str, Any]:
+        """The JSON-able description ``get_task`` turns back into this task."""
+        return {"task": self.name, "config": _jsonable(asdict(self.config))}
+
+    def layer_of(self, tensor_name: str) -> str:
+        """The layer a parameter tensor belongs to, for grouping attributions."""
+        return default_layer(tensor_name)
+
+    @staticmethod
+    def check_split(split: str) -> None:
+        if split not in SPLITS:
+            raise BadInputError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+
+
+def _jsonable(value: Any) -> Any:
+    """Tuples become lists so that a spec survives a JSON round trip unchanged."""
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+IMPORT_SPEC_KEYS = ("model", "model_kwargs", "data", "data_kwargs", "loss")
+LOSSES = ("cross_entropy",)
+
+
+def load_object(path: str, what: str) -> Any:
+    """Import ``"pkg.mod:attr"``; failures raise ``BadInputError`` naming the path."""
+    if not isinstance(path, str) or not _IMPORT_PATH.match(path):
+        raise BadInputError(f"{what} {path!r} is not an import path of the form 'package.module:name'")
+    module_name, _, attr_path = path.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as exc:
+        raise BadInputError(
+            f"cannot import module {module_name!r} for {what} {path!r}: {exc}; "
+            "check that it is installed or on PYTHONPATH"
+        ) from exc
+    for part in attr_path.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError as exc:
+            raise BadInputError(f"module {module_name!r} has no attribute {attr_path!r} ({what} {path!r})") from exc
+    return obj
+
+
+class ImportedTask(Task):
+    """A user's model class and data function, named by import path.
+
+    Spec: ``{"model": "pkg.mod:Class", "model_kwargs": {...}, "data": "pkg.mod:func",
+    "data_kwargs": {...}, "loss": "cross_entropy"}``. The data function returns
+    ``{"train": (inputs, labels), "val": (inputs, labels)}``. The model is built under
+    ``torch.manual_seed(model_kwargs.get("seed", 0))`` unless it seeds itself.
+    """
+
+    name = "imported"
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        unknown = sorted(set(spec) - set(IMPORT_SPEC_KEYS))
+        if unknown or "model" not in spec or "data" not in spec:
+            raise BadInputError(
+                f"import spec has keys {sorted(spec)}; it needs 'model' and 'data' and may have "
+                f"{', '.join(IMPORT_SPEC_KEYS)}" + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+            )
+        loss = spec.get("loss", "cross_entropy")
+        if loss not in LOSSES:
+            raise BadInputError(f"import spec loss {loss!r} is not supported; choose one of {', '.join(LOSSES)}")
+        self._spec = {
+            "model": spec["model"],
+            "model_kwargs": dict(spec.get("model_kwargs") or {}),
+            "data": spec["data"],
+            "data_kwargs": dict(spec.get("data_kwargs") or {}),
+            "loss": loss,
+        }
+        self._model_cls = load_object(self._spec["model"], "model")
+        self._data_fn = load_object(self._spec["data"], "data")
+        if not callable(self._model_cls) or not callable(self._data_fn):
+            raise BadInputError(f"model {spec['model']!r} and data {spec['data']!r} must both be callable")
+        self._splits: dict[str, Dataset] | None = None
+        super().__init__(config=None)
+
+    def build_model(self) -> nn.Module:
+        kwargs = self._spec["model_kwargs"]
+        try:
+            model = seeded_model(lambda: self._model_cls(**kwargs), int(kwargs.get("seed", 0)))
+        except TypeError as exc:
+            raise BadInputError(f"model {self._spec['model']!r} rejected model_kwargs {kwargs}: {exc}") from exc
+        if not isinstance(model, nn.Module):
+            raise BadInputError(f"model {self._spec['model']!r} built a {type(model).__name__}, not a torch.nn.Module")
+        return model
+
+    def dataset(self, split: str) -> Dataset:
+        self.check_split(split)
+        if self._splits is None:
+            self._splits = self._load_splits()
+        return self._splits[split]
+
+    def _load_splits(self) -> dict[str, Dataset]:
+        path = self._spec["data"]
+        try:
+            raw = self._data_fn(**self._spec["data_kwargs"])
+        except TypeError as exc:
+            raise BadInputError(f"data {path!r} rejected data_kwargs {self._spec['data_kwargs']}: {exc}") from exc
+        if not isinstance(raw, dict) or set(SPLITS) - set(raw):
+            raise BadInputError(f"data {path!r} must return a dict with keys 'train' and 'val', each (inputs, labels)")
+        splits = {}
+        for split in SPLITS:
+            try:
+                inputs, labels = raw[split]
+            except (TypeError, ValueError) as exc:
+                raise BadInputError(f"data {path!r} split {split!r} is not an (inputs, labels) pair") from exc
+            inputs, labels = torch.as_tensor(inputs), torch.as_tensor(labels)
+            if labels.is_floating_point():
+                raise BadInputError(f"data {path!r} split {split!r}: labels must be integer class ids")
+            splits[split] = Dataset(inputs=inputs, labels=labels.long(), kind="generic", meta={"source": path})
+        return splits
+
+    def spec(self) -> dict[str, Any]:
+        return _jsonable(dict(self._spec))
+
+
+@contextmanager
+def deterministic_algorithms() -> Iterator[None]:
+    """Turn on ``torch.use_deterministic_algorithms(True)`` and restore the previous mode after.
+
+    Filling fresh memory with NaN (a debugging aid of deterministic mode) is switched off:
+    no operation here reads uninitialised memory, and the fill costs a sixth of a step.
+    """
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+def seeded_model(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
+    """Build a module under ``torch.manual_seed(seed)`` without disturbing the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return factory()
+
+
+def accuracy(logits: Tensor, labels: Tensor) -> float:
+    """Fraction of rows whose arg-max equals the label."""
+    return float((logits.argmax(dim=-1) == labels).double().mean())
+
+
+def open_recorder(
+    task: Task,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train: Dataset,
+    out_dir: Path | None,
+    overwrite: bool = False,
+) -> AbstractContextManager[Any]:
+    """A ``Recorder`` writing the run into ``out_dir``, or a no-op context yielding ``None``."""
+    if out_dir is None:
+        return nullcontext(None)
+    from engine.record import Recorder  # the recorder pulls in the storage libraries; load it only to record
+
+    return Recorder(
+        model,
+        optimizer,
+        out_dir,
+        model_spec=task.spec(),
+        train_data=(train.inputs, train.labels),
+        overwrite=overwrite,
+    )
