@@ -115,6 +115,12 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     return run(args)
 
 
+def cmd_import_explaind(args: argparse.Namespace) -> dict[str, Any]:
+    from engine.import_explaind import cmd_import_explaind as run
+
+    return run(args)
+
+
 def cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
     from engine.samples import build_sample
 
@@ -133,6 +139,7 @@ COMMANDS: dict[str, tuple[Handler, str]] = {
     "explain": (cmd_explain, "decompose a recorded run into influences and write a run database"),
     "prune": (cmd_prune, "prune the final model by kernel importance vs magnitude and random (MATH.md §5)"),
     "info": (cmd_info, "summarize a run database"),
+    "import-explaind": (cmd_import_explaind, "convert a run recorded with the published explaind package"),
     "sample": (cmd_sample, "rebuild a shipped sample run from scratch (train, verify, explain, prune)"),
 }
 
@@ -186,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help=COMMANDS["info"][1])
     info.add_argument("path", help="run database (.duckdb)")
     info.add_argument("--json", action="store_true", help="print one JSON object")
+
+    from engine.import_explaind import add_arguments as import_arguments
+
+    import_arguments(sub.add_parser("import-explaind", help=COMMANDS["import-explaind"][1]))
 
     from engine.samples import SAMPLES
 

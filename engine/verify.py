@@ -7,11 +7,12 @@ model and data, pushed through the MATH.md §3 formulas (``engine.updates``, not
 Two errors are reported per step, both relative to ``‖Δ_s‖₂``:
 
 * ``raw``: ``‖Δ̂_s − Δ_s‖₂``;
-* ``grid``: the part of ``|Δ̂_s − Δ_s|`` beyond one unit in the last place of the stored
+* ``grid``: the part of ``|Δ̂_s − Δ_s|`` beyond two units in the last place of the stored
   parameters. A recorded update is the difference of two parameter vectors stored in the
-  recording dtype, so it is only defined to that grid; for small steps on float32
-  parameters this rounding alone is ~1e-6..1e-5 of ``‖Δ_s‖``, whereas a wrong learning
-  rate, batch or clipping scale shows up as an error of the size of the mistake.
+  recording dtype, so it is only defined to that grid (AdamW rounds twice — after the
+  decay, then after the step — hence two units); for small steps on float32 parameters this
+  rounding alone is ~1e-6..1e-5 of ``‖Δ_s‖``, whereas a wrong learning rate, batch or
+  clipping scale shows up as an error of the size of the mistake.
 
 ``max_rel_error`` is the largest ``grid`` error over the steps.
 """
@@ -31,6 +32,8 @@ from engine.history import History, Params
 from engine.tasks import get_task
 from engine.tasks.base import Task
 from engine.updates import initial_buffer, replay, rule_for
+
+GRID_ULPS = 2.0  # rounding allowance of a recorded update, in units in the last place
 
 
 @dataclass(frozen=True)
@@ -92,12 +95,12 @@ def batch_gradient_fn(model: torch.nn.Module, task: Task):
 
 
 def _grid_excess(delta_hat: Params, record_before: Params, record_update: Params) -> tuple[float, float, float]:
-    """(‖Δ̂−Δ‖², ‖excess beyond one ulp‖², ‖Δ‖²) summed over tensors, in float64."""
+    """(‖Δ̂−Δ‖², ‖excess beyond GRID_ULPS ulps‖², ‖Δ‖²) summed over tensors, in float64."""
     raw_sq = excess_sq = norm_sq = 0.0
     for name, delta in record_update.items():
         before = record_before[name]
         after = before + delta
-        ulp = np.spacing(np.maximum(np.abs(before.numpy()), np.abs(after.numpy())))
+        ulp = GRID_ULPS * np.spacing(np.maximum(np.abs(before.numpy()), np.abs(after.numpy())))
         diff = (delta_hat[name] - delta.double()).abs().numpy()
         raw_sq += float((diff**2).sum())
         excess_sq += float((np.maximum(diff - ulp, 0.0) ** 2).sum())
