@@ -147,7 +147,8 @@ COMMANDS: dict[str, tuple[Handler, str]] = {
 def build_parser() -> argparse.ArgumentParser:
     from engine.tasks import TASKS
 
-    parser = argparse.ArgumentParser(prog="python -m engine", description="Record, verify, explain and prune training runs.")
+    parser = argparse.ArgumentParser(prog="python -m engine",
+                                     description="Record, verify, explain and prune training runs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -50,19 +50,13 @@ SAMPLES: dict[str, SampleRecipe] = {
     recipe.name: recipe
     for recipe in (
         SampleRecipe(
-            name="grokking",
-            task="modular-addition",
-            train={"lr": 1e-2, "weight_decay": 1.0, "steps": 1200, "seed": 0},
-            components={"test_size": 200, "quantity": "logprob", "views": ("components", "importance"),
-                        "window": 10},
-            data={"test_size": 20, "quantity": "logprob", "views": ("data",), "window": 100},
-        ),
-        SampleRecipe(
             name="digits",
             task="digits-cnn",
-            components={"test_size": 200, "quantity": "logprob", "views": ("components", "importance"),
+            train={"steps": 120},
+            components={"test_size": 50, "quantity": "logprob", "views": ("components", "importance"),
                         "window": 5},
-            data={"test_size": 20, "quantity": "logprob", "views": ("data",), "window": 25},
+            data={"test_size": 10, "quantity": "logprob", "views": ("data",), "window": 20},
+            exactness_tests=30,
         ),
     )
 }

@@ -10,7 +10,6 @@ data functions named by import path.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import re
 from abc import ABC, abstractmethod
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.errors import BadInputError
+from engine.record import data_fingerprint
 
 SPLITS = ("train", "val")
 GREY_RAMP = " .:-=+*#%@"
@@ -77,12 +77,7 @@ class Dataset:
 
     def fingerprint(self) -> str:
         """sha256 over dtype, shape and bytes of inputs and labels; stable across runs."""
-        digest = hashlib.sha256()
-        for tensor in (self.inputs, self.labels):
-            t = tensor.detach().cpu().contiguous()
-            digest.update(f"{t.dtype}:{tuple(t.shape)};".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        return digest.hexdigest()
+        return data_fingerprint(self.inputs, self.labels)
 
 
 def default_layer(tensor_name: str) -> str:
