@@ -1,0 +1,554 @@
+"""The decomposition engine against independent truths.
+
+Closed forms (a model linear in its parameters; a deep linear network whose output is a
+polynomial along each step), two algorithms that must agree (data view vs component view;
+per-example gradients vs single-example autograd; the engine vs direct forward passes), and
+the contract of every frame. Models and data here are importable by path, so the runs they
+record are rebuilt by ``engine.tasks.get_task`` exactly like a user's own code.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.decompose import (
+    ExplainConfig,
+    ExplainInterrupted,
+    _setup,
+    _TrainSide,
+    compare_quadratures,
+    element_influence,
+    explain,
+    explain_history,
+    parse_test,
+)
+from engine.errors import BadInputError, UnsupportedOptimizerError
+from engine.groups import GroupMap, ParamLayout, aggregate
+from engine.history import History
+from engine.record import Recorder
+from engine.tasks import get_task
+from engine.updates import rule_for
+
+N_IN, N_OUT = 4, 3
+
+
+# ------------------------------------------------------------------------------ models and data
+class LinearNet(nn.Module):
+    """Logits linear in the parameters: ``W x + b``."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc = nn.Linear(N_IN, N_OUT)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+class DeepLinear(nn.Module):
+    """``W3 W2 W1 x``: along θ + tΔ each logit is a cubic polynomial in t."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.l1 = nn.Linear(N_IN, 5, bias=False)
+        self.l2 = nn.Linear(5, 5, bias=False)
+        self.l3 = nn.Linear(5, N_OUT, bias=False)
+
+    def forward(self, x):
+        return self.l3(self.l2(self.l1(x)))
+
+
+class ReluNet(nn.Module):
+    """A ReLU MLP: piecewise smooth along the path, with kinks."""
+
+    def __init__(self, seed: int = 0, hidden: int = 16) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = nn.Sequential(nn.Linear(N_IN, hidden), nn.ReLU(), nn.Linear(hidden, hidden))
+        self.head = nn.Linear(hidden, N_OUT)
+
+    def forward(self, x):
+        return self.head(F.relu(self.body(x)))
+
+
+def data(n_train: int = 20, n_val: int = 6, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_train + n_val, N_IN, generator=g)
+    y = torch.randint(0, N_OUT, (n_train + n_val,), generator=g)
+    return {"train": (x[:n_train], y[:n_train]), "val": (x[n_train:], y[n_train:])}
+
+
+def spec(model: str) -> dict:
+    return {"model": f"tests.test_decompose:{model}", "model_kwargs": {}, "data": "tests.test_decompose:data",
+            "data_kwargs": {}, "loss": "cross_entropy"}
+
+
+def record(out, model: str, make_optimizer, steps: int = 8, batch: int = 6, dtype=torch.float64, seed: int = 1):
+    """Train with a plain torch.optim loop under the Recorder; return the opened history."""
+    task = get_task(spec(model))
+    net = task.build_model().to(dtype)
+    x, y = data()["train"]
+    x = x.to(dtype)
+    optimizer = make_optimizer(net)
+    g = torch.Generator().manual_seed(seed)
+    with Recorder(net, optimizer, out, model_spec=spec(model), train_data=data()["train"], dtype=dtype) as rec:
+        for _ in range(steps):
+            ids = torch.randperm(len(y), generator=g)[:batch]
+            optimizer.zero_grad()
+            F.cross_entropy(net(x[ids]), y[ids]).backward()
+            rec.batch(ids)
+            optimizer.step()
+    return History.open(out)
+
+
+def final_change(history: History, dtype=torch.float64) -> torch.Tensor:
+    """g(θ_N) − g(θ_0) of the val logits by plain forward passes (the independent truth)."""
+    task = get_task(history.model_spec)
+    net = task.build_model().to(dtype)
+    x = task.dataset("val").inputs.to(dtype)
+    out = []
+    for step in (0, history.num_steps):
+        net.load_state_dict({k: v.to(dtype) for k, v in history.params(step).items()})
+        with torch.no_grad():
+            out.append(net(x))
+    return out[1] - out[0]
+
+
+def totals(frame: pl.DataFrame, value: str = "value") -> np.ndarray:
+    """Σ over everything but (test, output), as a (test, output) array."""
+    grouped = frame.group_by("test", "output").agg(pl.col(value).sum()).sort("test", "output")
+    tests = grouped["test"].n_unique()
+    return grouped[value].to_numpy().reshape(tests, -1)
+
+
+F64 = dict(dtype="float64", test_size=None)
+
+
+# ------------------------------------------------------------------------------ closed forms
+def test_linear_model_influence_is_exactly_the_gradient_times_the_update(tmp_path):
+    history = record(tmp_path / "run", "LinearNet", lambda m: torch.optim.SGD(m.parameters(), lr=0.3, momentum=0.5))
+    x = get_task(history.model_spec).dataset("val").inputs.double()
+    for quadrature in ("midpoint:1", "gauss:1", "adaptive"):
+        e = explain(history.path, ExplainConfig(quadrature=quadrature, **F64), progress=False)
+        comp = e.components
+        for step in range(history.num_steps):
+            delta = {k: v.double() for k, v in history.update(step).items()}
+            weight = (x @ delta["fc.weight"].T).numpy()           # (test, out): ΔW x
+            bias = np.broadcast_to(delta["fc.bias"].numpy(), weight.shape)
+            for tensor, expected in (("fc.weight", weight), ("fc.bias", bias)):
+                got = comp.filter(pl.col("step_lo") == step, pl.col("tensor") == tensor).sort("test", "output")
+                np.testing.assert_allclose(got["value"].to_numpy().reshape(weight.shape), expected,
+                                           rtol=1e-12, atol=1e-14)
+        assert e.max_rel_residual < 1e-12
+
+
+def test_gauss_is_exact_on_a_polynomial_path_and_midpoint_error_falls_as_n_squared(tmp_path):
+    # logits of a 3-layer linear network are cubic in t; the integrand is quadratic
+    history = record(tmp_path / "run", "DeepLinear", lambda m: torch.optim.SGD(m.parameters(), lr=0.5), steps=4)
+    truth = final_change(history).numpy()
+    errors = {}
+    for quadrature in ("gauss:1", "gauss:2", "midpoint:4", "midpoint:8", "adaptive"):
+        e = explain(history.path, ExplainConfig(quadrature=quadrature, views=(), **F64), progress=False)
+        recon = totals(e.completeness, "reconstructed")
+        errors[quadrature] = np.abs(recon - truth).max()
+    scale = np.abs(truth).max()
+    assert errors["gauss:2"] < 1e-13 * scale < errors["gauss:1"] / 1e6
+    assert errors["adaptive"] < 1e-13 * scale
+    assert errors["midpoint:4"] / errors["midpoint:8"] == pytest.approx(4.0, rel=0.05)
+
+
+def test_adaptive_cuts_relu_kinks_and_beats_midpoint_100(tmp_path):
+    history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.SGD(m.parameters(), lr=0.5), steps=6)
+    adaptive = explain(history.path, ExplainConfig(views=(), **F64), progress=False)
+    published = explain(history.path, ExplainConfig(quadrature="midpoint:100", views=(), **F64), progress=False)
+    plain = explain(history.path, ExplainConfig(quadrature="gauss:16", views=(), **F64), progress=False)
+    assert published.max_abs_residual > 1e-8          # the kinks cost the fixed rules accuracy
+    assert plain.max_abs_residual > 1e-8
+    assert adaptive.max_abs_residual < 1e-13
+    assert adaptive.gradient_evaluations < published.gradient_evaluations / 5
+    truth = final_change(history).numpy()
+    np.testing.assert_allclose(totals(adaptive.completeness, "reconstructed"), truth, atol=1e-13)
+
+
+# ------------------------------------------------------------------------------ two algorithms agree
+@pytest.mark.parametrize("engine", ["jvp", "vjp"])
+def test_data_view_for_sgd_momentum_matches_a_closed_form_per_example(tmp_path, engine):
+    lr, mu, wd = 0.2, 0.7, 0.05
+    history = record(tmp_path / "run", "LinearNet",
+                     lambda m: torch.optim.SGD(m.parameters(), lr=lr, momentum=mu, nesterov=True, weight_decay=wd),
+                     steps=5)
+    e = explain(history.path, ExplainConfig(views=("components", "data"), engine=engine, **F64), progress=False)
+    assert e.engine == engine
+    task = get_task(history.model_spec)
+    (xt, yt), xv = data()["train"], task.dataset("val").inputs.double()
+    xt = xt.double()
+    n_train = len(yt)
+    buf = torch.zeros(n_train, N_OUT, N_IN + 1, dtype=torch.float64)  # per-example momentum of [W | b]
+    for step in range(history.num_steps):
+        params = history.params(step)
+        ids, weights = history.batch(step)
+        z = xt @ params["fc.weight"].double().T + params["fc.bias"].double()
+        residual = z.softmax(-1) - F.one_hot(yt, N_OUT).double()                 # ∂ℓ/∂z per example
+        grad = torch.cat([residual[:, :, None] * xt[:, None, :], residual[:, :, None]], dim=2)  # (train, O, I+1)
+        d = torch.zeros_like(buf)
+        d.index_add_(0, ids, grad[ids] * weights[:, None, None])
+        buf = d.clone() if step == 0 else mu * buf + d
+        psi = -lr * (d + mu * buf)                                                # nesterov
+        # logits linear in [W | b]: φ(x)[j] · ψ = Σ_i ψ[j, i] x_i + ψ[j, bias]
+        gamma = torch.einsum("kji,ti->ktj", psi[:, :, :N_IN], xv) + psi[:, None, :, N_IN]
+        got = e.data.filter(pl.col("step_lo") == step, pl.col("train") >= 0)
+        expected = {(k, t, j): float(gamma[k, t, j]) for k in got["train"].unique().to_list()
+                    for t in range(len(xv)) for j in range(N_OUT)}
+        values = {(r["train"], r["test"], r["output"]): r["value"] for r in got.iter_rows(named=True)}
+        assert values.keys() == expected.keys()
+        for key, value in values.items():
+            assert value == pytest.approx(expected[key], abs=1e-13)
+        assert set(got["train"].to_list()) == set(torch.nonzero(buf.abs().sum((1, 2))).squeeze(1).tolist())
+
+
+@pytest.mark.parametrize(("optimizer", "engine"), [("adamw", "vjp"), ("adam-l2", "vjp"), ("sgd-wd", "vjp"),
+                                                  ("adamw", "jvp"), ("sgd-wd", "jvp")])
+def test_data_view_summed_over_train_and_regularizer_equals_the_component_view(tmp_path, optimizer, engine):
+    make = {
+        "adamw": lambda m: torch.optim.AdamW(m.parameters(), lr=0.02, weight_decay=0.3),
+        "adam-l2": lambda m: torch.optim.Adam(m.parameters(), lr=0.02, weight_decay=0.1),
+        "sgd-wd": lambda m: torch.optim.SGD(m.parameters(), lr=0.2, momentum=0.9, weight_decay=0.05),
+    }[optimizer]
+    history = record(tmp_path / "run", "ReluNet", make)
+    views = ("components", "data", "importance") if engine == "vjp" else ("components", "data")
+    e = explain(history.path, ExplainConfig(views=views, window=3, engine=engine, **F64), progress=False)
+    assert e.engine == engine
+    data_total = totals(e.data)
+    components = totals(e.components)
+    opt = totals(e.completeness, "optimizer_residual")
+    assert np.abs(opt).max() < 1e-12
+    np.testing.assert_allclose(data_total + opt, components, atol=1e-12)
+    # the regularizer row is the decay part of the components
+    reg = totals(e.data.filter(pl.col("train") == -1))
+    np.testing.assert_allclose(reg, totals(e.components, "decay"), atol=1e-13)
+    assert np.abs(reg).max() > 1e-6
+
+
+def test_per_example_gradients_equal_single_example_autograd(tmp_path):
+    history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.SGD(m.parameters(), lr=0.1))
+    task = get_task(history.model_spec)
+    s = _setup(history, task, ExplainConfig(views=("data",), **F64))
+    side = _TrainSide(s, rule_for(history), per_example=True, residual=True)
+    ids = torch.tensor([3, 7, 3, 11])
+    weights = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    theta = s.flat(history.params(2))
+    unique, got = side._one_step_examples(theta, ids, weights)
+    net = task.build_model().double()
+    net.load_state_dict({k: v.double() for k, v in history.params(2).items()})
+    x, y = data()["train"]
+    for row, k in enumerate(unique.tolist()):
+        total = weights[ids == k].sum()
+        loss = F.cross_entropy(net(x[k:k + 1].double()), y[k:k + 1]) * total
+        grads = torch.autograd.grad(loss, list(net.parameters()))
+        np.testing.assert_allclose(got[row].numpy(), torch.cat([g.reshape(-1) for g in grads]).numpy(),
+                                   rtol=1e-12, atol=1e-15)
+
+
+def test_importance_is_the_absolute_element_influence_and_elements_sum_to_components(tmp_path):
+    history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.Adam(m.parameters(), lr=0.02))
+    config = ExplainConfig(views=("components", "importance"), **F64)
+    e = explain(history.path, config, progress=False)
+    tests, elements = element_influence(history.path, config)
+    assert tests == e.test_ids
+    for tensor, signed in elements.items():
+        imp = e.importance.filter(pl.col("tensor") == tensor).sort("index")["importance"].to_numpy()
+        np.testing.assert_allclose(imp, signed.abs().sum(dim=(0, 1)).reshape(-1).numpy(), rtol=1e-12)
+        per_output = signed.flatten(2).sum(-1).numpy()  # (test, out)
+        comp = totals(e.components.filter(pl.col("tensor") == tensor))
+        np.testing.assert_allclose(per_output, comp, atol=1e-13)
+    final = ParamLayout.from_params(history.params(history.num_steps)).flatten(history.params(history.num_steps))
+    np.testing.assert_allclose(e.importance["magnitude"].to_numpy(), final.abs().numpy())
+
+
+# ------------------------------------------------------------------------------ view contracts
+def test_windows_granularity_and_frames_follow_the_contract(tmp_path):
+    history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.AdamW(m.parameters(), lr=0.01), steps=7)
+    single = explain(history.path, ExplainConfig(**F64), progress=False)
+    windowed = explain(history.path, ExplainConfig(window=3, **F64), progress=False)
+    assert windowed.components.select("step_lo", "step_hi").unique().sort("step_lo").rows() == [
+        (0, 3), (3, 6), (6, 7)]
+    summed = single.components.with_columns((pl.col("step_lo") // 3 * 3).alias("w")).group_by(
+        "w", "tensor", "test", "output").agg(pl.col("value").sum()).sort("w", "tensor", "test", "output")
+    np.testing.assert_allclose(summed["value"].to_numpy(),
+                               windowed.components.sort("step_lo", "tensor", "test", "output")["value"].to_numpy(),
+                               atol=1e-14)
+    layer = explain(history.path, ExplainConfig(granularity="layer", **F64), progress=False)
+    groups = GroupMap.build(ParamLayout(tuple(history.param_names),
+                                        tuple(history.param_shapes[n] for n in history.param_names)),
+                            layer_of=get_task(history.model_spec).layer_of)
+    expected = aggregate(single.components, groups, "layer")
+    assert layer.components["layer"].unique().sort().to_list() == ["body.0", "body.2", "head"]
+    np.testing.assert_allclose(layer.components.sort("step_lo", "layer", "test", "output")["value"].to_numpy(),
+                               expected.sort("step_lo", "layer", "test", "output")["value"].to_numpy(), atol=1e-14)
+    c = single.completeness
+    assert c.columns == ["step", "test", "output", "true_change", "reconstructed", "quadrature_residual",
+                         "optimizer_residual", "nodes"]
+    assert c.height == history.num_steps * len(single.test_ids) * N_OUT
+    np.testing.assert_allclose((c["true_change"] - c["reconstructed"]).to_numpy(),
+                               c["quadrature_residual"].to_numpy(), atol=1e-15)
+    assert single.predictions.columns == ["test", "output", "initial", "true_final", "reconstructed_final"]
+    np.testing.assert_allclose(single.predictions["true_final"] - single.predictions["initial"],
+                               final_change(history).reshape(-1).numpy(), atol=1e-12)
+    summary = single.summary()
+    assert summary["gradient_evaluations"] > 0 and summary["partial"] is False
+
+
+def test_subsampling_reports_skipped_steps_as_residual(tmp_path):
+    history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.SGD(m.parameters(), lr=0.3), steps=10)
+    e = explain(history.path, ExplainConfig(subsample=0.3, **F64), progress=False)
+    kept = e.step_stats.filter(pl.col("kept"))["step"].to_list()
+    assert len(kept) == 3
+    changes = e.step_stats["loss_change"].abs().to_numpy()
+    assert sorted(np.argsort(-changes)[:3].tolist()) == sorted(kept)
+    skipped = e.completeness.filter(~pl.col("step").is_in(kept))
+    assert (skipped["reconstructed"] == 0).all() and (skipped["nodes"] == 0).all()
+    np.testing.assert_array_equal(skipped["quadrature_residual"].to_numpy(), skipped["true_change"].to_numpy())
+    assert set(e.components["step_lo"].unique().to_list()) <= set(range(10))
+    assert e.max_abs_residual > 1e-3  # the skipped steps show, nothing is hidden
+    computed = e.completeness.filter(pl.col("step").is_in(kept))
+    assert computed["quadrature_residual"].abs().max() < 1e-12
+
+
+def test_step_range_carries_optimizer_state_from_step_zero(tmp_path):
+    history = record(tmp_path / "run", "ReluNet",
+                     lambda m: torch.optim.SGD(m.parameters(), lr=0.2, momentum=0.9), steps=8)
+    e = explain(history.path, ExplainConfig(steps=(3, 7), views=("components", "data"), **F64), progress=False)
+    assert e.completeness["step"].unique().sort().to_list() == [3, 4, 5, 6]
+    assert np.abs(totals(e.completeness, "optimizer_residual")).max() < 1e-12
+    np.testing.assert_allclose(totals(e.data) + totals(e.completeness, "optimizer_residual"), totals(e.components),
+                               atol=1e-12)
+
+
+# ------------------------------------------------------------------------------ edges
+def test_unsupported_optimizer_gives_components_without_decay_split(tmp_path):
+    history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.RMSprop(m.parameters(), lr=0.01))
+    e = explain(history.path, ExplainConfig(**F64), progress=False)
+    assert e.max_rel_residual < 1e-10
+    assert e.completeness["optimizer_residual"].null_count() == e.completeness.height
+    assert (e.components["decay"] == 0).all() and not e.decay_split
+    with pytest.raises(UnsupportedOptimizerError, match="RMSprop"):
+        explain(history.path, ExplainConfig(views=("data",), **F64), progress=False)
+
+
+def test_multihead_attention_fast_path_is_avoided(tmp_path):
+    history = record(tmp_path / "run", "AttentionNet", lambda m: torch.optim.Adam(m.parameters(), lr=0.02), steps=4)
+    e = explain(history.path, ExplainConfig(**F64), progress=False)
+    assert e.max_rel_residual < 1e-10
+    assert torch.backends.mha.get_fastpath_enabled()  # restored afterwards
+
+
+def test_model_without_forward_mode_falls_back_to_reverse_mode(tmp_path):
+    history = record(tmp_path / "run", "NoForwardNet", lambda m: torch.optim.Adam(m.parameters(), lr=0.02), steps=4)
+    e = explain(history.path, ExplainConfig(**F64), progress=False)
+    assert e.engine == "vjp"
+    assert any("reverse mode" in note for note in e.notes)
+    assert e.max_rel_residual < 1e-10
+    with pytest.raises(BadInputError, match="forward-mode"):
+        explain(history.path, ExplainConfig(engine="jvp", **F64), progress=False)
+
+
+class AttentionNet(nn.Module):
+    """nn.MultiheadAttention, whose eval fast path has no derivative rules."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.inp = nn.Linear(1, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.out = nn.Linear(8, N_OUT)
+
+    def forward(self, x):
+        h = self.inp(x[:, :, None])  # (batch, N_IN, 8)
+        a, _ = self.attn(h, h, h, need_weights=False)
+        return self.out((h + a).mean(1))
+
+
+class _Softplus(torch.autograd.Function):
+    """Softplus with a backward rule only: forward-mode AD is not available."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return F.softplus(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * torch.sigmoid(x)
+
+
+class NoForwardNet(nn.Module):
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.l1 = nn.Linear(N_IN, 8)
+        self.l2 = nn.Linear(8, N_OUT)
+
+    def forward(self, x):
+        return self.l2(_Softplus.apply(self.l1(x)))
+
+
+def test_interrupt_returns_a_marked_partial_explanation(tmp_path, monkeypatch):
+    history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.SGD(m.parameters(), lr=0.1), steps=6)
+    original = History.iter_steps
+
+    def interrupted(self, start=0, stop=None):
+        for record_ in original(self, start, stop):
+            if record_.step == 3:
+                signal.raise_signal(signal.SIGINT)
+            yield record_
+
+    monkeypatch.setattr(History, "iter_steps", interrupted)
+    with pytest.raises(ExplainInterrupted) as info:
+        explain(history.path, ExplainConfig(block=1, **F64), progress=False)
+    partial = info.value.partial
+    assert partial.partial and partial.summary()["partial"]
+    steps = partial.completeness["step"].unique().sort().to_list()
+    assert steps == list(range(len(steps))) and 1 <= len(steps) < 6
+    assert partial.components["step_hi"].max() == len(steps)
+
+
+def test_config_is_validated_at_construction():
+    for bad in (dict(views=("pixels",)), dict(window=0), dict(quadrature="simpson"), dict(dtype="float16"),
+                dict(device="tpu"), dict(subsample=0.0), dict(steps=(4, 2)), dict(test_ids=(1, 1)),
+                dict(quantity="probability"), dict(granularity="block"), dict(engine="fd"), dict(test_size=0)):
+        with pytest.raises(BadInputError):
+            ExplainConfig(**bad)
+    assert ExplainConfig(views="components,data").views == ("components", "data")
+    assert parse_test("val:16") == {"test_split": "val", "test_size": 16, "test_ids": None}
+    assert parse_test("train:ids=3,5")["test_ids"] == (3, 5)
+    assert parse_test("val")["test_size"] is None
+    with pytest.raises(BadInputError):
+        parse_test("test:3")
+
+
+def test_quantities_and_exactness_table(tmp_path):
+    history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.Adam(m.parameters(), lr=0.02), steps=5)
+    for quantity in ("loss", "logprob", "true-logit", lambda out, y: out.logsumexp(-1)):
+        e = explain(history.path, ExplainConfig(quantity=quantity, **F64), progress=False)
+        assert e.outputs == 1 and e.predictions is None
+        assert e.max_rel_residual < 1e-9
+    table = compare_quadratures(history.path, ("midpoint:10", "adaptive"), ExplainConfig(**F64))
+    assert table["quadrature"].to_list() == ["midpoint:10", "adaptive"]
+    assert table.filter(pl.col("quadrature") == "adaptive")["kl"].item() < 1e-15
+    assert (table["agreement"] == 1.0).all()
+
+
+def test_bundle_round_trips_through_the_store(tmp_path):
+    from engine.store import RunDB, write_run
+
+    history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.AdamW(m.parameters(), lr=0.02,
+                                                                               weight_decay=0.1), dtype=torch.float32)
+    task = get_task(history.model_spec)
+    e = explain_history(history, task, ExplainConfig(views=("components", "data", "importance"), window=2),
+                        progress=False)
+    bundle = e.to_bundle(history, task)
+    assert bundle.meta["max_rel_residual"] == e.max_rel_residual
+    assert bundle.steps.height == history.num_steps
+    assert set(bundle.examples["split"].unique()) == {"train", "test"}
+    path = write_run(tmp_path / "run.duckdb", bundle)
+    with RunDB.open(path) as db:
+        views = db.views()
+        assert views["components"] == e.components.height
+        assert views["completeness"] == e.completeness.height
+        assert views["importance"] == e.importance.height
+        assert db.meta()["quadrature"] == "adaptive"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(tmp_path):
+    history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.AdamW(m.parameters(), lr=0.02), steps=6)
+    config = ExplainConfig(views=("components", "data", "importance"), **F64)
+    cpu = explain(history.path, replace_device(config, "cpu"), progress=False)
+    gpu = explain(history.path, replace_device(config, "cuda"), progress=False)
+    assert gpu.device.startswith("cuda")
+    assert gpu.max_abs_residual < 1e-12
+    for name in ("components", "data", "importance"):
+        a, b = getattr(cpu, name), getattr(gpu, name)
+        value = "importance" if name == "importance" else "value"
+        np.testing.assert_allclose(a[value].to_numpy(), b[value].to_numpy(), atol=1e-10)
+
+
+def replace_device(config: ExplainConfig, device: str) -> ExplainConfig:
+    from dataclasses import replace
+
+    return replace(config, device=device)
+
+
+def test_float32_default_reaches_round_off(tmp_path):
+    history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.Adam(m.parameters(), lr=0.02),
+                     dtype=torch.float32)
+    e = explain(history.path, ExplainConfig(), progress=False)
+    truth = final_change(history, torch.float32).numpy()
+    recon = totals(e.completeness, "reconstructed")
+    assert np.abs(recon - truth).max() <= 1e-5 * np.abs(truth).max()
+    assert math.isfinite(e.max_rel_residual) and e.seconds > 0
+
+
+def test_group_map_labels_overrides_sizes_and_masks():
+    layout = ParamLayout(("body.0.weight", "body.0.bias", "body.2.weight", "head.weight"),
+                         ((4, 3), (4,), (2, 4), (3, 2)))
+    groups = GroupMap.build(layout, modules={"head.weight": "decoder"}, layers={"body.2.weight": "late"})
+    assert groups.modules == ("body.0", "body.0", "body.2", "decoder")
+    assert groups.layers == ("body", "body", "late", "head")
+    assert groups.labels("module") == ["body.0", "body.2", "decoder"]
+    assert groups.sizes("layer") == {"body": 16, "late": 8, "head": 6}
+    assert layout.total == 30 and layout.offsets == (0, 12, 16, 24)
+    index = groups.element_index("module")
+    assert index.tolist() == [0] * 16 + [1] * 8 + [2] * 6
+    assert torch.equal(groups.masks("layer", torch.float64).sum(1), torch.tensor([16.0, 8.0, 6.0],
+                                                                                 dtype=torch.float64))
+    flat = torch.arange(30.0)
+    assert torch.equal(layout.flatten(layout.unflatten(flat)), flat)
+    batched = layout.unflatten(torch.zeros(5, 30))
+    assert batched["body.2.weight"].shape == (5, 2, 4)
+    assert groups.frame()["position"].to_list() == [0, 1, 2, 3]
+    for bad in (dict(modules={"nope": "x"}), dict(layers={"head": "x"})):
+        with pytest.raises(BadInputError):
+            GroupMap.build(layout, **bad)
+    with pytest.raises(BadInputError):
+        groups.labels("block")
+
+
+def test_test_chunks_passes_and_blocks_do_not_change_the_numbers(tmp_path):
+    history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.AdamW(m.parameters(), lr=0.02,
+                                                                               weight_decay=0.2), steps=7)
+    views = ("components", "data", "importance")
+    whole = explain(history.path, ExplainConfig(views=views, window=2, **F64), progress=False)
+    for layout in (dict(test_chunk=2, block=3), dict(test_chunk=4, block=1, engine="vjp"), dict(memory_mb=1)):
+        split = explain(history.path, ExplainConfig(views=views, window=2, **layout, **F64), progress=False)
+        for name, keys in (("components", ["step_lo", "tensor", "test", "output"]),
+                           ("data", ["step_lo", "train", "test", "output"]),
+                           ("completeness", ["step", "test", "output"]), ("importance", ["tensor", "index"])):
+            a, b = getattr(whole, name).sort(keys), getattr(split, name).sort(keys)
+            assert a.select(keys).equals(b.select(keys)), (name, layout)
+            value = {"completeness": "reconstructed", "importance": "importance"}.get(name, "value")
+            np.testing.assert_allclose(a[value].to_numpy(), b[value].to_numpy(), atol=1e-13, err_msg=name)
+    components_only = explain(history.path, ExplainConfig(test_chunk=2, engine="vjp", **F64), progress=False)
+    np.testing.assert_allclose(totals(components_only.components), totals(whole.components), atol=1e-13)
+    forward = explain(history.path, ExplainConfig(views=("components", "data"), window=2, engine="jvp", test_chunk=4,
+                                                  block=2, **F64), progress=False)
+    keys = ["step_lo", "train", "test", "output"]
+    assert forward.data.sort(keys).select(keys).equals(whole.data.sort(keys).select(keys))
+    np.testing.assert_allclose(forward.data.sort(keys)["value"].to_numpy(), whole.data.sort(keys)["value"].to_numpy(),
+                               atol=1e-13)

@@ -1,0 +1,170 @@
+"""Quadrature rules, their error laws, kink detection and the adaptive acceptance test."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.errors import BadInputError
+from engine.quadrature import (
+    QuadratureSpec,
+    SwitchRecorder,
+    accept,
+    breakpoints,
+    composite,
+    crossings,
+    gauss,
+    midpoint,
+    parse_quadrature,
+    refine_zero,
+)
+
+
+def integrate(rule, f) -> float:
+    return sum(w * f(t) for t, w in zip(rule.nodes, rule.weights, strict=True))
+
+
+@pytest.mark.parametrize(("spec", "kind", "n"), [
+    ("midpoint:100", "midpoint", 100), ("gauss:4", "gauss", 4), ("adaptive", "adaptive", 16),
+    ("adaptive:32", "adaptive", 32), (" Gauss:2 ", "gauss", 2),
+])
+def test_parse_valid_specs(spec, kind, n):
+    parsed = parse_quadrature(spec)
+    assert (parsed.kind, parsed.n) == (kind, n)
+    assert parse_quadrature(str(parsed)) == parsed
+
+
+@pytest.mark.parametrize("spec", ["midpoint", "gauss:0", "gauss:-1", "simpson:3", "gauss:x", "adaptive:1",
+                                  "midpoint:100000", "", 3])
+def test_parse_rejects_bad_specs(spec):
+    with pytest.raises(BadInputError):
+        parse_quadrature(spec)
+
+
+def test_adaptive_ladder_doubles_up_to_its_cap():
+    assert [len(r) for r in QuadratureSpec("adaptive", 16).ladder()] == [1, 2, 4, 8, 16]
+    assert [len(r) for r in QuadratureSpec("adaptive", 6).ladder()] == [1, 2, 4, 6]
+    assert [len(r) for r in QuadratureSpec("gauss", 3).ladder()] == [3]
+
+
+def test_midpoint_nodes_match_the_published_rule():
+    rule = midpoint(100)
+    assert rule.nodes[0] == pytest.approx(0.005) and rule.nodes[-1] == pytest.approx(0.995)
+    assert sum(rule.weights) == pytest.approx(1.0, abs=1e-14)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8])
+def test_gauss_is_exact_up_to_degree_2n_minus_1_and_not_beyond(n):
+    rule = gauss(n)
+    assert all(0.0 < t < 1.0 for t in rule.nodes)
+    for degree in range(2 * n):
+        assert integrate(rule, lambda t, k=degree: t**k) == pytest.approx(1.0 / (degree + 1), abs=1e-13)
+    # the first monomial it misses: error (n!)⁴ / ((2n+1) ((2n)!)²) exactly
+    error = 1.0 / (2 * n + 1) - integrate(rule, lambda t: t ** (2 * n))
+    expected = math.factorial(n) ** 4 / ((2 * n + 1) * math.factorial(2 * n) ** 2)
+    assert error == pytest.approx(expected, rel=1e-4)
+
+
+def test_midpoint_error_falls_as_n_to_the_minus_2():
+    exact = math.e - 1.0
+    errors = [abs(integrate(midpoint(n), math.exp) - exact) for n in (10, 20, 40, 80)]
+    for coarse, fine in itertools.pairwise(errors):
+        assert coarse / fine == pytest.approx(4.0, rel=0.01)
+    # leading term: h² (f'(1) − f'(0)) / 24
+    assert errors[0] == pytest.approx((math.e - 1.0) / 24 / 100, rel=0.01)
+
+
+def test_gauss_error_matches_the_remainder_theorem_for_an_analytic_integrand():
+    # E_n = (n!)⁴ / ((2n+1) ((2n)!)³) f^(2n)(ξ) on [0, 1]; for f = exp, 1 ≤ f^(2n) ≤ e
+    exact = math.e - 1.0
+    for n in (1, 2, 3, 4, 5):
+        bound = math.factorial(n) ** 4 / ((2 * n + 1) * math.factorial(2 * n) ** 3)
+        error = exact - integrate(gauss(n), math.exp)
+        assert bound <= error <= math.e * bound
+    assert abs(exact - integrate(gauss(6), math.exp)) < 1e-15 * 10
+
+
+def test_switch_recorder_sees_every_call_style_and_ignores_non_batch_tensors():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 4)
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            h = self.act(self.lin(x))                      # module → 4 values
+            h = h + F.relu(x.sum(1, keepdim=True) - 1.0)   # functional → 1
+            h = h + torch.clamp(h, min=0.5, max=2.0)       # two kinks → 8
+            h = h + h.abs()                                # method → 4
+            h = torch.maximum(h, x[:, :1])                 # element-wise max → 4
+            _ = self.lin.weight.relu()                     # not per example: ignored
+            return h
+
+    x = torch.randn(5, 3)
+    with SwitchRecorder(5) as recorder:
+        out = Net()(x)
+    values = recorder.values()
+    assert out.shape == (5, 4)
+    assert values.shape == (5, 4 + 1 + 8 + 4 + 4)
+    with SwitchRecorder(5) as recorder:
+        torch.tanh(x)
+    assert recorder.values() is None
+
+
+def test_crossings_locate_the_zero_of_a_linear_switch_exactly():
+    before = torch.tensor([[1.0, -2.0, 3.0], [0.5, 0.5, 0.5]])
+    after = torch.tensor([[-3.0, -1.0, 1.0], [0.5, -1.5, 0.5]])
+    t, unit, counts = crossings(before, after)
+    assert counts.tolist() == [1, 1]
+    assert t[0, 0].item() == pytest.approx(0.25) and unit[0, 0].item() == 0
+    assert t[1, 0].item() == pytest.approx(0.25) and unit[1, 0].item() == 1
+    points, counts = breakpoints(t, counts)
+    assert points.tolist() == [[0.25], [0.25]]
+
+
+def test_refine_zero_finds_a_curved_switch_zero_to_round_off():
+    # s(t) = (t − 0.3)(t + 2) has its zero at 0.3; the linear guess from s(0), s(1) is off by 0.1
+    s = lambda t: (t - 0.3) * (t + 2.0)  # noqa: E731
+    t0, t1 = torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    guess = s(t0) / (s(t0) - s(t1))
+    assert abs(guess.item() - 0.3) > 0.05
+    history = [(t0, s(t0)), (t1, s(t1))]
+    for _ in range(4):
+        guess = refine_zero(guess, s(guess), history)
+    assert guess.item() == pytest.approx(0.3, abs=1e-12)
+
+
+def test_composite_rule_integrates_a_kinked_integrand_exactly():
+    kink = 0.37
+    f = lambda t: torch.where(t < kink, 3 * t**2, -t**3 + 2.0)  # noqa: E731  piecewise cubic
+    exact = kink**3 + (2.0 * (1 - kink) - (1 - kink**4) / 4)
+    points = torch.tensor([[kink]], dtype=torch.float64)
+    t, w, count = composite(points, torch.tensor([1]), gauss(2))
+    assert count.tolist() == [4]
+    assert float((w * f(t)).sum()) == pytest.approx(exact, abs=1e-14)
+    plain = gauss(16)
+    assert abs(integrate(plain, lambda u: float(f(torch.tensor(u)))) - exact) > 1e-4
+
+
+def test_breakpoints_merge_duplicates_and_drop_ends():
+    t = torch.tensor([[0.5, 0.5, 0.2, 1.0, 0.0]], dtype=torch.float64)
+    points, counts = breakpoints(t, torch.tensor([5]))
+    assert counts.tolist() == [2]
+    assert points[0, :2].tolist() == [0.2, 0.5]
+
+
+def test_accept_needs_two_rules_agreeing_and_a_small_residual():
+    q_prev = torch.tensor([[1.0, 2.0]])
+    close = q_prev + 1e-6
+    scale = torch.tensor([[3.0, 3.0]])
+    tiny = torch.zeros(1, 2)
+    assert not accept(close, None, tiny, scale, torch.float32).item()
+    assert accept(close, q_prev, tiny, scale, torch.float32).item()
+    assert not accept(q_prev + 1e-2, q_prev, tiny, scale, torch.float32).item()
+    assert not accept(close, q_prev, tiny + 1e-2, scale, torch.float32).item()
+    assert not accept(close, q_prev, tiny, scale, torch.float64).item()
