@@ -10,6 +10,7 @@ same command reproduces the same numbers; the recipe is stored in the database's
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
 from dataclasses import dataclass, field
@@ -43,7 +44,8 @@ class SampleRecipe:
     prune: dict[str, Any] = field(default_factory=dict)           # PruneConfig overrides
 
     def to_json(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        """The recipe as it reads back from the database's JSON metadata."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
 SAMPLES: dict[str, SampleRecipe] = {

@@ -19,10 +19,13 @@ def test_shipped_sample_matches_its_recipe(name):
     assert path.exists(), f"{path} is missing: run `python -m engine sample {name}`"
     with RunDB.open(path) as db:
         assert db.meta()["recipe"] == SAMPLES[name].to_json()
+        exactness = {row["quadrature"]: row for row in db.exactness().to_dicts()}
     summary = info(path)
     for view in ("components", "data", "importance", "completeness", "exactness", "pruning"):
         assert summary["views"][view] > 0, (name, view)
-    assert summary["max_rel_residual"] <= 1e-5
+    # the default quadrature reconstructs the final predictions exactly
+    assert exactness["adaptive"]["agreement"] == 1.0
+    assert exactness["adaptive"]["kl"] < 1e-9
 
 
 def test_samples_stay_small():
