@@ -98,9 +98,22 @@ class UpdateRule(ABC):
     def __init__(self, param_group: dict[str, int]) -> None:
         self.param_group = param_group
 
-    @abstractmethod
     def split(self, record: StepRecord) -> StepSplit:
         """The linear map of ``record.step``; must be called for steps 0, 1, 2, … in order."""
+        parts = self._empty()
+        for name, theta in record.params.items():
+            if not record.active[name]:
+                self._inactive(parts, name)
+                continue
+            hp = self._hp(record, name)
+            parts["grad_scale"][name] = record.clip_scale * (-1.0 if hp.maximize else 1.0)
+            self._fill(parts, record, name, theta, hp)
+        return StepSplit(**parts)
+
+    @abstractmethod
+    def _fill(self, parts: dict[str, dict], record: StepRecord, name: str, theta: torch.Tensor,
+              hp: GroupHParams) -> None:
+        """Set the decay, buffer and output coefficients of one stepped tensor."""
 
     def _hp(self, record: StepRecord, name: str) -> GroupHParams:
         return record.hparams[self.param_group[name]]
@@ -129,29 +142,22 @@ class SGDRule(UpdateRule):
         super().__init__(param_group)
         self.started: set[str] = set()
 
-    def split(self, record: StepRecord) -> StepSplit:
-        parts = self._empty()
-        for name, theta in record.params.items():
-            if not record.active[name]:
-                self._inactive(parts, name)
-                continue
-            hp = self._hp(record, name)
-            lr, mu = hp.lr, hp.momentum or 0.0
-            parts["grad_scale"][name] = record.clip_scale * (-1.0 if hp.maximize else 1.0)
-            if hp.weight_decay:
-                parts["reg_grad"][name] = hp.weight_decay * theta.double()
-            if mu == 0.0:
-                decay, inject, out_buf, out_dir = 0.0, 0.0, 0.0, -lr
-            else:
-                first = name not in self.started
-                decay, inject = (0.0, 1.0) if first else (mu, 1.0 - (hp.dampening or 0.0))
-                out_buf, out_dir = (-lr * mu, -lr) if hp.nesterov else (-lr, 0.0)
-                self.started.add(name)
-            parts["buffer_decay"][name] = decay
-            parts["buffer_inject"][name] = inject
-            parts["out_buffer"][name] = out_buf
-            parts["out_direct"][name] = out_dir
-        return StepSplit(**parts)
+    def _fill(self, parts: dict[str, dict], record: StepRecord, name: str, theta: torch.Tensor,
+              hp: GroupHParams) -> None:
+        lr, mu = hp.lr, hp.momentum or 0.0
+        if hp.weight_decay:
+            parts["reg_grad"][name] = hp.weight_decay * theta.double()
+        if mu == 0.0:
+            decay, inject, out_buf, out_dir = 0.0, 0.0, 0.0, -lr
+        else:
+            first = name not in self.started
+            decay, inject = (0.0, 1.0) if first else (mu, 1.0 - (hp.dampening or 0.0))
+            out_buf, out_dir = (-lr * mu, -lr) if hp.nesterov else (-lr, 0.0)
+            self.started.add(name)
+        parts["buffer_decay"][name] = decay
+        parts["buffer_inject"][name] = inject
+        parts["out_buffer"][name] = out_buf
+        parts["out_direct"][name] = out_dir
 
 
 class AdamRule(UpdateRule):
@@ -162,26 +168,22 @@ class AdamRule(UpdateRule):
     def split(self, record: StepRecord) -> StepSplit:
         if record.second_moment is None or record.adam_step is None:
             raise UnsupportedOptimizerError(f"step {record.step}: the record lacks Adam's second moment")
-        parts = self._empty()
-        for name, theta in record.params.items():
-            if not record.active[name]:
-                self._inactive(parts, name)
-                continue
-            hp = self._hp(record, name)
-            beta1, beta2, t = hp.beta1, hp.beta2, record.adam_step[name]
-            bc1 = 1.0 - beta1**t
-            bc2 = 1.0 - beta2**t
-            precond = bc1 * (record.second_moment[name].double().sqrt() / math.sqrt(bc2) + hp.eps)  # P_s
-            parts["grad_scale"][name] = record.clip_scale * (-1.0 if hp.maximize else 1.0)
-            if hp.weight_decay and hp.decoupled:
-                parts["decoupled"][name] = -hp.lr * hp.weight_decay * theta.double()
-            elif hp.weight_decay:
-                parts["reg_grad"][name] = hp.weight_decay * theta.double()
-            parts["buffer_decay"][name] = beta1
-            parts["buffer_inject"][name] = 1.0 - beta1
-            parts["out_buffer"][name] = -hp.lr / precond
-            parts["out_direct"][name] = 0.0
-        return StepSplit(**parts)
+        return super().split(record)
+
+    def _fill(self, parts: dict[str, dict], record: StepRecord, name: str, theta: torch.Tensor,
+              hp: GroupHParams) -> None:
+        beta1, beta2, t = hp.beta1, hp.beta2, record.adam_step[name]
+        bc1 = 1.0 - beta1**t
+        bc2 = 1.0 - beta2**t
+        precond = bc1 * (record.second_moment[name].double().sqrt() / math.sqrt(bc2) + hp.eps)  # P_s
+        if hp.weight_decay and hp.decoupled:
+            parts["decoupled"][name] = -hp.lr * hp.weight_decay * theta.double()
+        elif hp.weight_decay:
+            parts["reg_grad"][name] = hp.weight_decay * theta.double()
+        parts["buffer_decay"][name] = beta1
+        parts["buffer_inject"][name] = 1.0 - beta1
+        parts["out_buffer"][name] = -hp.lr / precond
+        parts["out_direct"][name] = 0.0
 
 
 def rule_for(history: History) -> UpdateRule:
