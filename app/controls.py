@@ -98,6 +98,15 @@ def step_range(run: Run, label: str = "Steps") -> tuple[int, int]:
     return (lo, hi) if hi > lo else (lo, min(lo + 1, n))
 
 
+def steps_and_tests(run: Run, step_column, test_column) -> tuple[tuple[int, int], TestSelector]:
+    """The step range and test subset shared by the slicing pages, drawn in the given columns."""
+    with step_column:
+        steps = step_range(run)
+    with test_column:
+        tests = test_subset(run)
+    return steps, tests
+
+
 def window_options(base: int, n: int) -> list[int]:
     """Window sizes offered: multiples of the stored window ``base`` up to the run length ``n``."""
     options = [base * m for m in WINDOW_MULTIPLES if base * m <= max(n, base)]

@@ -27,10 +27,7 @@ else:
     with c3:
         window = controls.window_size(run, base)
     c4, c5 = st.columns([2, 1])
-    with c4:
-        steps = controls.step_range(run)
-    with c5:
-        tests = controls.test_subset(run)
+    steps, tests = controls.steps_and_tests(run, c4, c5)
     controls.describe_example(run, tests)
     state.hint(
         f"Summed over {controls.describe_tests(tests)} and every explained output, "

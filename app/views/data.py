@@ -21,10 +21,7 @@ if run.views()["data"] == 0:
     )
 else:
     c1, c2, c3 = st.columns([2, 1, 1])
-    with c1:
-        steps = controls.step_range(run)
-    with c2:
-        tests = controls.test_subset(run)
+    steps, tests = controls.steps_and_tests(run, c1, c2)
     with c3:
         k = state.url_widget(
             "k", state.integer(1, 50), 10,

@@ -11,10 +11,7 @@ quantity = state.quantity_label(meta)
 
 st.title(f"Reconstruction · {run.name}")
 c1, c2 = st.columns([2, 1])
-with c1:
-    steps = controls.step_range(run)
-with c2:
-    tests = controls.test_subset(run)
+steps, tests = controls.steps_and_tests(run, c1, c2)
 controls.describe_example(run, tests)
 
 with st.spinner("Reading completeness…"):
