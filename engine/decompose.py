@@ -233,9 +233,11 @@ class ExplainInterrupted(ExplaindError):
 class Explanation:
     """The views of one run (polars frames; see INTERFACES.md) and summary numbers.
 
-    ``max_rel_residual`` is ``max_{x,j} |Σ_s r_s| / |Σ_s true change|`` (the denominator
-    floored at the dtype's round-off of ``|g(θ_lo)| + |g(θ_hi)|``), ``max_abs_residual`` the
-    largest ``|Σ_s r_s|``; skipped steps (subsampling) count fully as residual.
+    ``max_rel_residual`` is ``max_x ‖Σ_s r_s‖ / ‖Σ_s true change‖`` over test examples ``x``, the
+    norms taken over the explained outputs (the denominator floored at the dtype's round-off of
+    ``|g(θ_lo)| + |g(θ_hi)|``); ``max_rel_residual_output`` is the same ratio for the worst single
+    output, which is large when one logit barely moves. ``max_abs_residual`` is the largest
+    ``|Σ_s r_s|`` of one output; skipped steps (subsampling) count fully as residual.
     """
 
     config: ExplainConfig
@@ -254,6 +256,7 @@ class Explanation:
     predictions: pl.DataFrame | None
     step_stats: pl.DataFrame
     max_rel_residual: float
+    max_rel_residual_output: float
     max_abs_residual: float
     max_optimizer_residual: float | None
     gradient_evaluations: int
@@ -278,6 +281,7 @@ class Explanation:
             "steps": list(self.steps),
             "views": list(self.config.views),
             "max_rel_residual": self.max_rel_residual,
+            "max_rel_residual_output": self.max_rel_residual_output,
             "max_abs_residual": self.max_abs_residual,
             "max_optimizer_residual": self.max_optimizer_residual,
             "gradient_evaluations": self.gradient_evaluations,
@@ -335,6 +339,7 @@ class Explanation:
             "seconds": self.seconds,
             "gradient_evaluations": self.gradient_evaluations,
             "max_rel_residual": _finite(self.max_rel_residual),
+            "max_rel_residual_output": _finite(self.max_rel_residual_output),
             "max_abs_residual": _finite(self.max_abs_residual),
             "max_optimizer_residual": None if self.max_optimizer_residual is None
             else _finite(self.max_optimizer_residual),
@@ -581,9 +586,14 @@ def _choose_engine(setup: _Setup, params0: Tensor) -> str:
     return wanted
 
 
+def _group_count(setup: _Setup) -> int:
+    """Groups the update is split into: the components view's, else one (the whole update)."""
+    return len(setup.group_labels) if "components" in setup.config.views else 1
+
+
 def _direction_count(setup: _Setup) -> int:
     """Most forward-mode directions of one step."""
-    count = len(setup.group_labels) * (2 if setup.split_ok else 1) + 1
+    count = _group_count(setup) * (2 if setup.split_ok else 1) + 1
     if "data" in setup.config.views:
         count += setup.train_y.shape[0]
     return count
@@ -1044,9 +1054,9 @@ class _Pass:
         self.views = set(setup.config.views)
         self.evaluator = _Evaluator(setup)
         self.quad = setup.config.quadrature_spec
-        self.search_reverse = setup.engine == "vjp" and not setup.forward_ad
+        self.search_reverse = setup.engine == "vjp" and (not setup.forward_ad or setup.outputs == 1)
         f64 = dict(dtype=torch.float64, device=setup.device)
-        groups, o = len(setup.group_labels), setup.outputs
+        groups, o = _group_count(setup), setup.outputs
         self.chunks: list[_Chunk] = []
         for a in range(tests.start, tests.stop, setup.test_chunk):
             sel = slice(a, min(a + setup.test_chunk, tests.stop))
@@ -1064,9 +1074,12 @@ class _Pass:
         if rule is not None:
             self.train = _TrainSide(setup, rule, per_example="data" in self.views,
                                     residual=setup.config.optimizer_residual and setup.train_x is not None)
-        mask = (setup.element_group[None, :] == torch.arange(groups, device=setup.device)[:, None])
-        self.mask = mask.to(setup.dtype)  # (G, D)
-        index = torch.tensor(setup.groups.tensor_index(setup.config.granularity), device=setup.device)
+        if "components" in self.views:
+            element, index = setup.element_group, setup.groups.tensor_index(setup.config.granularity)
+        else:  # one group: the whole update (completeness and data views need no component split)
+            element, index = torch.zeros_like(setup.element_group), [0] * len(setup.layout.names)
+        self.mask = (element[None, :] == torch.arange(groups, device=setup.device)[:, None]).to(setup.dtype)  # (G, D)
+        index = torch.tensor(index, device=setup.device)
         self.tensor_to_group = (index[:, None] == torch.arange(groups, device=setup.device)).to(setup.dtype)
         self.stats: list[dict[str, float]] = []
         self.pending: list[tuple[StepRecord, Tensor, Tensor]] = []
@@ -1383,7 +1396,7 @@ class _Pass:
     def _accumulate_step(self, c: _Chunk, step: int, b: int, block: _Block, values: Tensor | None,
                          rules: _Rules | None, true: Tensor, terms: _StepTerms) -> None:
         s = self.s
-        n_groups = len(s.group_labels)
+        n_groups = self.mask.shape[0]
         true_b = true[b]
         n = c.y.shape[0]
         if not block.compute[b]:
@@ -1604,7 +1617,7 @@ def _assemble(s: _Setup, results: list[_Pass], kept: np.ndarray, seconds: float,
     test_ids = np.asarray(s.test_ids, dtype=np.int64)
     group_col = s.config.granularity
     comp_frames, data_frames, compl_frames, pred_frames, imp = [], [], [], [], None
-    max_rel = max_abs = 0.0
+    max_rel = max_rel_output = max_abs = 0.0
     max_opt: float | None = None
     offset = 0
     for p in results:
@@ -1628,7 +1641,10 @@ def _assemble(s: _Setup, results: list[_Pass], kept: np.ndarray, seconds: float,
             g_first = c.g_first.double().cpu().numpy()
             floor = torch.finfo(s.dtype).eps * (np.abs(g_first) + np.abs(g_first + total_true))
             max_abs = max(max_abs, float(np.abs(total_resid).max()))
-            max_rel = max(max_rel, float((np.abs(total_resid) / np.maximum(np.abs(total_true), floor)).max()))
+            max_rel_output = max(max_rel_output, float(
+                (np.abs(total_resid) / np.maximum(np.abs(total_true), floor)).max()))
+            norm_true = np.maximum(np.linalg.norm(total_true, axis=1), np.linalg.norm(floor, axis=1))
+            max_rel = max(max_rel, float((np.linalg.norm(total_resid, axis=1) / norm_true).max()))
             if not np.isnan(opt).all():
                 value = float(np.nanmax(np.abs(np.nansum(opt, axis=0))))
                 max_opt = value if max_opt is None else max(max_opt, value)
@@ -1677,7 +1693,8 @@ def _assemble(s: _Setup, results: list[_Pass], kept: np.ndarray, seconds: float,
         completeness=completeness,
         predictions=_combine(pred_frames, ["test", "output"], one) if pred_frames else None,
         step_stats=stats,
-        max_rel_residual=max_rel, max_abs_residual=max_abs, max_optimizer_residual=max_opt,
+        max_rel_residual=max_rel, max_rel_residual_output=max_rel_output, max_abs_residual=max_abs,
+        max_optimizer_residual=max_opt,
         gradient_evaluations=sum(p.evaluations for p in results),
         seconds=seconds, decay_split=s.split_ok, partial=partial, notes=tuple(s.notes),
     )

@@ -453,6 +453,25 @@ def test_quantities_and_exactness_table(tmp_path):
     assert (table["agreement"] == 1.0).all()
 
 
+def test_max_rel_residual_is_the_worst_test_example_over_all_its_outputs(tmp_path):
+    from engine.store import info, write_run
+
+    history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.Adam(m.parameters(), lr=0.02),
+                     dtype=torch.float32)
+    task = get_task(history.model_spec)
+    e = explain_history(history, task, ExplainConfig(quadrature="midpoint:2"), progress=False)  # a visible residual
+    true = totals(e.completeness, "true_change")
+    resid = true - totals(e.completeness, "reconstructed")
+    per_test = np.linalg.norm(resid, axis=1) / np.linalg.norm(true, axis=1)
+    per_output = np.abs(resid) / np.abs(true)
+    assert e.outputs > 1 and per_test.max() > 1e-6
+    assert e.max_rel_residual == pytest.approx(per_test.max(), rel=1e-6)
+    assert e.max_rel_residual_output == pytest.approx(per_output.max(), rel=1e-6)
+    summary = info(write_run(tmp_path / "run.duckdb", e.to_bundle(history, task)))
+    assert summary["max_rel_residual"] == pytest.approx(per_test.max(), rel=1e-6)
+    assert summary["max_rel_residual_output"] == pytest.approx(per_output.max(), rel=1e-6)
+
+
 def test_bundle_round_trips_through_the_store(tmp_path):
     from engine.store import RunDB, write_run
 
