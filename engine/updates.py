@@ -10,7 +10,7 @@ The same split serves two callers:
 
 * the replay check (``engine.verify``) applies it to the batch gradient and compares the
   result with the recorded update;
-* the data view (``engine.decompose``) applies it to every example's gradient separately,
+* the data view (``engine.train_side``) applies it to every example's gradient separately,
   carrying one buffer per training example, which yields ψ_s(k) and ψ_s(reg).
 
 ``advance`` works on tensors with or without a leading example axis.

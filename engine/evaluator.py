@@ -1,0 +1,196 @@
+"""The test side of the decomposition: derivatives of ``g`` along the steps of a block.
+
+``_Evaluator`` evaluates, at points ``θ_s + tΔ_s``, the quantity ``g`` itself, forward-mode
+directional derivatives, reverse-mode ``φ̂`` Jacobians and the switching values of ReLU-like
+operations (for the adaptive rule's kink search), vectorised over steps, quadrature nodes,
+directions and test examples within the ``max_batch`` and ``memory_mb`` budgets.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.func import jacrev, jvp, vmap
+
+from engine.explain_setup import _Setup
+from engine.quadrature import SwitchRecorder
+
+
+def _pack(step: Tensor, steps: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Group units into rows of one step each, at most the mean units per step wide.
+
+    Returns ``row_step (R,)`` (the step of each row), ``slot (R, W)`` (unit index per position)
+    and ``valid (R, W)``; a step with many units spans several rows, so one busy step does not
+    pad every other step to its width.
+    """
+    count = torch.bincount(step, minlength=steps)
+    width = max(1, math.ceil(len(step) / max(1, int((count > 0).sum()))))
+    rows_per_step = (count + width - 1) // width
+    order = torch.argsort(step, stable=True)
+    start = torch.cumsum(count, 0) - count
+    position = torch.arange(len(step), device=step.device) - start[step[order]]
+    row_start = torch.cumsum(rows_per_step, 0) - rows_per_step
+    row = row_start[step[order]] + position // width
+    rows = int(rows_per_step.sum())
+    slot = torch.zeros(rows, width, dtype=torch.int64, device=step.device)
+    valid = torch.zeros(rows, width, dtype=torch.bool, device=step.device)
+    slot[row, position % width] = order
+    valid[row, position % width] = True
+    row_step = torch.repeat_interleave(torch.arange(steps, device=step.device), rows_per_step)
+    return row_step, slot, valid
+
+
+class _Evaluator:
+    """Derivatives of ``g`` at points ``θ_b + t Δ_b`` of a block of steps ``b``.
+
+    *Shared* evaluations put every test example of a chunk at the same nodes ``t_m`` of each
+    step (``vmap`` over steps, nodes and directions). *Unit* evaluations give each (step,
+    node, example) unit its own point, for examples whose rule is cut at kinks or refined;
+    units are grouped by step so that a step's directions are not copied per unit.
+    """
+
+    def __init__(self, setup: _Setup) -> None:
+        self.s = setup
+        self.evaluations = 0
+
+        def along_batch(theta: Tensor, delta: Tensor, t: Tensor, v: Tensor, x: Tensor, y: Tensor) -> Tensor:
+            return jvp(lambda p: setup.g_batch(p, x, y), (theta + t * delta,), (v,))[1]
+
+        def along_one(theta: Tensor, delta: Tensor, t: Tensor, v: Tensor, x: Tensor, y: Tensor) -> Tensor:
+            return jvp(lambda p: setup.g_one(p, x, y), (theta + t * delta,), (v,))[1]
+
+        def phi_one(theta: Tensor, delta: Tensor, t: Tensor, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
+            # ∇_θ Σ_m w_m g(x; θ + t_m Δ) = Σ_m w_m ∇g(x; θ + t_m Δ) = φ̂: one (O, D) Jacobian for all nodes
+            def weighted(th: Tensor) -> Tensor:
+                values = vmap(lambda tm: setup.g_one(th + tm * delta, x, y))(t)  # (M, O)
+                return (w[:, None] * values).sum(0)
+            return jacrev(weighted)(theta)
+
+        def switches_one(theta: Tensor, delta: Tensor, t: Tensor, x: Tensor) -> Tensor:
+            with SwitchRecorder(1) as recorder:
+                setup._call(theta + t * delta, x[None])
+            values = recorder.values()
+            return values[0] if values is not None else theta.new_zeros(0)
+
+        def forward(theta: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+            with SwitchRecorder(x.shape[0]) as recorder:
+                g = setup.g_batch(theta, x, y)
+            values = recorder.values()
+            return g, values if values is not None else g.new_zeros(x.shape[0], 0)
+
+        step_dims = (0, 0, 0, 0, None, None)
+        # steps (B, D), (B, D); nodes (B, M); directions (B, K, D); batch → (B, M, K, n, O)
+        self._jvp_shared = vmap(vmap(vmap(along_batch, in_dims=(None, None, None, 0, None, None)),
+                                     in_dims=(None, None, 0, None, None, None)), in_dims=step_dims)
+        # steps; unit nodes (B, U), inputs (B, U, ...) → (B, U, K, O)
+        self._jvp_units = vmap(vmap(vmap(along_one, in_dims=(None, None, None, 0, None, None)),
+                                    in_dims=(None, None, 0, None, 0, 0)), in_dims=(0, 0, 0, 0, 0, 0))
+        # steps; shared nodes (M,) and weights (M,); batch → φ̂ (B, n, O, D)
+        self._phi_shared = vmap(vmap(phi_one, in_dims=(None, None, None, None, 0, 0)),
+                                in_dims=(0, 0, None, None, None, None))
+        self._phi_rows = vmap(phi_one)  # rows with own nodes (R, M), weights, one input each → (R, O, D)
+        self._switches = vmap(vmap(switches_one, in_dims=(None, None, 0, 0)))  # → (B, U, S)
+        self._forward = vmap(forward, in_dims=(0, None, None))      # steps → (B, n, O), (B, n, S)
+        self._g = vmap(setup.g_batch, in_dims=(0, None, None))      # steps → (B, n, O)
+
+    def forward(self, thetas: Tensor, x: Tensor, y: Tensor, switches: bool) -> tuple[Tensor, Tensor | None]:
+        """``g`` at each point ``(B, n, O)`` and, if asked, the switching values ``(B, n, S)``."""
+        budget = max(1, self.s.config.max_batch // x.shape[0])
+        outs, sws = [], []
+        for a in range(0, len(thetas), budget):
+            if switches:
+                g, sw = self._forward(thetas[a:a + budget], x, y)
+                outs.append(g)
+                sws.append(sw)
+            else:
+                outs.append(self._g(thetas[a:a + budget], x, y))
+        return torch.cat(outs), torch.cat(sws) if switches else None
+
+    def shared(self, thetas: Tensor, deltas: Tensor, t: Tensor, directions: Tensor, x: Tensor,
+               y: Tensor) -> Tensor:
+        """Directional derivatives at shared nodes ``t (M,)``: ``(B, M, K, n, O)``."""
+        s = self.s
+        b_count, k, n = directions.shape[0], directions.shape[1], x.shape[0]
+        per_step = len(t) * k * n
+        steps = max(1, s.config.max_batch // per_step)
+        nodes = t.to(s.dtype).expand(b_count, -1)
+        out = [self._jvp_shared(thetas[a:a + steps], deltas[a:a + steps], nodes[a:a + steps],
+                                directions[a:a + steps], x, y) for a in range(0, b_count, steps)]
+        self.evaluations += b_count * per_step
+        return torch.cat(out)
+
+    def units(self, thetas: Tensor, deltas: Tensor, step: Tensor, t: Tensor, directions: Tensor,
+              x: Tensor, y: Tensor) -> Tensor:
+        """Directional derivatives per unit (step ``step[u]``, node ``t[u]``, input ``x[u]``): ``(U, K, O)``."""
+        s = self.s
+        k = directions.shape[1]
+        out = torch.zeros(len(t), k, s.outputs, dtype=s.dtype, device=s.device)
+        if not len(t):
+            return out
+        row_step, slot, valid = _pack(step, len(thetas))
+        rows = max(1, s.config.max_batch // (slot.shape[1] * k))
+        for a in range(0, len(row_step), rows):
+            b, sl, ok = row_step[a:a + rows], slot[a:a + rows], valid[a:a + rows]
+            value = self._jvp_units(thetas[b], deltas[b], t[sl].to(s.dtype), directions[b], x[sl], y[sl])
+            out[sl[ok]] = value[ok]  # value: (rows, W, K, O)
+        self.evaluations += len(t) * k
+        return out
+
+    def phi_shared(self, thetas: Tensor, deltas: Tensor, t: Tensor, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """φ̂ ``(B, n, O, D)`` of every example under one rule ``t, w (M,)`` shared by all.
+
+        Nodes and steps are chunked: the backward pass holds one gradient per node before the sum.
+        """
+        s = self.s
+        b_count, n, d = len(thetas), x.shape[0], s.layout.total
+        row = 3 * n * s.outputs * d * s.dtype.itemsize  # bytes per (step, node)
+        budget = max(1, s.config.memory_mb * 2**20 // row)
+        m_chunk = max(1, min(len(t), budget))
+        steps = max(1, budget // m_chunk)
+        out = torch.zeros(b_count, n, s.outputs, d, dtype=s.dtype, device=s.device)
+        tt, ww = t.to(s.dtype), w.to(s.dtype)
+        for a in range(0, b_count, steps):
+            for m in range(0, len(t), m_chunk):
+                out[a:a + steps] += self._phi_shared(thetas[a:a + steps], deltas[a:a + steps], tt[m:m + m_chunk],
+                                                     ww[m:m + m_chunk], x, y)
+        self.evaluations += b_count * len(t) * n * s.outputs
+        return out
+
+    def phi_rows(self, thetas: Tensor, deltas: Tensor, step: Tensor, t: Tensor, w: Tensor, count: Tensor,
+                 x: Tensor, y: Tensor) -> Tensor:
+        """φ̂ ``(R, O, D)`` of rows (step ``step[r]``, input ``x[r]``) with own nodes ``t, w (R, M)``.
+
+        Rows are grouped by node count, so padding nodes are never evaluated.
+        """
+        s = self.s
+        d = s.layout.total
+        out = torch.zeros(len(step), s.outputs, d, dtype=s.dtype, device=s.device)
+        for m in torch.unique(count).tolist():
+            rows = (count == m).nonzero().squeeze(1)
+            chunk = max(1, s.config.memory_mb * 2**20 // (3 * m * s.outputs * d * s.dtype.itemsize))
+            m_chunk = max(1, min(m, s.config.memory_mb * 2**20 // (3 * s.outputs * d * s.dtype.itemsize)))
+            for a in range(0, len(rows), chunk):
+                r = rows[a:a + chunk]
+                b = step[r]
+                for k in range(0, m, m_chunk):
+                    out[r] += self._phi_rows(thetas[b], deltas[b], t[r, k:min(k + m_chunk, m)].to(s.dtype),
+                                             w[r, k:min(k + m_chunk, m)].to(s.dtype), x[r], y[r])
+            self.evaluations += len(rows) * m * s.outputs
+        return out
+
+    def switches(self, thetas: Tensor, deltas: Tensor, step: Tensor, t: Tensor, x: Tensor) -> Tensor:
+        """Switching values per unit at its own point: ``(U, S)``."""
+        s = self.s
+        row_step, slot, valid = _pack(step, len(thetas))
+        rows = max(1, s.config.max_batch // slot.shape[1])
+        out = None
+        for a in range(0, len(row_step), rows):
+            b, sl, ok = row_step[a:a + rows], slot[a:a + rows], valid[a:a + rows]
+            value = self._switches(thetas[b], deltas[b], t[sl].to(s.dtype), x[sl])
+            if out is None:
+                out = value.new_zeros(len(t), value.shape[-1])
+            out[sl[ok]] = value[ok]
+        return out
+

@@ -1,0 +1,532 @@
+"""One streaming pass over the recorded steps for a set of test examples (``_Pass``).
+
+Steps are queued into blocks; per block and chunk of test examples the pass finds the
+quadrature rule of every (step, example) — fixed, or adaptive with cuts at the kinks of
+ReLU-like operations (``engine.quadrature``) — evaluates ``φ̂`` contracted with the
+directions the views need (``_Evaluator``, with ψ_s(reg), ρ_s and ψ_s(k) from
+``_TrainSide``) and adds the step to the chunk's accumulators: component and data windows,
+per-element importance and the per-step completeness rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from engine.evaluator import _Evaluator
+from engine.explain_setup import _group_count, _math_attention, _release_memory, _Setup
+from engine.history import StepRecord
+from engine.quadrature import Rule, accept, breakpoints, composite, crossings, refine_zero
+from engine.train_side import _StepTerms, _TrainSide
+from engine.updates import UpdateRule
+
+KINK_ITERATIONS = 6  # most root-search steps refining each kink position …
+KINK_TOLERANCE = 1e-13  # … stopping once no position moves more than this
+REGULARIZER = -1  # train id of the weight-decay pseudo-example in the data view
+
+
+@dataclass
+class _Window:
+    lo: int
+    hi: int
+    value: np.ndarray | None = None      # (G, n, O)
+    decay: np.ndarray | None = None      # (G, n, O)
+    data: np.ndarray | None = None       # (1 + A, n, O) over `train`
+    train: np.ndarray | None = None      # (1 + A,) train ids, the regularizer (−1) first
+
+
+@dataclass
+class _Chunk:
+    """One slice of the pass's test examples and its accumulators."""
+
+    x: Tensor
+    y: Tensor
+    g_prev: Tensor | None = None                 # (n, O) g(θ_s) of the next step to process
+    switch_prev: Tensor | None = None            # (n, S) switching values at θ_s (adaptive rule)
+    g_first: Tensor | None = None                # (n, O) g(θ_lo)
+    value: Tensor | None = None                  # (G, n, O) window accumulators, float64
+    decay: Tensor | None = None
+    data: Tensor | None = None                   # (train, n, O) float64
+    data_reg: Tensor | None = None               # (n, O)
+    importance: Tensor | None = None             # (n, O, D) float64 signed Σ_s φ̂ ⊙ Δ
+    rows: dict[str, list[Tensor]] = field(default_factory=dict)  # completeness per step
+    windows: list[_Window] = field(default_factory=list)
+    window_lo: int = 0                           # first step of the open window
+    window_active: Tensor | None = None          # train ids with ψ ≠ 0 in the open window (data view)
+
+
+@dataclass
+class _Block:
+    """Consecutive explained steps processed together."""
+
+    records: list[StepRecord]
+    thetas: Tensor      # (B, D) θ_b
+    nexts: Tensor       # (B, D) θ_{b+1}
+    compute: list[bool]
+    gradients: list[Any]
+
+    @property
+    def deltas(self) -> Tensor:
+        return self.nexts - self.thetas
+
+
+@dataclass
+class _Rules:
+    """Final per-(step, example) quadrature rule of a chunk in a block.
+
+    ``shared[b, x]`` marks units integrated by the shared base rule (nodes ``base_t`` with
+    weights ``base_w``); the others use their own nodes ``t, w (B, n, M)`` (valid where
+    ``w`` was set, ``count`` nodes) with φ̂ precomputed in ``phi`` for reverse mode.
+    """
+
+    base_t: Tensor              # (M0,)
+    base_w: Tensor              # (M0,)
+    shared: Tensor              # (B, n) bool
+    t: Tensor                   # (B, n, M)
+    w: Tensor                   # (B, n, M)
+    count: Tensor               # (B, n) int64
+    phi: Tensor | None = None   # (B, n, O, D) reverse mode
+
+
+class _Pass:
+    """Streams the steps once for one set of test examples and accumulates every view."""
+
+    def __init__(self, setup: _Setup, tests: slice, kept: np.ndarray, rule: UpdateRule | None) -> None:
+        self.s = setup
+        self.kept = kept
+        self.views = set(setup.config.views)
+        self.evaluator = _Evaluator(setup)
+        self.quad = setup.config.quadrature_spec
+        self.search_reverse = setup.engine == "vjp" and (not setup.forward_ad or setup.outputs == 1)
+        f64 = dict(dtype=torch.float64, device=setup.device)
+        groups, o = _group_count(setup), setup.outputs
+        self.chunks: list[_Chunk] = []
+        for a in range(tests.start, tests.stop, setup.test_chunk):
+            sel = slice(a, min(a + setup.test_chunk, tests.stop))
+            c = _Chunk(setup.test_x[sel], setup.test_y[sel], window_lo=setup.lo)
+            n = c.y.shape[0]
+            c.value = torch.zeros(groups, n, o, **f64)
+            c.decay = torch.zeros(groups, n, o, **f64)
+            if "data" in self.views:
+                c.data = torch.zeros(setup.train_y.shape[0], n, o, **f64)
+                c.data_reg = torch.zeros(n, o, **f64)
+            if "importance" in self.views:
+                c.importance = torch.zeros(n, o, setup.layout.total, **f64)
+            self.chunks.append(c)
+        self.train: _TrainSide | None = None
+        if rule is not None:
+            self.train = _TrainSide(setup, rule, per_example="data" in self.views,
+                                    residual=setup.config.optimizer_residual and setup.train_x is not None)
+        if "components" in self.views:
+            element, index = setup.element_group, setup.groups.tensor_index(setup.config.granularity)
+        else:  # one group: the whole update (completeness and data views need no component split)
+            element, index = torch.zeros_like(setup.element_group), [0] * len(setup.layout.names)
+        self.mask = (element[None, :] == torch.arange(groups, device=setup.device)[:, None]).to(setup.dtype)  # (G, D)
+        index = torch.tensor(index, device=setup.device)
+        self.tensor_to_group = (index[:, None] == torch.arange(groups, device=setup.device)).to(setup.dtype)
+        self.stats: list[dict[str, float]] = []
+        self.pending: list[tuple[StepRecord, Tensor, Tensor]] = []
+        self.done = setup.lo
+
+    @property
+    def evaluations(self) -> int:
+        return self.evaluator.evaluations + (self.train.evaluations if self.train else 0)
+
+    # -------------------------------------------------------------- streaming
+    def step(self, record: StepRecord, theta: Tensor, theta_next: Tensor) -> int:
+        """Queue one step; returns how many steps were completed by this call."""
+        self.pending.append((record, theta, theta_next))
+        if len(self.pending) >= self.s.block or record.step + 1 == self.s.hi:
+            return self.finish_block()
+        return 0
+
+    def finish_block(self) -> int:
+        """Process the queued steps; returns their number."""
+        items, self.pending = self.pending, []
+        if not items:
+            return 0
+        s = self.s
+        thetas = torch.stack([t for _, t, _ in items])
+        nexts = torch.stack([t for _, _, t in items])
+        records = [r for r, _, _ in items]
+        gradients = self.train.gradients(thetas, records) if self.train else [None] * len(items)
+        explained = [i for i, r in enumerate(records) if r.step >= s.lo]
+        if len(explained) < len(records):  # steps before lo: training side only
+            for i in range(len(records)):
+                if i not in explained:
+                    self.train.advance(records[i], nexts[i] - thetas[i], gradients[i])
+            records = [records[i] for i in explained]
+            thetas, nexts = thetas[explained], nexts[explained]
+            gradients = [gradients[i] for i in explained]
+        if records:
+            block = _Block(records, thetas, nexts, [bool(self.kept[r.step - s.lo]) for r in records], gradients)
+            with _math_attention():  # grad mode stays on: modules such as MultiheadAttention check it
+                self._process(block)
+            self.done = records[-1].step + 1
+        _release_memory(s.device)
+        return len(items)
+
+    def _process(self, block: _Block) -> None:
+        s = self.s
+        deltas = block.deltas
+        norms = torch.stack([deltas.double().norm(dim=1), block.thetas.double().norm(dim=1)], dim=1).tolist()
+        for r, (update_norm, param_norm) in zip(block.records, norms, strict=True):  # one sync per block
+            hp = r.hparams[0]
+            self.stats.append({"step": r.step, "update_norm": update_norm, "param_norm": param_norm, "lr": hp.lr,
+                               "weight_decay": hp.weight_decay})
+        forward_mode = s.engine == "jvp"
+        if forward_mode or "data" not in self.views:
+            # ψ_s(reg), ρ_s (and ψ_s(k)) of every step first (the forward-mode directions); then one chunk
+            # at a time
+            terms = [self._advance(block, b) for b in range(len(block.records))]
+            examples = max((len(t.psi) for t in terms if t.psi is not None), default=0)
+            directions = torch.stack([self._directions(block.deltas[b], t, examples)
+                                      for b, t in enumerate(terms)]) if forward_mode else None
+            for c in self.chunks:
+                values, rules, true = self._chunk_block(c, block, directions)
+                for b in range(len(block.records)):
+                    self._accumulate(c, b, block, values, rules, true, terms[b])
+                del values, rules
+            return
+        # data view (reverse mode): ψ_s(k) exists only while the per-example buffers are at step s,
+        # so φ̂ of the block comes first and the buffers advance step by step (one chunk per pass)
+        outs = [self._chunk_block(c, block, None) for c in self.chunks]
+        for b in range(len(block.records)):
+            terms = self._advance(block, b)
+            for c, (values, rules, true) in zip(self.chunks, outs, strict=True):
+                self._accumulate(c, b, block, values, rules, true, terms)
+
+    def _advance(self, block: _Block, b: int) -> _StepTerms:
+        if self.train is None:
+            return _StepTerms()
+        terms = self.train.advance(block.records[b], block.deltas[b], block.gradients[b])
+        if self.s.engine == "jvp" and terms.active is not None:  # the buffers move on: keep this step's ψ
+            terms.psi = terms.psi_rows(0, len(terms.active))
+        return terms
+
+    def _directions(self, delta: Tensor, terms: _StepTerms, examples: int = 0) -> Tensor:
+        """(K, D): Δ on each group, ψ_s(reg) on each group (if split), ρ_s (if measured), then
+        (data view) ψ_s(k) of the active training examples, zero-padded to ``examples`` rows."""
+        rows = [self.mask * delta]
+        if self.train is not None:
+            rows.append(self.mask * terms.psi_reg)
+            if self.train.residual:
+                rows.append(terms.rho[None])
+        if examples:
+            psi = terms.psi if terms.psi is not None else delta.new_zeros(0, delta.shape[0])
+            rows.extend([psi, delta.new_zeros(examples - len(psi), delta.shape[0])])
+        return torch.cat(rows)
+
+    # -------------------------------------------------------------- one chunk of a block
+    def _chunk_block(self, c: _Chunk, block: _Block, directions: Tensor | None) -> tuple[Tensor | None, _Rules | None,
+                                                                                          Tensor]:
+        """Forward passes, rules and (forward mode) directional derivatives of a chunk for a block."""
+        s, ev = self.s, self.evaluator
+        adaptive = self.quad.adaptive
+        if c.g_prev is None:
+            g0, sw0 = ev.forward(block.thetas[:1], c.x, c.y, adaptive)
+            c.g_prev, c.g_first = g0[0], g0[0]
+            c.switch_prev = sw0[0] if adaptive else None
+        g_next, sw_next = ev.forward(block.nexts, c.x, c.y, adaptive)  # (B, n, O), (B, n, S)
+        g_prev = torch.cat([c.g_prev[None], g_next[:-1]])
+        sw_prev = torch.cat([c.switch_prev[None], sw_next[:-1]]) if adaptive else None
+        c.g_prev = g_next[-1]
+        c.switch_prev = sw_next[-1] if adaptive else None
+        true = g_next.double() - g_prev.double()  # (B, n, O)
+        computed = torch.tensor(block.compute, device=s.device)
+        if not bool(computed.any()):
+            return None, None, true
+        idx = computed.nonzero().squeeze(1)
+        rules = self._rules(c, block, idx, true[idx], g_prev[idx], g_next[idx],
+                            sw_prev[idx] if adaptive else None, sw_next[idx] if adaptive else None)
+        if directions is None:
+            return None, rules, true
+        return self._directional(c, block, idx, rules, directions[idx]), rules, true
+
+    def _rules(self, c: _Chunk, block: _Block, idx: Tensor, true: Tensor, g_prev: Tensor, g_next: Tensor,
+               sw_prev: Tensor | None, sw_next: Tensor | None) -> _Rules:
+        """Quadrature rule of every (computed step, example); see ``quadrature`` for the adaptive one.
+
+        The search evaluates ``φ̂·Δ`` by forward mode when the model allows it; in reverse mode
+        the Jacobians are then built at the final nodes only (``rules.phi``).
+        """
+        s, ev = self.s, self.evaluator
+        b_count, n = len(idx), c.y.shape[0]
+        thetas, deltas = block.thetas[idx], block.deltas[idx]
+        f64 = dict(dtype=torch.float64, device=s.device)
+        if not self.quad.adaptive:
+            base_t, base_w = self.quad.rule().tensors(torch.float64, s.device)
+            rules = _Rules(base_t, base_w, torch.ones(b_count, n, dtype=torch.bool, device=s.device),
+                           torch.zeros(b_count, n, 0, **f64), torch.zeros(b_count, n, 0, **f64),
+                           torch.full((b_count, n), len(base_t), device=s.device))
+            if s.engine == "vjp":
+                rules.phi = ev.phi_shared(thetas, deltas, base_t, base_w, c.x, c.y)
+            return rules
+
+        points, counts = self._kinks(c, thetas, deltas, sw_prev, sw_next)  # (B, n, P), (B, n)
+        scale = g_prev.abs() + g_next.abs()
+        ladder = self.quad.ladder()
+        base = ladder[1]
+        base_t, base_w = base.tensors(torch.float64, s.device)
+        width = (points.shape[2] + 1) * len(ladder[-1])
+        rules = _Rules(base_t, base_w, torch.zeros(b_count, n, dtype=torch.bool, device=s.device),
+                       torch.zeros(b_count, n, width, **f64), torch.zeros(b_count, n, width, **f64),
+                       torch.zeros(b_count, n, dtype=torch.int64, device=s.device),
+                       torch.zeros(b_count, n, s.outputs, s.layout.total, dtype=s.dtype, device=s.device)
+                       if self.search_reverse else None)
+
+        # first level: Gauss 1 and 2 per piece; plain (kink-free) units at shared nodes
+        plain = counts == 0
+        q1, q2 = self._first_level(c, thetas, deltas, plain, points, counts, ladder[0], base, rules)
+        done = accept(q2, q1, true.to(q2.dtype) - q2, scale, s.dtype)  # (B, n)
+        if len(ladder) == 2:
+            done[:] = True
+        rules.shared = plain & done
+        self._set_composite(rules, ~plain & done, points, counts, base)
+        pending = (~done).nonzero()  # (P, 2) rows (b, x)
+        q_prev = q2[~done]
+        for level, rule in enumerate(ladder[2:], start=2):
+            if not len(pending):
+                break
+            bi, xi = pending[:, 0], pending[:, 1]
+            t, w, cnt = composite(points[bi, xi], counts[bi, xi], rule)
+            q, phi = self._evaluate_units(c, thetas, deltas, bi, xi, t, w, cnt)
+            ok = accept(q, q_prev, true[bi, xi].to(q.dtype) - q, scale[bi, xi], s.dtype)
+            if level == len(ladder) - 1:
+                ok[:] = True
+            sel = ok.nonzero().squeeze(1)
+            m = t.shape[1]
+            rules.t[bi[sel], xi[sel], :m] = t[sel]
+            rules.w[bi[sel], xi[sel], :m] = w[sel]
+            rules.count[bi[sel], xi[sel]] = cnt[sel]
+            if phi is not None:
+                rules.phi[bi[sel], xi[sel]] = phi[sel]
+            pending, q_prev = pending[~ok], q[~ok]
+        rules.count[rules.shared] = len(base)
+        if s.engine == "vjp" and not self.search_reverse:
+            rules.phi = self._final_phi(c, thetas, deltas, rules)
+        return rules
+
+    def _final_phi(self, c: _Chunk, thetas: Tensor, deltas: Tensor, rules: _Rules) -> Tensor:
+        """φ̂ ``(B, n, O, D)`` of every unit under its final rule (reverse mode)."""
+        ev = self.evaluator
+        phi = ev.phi_shared(thetas, deltas, rules.base_t, rules.base_w, c.x, c.y)
+        own = (~rules.shared).nonzero()
+        if len(own):
+            bi, xi = own[:, 0], own[:, 1]
+            phi[bi, xi] = ev.phi_rows(thetas, deltas, bi, rules.t[bi, xi], rules.w[bi, xi], rules.count[bi, xi],
+                                      c.x[xi], c.y[xi])
+        return phi
+
+    def _first_level(self, c: _Chunk, thetas: Tensor, deltas: Tensor, plain: Tensor, points: Tensor,
+                     counts: Tensor, low: Rule, base: Rule, rules: _Rules) -> tuple[Tensor, Tensor]:
+        """``φ̂·Δ`` by the two lowest rules for every unit (plain ones at shared nodes); (B, n, O) each."""
+        s, ev = self.s, self.evaluator
+        lt, lw = low.tensors(torch.float64, s.device)
+        bt, bw = base.tensors(torch.float64, s.device)
+        if self.search_reverse:
+            q1 = torch.einsum("bnod,bd->bno", ev.phi_shared(thetas, deltas, lt, lw, c.x, c.y), deltas)
+            rules.phi[:] = ev.phi_shared(thetas, deltas, bt, bw, c.x, c.y)
+            q2 = torch.einsum("bnod,bd->bno", rules.phi, deltas)
+        else:
+            t = torch.cat([lt, bt])                                             # (M,)
+            w = torch.zeros(len(t), 2, dtype=s.dtype, device=s.device)          # (M, 2)
+            w[:len(lt), 0], w[len(lt):, 1] = lw.to(s.dtype), bw.to(s.dtype)
+            values = ev.shared(thetas, deltas, t, deltas[:, None], c.x, c.y)[:, :, 0]  # (B, M, n, O)
+            q1, q2 = torch.einsum("bmno,mr->rbno", values, w)
+        kinked = (~plain).nonzero()
+        if len(kinked):
+            bi, xi = kinked[:, 0], kinked[:, 1]
+            t1, w1, c1 = composite(points[bi, xi], counts[bi, xi], low)
+            t2, w2, c2 = composite(points[bi, xi], counts[bi, xi], base)
+            q1[bi, xi], _ = self._evaluate_units(c, thetas, deltas, bi, xi, t1, w1, c1)
+            q2[bi, xi], phi = self._evaluate_units(c, thetas, deltas, bi, xi, t2, w2, c2)
+            if phi is not None:
+                rules.phi[bi, xi] = phi
+        return q1, q2
+
+    def _evaluate_units(self, c: _Chunk, thetas: Tensor, deltas: Tensor, bi: Tensor, xi: Tensor, t: Tensor,
+                        w: Tensor, count: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``φ̂·Δ`` of units (bi, xi) with own nodes ``t, w (P, M)`` (first ``count`` valid): ``(P, O)``.
+
+        When the search runs in reverse mode, φ̂ itself ``(P, O, D)`` is returned as well.
+        """
+        s, ev = self.s, self.evaluator
+        valid = torch.arange(t.shape[1], device=s.device)[None] < count[:, None]
+        unit, node = valid.nonzero(as_tuple=True)
+        b, ex, tt, ww = bi[unit], xi[unit], t[unit, node], w[unit, node]
+        x, y = c.x[ex], c.y[ex]
+        if self.search_reverse:
+            phi = ev.phi_rows(thetas, deltas, bi, t, w, count, c.x[xi], c.y[xi])  # (P, O, D)
+            return torch.einsum("pod,pd->po", phi, deltas[bi]), phi
+        values = ev.units(thetas, deltas, b, tt, deltas[:, None], x, y)[:, 0]  # (U, O)
+        q = torch.zeros(len(bi), s.outputs, dtype=s.dtype, device=s.device)
+        q.index_add_(0, unit, values * ww.to(s.dtype)[:, None])
+        return q, None
+
+    @staticmethod
+    def _set_composite(rules: _Rules, units: Tensor, points: Tensor, counts: Tensor, rule: Rule) -> None:
+        sel = units.nonzero()
+        if not len(sel):
+            return
+        bi, xi = sel[:, 0], sel[:, 1]
+        t, w, cnt = composite(points[bi, xi], counts[bi, xi], rule)
+        rules.t[bi, xi, :t.shape[1]] = t
+        rules.w[bi, xi, :t.shape[1]] = w
+        rules.count[bi, xi] = cnt
+
+    def _kinks(self, c: _Chunk, thetas: Tensor, deltas: Tensor, sw_prev: Tensor,
+               sw_next: Tensor) -> tuple[Tensor, Tensor]:
+        """Kink positions ``(B, n, P)`` (padding 1.0) and counts ``(B, n)`` of every unit."""
+        b_count, n = sw_prev.shape[:2]
+        t, unit, counts = crossings(sw_prev.reshape(b_count * n, -1), sw_next.reshape(b_count * n, -1))
+        if t.shape[1]:
+            valid = torch.arange(t.shape[1], device=t.device)[None] < counts[:, None]
+            row, column = valid.nonzero(as_tuple=True)
+            u = unit[row, column]
+            step, example = row // n, row % n
+            before = sw_prev.reshape(b_count * n, -1)[row, u].double()
+            after = sw_next.reshape(b_count * n, -1)[row, u].double()
+            guess = t[row, column]
+            history = [(torch.zeros_like(guess), before), (torch.ones_like(guess), after)]
+            rows = torch.arange(len(row), device=t.device)
+            for _ in range(KINK_ITERATIONS):
+                value = self.evaluator.switches(thetas, deltas, step, guess, c.x[example])[rows, u].double()
+                new = refine_zero(guess, value, history)
+                moved = float((new - guess).abs().max())
+                guess = new
+                if moved <= KINK_TOLERANCE:
+                    break
+            t = t.clone()
+            t[row, column] = guess
+        points, counts = breakpoints(t, counts)
+        return points.reshape(b_count, n, -1), counts.reshape(b_count, n)
+
+    def _directional(self, c: _Chunk, block: _Block, idx: Tensor, rules: _Rules, directions: Tensor) -> Tensor:
+        """``φ̂·v_k`` of every computed (step, example) under its rule: ``(B, K, n, O)``."""
+        s, ev = self.s, self.evaluator
+        thetas, deltas = block.thetas[idx], block.deltas[idx]
+        b_count, k, n = directions.shape[0], directions.shape[1], c.y.shape[0]
+        out = torch.zeros(b_count, k, n, s.outputs, dtype=s.dtype, device=s.device)
+        if bool(rules.shared.any()):
+            values = ev.shared(thetas, deltas, rules.base_t, directions, c.x, c.y)  # (B, M, K, n, O)
+            weights = rules.base_w.to(s.dtype)[None, :, None] * rules.shared.to(s.dtype)[:, None, :]  # (B, M, n)
+            out += torch.einsum("bmkno,bmn->bkno", values, weights)
+        own = (~rules.shared).nonzero()
+        if len(own):
+            bi, xi = own[:, 0], own[:, 1]
+            count = rules.count[bi, xi]
+            valid = torch.arange(rules.t.shape[2], device=s.device)[None] < count[:, None]
+            unit, node = valid.nonzero(as_tuple=True)
+            b, ex = bi[unit], xi[unit]
+            values = ev.units(thetas, deltas, b, rules.t[b, ex, node], directions, c.x[ex], c.y[ex])  # (U, K, O)
+            values = values * rules.w[b, ex, node].to(s.dtype)[:, None, None]
+            flat = out.permute(0, 2, 1, 3).reshape(b_count * n, k, s.outputs)
+            flat.index_add_(0, b * n + ex, values)
+            out = flat.reshape(b_count, n, k, s.outputs).permute(0, 2, 1, 3)
+        return out
+
+    # -------------------------------------------------------------- accumulation
+    def _accumulate(self, c: _Chunk, b: int, block: _Block, values: Tensor | None, rules: _Rules | None,
+                    true: Tensor, terms: _StepTerms) -> None:
+        """Add step ``b`` of the block to chunk ``c``'s accumulators; close its window at a boundary."""
+        s = self.s
+        step = block.records[b].step
+        self._accumulate_step(c, step, b, block, values, rules, true, terms)
+        if (step + 1 - s.lo) % s.config.window == 0 or step + 1 == s.hi:
+            self.flush(c, step + 1)
+
+    def _accumulate_step(self, c: _Chunk, step: int, b: int, block: _Block, values: Tensor | None,
+                         rules: _Rules | None, true: Tensor, terms: _StepTerms) -> None:
+        s = self.s
+        n_groups = self.mask.shape[0]
+        true_b = true[b]
+        n = c.y.shape[0]
+        if not block.compute[b]:
+            self._record(c, step, true_b, torch.zeros_like(true_b), None,
+                         torch.zeros(n, dtype=torch.int64, device=s.device))
+            return
+        j = sum(block.compute[:b])  # index among computed steps
+        if c.data is not None and terms.active is not None:
+            c.window_active = terms.active if c.window_active is None else torch.unique(
+                torch.cat([c.window_active, terms.active]))
+        phi = rules.phi[j] if values is None else None           # (n, O, D)
+        decay = opt = None
+        if phi is None:
+            out = values[j]                                        # (K, n, O)
+            value = out[:n_groups].double()
+            if self.train is not None:
+                decay = out[n_groups:2 * n_groups].double()
+                if self.train.residual:
+                    opt = out[2 * n_groups].to(torch.float64, copy=True)  # kept per step: no view of the block
+            if c.data is not None and terms.psi is not None:
+                first = 2 * n_groups + 1
+                c.data.index_add_(0, terms.active, out[first:first + len(terms.active)].double())
+        else:
+            prod = phi * block.deltas[b]
+            value = self._group_sums(prod).double()
+            if self.train is not None:
+                decay = self._group_sums(phi * terms.psi_reg).double()
+                if self.train.residual:
+                    opt = (phi @ terms.rho).double()
+            if c.importance is not None:
+                c.importance += prod.double()
+            if c.data is not None and terms.active is not None:
+                self._data_step(c, phi, terms)
+        recon = value.sum(0)
+        c.value += value
+        if decay is not None:
+            c.decay += decay
+            if c.data_reg is not None:
+                c.data_reg += decay.sum(0)
+        self._record(c, step, true_b, recon, opt, rules.count[j])
+
+    def _group_sums(self, prod: Tensor) -> Tensor:
+        """``(n, O, D) → (G, n, O)``: sums over each group's elements (tensor slices, then groups)."""
+        per_tensor = torch.stack([part.sum(-1) for part in prod.split(self.s.layout.sizes, -1)], dim=-1)
+        return (per_tensor @ self.tensor_to_group).permute(2, 0, 1)
+
+    def _data_step(self, c: _Chunk, phi: Tensor, terms: _StepTerms) -> None:
+        s = self.s
+        rows = max(1, s.config.memory_mb * 2**20 // (4 * s.layout.total * s.dtype.itemsize))
+        flat = phi.reshape(-1, phi.shape[-1])  # (n·O, D)
+        for a in range(0, len(terms.active), rows):
+            psi = terms.psi_rows(a, a + rows)  # (A, D)
+            gamma = (psi @ flat.T).reshape(psi.shape[0], *phi.shape[:2])  # (A, n, O)
+            c.data.index_add_(0, terms.active[a:a + rows], gamma.double())
+
+    def _record(self, c: _Chunk, step: int, true: Tensor, recon: Tensor, opt: Tensor | None,
+                count: Tensor) -> None:
+        rows = c.rows
+        rows.setdefault("step", []).append(torch.tensor([step]))
+        rows.setdefault("true", []).append(true)
+        rows.setdefault("recon", []).append(recon)
+        rows.setdefault("opt", []).append(opt if opt is not None else torch.full_like(true, float("nan")))
+        rows.setdefault("nodes", []).append(count)
+
+    # -------------------------------------------------------------- windows
+    def flush(self, c: _Chunk, hi: int) -> None:
+        """Close chunk ``c``'s window ``[c.window_lo, hi)`` into a ``_Window`` and reset its accumulators."""
+        if hi <= c.window_lo:
+            return
+        window = _Window(c.window_lo, hi, c.value.cpu().numpy().copy(), c.decay.cpu().numpy().copy())
+        c.value.zero_()
+        c.decay.zero_()
+        if c.data is not None:
+            ids = c.window_active.cpu().numpy() if c.window_active is not None else np.zeros(0, dtype=np.int64)
+            window.data = np.concatenate([c.data_reg.cpu().numpy()[None],
+                                          c.data[torch.from_numpy(ids).to(c.data.device)].cpu().numpy()])
+            window.train = np.concatenate([[REGULARIZER], ids]).astype(np.int64)
+            c.data.zero_()
+            c.data_reg.zero_()
+        c.windows.append(window)
+        c.window_lo = hi
+        c.window_active = None
+
+    def flush_all(self) -> None:
+        for c in self.chunks:
+            self.flush(c, self.done)
