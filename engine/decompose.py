@@ -87,6 +87,7 @@ __all__ = [
     "element_influence",
     "explain",
     "explain_history",
+    "merge_tests",
     "parse_test",
     "prediction_agreement",
     "resolve_device",
@@ -104,7 +105,7 @@ class ExplainInterrupted(ExplaindError):
 
 @dataclass(frozen=True)
 class Explanation:
-    """The views of one run (polars frames; see INTERFACES.md) and summary numbers.
+    """The views of one run (polars frames, columns as in the ``engine.store`` schema) and summary numbers.
 
     ``max_rel_residual`` is ``max_x ‖Σ_s r_s‖ / ‖Σ_s true change‖`` over test examples ``x``, the
     norms taken over the explained outputs (the denominator floored at the dtype's round-off of
@@ -237,6 +238,39 @@ class Explanation:
             exactness=exactness,
             pruning=None,
         )
+
+
+def merge_tests(parts: list[Explanation]) -> Explanation:
+    """One explanation from explanations of the same run, steps and configuration over
+    disjoint test examples (e.g. computed in parallel): frames concatenated, importance
+    summed, worst residuals kept, gradient evaluations and seconds added up."""
+    first = parts[0]
+    keys = ("quantity", "quadrature", "test_split", "steps", "outputs", "decay_split")
+    if any(getattr(p, k) != getattr(first, k) for p in parts for k in keys):
+        raise BadInputError(f"explanations to merge must agree in {', '.join(keys)}")
+    test_ids = tuple(i for p in parts for i in p.test_ids)
+    if len(set(test_ids)) != len(test_ids):
+        raise BadInputError("explanations to merge must cover disjoint test examples")
+
+    def cat(name: str) -> pl.DataFrame | None:
+        frames = [getattr(p, name) for p in parts]
+        return None if frames[0] is None else pl.concat(frames, rechunk=True)
+
+    importance = first.importance
+    if importance is not None:
+        importance = importance.with_columns(importance=sum(p.importance["importance"] for p in parts))
+    optimizer = [p.max_optimizer_residual for p in parts if p.max_optimizer_residual is not None]
+    return replace(
+        first, config=replace(first.config, test_ids=test_ids), test_ids=test_ids,
+        components=cat("components"), data=cat("data"), importance=importance, completeness=cat("completeness"),
+        predictions=cat("predictions"),
+        max_rel_residual=max(p.max_rel_residual for p in parts),
+        max_rel_residual_output=max(p.max_rel_residual_output for p in parts),
+        max_abs_residual=max(p.max_abs_residual for p in parts),
+        max_optimizer_residual=max(optimizer) if optimizer else None,
+        gradient_evaluations=sum(p.gradient_evaluations for p in parts), seconds=sum(p.seconds for p in parts),
+        partial=any(p.partial for p in parts), notes=tuple(dict.fromkeys(n for p in parts for n in p.notes)),
+    )
 
 
 def _finite(value: float) -> float:

@@ -201,7 +201,7 @@ _OPTIONAL_META_TYPES: dict[str, tuple[type, ...]] = {
 
 @dataclass(frozen=True)
 class RunBundle:
-    """Everything ``explain`` writes into one run database (column contract in INTERFACES.md).
+    """Everything ``explain`` writes into one run database (column contract in the schema table above).
 
     ``meta`` needs ``task`` (str), ``steps`` (int), ``quantity`` (str) and ``quadrature``
     (str); ``data_fingerprint`` (str), ``model_summary`` and ``optimizer`` (dicts) are typed
