@@ -10,31 +10,20 @@ drives it with Playwright and saves a screenshot of every page to
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from engine.store import write_run
+from tests.dashboard import CHROMIUM, CHROMIUM_ARGS, ROOT, SETTLE_MS, dashboard, settle
+from tests.dashboard import open_page as load_page
 from tests.fixtures_store import make_demo_bundle
 
 pytestmark = pytest.mark.browser
 
-ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
 SCREENSHOTS = ROOT / "artifacts" / "screenshots"
 PAGES = ("overview", "components", "data", "reconstruction", "pruning", "compare")
-STARTUP_SECONDS = 60
-SETTLE_MS = 30_000
 
 FIGURE_DATA = """(index) => {
     const plots = document.querySelectorAll('[data-testid="stPlotlyChart"] .js-plotly-plot');
@@ -43,49 +32,17 @@ FIGURE_DATA = """(index) => {
 }"""
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[str]:
     """A running dashboard on two demo runs; yields its base URL."""
     runs = tmp_path_factory.mktemp("browser-runs")
     write_run(runs / "demo.duckdb", make_demo_bundle())
     write_run(runs / "demo-seed1.duckdb", make_demo_bundle(seed=1))
-    port = free_port()
-    log = tmp_path_factory.mktemp("server") / "streamlit.log"
-    env = {k: v for k, v in os.environ.items() if k != "EXPLAIND_RUNS"}
-    command = [
-        sys.executable, "-m", "streamlit", "run", "app/main.py", "--server.headless", "true",
-        "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
-        "--server.fileWatcherType", "none", "--", "--runs", str(runs),
-    ]  # fmt: skip
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/_stcore/health", timeout=2) as response:
-                    if response.read().strip() == b"ok":
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"streamlit did not start on port {port}:\n{log.read_text()[-3000:]}")
-            time.sleep(0.3)
-        yield base
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        with dashboard(runs, tmp_path_factory.mktemp("server") / "streamlit.log") as base:
+            yield base
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="module")
@@ -109,17 +66,6 @@ def page(browser):
     tab = context.new_page()
     yield tab
     context.close()
-
-
-def settle(tab) -> None:
-    """Wait until the script run finished and at least one chart or message is drawn."""
-    tab.wait_for_selector('[data-testid="stApp"]', timeout=SETTLE_MS)
-    tab.wait_for_function(
-        """() => !document.querySelector('[data-testid="stStatusWidget"]')
-               && document.querySelector('[data-testid="stPlotlyChart"] .js-plotly-plot, [data-testid="stAlert"]')""",
-        timeout=SETTLE_MS,
-    )
-    tab.wait_for_timeout(300)
 
 
 def figure(tab, index: int = 0) -> str:
@@ -152,9 +98,7 @@ def shoot(tab, name: str) -> None:
 
 
 def open_page(tab, server: str, name: str, query: str = "") -> None:
-    """Load a page by its URL (the default page, Overview, lives at ``/``)."""
-    tab.goto(f"{server}/{'' if name == 'overview' else name}{query}")
-    settle(tab)
+    load_page(tab, server, name, query)
     no_exception(tab)
 
 
