@@ -27,7 +27,7 @@ import torch
 from engine.tasks.modular_addition import ModularAdditionConfig, fit
 
 SWEEP: dict[str, dict[str, Any]] = {
-    "default": {},  # lr 3e-3, weight_decay 3, train_frac 0.3, 2000 steps
+    "default": {},  # lr 1e-2, weight_decay 1, train_frac 0.3, 1000 steps
     "wd1_lr3e-3": {"lr": 3e-3, "weight_decay": 1.0, "steps": 3000},
     "wd2_lr3e-3": {"lr": 3e-3, "weight_decay": 2.0, "steps": 3000},
     "wd4_lr3e-3": {"lr": 3e-3, "weight_decay": 4.0, "steps": 3000},

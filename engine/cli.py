@@ -105,6 +105,13 @@ def cmd_explain(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -124,7 +131,7 @@ def cmd_import_explaind(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
     from engine.samples import build_sample
 
-    return build_sample(args.name, Path(args.out), Path(args.work), progress=not args.json)
+    return build_sample(args.name, Path(args.out), Path(args.work), progress=not args.json, jobs=args.jobs)
 
 
 def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
@@ -205,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("name", choices=sorted(SAMPLES), help="which sample run")
     sample.add_argument("--out", default="sample_runs", help="folder of the published database (default %(default)s)")
     sample.add_argument("--work", default="runs", help="folder of the recorded run directory (default %(default)s)")
+    sample.add_argument("--jobs", type=_positive_int, default=1,
+                        help="explain passes run in this many single-threaded processes (default %(default)s)")
     sample.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 

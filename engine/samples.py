@@ -12,14 +12,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import multiprocessing
 import shutil
-from dataclasses import dataclass, field
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import polars as pl
+import torch
 
-from engine.decompose import ExplainConfig, explain_history
+from engine.decompose import ExplainConfig, Explanation, explain_history, merge_tests
 from engine.errors import BadInputError
 from engine.history import History
 from engine.prune import PruneConfig, run_prune
@@ -56,17 +59,68 @@ SAMPLES: dict[str, SampleRecipe] = {
             task="digits-cnn",
             train={"steps": 120},
             components={"test_size": 50, "quantity": "logprob", "views": ("components", "importance"),
-                        "window": 5},
-            data={"test_size": 10, "quantity": "logprob", "views": ("data",), "window": 20},
+                        "window": 5, "dtype": "float64"},
+            data={"test_size": 10, "quantity": "logprob", "views": ("data",), "window": 20, "dtype": "float64"},
             exactness_tests=30,
+        ),
+        SampleRecipe(
+            name="grokking",
+            task="modular-addition",
+            components={"test_size": 200, "quantity": "logprob", "views": ("components", "importance"),
+                        "window": 10},
+            data={"test_size": 20, "quantity": "logprob", "views": ("data",), "window": 100},
+            exactness_tests=10,
         ),
     )
 }
 
 
+def _explain_pass(run_dir: Path, config: ExplainConfig, threads: int | None, progress: bool) -> Explanation:
+    if threads is not None:
+        torch.set_num_threads(threads)
+    history = History.open(run_dir)
+    return explain_history(history, get_task(history.model_spec), config, progress=progress)
+
+
+def _explain_all(run_dir: Path, configs: list[ExplainConfig], jobs: int, progress: bool) -> list[Explanation]:
+    """Every pass of a sample, the first (longest) one with the progress bar.
+
+    With ``jobs > 1`` the passes run in that many processes of one thread each, the first
+    pass split into ``jobs + 1`` disjoint sets of test examples (merged again) so that the
+    processes stay busy until the end.
+    """
+    if jobs == 1:
+        return [_explain_pass(run_dir, c, None, progress and i == 0) for i, c in enumerate(configs)]
+    history = History.open(run_dir)
+    ids = _test_ids(history, configs[0])
+    parts = [replace(configs[0], test_ids=tuple(part)) for part in _split(ids, jobs + 1)]
+    work = parts + configs[1:]
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_explain_pass, run_dir, c, 1, progress and i == 0) for i, c in enumerate(work)]
+        results = [f.result() for f in futures]
+    return [merge_tests(results[:len(parts)]), *results[len(parts):]]
+
+
+def _split(ids: list[int], count: int) -> list[list[int]]:
+    size = -(-len(ids) // count)
+    return [ids[a:a + size] for a in range(0, len(ids), size)]
+
+
+def _test_ids(history: History, config: ExplainConfig) -> list[int]:
+    """The test example ids ``config`` explains on ``history``'s task."""
+    if config.test_ids is not None:
+        return list(config.test_ids)
+    size = len(get_task(history.model_spec).dataset(config.test_split))
+    return list(range(min(size, config.test_size or size)))
+
+
 def build_sample(sample: str | SampleRecipe, out_dir: Path = Path("sample_runs"), work_dir: Path = Path("runs"),
-                 progress: bool = True) -> dict[str, Any]:
-    """Train, verify, explain, measure exactness and prune one sample run; publish its database."""
+                 progress: bool = True, jobs: int = 1) -> dict[str, Any]:
+    """Train, verify, explain, measure exactness and prune one sample run; publish its database.
+
+    ``jobs`` > 1 runs the explain passes (main, data view, one per exactness rule) in that
+    many single-threaded processes.
+    """
     if isinstance(sample, str) and sample not in SAMPLES:
         raise BadInputError(f"unknown sample run {sample!r}; choose one of {', '.join(SAMPLES)}")
     recipe = SAMPLES[sample] if isinstance(sample, str) else sample
@@ -79,13 +133,11 @@ def build_sample(sample: str | SampleRecipe, out_dir: Path = Path("sample_runs")
     history = History.open(run_dir)
     task = get_task(history.model_spec)
 
-    main = explain_history(history, task, ExplainConfig(**recipe.components), progress=progress)
-    data = explain_history(history, task, ExplainConfig(**recipe.data), progress=progress)
-    checks = [
-        explain_history(history, task, ExplainConfig(test_size=recipe.exactness_tests, quantity="logits",
-                                                     quadrature=q, views=()), progress=progress).exactness()
-        for q in recipe.exactness
-    ]
+    configs = [ExplainConfig(**recipe.components), ExplainConfig(**recipe.data)] + [
+        ExplainConfig(test_size=recipe.exactness_tests, quantity="logits", quadrature=q, views=())
+        for q in recipe.exactness]
+    main, data, *rest = _explain_all(run_dir, configs, jobs, progress)
+    checks = [e.exactness() for e in rest]
     bundle = main.to_bundle(history, task, exactness=pl.concat(checks))
     meta = {**bundle.meta, "recipe": recipe.to_json(), "replay_max_rel_error": replay.max_rel_error,
             "views": sorted({*bundle.meta["views"], "data"}), "data_window": recipe.data["window"],

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from polars.testing import assert_frame_equal
 
 from engine.samples import SAMPLES, SampleRecipe, build_sample
 from engine.store import RunDB, info
@@ -23,6 +24,7 @@ def test_shipped_sample_matches_its_recipe(name):
     summary = info(path)
     for view in ("components", "data", "importance", "completeness", "exactness", "pruning"):
         assert summary["views"][view] > 0, (name, view)
+    assert summary["max_rel_residual"] <= 1e-5
     # the default quadrature reconstructs the final predictions exactly
     assert exactness["adaptive"]["agreement"] == 1.0
     assert exactness["adaptive"]["kl"] < 1e-9
@@ -46,12 +48,16 @@ TINY = SampleRecipe(
 
 
 @pytest.mark.slow
-def test_sample_pipeline_is_deterministic(tmp_path):
-    results = [build_sample(TINY, tmp_path / f"out{i}", tmp_path / f"work{i}", progress=False) for i in range(2)]
-    assert results[0]["exactness"] == results[1]["exactness"]
+def test_sample_pipeline_is_deterministic_in_one_or_several_processes(tmp_path):
+    """The same command gives the same numbers; several processes (the main pass split by test
+    examples) agree with one to float32 round-off, batches of other sizes summing differently."""
+    results = [build_sample(TINY, tmp_path / f"out{i}", tmp_path / f"work{i}", progress=False, jobs=jobs)
+               for i, jobs in enumerate((1, 1, 2))]
+    assert results[0]["exactness"] == results[1]["exactness"] == results[2]["exactness"]
     frames = []
-    for i in range(2):
+    for i in range(3):
         with RunDB.open(tmp_path / f"out{i}" / "tiny.duckdb") as db:
             frames.append((db.component_totals("tensor"), db.completeness(), db.pruning(), db.steps()))
-    for first, second in zip(*frames, strict=True):
+    for first, second, parallel in zip(*frames, strict=True):
         assert first.equals(second)
+        assert_frame_equal(first, parallel, rel_tol=1e-5, abs_tol=2e-6)

@@ -3,11 +3,10 @@
 Inputs are token rows ``(a, b, =)`` with ``=`` the token ``p``; the model reads the
 last position and predicts one of ``p`` classes. Training is full-batch AdamW on a
 fixed fraction of all ``p²`` pairs; the rest is the validation set. With the default
-configuration (seed 0) the training set is memorised by step ~360 while validation
-accuracy stays near chance, and validation accuracy passes 0.9 only around step 1400
-(``bench/grokking_search.py`` measures this). When grokking happens depends strongly on
-the seed, which picks both the split and the initialisation: seed 2 has not grokked by
-step 2000, and with seed 1 part of the generalisation comes with memorisation.
+configuration (seed 0) training accuracy passes 0.99 at step 89 while validation
+accuracy stays near chance; validation accuracy passes 0.5 at step 789, 0.9 at step 869
+and 0.99 at step 947 (``bench/grokking_search.py`` measures this). When grokking happens
+depends on the seed, which picks both the split and the initialisation.
 """
 
 from __future__ import annotations
@@ -36,11 +35,11 @@ class ModularAdditionConfig:
     d_model: int = 64
     n_heads: int = 4
     d_mlp: int = 256
-    steps: int = 2000
-    lr: float = 3e-3
+    steps: int = 1000
+    lr: float = 1e-2
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-8
-    weight_decay: float = 3.0
+    weight_decay: float = 1.0
     seed: int = 0
     eval_every: int = 1
 
