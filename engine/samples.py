@@ -83,14 +83,14 @@ def _explain_pass(run_dir: Path, config: ExplainConfig, threads: int | None, pro
 
 
 def _explain_all(run_dir: Path, configs: list[ExplainConfig], jobs: int, progress: bool) -> list[Explanation]:
-    """Every pass of a sample, the first (longest) one with the progress bar.
+    """Every pass of a sample, one after the other.
 
-    With ``jobs > 1`` the passes run in that many processes of one thread each, the first
-    pass split into ``jobs + 1`` disjoint sets of test examples (merged again) so that the
-    processes stay busy until the end.
+    With ``jobs > 1`` the passes run in that many processes of one thread each (only the
+    first shows a progress bar), the first pass split into ``jobs + 1`` disjoint sets of test
+    examples (merged again) so that the processes stay busy until the end.
     """
     if jobs == 1:
-        return [_explain_pass(run_dir, c, None, progress and i == 0) for i, c in enumerate(configs)]
+        return [_explain_pass(run_dir, c, None, progress) for c in configs]
     history = History.open(run_dir)
     ids = _test_ids(history, configs[0])
     parts = [replace(configs[0], test_ids=tuple(part)) for part in _split(ids, jobs + 1)]
