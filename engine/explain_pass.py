@@ -26,6 +26,7 @@ from engine.updates import UpdateRule
 
 KINK_ITERATIONS = 6  # most root-search steps refining each kink position …
 KINK_TOLERANCE = 1e-13  # … stopping once no position moves more than this
+HIDDEN_GRID = 16  # panels searched for kinks the end points hide, where the top rule failed
 REGULARIZER = -1  # train id of the weight-decay pseudo-example in the data view
 
 
@@ -296,20 +297,40 @@ class _Pass:
             t, w, cnt = composite(points[bi, xi], counts[bi, xi], rule)
             q, phi = self._evaluate_units(c, thetas, deltas, bi, xi, t, w, cnt)
             ok = accept(q, q_prev, true[bi, xi].to(q.dtype) - q, scale[bi, xi], s.dtype)
-            if level == len(ladder) - 1:
-                ok[:] = True
+            if level == len(ladder) - 1:  # last rule: search the failed units for hidden kinks once
+                failed = (~ok).nonzero().squeeze(1)
+                if len(failed):
+                    fb, fx = bi[failed], xi[failed]
+                    more, more_counts = self._hidden_kinks(c, thetas, deltas, fb, fx, sw_prev[fb, fx],
+                                                           sw_next[fb, fx], points[fb, fx])
+                    tf, wf, cf = composite(more, more_counts, rule)
+                    _, phi_f = self._evaluate_units(c, thetas, deltas, fb, fx, tf, wf, cf)
+                    self._store_rule(rules, fb, fx, tf, wf, cf, phi_f)
+                sel = ok.nonzero().squeeze(1)
+                self._store_rule(rules, bi[sel], xi[sel], t[sel], w[sel], cnt[sel],
+                                 phi[sel] if phi is not None else None)
+                break
             sel = ok.nonzero().squeeze(1)
-            m = t.shape[1]
-            rules.t[bi[sel], xi[sel], :m] = t[sel]
-            rules.w[bi[sel], xi[sel], :m] = w[sel]
-            rules.count[bi[sel], xi[sel]] = cnt[sel]
-            if phi is not None:
-                rules.phi[bi[sel], xi[sel]] = phi[sel]
+            self._store_rule(rules, bi[sel], xi[sel], t[sel], w[sel], cnt[sel], phi[sel] if phi is not None else None)
             pending, q_prev = pending[~ok], q[~ok]
         rules.count[rules.shared] = len(base)
         if s.engine == "vjp" and not self.search_reverse:
             rules.phi = self._final_phi(c, thetas, deltas, rules)
         return rules
+
+    @staticmethod
+    def _store_rule(rules: _Rules, bi: Tensor, xi: Tensor, t: Tensor, w: Tensor, count: Tensor,
+                    phi: Tensor | None) -> None:
+        """Units ``(bi, xi)`` keep nodes ``t, w (P, M)`` (``count`` valid) and, in reverse mode, φ̂."""
+        m = t.shape[1]
+        if m > rules.t.shape[2]:  # hidden kinks added panels: widen every unit's node table
+            pad = (0, m - rules.t.shape[2])
+            rules.t, rules.w = torch.nn.functional.pad(rules.t, pad), torch.nn.functional.pad(rules.w, pad)
+        rules.t[bi, xi, :m] = t
+        rules.w[bi, xi, :m] = w
+        rules.count[bi, xi] = count
+        if phi is not None:
+            rules.phi[bi, xi] = phi
 
     def _final_phi(self, c: _Chunk, thetas: Tensor, deltas: Tensor, rules: _Rules) -> Tensor:
         """φ̂ ``(B, n, O, D)`` of every unit under its final rule (reverse mode)."""
@@ -388,23 +409,55 @@ class _Pass:
             valid = torch.arange(t.shape[1], device=t.device)[None] < counts[:, None]
             row, column = valid.nonzero(as_tuple=True)
             u = unit[row, column]
-            step, example = row // n, row % n
             before = sw_prev.reshape(b_count * n, -1)[row, u].double()
             after = sw_next.reshape(b_count * n, -1)[row, u].double()
-            guess = t[row, column]
-            history = [(torch.zeros_like(guess), before), (torch.ones_like(guess), after)]
-            rows = torch.arange(len(row), device=t.device)
-            for _ in range(KINK_ITERATIONS):
-                value = self.evaluator.switches(thetas, deltas, step, guess, c.x[example])[rows, u].double()
-                new = refine_zero(guess, value, history)
-                moved = float((new - guess).abs().max())
-                guess = new
-                if moved <= KINK_TOLERANCE:
-                    break
             t = t.clone()
-            t[row, column] = guess
+            t[row, column] = self._roots(c, thetas, deltas, row // n, row % n, u,
+                                         (torch.zeros_like(before), before), (torch.ones_like(after), after))
         points, counts = breakpoints(t, counts)
         return points.reshape(b_count, n, -1), counts.reshape(b_count, n)
+
+    def _roots(self, c: _Chunk, thetas: Tensor, deltas: Tensor, step: Tensor, example: Tensor, switch: Tensor,
+               lo: tuple[Tensor, Tensor], hi: tuple[Tensor, Tensor]) -> Tensor:
+        """Zeros of switching values ``switch`` of (step, example) inside the sign brackets
+        ``lo = (t, value)``, ``hi = (t, value)``: a safeguarded root search from the secant."""
+        guess = lo[0] - lo[1] * (hi[0] - lo[0]) / (hi[1] - lo[1])
+        history = [lo, hi]
+        rows = torch.arange(len(guess), device=guess.device)
+        for _ in range(KINK_ITERATIONS):
+            value = self.evaluator.switches(thetas, deltas, step, guess, c.x[example])[rows, switch].double()
+            new = refine_zero(guess, value, history)
+            moved = float((new - guess).abs().max())
+            guess = new
+            if moved <= KINK_TOLERANCE:
+                break
+        return guess
+
+    def _hidden_kinks(self, c: _Chunk, thetas: Tensor, deltas: Tensor, bi: Tensor, xi: Tensor, before: Tensor,
+                      after: Tensor, points: Tensor) -> tuple[Tensor, Tensor]:
+        """Kinks the end points do not reveal — a switching value that crosses zero and back
+        within the step — for units ``(bi, xi)`` whose rule did not converge: the switching
+        values on a grid of ``HIDDEN_GRID`` panels, each sign change refined to its zero and
+        merged with the known ``points (P, K)``. Returns points ``(P, K')`` and counts ``(P,)``."""
+        f64 = dict(dtype=torch.float64, device=points.device)
+        grid = torch.linspace(0.0, 1.0, HIDDEN_GRID + 1, **f64)
+        inner, units = grid[1:-1], len(bi)
+        step, example = bi.repeat_interleave(len(inner)), xi.repeat_interleave(len(inner))
+        values = self.evaluator.switches(thetas, deltas, step, inner.repeat(units), c.x[example])
+        values = torch.cat([before[:, None].double(), values.double().reshape(units, len(inner), -1),
+                            after[:, None].double()], dim=1)  # (P, G + 1, S)
+        unit, panel, switch = (values[:, :-1] * values[:, 1:] < 0).nonzero(as_tuple=True)
+        merged = points
+        if len(unit):
+            roots = self._roots(c, thetas, deltas, bi[unit], xi[unit], switch,
+                                (grid[panel], values[unit, panel, switch]),
+                                (grid[panel + 1], values[unit, panel + 1, switch]))
+            per_unit = torch.bincount(unit, minlength=units)
+            rank = torch.arange(len(unit), device=unit.device) - (torch.cumsum(per_unit, 0) - per_unit)[unit]
+            merged = torch.ones(units, points.shape[1] + int(per_unit.max()), **f64)
+            merged[:, :points.shape[1]] = points
+            merged[unit, points.shape[1] + rank] = roots
+        return breakpoints(merged, torch.full((units,), merged.shape[1], device=points.device))
 
     def _directional(self, c: _Chunk, block: _Block, idx: Tensor, rules: _Rules, directions: Tensor) -> Tensor:
         """``φ̂·v_k`` of every computed (step, example) under its rule: ``(B, K, n, O)``."""

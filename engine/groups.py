@@ -74,7 +74,7 @@ class ParamLayout:
         """``(*lead, D) → {name: (*lead, *shape)}`` as views (differentiable, vmap-safe)."""
         lead = flat.shape[:-1]
         pieces = torch.split(flat, list(self.sizes), dim=-1)
-        return {n: p.reshape(*lead, *s) for n, p, s in zip(self.names, pieces, self.shapes, strict=True)}
+        return {n: p.reshape((*lead, *s)) for n, p, s in zip(self.names, pieces, self.shapes, strict=True)}
 
     def expand(self, values: Mapping[str, Tensor | float], dtype: torch.dtype,
                device: torch.device | str) -> Tensor:

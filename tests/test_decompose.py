@@ -80,6 +80,29 @@ class ReluNet(nn.Module):
         return self.head(F.relu(self.body(x)))
 
 
+class HiddenKink(nn.Module):
+    """Two logits from ``relu(w2 w1 x)``: one SGD step with lr 2 from w1 = 1, w2 = 0.5 on the
+    point x = 1 of class 1 moves the pre-activation along ``(1 − 0.73t)(0.5 − 1.46t)``,
+    positive at both ends of the step but negative for 0.17 < t < 0.68."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.tensor(1.0))
+        self.w2 = nn.Parameter(torch.tensor(0.5))
+        self.head = nn.Linear(1, 2)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.tensor([[1.0], [-1.0]]))
+            self.head.bias.zero_()
+
+    def forward(self, x):
+        return self.head(F.relu(self.w2 * self.w1 * x))
+
+
+def one_point() -> dict:
+    x, y = torch.ones(1, 1), torch.tensor([1])
+    return {"train": (x, y), "val": (x, y)}
+
+
 def data(n_train: int = 20, n_val: int = 6, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n_train + n_val, N_IN, generator=g)
@@ -439,6 +462,28 @@ def test_config_is_validated_at_construction():
     assert parse_test("val")["test_size"] is None
     with pytest.raises(BadInputError):
         parse_test("test:3")
+
+
+def test_adaptive_finds_a_kink_the_end_points_of_the_step_hide(tmp_path):
+    spec = {"model": "tests.test_decompose:HiddenKink", "model_kwargs": {}, "data": "tests.test_decompose:one_point",
+            "data_kwargs": {}, "loss": "cross_entropy"}
+    task = get_task(spec)
+    net = task.build_model().double()
+    x, y = one_point()["train"]
+    optimizer = torch.optim.SGD(net.parameters(), lr=2.0)
+    with Recorder(net, optimizer, tmp_path / "run", model_spec=spec, train_data=one_point()["train"],
+                  dtype=torch.float64) as rec:
+        optimizer.zero_grad()
+        F.cross_entropy(net(x.double()), y).backward()
+        rec.batch(torch.tensor([0]))
+        optimizer.step()
+    history = History.open(tmp_path / "run")
+    z = [float(p["w1"] * p["w2"]) for p in (history.params(0), history.params(1))]
+    assert min(z) > 0  # no sign change between the end points
+    e = explain(history.path, ExplainConfig(test_size=None, dtype="float64"), progress=False)
+    np.testing.assert_allclose(totals(e.completeness, "reconstructed"), final_change(history).numpy(),
+                               rtol=0, atol=1e-13)
+    assert e.max_rel_residual < 1e-12
 
 
 def test_quantities_and_exactness_table(tmp_path):
