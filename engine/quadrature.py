@@ -170,7 +170,9 @@ def accept(q: Tensor, q_prev: Tensor | None, residual: Tensor, g_scale: Tensor, 
 # zero, ∇g jumps and any fixed rule converges like 1/n. The switching values of such
 # operations (the argument whose sign picks the branch) are recorded in the forward passes
 # at θ_s and θ_{s+1}; a sign change places a breakpoint at the linear interpolant of the
-# zero, and the adaptive rule integrates each smooth piece separately.
+# zero (then refined by a root search), and the adaptive rule integrates each smooth piece
+# separately. A value that crosses zero and comes back within the step shows no sign change
+# at the ends; where the top rule still fails, the values are searched on a grid of the step.
 
 def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
     return args[index] if len(args) > index else kwargs.get(name, default)
