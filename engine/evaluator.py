@@ -95,6 +95,13 @@ class _Evaluator:
         self._forward = vmap(forward, in_dims=(0, None, None))      # steps → (B, n, O), (B, n, S)
         self._g = vmap(setup.g_batch, in_dims=(0, None, None))      # steps → (B, n, O)
 
+    def _batch(self, evaluations: int, vectors: int) -> int:
+        """Items per vectorised call when each costs ``evaluations`` of the ``max_batch`` budget
+        and holds ``vectors`` parameter-sized vectors (points or tangents) of ``memory_mb``."""
+        config, s = self.s.config, self.s
+        memory = config.memory_mb * 2**20 // (vectors * s.layout.total * s.dtype.itemsize)
+        return max(1, min(config.max_batch // evaluations, memory))
+
     def forward(self, thetas: Tensor, x: Tensor, y: Tensor, switches: bool) -> tuple[Tensor, Tensor | None]:
         """``g`` at each point ``(B, n, O)`` and, if asked, the switching values ``(B, n, S)``."""
         budget = max(1, self.s.config.max_batch // x.shape[0])
@@ -114,7 +121,7 @@ class _Evaluator:
         s = self.s
         b_count, k, n = directions.shape[0], directions.shape[1], x.shape[0]
         per_step = len(t) * k * n
-        steps = max(1, s.config.max_batch // per_step)
+        steps = self._batch(per_step, len(t) * (k + 1))
         nodes = t.to(s.dtype).expand(b_count, -1)
         out = [self._jvp_shared(thetas[a:a + steps], deltas[a:a + steps], nodes[a:a + steps],
                                 directions[a:a + steps], x, y) for a in range(0, b_count, steps)]
@@ -130,7 +137,7 @@ class _Evaluator:
         if not len(t):
             return out
         row_step, slot, valid = _pack(step, len(thetas))
-        rows = max(1, s.config.max_batch // (slot.shape[1] * k))
+        rows = self._batch(slot.shape[1] * k, slot.shape[1] * (k + 1))
         for a in range(0, len(row_step), rows):
             b, sl, ok = row_step[a:a + rows], slot[a:a + rows], valid[a:a + rows]
             value = self._jvp_units(thetas[b], deltas[b], t[sl].to(s.dtype), directions[b], x[sl], y[sl])
@@ -184,7 +191,7 @@ class _Evaluator:
         """Switching values per unit at its own point: ``(U, S)``."""
         s = self.s
         row_step, slot, valid = _pack(step, len(thetas))
-        rows = max(1, s.config.max_batch // slot.shape[1])
+        rows = self._batch(slot.shape[1], slot.shape[1])
         out = None
         for a in range(0, len(row_step), rows):
             b, sl, ok = row_step[a:a + rows], slot[a:a + rows], valid[a:a + rows]
