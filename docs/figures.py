@@ -1,7 +1,7 @@
-"""Export the README's figures from the running dashboard, exactly as a user sees them.
+"""Export a run's figures from the running dashboard, exactly as a user sees them (for slides).
 
-    .venv/bin/python docs/figures.py                # all figures of sample_runs/ into docs/figures/
-    .venv/bin/python docs/figures.py --runs DIR --out DIR
+    .venv/bin/python docs/figures.py --run digits                 # sample_runs/digits.duckdb → docs/figures/
+    .venv/bin/python docs/figures.py --runs DIR --run NAME --out DIR
 
 Starts the dashboard on the sample runs, opens each page by its link (presentation mode,
 every control in the URL) in headless Chromium (``/usr/bin/chromium``) and saves each chart
@@ -19,23 +19,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.dashboard import CHROMIUM, CHROMIUM_ARGS, ROOT, dashboard, open_page
 
-# (file name, page, link query, index of the chart on that page)
+# (figure name, page, link query after ?run=NAME&present=1, index of the chart on that page)
 FIGURES = [
-    ("grokking-training", "overview", "?run=grokking&present=1", 0),
-    ("grokking-modules", "components", "?run=grokking&present=1&level=module&measure=share", 0),
-    ("grokking-modules-cumulative", "components", "?run=grokking&present=1&level=module&cumulative=1", 1),
-    ("grokking-decay", "components", "?run=grokking&present=1&level=module", 2),
-    ("grokking-reconstruction", "reconstruction", "?run=grokking&present=1", 0),
-    ("grokking-pruning", "pruning", "?run=grokking&present=1", 0),
-    ("digits-pruning", "pruning", "?run=digits&present=1", 0),
+    ("training", "overview", "", 0),
+    ("modules", "components", "&level=module&measure=share", 0),
+    ("modules-cumulative", "components", "&level=module&cumulative=1", 1),
+    ("decay", "components", "&level=module", 2),
+    ("reconstruction", "reconstruction", "", 0),
+    ("pruning", "pruning", "", 0),
 ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=Path, default=ROOT / "sample_runs")
+    parser.add_argument("--run", required=True, help="run name (its database is RUNS/NAME.duckdb)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "figures")
     args = parser.parse_args()
+    if not (args.runs / f"{args.run}.duckdb").is_file():
+        sys.exit(f"error: {args.runs / (args.run + '.duckdb')} does not exist; choose a run of {args.runs}")
     if not CHROMIUM.exists():
         sys.exit(f"error: {CHROMIUM} is missing; install it with `apt-get install -y chromium`")
     from playwright.sync_api import sync_playwright
@@ -45,13 +47,15 @@ def main() -> None:
           sync_playwright() as playwright):
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         tab = browser.new_page(viewport={"width": 1400, "height": 900})
-        for name, page, query, index in FIGURES:
+        for name, page, extra, index in FIGURES:
+            query = f"?run={args.run}&present=1{extra}"
             open_page(tab, server, page, query)
             chart = tab.locator('[data-testid="stPlotlyChart"]').nth(index)
             chart.scroll_into_view_if_needed()
             tab.wait_for_timeout(500)
-            chart.screenshot(path=str(args.out / f"{name}.png"))
-            print(f"{args.out / f'{name}.png'}  ←  /{'' if page == 'overview' else page}{query}")
+            path = args.out / f"{args.run}-{name}.png"
+            chart.screenshot(path=str(path))
+            print(f"{path}  ←  /{'' if page == 'overview' else page}{query}")
         browser.close()
 
 

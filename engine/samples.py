@@ -1,8 +1,8 @@
 """The shipped sample runs: each one's full recipe, and the pipeline that builds it from scratch.
 
-``python -m engine sample grokking`` trains the task, checks the record by replay,
+``python -m engine sample digits`` trains the task, checks the record by replay,
 decomposes it, measures prediction-level exactness for several quadratures, runs the
-pruning study and publishes ``sample_runs/grokking.duckdb``. Everything is seeded, so the
+pruning study and publishes ``sample_runs/digits.duckdb``. Everything is seeded, so the
 same command reproduces the same numbers; the recipe is stored in the database's metadata
 (key ``recipe``) so a test can check that a shipped file matches its command.
 """
@@ -62,14 +62,6 @@ SAMPLES: dict[str, SampleRecipe] = {
                         "window": 5, "dtype": "float64"},
             data={"test_size": 10, "quantity": "logprob", "views": ("data",), "window": 20, "dtype": "float64"},
             exactness_tests=30,
-        ),
-        SampleRecipe(
-            name="grokking",
-            task="modular-addition",
-            components={"test_size": 200, "quantity": "logprob", "views": ("components", "importance"),
-                        "window": 10},
-            data={"test_size": 20, "quantity": "logprob", "views": ("data",), "window": 100},
-            exactness_tests=10,
         ),
     )
 }
