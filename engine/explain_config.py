@@ -120,6 +120,15 @@ class ExplainConfig:
     def quadrature_spec(self) -> QuadratureSpec:
         return parse_quadrature(self.quadrature)
 
+    def test_ids_in(self, split_size: int) -> tuple[int, ...]:
+        """The explained example ids of a ``test_split`` with ``split_size`` examples."""
+        if self.test_ids is None:
+            return tuple(range(min(split_size, self.test_size or split_size)))
+        if max(self.test_ids) >= split_size:
+            raise BadInputError(f"test id {max(self.test_ids)} is outside the {self.test_split} split "
+                                f"(0..{split_size - 1})")
+        return self.test_ids
+
     @property
     def quantity_name(self) -> str:
         return get_quantity(self.quantity).name

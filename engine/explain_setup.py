@@ -109,13 +109,7 @@ def _setup(history: History, task: Task, config: ExplainConfig) -> _Setup:
         raise BadInputError(f"steps ({lo}, {hi}) reach beyond the {n_steps} recorded steps of {history.path}")
 
     test = task.dataset(config.test_split)
-    if config.test_ids is not None:
-        test_ids = config.test_ids
-        if max(test_ids) >= len(test):
-            raise BadInputError(f"test id {max(test_ids)} is outside the {config.test_split} split "
-                                f"(0..{len(test) - 1})")
-    else:
-        test_ids = tuple(range(min(len(test), config.test_size or len(test))))
+    test_ids = config.test_ids_in(len(test))
     index = torch.tensor(test_ids, dtype=torch.int64)
     test_x, test_y = _data_on(test.inputs[index], dtype, device), test.labels[index].to(device)
 

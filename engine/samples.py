@@ -83,8 +83,8 @@ def _explain_all(run_dir: Path, configs: list[ExplainConfig], jobs: int, progres
     """
     if jobs == 1:
         return [_explain_pass(run_dir, c, None, progress) for c in configs]
-    history = History.open(run_dir)
-    ids = _test_ids(history, configs[0])
+    task = get_task(History.open(run_dir).model_spec)
+    ids = list(configs[0].test_ids_in(len(task.dataset(configs[0].test_split))))
     parts = [replace(configs[0], test_ids=tuple(part)) for part in _split(ids, jobs + 1)]
     work = parts + configs[1:]
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -96,14 +96,6 @@ def _explain_all(run_dir: Path, configs: list[ExplainConfig], jobs: int, progres
 def _split(ids: list[int], count: int) -> list[list[int]]:
     size = -(-len(ids) // count)
     return [ids[a:a + size] for a in range(0, len(ids), size)]
-
-
-def _test_ids(history: History, config: ExplainConfig) -> list[int]:
-    """The test example ids ``config`` explains on ``history``'s task."""
-    if config.test_ids is not None:
-        return list(config.test_ids)
-    size = len(get_task(history.model_spec).dataset(config.test_split))
-    return list(range(min(size, config.test_size or size)))
 
 
 def build_sample(sample: str | SampleRecipe, out_dir: Path = Path("sample_runs"), work_dir: Path = Path("runs"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import signal
+from dataclasses import replace
 
 import numpy as np
 import polars as pl
@@ -28,6 +29,7 @@ from engine.decompose import (
     element_influence,
     explain,
     explain_history,
+    merge_tests,
     parse_test,
 )
 from engine.errors import BadInputError, UnsupportedOptimizerError
@@ -515,6 +517,24 @@ def test_max_rel_residual_is_the_worst_test_example_over_all_its_outputs(tmp_pat
     summary = info(write_run(tmp_path / "run.duckdb", e.to_bundle(history, task)))
     assert summary["max_rel_residual"] == pytest.approx(per_test.max(), rel=1e-6)
     assert summary["max_rel_residual_output"] == pytest.approx(per_output.max(), rel=1e-6)
+
+
+def test_passes_over_disjoint_test_examples_merge_into_the_whole(tmp_path):
+    history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.Adam(m.parameters(), lr=0.02), steps=4)
+    config = ExplainConfig(views=("components", "importance"), test_size=None, dtype="float64")
+    whole = explain(history.path, config, progress=False)
+    halves = [explain(history.path, replace(config, test_ids=ids), progress=False) for ids in ((0, 1, 2), (3, 4, 5))]
+    merged = merge_tests(halves)
+    assert merged.test_ids == whole.test_ids
+    np.testing.assert_allclose(totals(merged.components), totals(whole.components), rtol=1e-12)
+    np.testing.assert_allclose(merged.importance["importance"].to_numpy(), whole.importance["importance"].to_numpy(),
+                               rtol=1e-12)
+    assert merged.max_rel_residual == max(h.max_rel_residual for h in halves)
+    with pytest.raises(BadInputError, match="disjoint"):
+        merge_tests([halves[0], halves[0]])
+    other = explain(history.path, replace(config, test_ids=(3,), quantity="loss"), progress=False)
+    with pytest.raises(BadInputError, match="must agree"):
+        merge_tests([halves[0], other])
 
 
 def test_bundle_round_trips_through_the_store(tmp_path):
