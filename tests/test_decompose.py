@@ -535,6 +535,8 @@ def test_passes_over_disjoint_test_examples_merge_into_the_whole(tmp_path):
     other = explain(history.path, replace(config, test_ids=(3,), quantity="loss"), progress=False)
     with pytest.raises(BadInputError, match="must agree"):
         merge_tests([halves[0], other])
+    with pytest.raises(BadInputError, match=r"test id 6 is outside the val split \(0..5\)"):
+        explain(history.path, replace(config, test_ids=(1, 6)), progress=False)
 
 
 def test_bundle_round_trips_through_the_store(tmp_path):
