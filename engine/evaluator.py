@@ -103,14 +103,23 @@ class _Evaluator:
         return max(1, min(config.max_batch // evaluations, memory))
 
     def forward(self, thetas: Tensor, x: Tensor, y: Tensor, switches: bool) -> tuple[Tensor, Tensor | None]:
-        """``g`` at each point ``(B, n, O)`` and, if asked, the switching values ``(B, n, S)``."""
+        """``g`` at each point ``(B, n, O)`` in float64 and, if asked, the switching values
+        ``(B, n, S)`` in the compute dtype.
+
+        These values are the truth every step's reconstruction is checked against, so they are
+        evaluated in float64 whatever the compute dtype: the recorded parameters convert
+        exactly, and a float32 ``g`` of magnitude 10 carries round-off of order 1e-6 — more than
+        the float32 reconstruction's own error of the change over one step.
+        """
         budget = max(1, self.s.config.max_batch // x.shape[0])
+        thetas = thetas.to(torch.float64)
+        x = x.to(torch.float64) if x.is_floating_point() else x
         outs, sws = [], []
         for a in range(0, len(thetas), budget):
             if switches:
                 g, sw = self._forward(thetas[a:a + budget], x, y)
                 outs.append(g)
-                sws.append(sw)
+                sws.append(sw.to(self.s.dtype))
             else:
                 outs.append(self._g(thetas[a:a + budget], x, y))
         return torch.cat(outs), torch.cat(sws) if switches else None

@@ -237,7 +237,7 @@ class _Pass:
         sw_prev = torch.cat([c.switch_prev[None], sw_next[:-1]]) if adaptive else None
         c.g_prev = g_next[-1]
         c.switch_prev = sw_next[-1] if adaptive else None
-        true = g_next.double() - g_prev.double()  # (B, n, O)
+        true = g_next - g_prev  # (B, n, O) float64
         computed = torch.tensor(block.compute, device=s.device)
         if not bool(computed.any()):
             return None, None, true
@@ -283,7 +283,7 @@ class _Pass:
         # first level: Gauss 1 and 2 per piece; plain (kink-free) units at shared nodes
         plain = counts == 0
         q1, q2 = self._first_level(c, thetas, deltas, plain, points, counts, ladder[0], base, rules)
-        done = accept(q2, q1, true.to(q2.dtype) - q2, scale, s.dtype)  # (B, n)
+        done = accept(q2, q1, true - q2, scale, s.dtype)  # (B, n)
         if len(ladder) == 2:
             done[:] = True
         rules.shared = plain & done
@@ -296,7 +296,7 @@ class _Pass:
             bi, xi = pending[:, 0], pending[:, 1]
             t, w, cnt = composite(points[bi, xi], counts[bi, xi], rule)
             q, phi = self._evaluate_units(c, thetas, deltas, bi, xi, t, w, cnt)
-            ok = accept(q, q_prev, true[bi, xi].to(q.dtype) - q, scale[bi, xi], s.dtype)
+            ok = accept(q, q_prev, true[bi, xi] - q, scale[bi, xi], s.dtype)
             if level == len(ladder) - 1:  # last rule: search the failed units for hidden kinks once
                 failed = (~ok).nonzero().squeeze(1)
                 if len(failed):

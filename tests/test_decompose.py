@@ -591,6 +591,19 @@ def test_float32_default_reaches_round_off(tmp_path):
     assert math.isfinite(e.max_rel_residual) and e.seconds > 0
 
 
+def test_float32_explanations_check_against_the_float64_truth(tmp_path):
+    """The true change of a float32 run is g of its recorded parameters evaluated in float64:
+    it is the float64 forward pass to round-off of float64, far below float32's."""
+    history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.Adam(m.parameters(), lr=0.02),
+                     dtype=torch.float32)
+    e = explain(history.path, ExplainConfig(test_size=None), progress=False)
+    truth = final_change(history, torch.float64).numpy()
+    true_total = totals(e.completeness, "true_change")
+    assert np.abs(true_total - truth).max() <= 1e-12 * np.abs(truth).max()
+    finals = e.predictions.sort("test", "output")
+    assert np.allclose(finals["true_final"].to_numpy() - finals["initial"].to_numpy(), truth.ravel(), atol=1e-12)
+
+
 def test_group_map_labels_overrides_sizes_and_masks():
     layout = ParamLayout(("body.0.weight", "body.0.bias", "body.2.weight", "head.weight"),
                          ((4, 3), (4,), (2, 4), (3, 2)))
