@@ -42,6 +42,7 @@ MEASURE_TITLES = {
 }
 MISSING = "—"
 LOG_COUNTS_FROM = 100
+LOG_TICKS = (1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001, 3e-4, 1e-4)  # kept-fraction ticks, half a decade apart
 
 
 def _template(background: str, text: str, grid: str) -> dict:
@@ -517,6 +518,9 @@ def pruning_figure(pruning: pl.DataFrame, style: Style) -> go.Figure:
     present = pruning.get_column("method").unique().to_list()
     methods = [m for m in METHOD_COLORS if m in present] + sorted(set(present) - set(METHOD_COLORS))
     g = grid(1, 3, h_space=0.08)
+    kept_all = 1 - pruning.get_column("sparsity")
+    # half-decade ticks: automatic log ticks label every minor tick and overlap in narrow panels
+    ticks = [v for v in LOG_TICKS if kept_all.min() * 0.99 <= v <= kept_all.max() * 1.01]
     traces = []
     for col, (metric, title, fmt) in enumerate(panels, start=1):
         for i, method in enumerate(methods):
@@ -541,7 +545,8 @@ def pruning_figure(pruning: pl.DataFrame, style: Style) -> go.Figure:
                 hovertemplate=f"{method}, sparsity %{{customdata}}: %{{y:.4g}}<extra></extra>", **g.refs(1, col),
             ))  # fmt: skip
         g.y(1, col).update(_title(title), **({"tickformat": fmt} if fmt else {}))
-        g.x(1, col).update(_title("kept fraction (1 − sparsity)"), type="log", autorange="reversed", tickformat=".1%")
+        g.x(1, col).update(_title("kept fraction (1 − sparsity)"), type="log", autorange="reversed",
+                           tickvals=ticks, ticktext=[f"{100 * v:g}%" for v in ticks])
     layout = {**g.layout, "annotations": _subplot_titles(g, [p[1] for p in panels], style),
               "margin": {"l": 70, "r": 30, "t": 120, "b": 60}}  # fmt: skip
     fig = _figure(traces, layout, style, "Pruning by kernel importance vs magnitude vs random", 480)

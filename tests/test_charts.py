@@ -361,6 +361,7 @@ def test_pruning_figure_means_over_seeds_with_band_only_for_varying_methods():
     assert [t.name for t in lines[:3]] == ["kernel", "magnitude", "random"]
     assert fig.layout.yaxis3.title.text == "KL (nats)"
     assert fig.layout.xaxis.type == "log" and fig.layout.xaxis.autorange == "reversed"
+    assert list(fig.layout.xaxis.tickvals) == [0.3, 0.1] and list(fig.layout.xaxis3.ticktext) == ["30%", "10%"]
 
 
 def test_compare_curves_overlay_runs_with_dashes():
