@@ -548,9 +548,8 @@ class _Pass:
         rows = max(1, s.config.memory_mb * 2**20 // (4 * s.layout.total * s.dtype.itemsize))
         flat = phi.reshape(-1, phi.shape[-1])  # (n·O, D)
         for a in range(0, len(terms.active), rows):
-            psi = terms.psi_rows(a, a + rows)  # (A, D)
-            gamma = (psi @ flat.T).reshape(psi.shape[0], *phi.shape[:2])  # (A, n, O)
-            c.data.index_add_(0, terms.active[a:a + rows], gamma.double())
+            gamma = terms.psi_times(a, a + rows, flat)  # (A, n·O) = ψ_s(active) · φ̂
+            c.data.index_add_(0, terms.active[a:a + rows], gamma.reshape(-1, *phi.shape[:2]).double())
 
     def _record(self, c: _Chunk, step: int, true: Tensor, recon: Tensor, opt: Tensor | None,
                 count: Tensor) -> None:

@@ -30,6 +30,7 @@ class _StepTerms:
     rho: Tensor | None = None              # Δ_s − Σ_k ψ_s(k) − ψ_s(reg)
     active: Tensor | None = None           # (A,) train ids with ψ_s(k) ≠ 0
     psi_rows: Callable[[int, int], Tensor] | None = None  # rows [a, b) of ψ_s(active): (b − a, D)
+    psi_times: Callable[[int, int, Tensor], Tensor] | None = None  # (rows [a, b) of ψ_s(active)) · m.T for m (K, D)
     psi: Tensor | None = None              # (A, D) ψ_s(active), materialised for forward mode
 
 
@@ -135,6 +136,7 @@ class _TrainSide:
         if self.buf_ex is None:
             terms.active = unique
             terms.psi_rows = lambda a, b: out_direct * d_ex[a:b]
+            terms.psi_times = lambda a, b, m: d_ex[a:b] @ (out_direct * m).T
             return
         self.buf_ex.mul_(decay)
         self.buf_ex.index_add_(0, unique, inject * d_ex)
@@ -144,6 +146,8 @@ class _TrainSide:
         position[unique] = torch.arange(len(unique), device=s.device)
         buf_ex = self.buf_ex
 
+        every = len(active) == n_train  # active is then 0..n−1: rows are slices, not copies
+
         def rows(a: int, b: int) -> Tensor:
             ids = active[a:b]
             psi = out_buffer * buf_ex[ids]
@@ -152,5 +156,16 @@ class _TrainSide:
             psi[has] += out_direct * d_ex[where[has]]
             return psi
 
+        def times(a: int, b: int, m: Tensor) -> Tensor:
+            # the (K, D) factor takes the optimizer's output scales, so ψ itself is never built:
+            # a data-view step then reads the (train, D) buffer once instead of writing it twice
+            ids = active[a:b]
+            out = (buf_ex[a:b] if every else buf_ex[ids]) @ (out_buffer * m).T
+            where = position[ids]
+            has = where >= 0
+            out[has] += d_ex[where[has]] @ (out_direct * m).T
+            return out
+
         terms.active = active
         terms.psi_rows = rows
+        terms.psi_times = times
