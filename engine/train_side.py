@@ -117,7 +117,7 @@ class _TrainSide:
         scale = vec(split.grad_scale)
         if self.per_example:
             unique, d_ex = gradient
-            d_ex = d_ex * scale
+            d_ex.mul_(scale)  # this step's own tensor, used once
             d_batch = d_ex.sum(0)
             self._advance_examples(unique, d_ex, decay, inject, out_buffer, out_direct, terms)
         else:
@@ -139,7 +139,10 @@ class _TrainSide:
             terms.psi_times = lambda a, b, m: d_ex[a:b] @ (out_direct * m).T
             return
         self.buf_ex.mul_(decay)
-        self.buf_ex.index_add_(0, unique, inject * d_ex)
+        if len(unique) == n_train:  # the full batch: unique is 0..n−1
+            self.buf_ex.addcmul_(d_ex, inject.expand_as(d_ex))
+        else:
+            self.buf_ex.index_add_(0, unique, inject * d_ex)
         self.seen[unique] = True
         active = self.seen.nonzero().squeeze(1)
         position = torch.full((n_train,), -1, dtype=torch.int64, device=s.device)

@@ -206,11 +206,12 @@ def test_adaptive_cuts_relu_kinks_and_beats_midpoint_100(tmp_path):
 
 # ------------------------------------------------------------------------------ two algorithms agree
 @pytest.mark.parametrize("engine", ["jvp", "vjp"])
-def test_data_view_for_sgd_momentum_matches_a_closed_form_per_example(tmp_path, engine):
+@pytest.mark.parametrize("batch", [6, 20])  # mini-batches of 6, and the full batch of 20
+def test_data_view_for_sgd_momentum_matches_a_closed_form_per_example(tmp_path, engine, batch):
     lr, mu, wd = 0.2, 0.7, 0.05
     history = record(tmp_path / "run", "LinearNet",
                      lambda m: torch.optim.SGD(m.parameters(), lr=lr, momentum=mu, nesterov=True, weight_decay=wd),
-                     steps=5)
+                     steps=5, batch=batch)
     e = explain(history.path, ExplainConfig(views=("components", "data"), engine=engine, **F64), progress=False)
     assert e.engine == engine
     task = get_task(history.model_spec)
