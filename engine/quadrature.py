@@ -32,9 +32,9 @@ DEFAULT_ADAPTIVE_MAX = 16
 MAX_NODES = 4096
 # Adaptive acceptance (see ``accept``): the estimated error of a rule must lie within
 # TOLERANCE_ULPS machine epsilons of the size of the values involved, the measured step
-# residual r_s within RESIDUAL_ULPS of them.
+# residual r_s within RESIDUAL_ULPS of the step's change (plus one of g itself).
 TOLERANCE_ULPS = 16.0
-RESIDUAL_ULPS = 256.0
+RESIDUAL_ULPS = 16.0
 MAX_BREAKPOINTS = 64  # kinks kept per step and test example
 MIN_PANEL = 1e-12  # narrower panels are merged with their neighbour
 
@@ -153,10 +153,14 @@ def accept(q: Tensor, q_prev: Tensor | None, residual: Tensor, g_scale: Tensor, 
     |f| L^{-2n} (n!)⁴/(2n)!³…): the current rule's error is estimated by ``e²/max(|q|, e)``
     with ``e = |q − q_prev|``, never more than ``e``. A unit stops when, for every output,
     that estimate is at round-off of ``g_scale + |q|`` and ``r_s`` is within ``RESIDUAL_ULPS``
-    round-offs of ``g_scale`` (a guard against rules that agree but are both off, as at a kink
-    the switching values do not reveal).
+    round-offs of the change ``|r_s + q| + |q|`` plus one round-off of ``g_scale`` (a guard
+    against rules that agree but are both off, as at a kink the switching values do not
+    reveal). The true change is evaluated in float64 (``engine.evaluator``), so ``r_s`` is the
+    rule's error and not the round-off of ``g`` in the compute dtype.
     """
-    ok = (residual.abs() <= tolerance(g_scale, dtype, RESIDUAL_ULPS)).all(dim=-1)
+    true = residual + q
+    ok = (residual.abs() <= tolerance(true.abs() + q.abs(), dtype, RESIDUAL_ULPS)
+          + tolerance(g_scale, dtype, 1.0)).all(dim=-1)
     if q_prev is None:
         return torch.zeros_like(ok)
     change = (q - q_prev).abs()

@@ -168,3 +168,15 @@ def test_accept_needs_two_rules_agreeing_and_a_small_residual():
     assert not accept(q_prev + 1e-2, q_prev, tiny, scale, torch.float32).item()
     assert not accept(close, q_prev, tiny + 1e-2, scale, torch.float32).item()
     assert not accept(close, q_prev, tiny, scale, torch.float64).item()
+
+
+def test_accept_holds_the_residual_to_round_off_of_the_change_not_of_g():
+    """A step that moves g from −10 to −18 in float32: the rules agree, but a residual of 1e-4 is
+    a thousand round-offs of the change (8) and must be refused, even though it is within
+    round-off of g's own magnitude times a few hundred."""
+    q = torch.tensor([[-8.0]])
+    scale = torch.tensor([[28.0]])
+    assert not accept(q, q, torch.tensor([[1e-4]]), scale, torch.float32).item()
+    assert accept(q, q, torch.tensor([[1e-5]]), scale, torch.float32).item()
+    # a change too small to resolve against g itself is held only to round-off of g
+    assert accept(torch.tensor([[1e-9]]), torch.tensor([[1e-9]]), torch.tensor([[2e-6]]), scale, torch.float32).item()
