@@ -4,10 +4,10 @@
 
 The exactness table (agreement and KL of reconstructed vs true final predictions per
 quadrature), the pruning table (kernel importance vs magnitude vs random, random averaged
-over seeds), and per training phase — read off the logged accuracy curves by the
-dashboard's rule (``app.phases``) — every module's share of the absolute influence, its
-signed influence and the weight-decay part of it: the numbers the Components page shows
-for the same step ranges.
+over seeds), the two leading modules of every 100 steps, and per training phase — read
+off the logged accuracy curves by the dashboard's rule (``app.phases``) — every module's
+share of the absolute influence, its signed influence and the weight-decay part of it:
+the numbers the Components page shows for the same step ranges.
 """
 
 from __future__ import annotations
@@ -32,6 +32,18 @@ def phase_table(db: RunDB, start: int, end: int) -> pl.DataFrame:
         pl.col("value").round(3).alias("signed"),
         pl.col("decay").round(3).alias("weight-decay part"),
     ).sort("share %", descending=True)
+
+
+def leaders_table(db: RunDB, window: int = 100) -> pl.DataFrame:
+    """The two modules with the largest share of absolute influence in each ``window`` steps."""
+    matrix = db.component_matrix("module", window=window, measure="absolute").with_columns(
+        (pl.col("value") / pl.col("value").sum().over("step_lo") * 100).round(1).alias("share"))
+    top = matrix.sort("value", descending=True).group_by("step_lo", "step_hi", maintain_order=True).head(2)
+    return top.group_by("step_lo", "step_hi").agg(
+        pl.concat_str(pl.col("group"), pl.lit(" "), pl.col("share").cast(pl.String), pl.lit(" %"))
+        .str.join(", ").alias("leading modules (share of absolute influence)")).sort("step_lo").select(
+        pl.concat_str(pl.col("step_lo").cast(pl.String), pl.lit("–"), (pl.col("step_hi") - 1).cast(pl.String))
+        .alias("steps"), pl.exclude("step_lo", "step_hi"))
 
 
 def markdown(frame: pl.DataFrame) -> str:
@@ -64,6 +76,7 @@ def main() -> None:
         print(f"### exactness\n\n{markdown(exactness_table(db))}\n")
         if db.pruning().height:
             print(f"### pruning\n\n{markdown(pruning_table(db))}\n")
+        print(f"### leading modules per 100 steps\n\n{markdown(leaders_table(db))}\n")
         phases = find_phases(db.steps())
         for phase in phases:
             table = phase_table(db, phase.start, phase.end)
