@@ -52,6 +52,9 @@ or point the dashboard at a directory that has some: type it in the sidebar, sta
 """
 
 
+FIRST_RUN = "grokking"  # the run a link without ?run= opens, when the directory has it
+
+
 def choose_directory() -> Path:
     """The runs directory: the sidebar's text if it names a directory, else the launch default."""
     launch = state.default_runs_dir()
@@ -81,7 +84,7 @@ def sidebar() -> tuple[state.Run | None, Path]:
         run = None
         if names:
             name = state.url_widget(
-                "run", state.choice(names), names[0],
+                "run", state.choice(names), FIRST_RUN if FIRST_RUN in names else names[0],
                 lambda key: st.selectbox("Run", names, key=key, help=f"Run databases in {directory}"),
             )  # fmt: skip
             run = choices[names.index(name)]

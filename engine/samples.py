@@ -63,6 +63,14 @@ SAMPLES: dict[str, SampleRecipe] = {
             data={"test_size": 10, "quantity": "logprob", "views": ("data",), "window": 20, "dtype": "float64"},
             exactness_tests=30,
         ),
+        SampleRecipe(
+            name="grokking",
+            task="modular-addition",
+            components={"test_size": 200, "quantity": "logprob", "views": ("components", "importance"),
+                        "window": 20},
+            data={"test_size": 20, "quantity": "logprob", "views": ("data",), "window": 200},
+            exactness_tests=10,
+        ),
     )
 }
 
@@ -79,7 +87,8 @@ def _explain_all(run_dir: Path, configs: list[ExplainConfig], jobs: int, progres
 
     With ``jobs > 1`` the passes run in that many processes of one thread each (only the
     first shows a progress bar), the first pass split into ``jobs + 1`` disjoint sets of test
-    examples (merged again) so that the processes stay busy until the end.
+    examples (merged again) so that the processes stay busy until the end. Passes with the
+    data view start first: their per-example gradients of every step make them the longest.
     """
     if jobs == 1:
         return [_explain_pass(run_dir, c, None, progress) for c in configs]
@@ -87,9 +96,11 @@ def _explain_all(run_dir: Path, configs: list[ExplainConfig], jobs: int, progres
     ids = list(configs[0].test_ids_in(len(task.dataset(configs[0].test_split))))
     parts = [replace(configs[0], test_ids=tuple(part)) for part in _split(ids, jobs + 1)]
     work = parts + configs[1:]
+    order = sorted(range(len(work)), key=lambda i: "data" not in work[i].views)
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_explain_pass, run_dir, c, 1, progress and i == 0) for i, c in enumerate(work)]
-        results = [f.result() for f in futures]
+        futures = {i: pool.submit(_explain_pass, run_dir, work[i], 1, progress and rank == 0)
+                   for rank, i in enumerate(order)}
+        results = [futures[i].result() for i in range(len(work))]
     return [merge_tests(results[:len(parts)]), *results[len(parts):]]
 
 

@@ -2,6 +2,7 @@
 
 import base64
 import json
+import shutil
 from pathlib import Path
 
 import duckdb
@@ -149,15 +150,20 @@ def test_no_runs_found_is_a_friendly_message(tmp_path, monkeypatch):
     assert "is not a directory" in warnings(missing)
 
 
-def test_app_without_configuration_opens_the_first_sample_run(monkeypatch):
+def test_app_without_configuration_opens_the_grokking_sample(monkeypatch):
     monkeypatch.delenv(state.ENV_RUNS, raising=False)
     at = app().run()
     no_errors(at)
-    samples = state.find_runs(state.SAMPLE_RUNS)
-    if samples:
-        assert titles(at) == [f"Overview · {samples[0].stem}"]
-    else:
-        assert "No run databases" in at.info[0].value
+    assert titles(at) == ["Overview · grokking"]
+
+
+def test_a_directory_without_grokking_opens_its_first_run(tmp_path, monkeypatch):
+    for name in ("b-run", "a-run"):
+        shutil.copy(state.SAMPLE_RUNS / "digits.duckdb", tmp_path / f"{name}.duckdb")
+    monkeypatch.setenv(state.ENV_RUNS, str(tmp_path))
+    at = app().run()
+    no_errors(at)
+    assert titles(at) == ["Overview · a-run"]
 
 
 def test_foreign_and_broken_files_show_the_store_message(tmp_path, monkeypatch):
