@@ -763,6 +763,11 @@ def _translate(path: Path, exc: duckdb.Error) -> StoreError:
     )
 
 
+def _sql_string(text: str) -> str:
+    """``text`` as an SQL string literal (quotes doubled)."""
+    return "'" + text.replace("'", "''") + "'"
+
+
 def _check_file(path: Path) -> None:
     if not path.exists():
         raise RunNotFoundError(f"run database {path} does not exist; create it with `python -m engine explain`")
@@ -828,7 +833,8 @@ class RunDB:
         threads = _as_int(threads, "threads")
         con = duckdb.connect(":memory:", config={"threads": max(threads, 1)})
         try:
-            con.execute(f"ATTACH $path AS {_ALIAS} (READ_ONLY)", {"path": str(path)})
+            # a literal, not a parameter: DuckDB before 2.0 takes no parameters in ATTACH
+            con.execute(f"ATTACH {_sql_string(str(path))} AS {_ALIAS} (READ_ONLY)")
             return cls(path, con)
         except duckdb.Error as exc:
             con.close()

@@ -360,6 +360,13 @@ def test_run_without_optional_views(tmp_path):
         assert db.completeness().height == 4
 
 
+def test_run_opens_from_a_folder_whose_name_needs_quoting(tmp_path):
+    folder = tmp_path / "lab's runs; DROP TABLE meta"
+    folder.mkdir()
+    with RunDB.open(write_run(folder / "hand.duckdb", hand_bundle())) as db:
+        assert db.completeness().height == 4
+
+
 # ── argument checking ──────────────────────────────────────────────────────────────────────
 
 
