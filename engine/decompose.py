@@ -136,6 +136,7 @@ class Explanation:
     gradient_evaluations: int
     seconds: float
     decay_split: bool
+    escalated: int = 0  # (step, example) units recomputed in float64 to meet ``config.rtol``
     partial: bool = False
     notes: tuple[str, ...] = ()
 
@@ -149,6 +150,8 @@ class Explanation:
             "engine": self.engine,
             "device": self.device,
             "dtype": self.config.dtype,
+            "rtol": self.config.rtol,
+            "escalated": self.escalated,
             "test_split": self.test_split,
             "tests": len(self.test_ids),
             "outputs": self.outputs,
@@ -204,6 +207,8 @@ class Explanation:
             "test_split": self.test_split,
             "outputs": self.outputs,
             "dtype": self.config.dtype,
+            "rtol": self.config.rtol,
+            "escalated": self.escalated,
             "device": self.device,
             "engine": self.engine,
             "window": self.config.window,
@@ -269,6 +274,7 @@ def merge_tests(parts: list[Explanation]) -> Explanation:
         max_abs_residual=max(p.max_abs_residual for p in parts),
         max_optimizer_residual=max(optimizer) if optimizer else None,
         gradient_evaluations=sum(p.gradient_evaluations for p in parts), seconds=sum(p.seconds for p in parts),
+        escalated=sum(p.escalated for p in parts),
         partial=any(p.partial for p in parts), notes=tuple(dict.fromkeys(n for p in parts for n in p.notes)),
     )
 
@@ -563,7 +569,7 @@ def _assemble(s: _Setup, results: list[_Pass], kept: np.ndarray, seconds: float,
         step_stats=stats,
         max_rel_residual=max_rel, max_rel_residual_output=max_rel_output, max_abs_residual=max_abs,
         max_optimizer_residual=max_opt,
-        gradient_evaluations=sum(p.evaluations for p in results),
+        gradient_evaluations=sum(p.evaluations for p in results), escalated=sum(p.escalated for p in results),
         seconds=seconds, decay_split=s.split_ok, partial=partial, notes=tuple(s.notes),
     )
 

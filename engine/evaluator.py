@@ -197,8 +197,10 @@ class _Evaluator:
         return out
 
     def switches(self, thetas: Tensor, deltas: Tensor, step: Tensor, t: Tensor, x: Tensor) -> Tensor:
-        """Switching values per unit at its own point: ``(U, S)``."""
+        """Switching values per unit at its own point: ``(U, S)`` (points in the compute dtype)."""
         s = self.s
+        thetas, deltas = thetas.to(s.dtype), deltas.to(s.dtype)
+        x = x.to(s.dtype) if x.is_floating_point() else x
         row_step, slot, valid = _pack(step, len(thetas))
         rows = self._batch(slot.shape[1], slot.shape[1])
         out = None

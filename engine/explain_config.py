@@ -45,6 +45,10 @@ class ExplainConfig:
         subsample: fraction of steps computed, those with the largest |loss change| on their
             batch; the rest count fully as quadrature residual.
         dtype: ``float32`` or ``float64`` (certification).
+        rtol: error budget of the adaptive rule (``None``: every step to round-off). Each
+            explained example's summed residual stays within ``rtol`` of its change over the
+            steps: every (step, example) may leave ``rtol/steps`` of that change, and in
+            float32 the units whose round-off exceeds their share are recomputed in float64.
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
         test_chunk: test examples per vectorised call (default: from ``memory_mb``).
         train_chunk: training examples per vectorised per-example gradient call.
@@ -66,6 +70,7 @@ class ExplainConfig:
     steps: tuple[int, int] | None = None
     subsample: float = 1.0
     dtype: str = "float32"
+    rtol: float | None = None
     device: str = "auto"
     test_chunk: int | None = None
     train_chunk: int = 128
@@ -104,6 +109,11 @@ class ExplainConfig:
             raise BadInputError(f"subsample must be a fraction in (0, 1], got {self.subsample!r}")
         if self.dtype not in DTYPES:
             raise BadInputError(f"dtype {self.dtype!r} must be one of {', '.join(DTYPES)}")
+        if self.rtol is not None:
+            if isinstance(self.rtol, bool) or not isinstance(self.rtol, (int, float)) or not 0.0 < self.rtol < 1.0:
+                raise BadInputError(f"rtol must be a fraction in (0, 1) or None, got {self.rtol!r}")
+            if not self.quadrature_spec.adaptive:
+                raise BadInputError(f"rtol budgets the adaptive rule; quadrature {self.quadrature!r} is fixed")
         if not re.match(r"^(auto|cpu|cuda(:\d+)?)$", str(self.device)):
             raise BadInputError(f"device {self.device!r} must be auto, cpu, cuda or cuda:N")
         if self.test_chunk is not None:

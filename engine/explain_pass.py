@@ -11,6 +11,7 @@ per-element importance and the per-step completeness rows.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor
 
 from engine.evaluator import _Evaluator
-from engine.explain_setup import _group_count, _math_attention, _release_memory, _Setup
+from engine.explain_setup import _group_count, _math_attention, _release_memory, _Setup, _widened
 from engine.history import StepRecord
 from engine.quadrature import Rule, accept, breakpoints, composite, crossings, refine_zero
 from engine.train_side import _StepTerms, _TrainSide
@@ -58,6 +59,7 @@ class _Chunk:
     windows: list[_Window] = field(default_factory=list)
     window_lo: int = 0                           # first step of the open window
     window_active: Tensor | None = None          # train ids with ψ ≠ 0 in the open window (data view)
+    budget: Tensor | None = None                 # (n,) error budget of each (step, example) unit (rtol)
 
 
 @dataclass
@@ -74,6 +76,12 @@ class _Block:
     def deltas(self) -> Tensor:
         return self.nexts - self.thetas
 
+    @cached_property
+    def wide(self) -> tuple[Tensor, Tensor]:
+        """``(θ_b, Δ_b)`` in float64, for units recomputed in float64."""
+        thetas = self.thetas.double()
+        return thetas, self.nexts.double() - thetas
+
 
 @dataclass
 class _Rules:
@@ -81,7 +89,9 @@ class _Rules:
 
     ``shared[b, x]`` marks units integrated by the shared base rule (nodes ``base_t`` with
     weights ``base_w``); the others use their own nodes ``t, w (B, n, M)`` (valid where
-    ``w`` was set, ``count`` nodes) with φ̂ precomputed in ``phi`` for reverse mode.
+    ``w`` was set, ``count`` nodes) with φ̂ precomputed in ``phi`` for reverse mode. Units
+    recomputed in float64 (``rtol``) have ``wide[b, x] ≥ 0``, their φ̂ in row ``wide[b, x]``
+    of ``phi_wide``.
     """
 
     base_t: Tensor              # (M0,)
@@ -91,6 +101,8 @@ class _Rules:
     w: Tensor                   # (B, n, M)
     count: Tensor               # (B, n) int64
     phi: Tensor | None = None   # (B, n, O, D) reverse mode
+    wide: Tensor | None = None  # (B, n) int64, −1 where the compute dtype sufficed
+    phi_wide: Tensor | None = None  # (E, O, D) float64, reverse mode
 
 
 class _Pass:
@@ -102,6 +114,9 @@ class _Pass:
         self.views = set(setup.config.views)
         self.evaluator = _Evaluator(setup)
         self.quad = setup.config.quadrature_spec
+        self.rtol = setup.config.rtol
+        self.wide = _Evaluator(_widened(setup)) if self.rtol is not None and setup.dtype != torch.float64 else None
+        self.escalated = 0
         self.search_reverse = setup.engine == "vjp" and (not setup.forward_ad or setup.outputs == 1)
         f64 = dict(dtype=torch.float64, device=setup.device)
         groups, o = _group_count(setup), setup.outputs
@@ -118,6 +133,8 @@ class _Pass:
             if "importance" in self.views:
                 c.importance = torch.zeros(n, o, setup.layout.total, **f64)
             self.chunks.append(c)
+        if self.rtol is not None:
+            self._budgets()
         self.train: _TrainSide | None = None
         if rule is not None:
             self.train = _TrainSide(setup, rule, per_example="data" in self.views,
@@ -135,7 +152,18 @@ class _Pass:
 
     @property
     def evaluations(self) -> int:
-        return self.evaluator.evaluations + (self.train.evaluations if self.train else 0)
+        return (self.evaluator.evaluations + (self.wide.evaluations if self.wide else 0)
+                + (self.train.evaluations if self.train else 0))
+
+    def _budgets(self) -> None:
+        """Each chunk's error budget per unit: ``rtol · ‖g(θ_hi) − g(θ_lo)‖ / (hi − lo)``."""
+        s = self.s
+        ends = torch.stack([s.layout.flatten(s.history.params(step), dtype=torch.float64, device=s.device)
+                            for step in (s.lo, s.hi)])
+        with _math_attention():
+            for c in self.chunks:
+                g = self.evaluator.forward(ends, c.x, c.y, False)[0]  # (2, n, O)
+                c.budget = self.rtol * (g[1] - g[0]).norm(dim=-1) / (s.hi - s.lo)
 
     # -------------------------------------------------------------- streaming
     def step(self, record: StepRecord, theta: Tensor, theta_next: Tensor) -> int:
@@ -268,8 +296,13 @@ class _Pass:
                 rules.phi = ev.phi_shared(thetas, deltas, base_t, base_w, c.x, c.y)
             return rules
 
-        points, counts = self._kinks(c, thetas, deltas, sw_prev, sw_next)  # (B, n, P), (B, n)
+        grid = torch.ones(b_count, n, dtype=torch.bool, device=s.device).nonzero()
+        points, counts = self._kinks(ev, c, thetas, deltas, grid[:, 0], grid[:, 1], sw_prev.reshape(b_count * n, -1),
+                                     sw_next.reshape(b_count * n, -1))
+        points, counts = points.reshape(b_count, n, -1), counts.reshape(b_count, n)  # (B, n, P), (B, n)
+        kinks = (points, counts, sw_prev, sw_next)
         scale = g_prev.abs() + g_next.abs()
+        budget = None if c.budget is None else c.budget[None].expand(b_count, n)
         ladder = self.quad.ladder()
         base = ladder[1]
         base_t, base_w = base.tensors(torch.float64, s.device)
@@ -283,45 +316,100 @@ class _Pass:
         # first level: Gauss 1 and 2 per piece; plain (kink-free) units at shared nodes
         plain = counts == 0
         q1, q2 = self._first_level(c, thetas, deltas, plain, points, counts, ladder[0], base, rules)
-        done = accept(q2, q1, true - q2, scale, s.dtype)  # (B, n)
-        if len(ladder) == 2:
-            done[:] = True
+        done, stuck = self._accept(q2, q1, true - q2, scale, budget, wide=False)  # (B, n)
+        if len(ladder) == 2:  # the base rule is the top rule
+            stuck = ~done if self.wide is not None else stuck
+            done = ~stuck
         rules.shared = plain & done
         self._set_composite(rules, ~plain & done, points, counts, base)
-        pending = (~done).nonzero()  # (P, 2) rows (b, x)
-        q_prev = q2[~done]
-        for level, rule in enumerate(ladder[2:], start=2):
-            if not len(pending):
-                break
-            bi, xi = pending[:, 0], pending[:, 1]
-            t, w, cnt = composite(points[bi, xi], counts[bi, xi], rule)
-            q, phi = self._evaluate_units(c, thetas, deltas, bi, xi, t, w, cnt)
-            ok = accept(q, q_prev, true[bi, xi] - q, scale[bi, xi], s.dtype)
-            if level == len(ladder) - 1:  # last rule: search the failed units for hidden kinks once
-                failed = (~ok).nonzero().squeeze(1)
-                if len(failed):
-                    fb, fx = bi[failed], xi[failed]
-                    more, more_counts = self._hidden_kinks(c, thetas, deltas, fb, fx, sw_prev[fb, fx],
-                                                           sw_next[fb, fx], points[fb, fx])
-                    tf, wf, cf = composite(more, more_counts, rule)
-                    _, phi_f = self._evaluate_units(c, thetas, deltas, fb, fx, tf, wf, cf)
-                    self._store_rule(rules, fb, fx, tf, wf, cf, phi_f)
-                sel = ok.nonzero().squeeze(1)
-                self._store_rule(rules, bi[sel], xi[sel], t[sel], w[sel], cnt[sel],
-                                 phi[sel] if phi is not None else None)
-                break
-            sel = ok.nonzero().squeeze(1)
-            self._store_rule(rules, bi[sel], xi[sel], t[sel], w[sel], cnt[sel], phi[sel] if phi is not None else None)
-            pending, q_prev = pending[~ok], q[~ok]
+        climbing = ~done & ~stuck
+        escalate = torch.cat([stuck.nonzero(), self._climb(c, self.evaluator, thetas, deltas, climbing.nonzero(),
+                                                            q2[climbing], ladder[2:], kinks, true, scale, budget,
+                                                            rules)])
+        if len(escalate):
+            wide_thetas, wide_deltas = block.wide[0][idx], block.wide[1][idx]
+            rules.wide = torch.full((b_count, n), -1, dtype=torch.int64, device=s.device)
+            rules.wide[escalate[:, 0], escalate[:, 1]] = torch.arange(len(escalate), device=s.device)
+            if self.search_reverse:
+                rules.phi_wide = torch.zeros(len(escalate), s.outputs, s.layout.total, **f64)
+            self._climb(c, self.wide, wide_thetas, wide_deltas, escalate, None, ladder,
+                        self._wide_kinks(c, wide_thetas, wide_deltas, escalate, kinks), true, scale, budget, rules)
+            self.escalated += len(escalate)
         rules.count[rules.shared] = len(base)
         if s.engine == "vjp" and not self.search_reverse:
-            rules.phi = self._final_phi(c, thetas, deltas, rules)
+            rules.phi = self._final_phi(c, block, idx, rules)
         return rules
+
+    def _wide_kinks(self, c: _Chunk, thetas: Tensor, deltas: Tensor, units: Tensor,
+                    kinks: tuple[Tensor, Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``kinks`` with those of ``units (E, 2)`` located again in float64 (at float32's
+        precision a misplaced kink alone leaves an error of the float32 round-off)."""
+        points, counts, sw_prev, sw_next = kinks
+        bi, xi = units[:, 0], units[:, 1]
+        found, found_counts = self._kinks(self.wide, c, thetas, deltas, bi, xi, sw_prev[bi, xi], sw_next[bi, xi])
+        wide_points = torch.ones(*points.shape[:2], max(points.shape[2], found.shape[1]), dtype=points.dtype,
+                                 device=points.device)
+        wide_points[bi, xi, :found.shape[1]] = found
+        wide_counts = torch.zeros_like(counts)
+        wide_counts[bi, xi] = found_counts
+        return wide_points, wide_counts, sw_prev, sw_next
+
+    def _accept(self, q: Tensor, q_prev: Tensor | None, residual: Tensor, scale: Tensor, budget: Tensor | None,
+                wide: bool) -> tuple[Tensor, Tensor]:
+        """``(accepted, escalate)`` per unit: ``quadrature.accept`` at the compute dtype's round-off,
+        or with ``rtol`` within the unit's budget (or at float64 round-off). In float32 under a
+        budget, a unit at float32 round-off that still misses it is to be recomputed in float64."""
+        s = self.s
+        if self.rtol is None:
+            ok = accept(q, q_prev, residual, scale, s.dtype)
+            return ok, torch.zeros_like(ok)
+        ok = accept(q, q_prev, residual, scale, torch.float64, budget)
+        if wide or self.wide is None:
+            return ok, torch.zeros_like(ok)
+        return ok, ~ok & accept(q, q_prev, residual, scale, s.dtype)
+
+    def _climb(self, c: _Chunk, ev: _Evaluator, thetas: Tensor, deltas: Tensor, units: Tensor, q_prev: Tensor | None,
+               rungs: list[Rule], kinks: tuple[Tensor, Tensor, Tensor, Tensor], true: Tensor, scale: Tensor,
+               budget: Tensor | None, rules: _Rules) -> Tensor:
+        """Units ``(P, 2)`` (rows ``b, x``) try ``rungs`` in turn, evaluated by ``ev``, until accepted;
+        each unit's final rule goes to ``rules``. At the top rule the units that still fail are
+        searched for hidden kinks once. Returns the units to recompute in float64 ``(E, 2)``."""
+        wide = ev is self.wide
+        points, counts, sw_prev, sw_next = kinks
+        x = c.x.double() if wide and c.x.is_floating_point() else c.x
+        escalate = [units.new_zeros(0, 2)]
+        for level, rule in enumerate(rungs):
+            if not len(units):
+                break
+            bi, xi = units[:, 0], units[:, 1]
+            t, w, cnt = composite(points[bi, xi], counts[bi, xi], rule)
+            q, phi = self._evaluate_units(ev, x, c.y, thetas, deltas, bi, xi, t, w, cnt)
+            ok, stuck = self._accept(q, q_prev, true[bi, xi] - q, scale[bi, xi],
+                                     None if budget is None else budget[bi, xi], wide)
+            if level == len(rungs) - 1:  # top rule
+                if self.wide is not None and not wide:
+                    stuck = ~ok
+                elif bool((~ok).any()):
+                    failed = (~ok).nonzero().squeeze(1)
+                    fb, fx = bi[failed], xi[failed]
+                    more, more_counts = self._hidden_kinks(ev, c, thetas, deltas, fb, fx, sw_prev[fb, fx],
+                                                           sw_next[fb, fx], points[fb, fx])
+                    tf, wf, cf = composite(more, more_counts, rule)
+                    _, phi_f = self._evaluate_units(ev, x, c.y, thetas, deltas, fb, fx, tf, wf, cf)
+                    self._store_rule(rules, fb, fx, tf, wf, cf, phi_f, wide)
+            sel = ok.nonzero().squeeze(1)
+            self._store_rule(rules, bi[sel], xi[sel], t[sel], w[sel], cnt[sel], phi[sel] if phi is not None else None,
+                             wide)
+            escalate.append(units[stuck])
+            keep = ~ok & ~stuck
+            units, q_prev = units[keep], q[keep]
+        return torch.cat(escalate)
 
     @staticmethod
     def _store_rule(rules: _Rules, bi: Tensor, xi: Tensor, t: Tensor, w: Tensor, count: Tensor,
-                    phi: Tensor | None) -> None:
-        """Units ``(bi, xi)`` keep nodes ``t, w (P, M)`` (``count`` valid) and, in reverse mode, φ̂."""
+                    phi: Tensor | None, wide: bool = False) -> None:
+        """Units ``(bi, xi)`` keep nodes ``t, w (P, M)`` (``count`` valid) and, in reverse mode, φ̂
+        (in ``phi_wide`` for units computed in float64)."""
         m = t.shape[1]
         if m > rules.t.shape[2]:  # hidden kinks added panels: widen every unit's node table
             pad = (0, m - rules.t.shape[2])
@@ -329,18 +417,30 @@ class _Pass:
         rules.t[bi, xi, :m] = t
         rules.w[bi, xi, :m] = w
         rules.count[bi, xi] = count
-        if phi is not None:
+        if phi is not None and wide:
+            rules.phi_wide[rules.wide[bi, xi]] = phi
+        elif phi is not None:
             rules.phi[bi, xi] = phi
 
-    def _final_phi(self, c: _Chunk, thetas: Tensor, deltas: Tensor, rules: _Rules) -> Tensor:
-        """φ̂ ``(B, n, O, D)`` of every unit under its final rule (reverse mode)."""
-        ev = self.evaluator
+    def _final_phi(self, c: _Chunk, block: _Block, idx: Tensor, rules: _Rules) -> Tensor:
+        """φ̂ ``(B, n, O, D)`` of every unit under its final rule (reverse mode); that of units
+        computed in float64 goes to ``rules.phi_wide``."""
+        ev, s = self.evaluator, self.s
+        thetas, deltas = block.thetas[idx], block.deltas[idx]
         phi = ev.phi_shared(thetas, deltas, rules.base_t, rules.base_w, c.x, c.y)
-        own = (~rules.shared).nonzero()
+        wide = rules.wide >= 0 if rules.wide is not None else torch.zeros_like(rules.shared)
+        own = (~rules.shared & ~wide).nonzero()
         if len(own):
             bi, xi = own[:, 0], own[:, 1]
             phi[bi, xi] = ev.phi_rows(thetas, deltas, bi, rules.t[bi, xi], rules.w[bi, xi], rules.count[bi, xi],
                                       c.x[xi], c.y[xi])
+        if bool(wide.any()):
+            bi, xi = wide.nonzero(as_tuple=True)
+            x = c.x.double() if c.x.is_floating_point() else c.x
+            rules.phi_wide = torch.zeros(len(bi), s.outputs, s.layout.total, dtype=torch.float64, device=s.device)
+            rules.phi_wide[rules.wide[bi, xi]] = self.wide.phi_rows(
+                block.wide[0][idx], block.wide[1][idx], bi, rules.t[bi, xi], rules.w[bi, xi], rules.count[bi, xi],
+                x[xi], c.y[xi])
         return phi
 
     def _first_level(self, c: _Chunk, thetas: Tensor, deltas: Tensor, plain: Tensor, points: Tensor,
@@ -364,29 +464,28 @@ class _Pass:
             bi, xi = kinked[:, 0], kinked[:, 1]
             t1, w1, c1 = composite(points[bi, xi], counts[bi, xi], low)
             t2, w2, c2 = composite(points[bi, xi], counts[bi, xi], base)
-            q1[bi, xi], _ = self._evaluate_units(c, thetas, deltas, bi, xi, t1, w1, c1)
-            q2[bi, xi], phi = self._evaluate_units(c, thetas, deltas, bi, xi, t2, w2, c2)
+            q1[bi, xi], _ = self._evaluate_units(ev, c.x, c.y, thetas, deltas, bi, xi, t1, w1, c1)
+            q2[bi, xi], phi = self._evaluate_units(ev, c.x, c.y, thetas, deltas, bi, xi, t2, w2, c2)
             if phi is not None:
                 rules.phi[bi, xi] = phi
         return q1, q2
 
-    def _evaluate_units(self, c: _Chunk, thetas: Tensor, deltas: Tensor, bi: Tensor, xi: Tensor, t: Tensor,
-                        w: Tensor, count: Tensor) -> tuple[Tensor, Tensor | None]:
-        """``φ̂·Δ`` of units (bi, xi) with own nodes ``t, w (P, M)`` (first ``count`` valid): ``(P, O)``.
+    def _evaluate_units(self, ev: _Evaluator, x: Tensor, y: Tensor, thetas: Tensor, deltas: Tensor, bi: Tensor,
+                        xi: Tensor, t: Tensor, w: Tensor, count: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``φ̂·Δ`` of units (bi, xi) with own nodes ``t, w (P, M)`` (first ``count`` valid), evaluated
+        by ``ev`` on the chunk's inputs ``x, y``: ``(P, O)``.
 
         When the search runs in reverse mode, φ̂ itself ``(P, O, D)`` is returned as well.
         """
-        s, ev = self.s, self.evaluator
-        valid = torch.arange(t.shape[1], device=s.device)[None] < count[:, None]
+        valid = torch.arange(t.shape[1], device=t.device)[None] < count[:, None]
         unit, node = valid.nonzero(as_tuple=True)
-        b, ex, tt, ww = bi[unit], xi[unit], t[unit, node], w[unit, node]
-        x, y = c.x[ex], c.y[ex]
         if self.search_reverse:
-            phi = ev.phi_rows(thetas, deltas, bi, t, w, count, c.x[xi], c.y[xi])  # (P, O, D)
+            phi = ev.phi_rows(thetas, deltas, bi, t, w, count, x[xi], y[xi])  # (P, O, D)
             return torch.einsum("pod,pd->po", phi, deltas[bi]), phi
-        values = ev.units(thetas, deltas, b, tt, deltas[:, None], x, y)[:, 0]  # (U, O)
-        q = torch.zeros(len(bi), s.outputs, dtype=s.dtype, device=s.device)
-        q.index_add_(0, unit, values * ww.to(s.dtype)[:, None])
+        b, ex, tt, ww = bi[unit], xi[unit], t[unit, node], w[unit, node]
+        values = ev.units(thetas, deltas, b, tt, deltas[:, None], x[ex], y[ex])[:, 0]  # (U, O)
+        q = values.new_zeros(len(bi), values.shape[1])
+        q.index_add_(0, unit, values * ww.to(values.dtype)[:, None])
         return q, None
 
     @staticmethod
@@ -400,32 +499,30 @@ class _Pass:
         rules.w[bi, xi, :t.shape[1]] = w
         rules.count[bi, xi] = cnt
 
-    def _kinks(self, c: _Chunk, thetas: Tensor, deltas: Tensor, sw_prev: Tensor,
-               sw_next: Tensor) -> tuple[Tensor, Tensor]:
-        """Kink positions ``(B, n, P)`` (padding 1.0) and counts ``(B, n)`` of every unit."""
-        b_count, n = sw_prev.shape[:2]
-        t, unit, counts = crossings(sw_prev.reshape(b_count * n, -1), sw_next.reshape(b_count * n, -1))
+    def _kinks(self, ev: _Evaluator, c: _Chunk, thetas: Tensor, deltas: Tensor, bi: Tensor, xi: Tensor,
+               sw_prev: Tensor, sw_next: Tensor) -> tuple[Tensor, Tensor]:
+        """Kink positions ``(U, P)`` (padding 1.0) and counts ``(U,)`` of units ``(bi, xi)`` from their
+        switching values ``(U, S)`` at both ends, each refined to its zero by ``ev``."""
+        t, unit, counts = crossings(sw_prev, sw_next)
         if t.shape[1]:
             valid = torch.arange(t.shape[1], device=t.device)[None] < counts[:, None]
             row, column = valid.nonzero(as_tuple=True)
             u = unit[row, column]
-            before = sw_prev.reshape(b_count * n, -1)[row, u].double()
-            after = sw_next.reshape(b_count * n, -1)[row, u].double()
+            before, after = sw_prev[row, u].double(), sw_next[row, u].double()
             t = t.clone()
-            t[row, column] = self._roots(c, thetas, deltas, row // n, row % n, u,
+            t[row, column] = self._roots(ev, c, thetas, deltas, bi[row], xi[row], u,
                                          (torch.zeros_like(before), before), (torch.ones_like(after), after))
-        points, counts = breakpoints(t, counts)
-        return points.reshape(b_count, n, -1), counts.reshape(b_count, n)
+        return breakpoints(t, counts)
 
-    def _roots(self, c: _Chunk, thetas: Tensor, deltas: Tensor, step: Tensor, example: Tensor, switch: Tensor,
-               lo: tuple[Tensor, Tensor], hi: tuple[Tensor, Tensor]) -> Tensor:
+    def _roots(self, ev: _Evaluator, c: _Chunk, thetas: Tensor, deltas: Tensor, step: Tensor, example: Tensor,
+               switch: Tensor, lo: tuple[Tensor, Tensor], hi: tuple[Tensor, Tensor]) -> Tensor:
         """Zeros of switching values ``switch`` of (step, example) inside the sign brackets
         ``lo = (t, value)``, ``hi = (t, value)``: a safeguarded root search from the secant."""
         guess = lo[0] - lo[1] * (hi[0] - lo[0]) / (hi[1] - lo[1])
         history = [lo, hi]
         rows = torch.arange(len(guess), device=guess.device)
         for _ in range(KINK_ITERATIONS):
-            value = self.evaluator.switches(thetas, deltas, step, guess, c.x[example])[rows, switch].double()
+            value = ev.switches(thetas, deltas, step, guess, c.x[example])[rows, switch].double()
             new = refine_zero(guess, value, history)
             moved = float((new - guess).abs().max())
             guess = new
@@ -433,8 +530,8 @@ class _Pass:
                 break
         return guess
 
-    def _hidden_kinks(self, c: _Chunk, thetas: Tensor, deltas: Tensor, bi: Tensor, xi: Tensor, before: Tensor,
-                      after: Tensor, points: Tensor) -> tuple[Tensor, Tensor]:
+    def _hidden_kinks(self, ev: _Evaluator, c: _Chunk, thetas: Tensor, deltas: Tensor, bi: Tensor, xi: Tensor,
+                      before: Tensor, after: Tensor, points: Tensor) -> tuple[Tensor, Tensor]:
         """Kinks the end points do not reveal — a switching value that crosses zero and back
         within the step — for units ``(bi, xi)`` whose rule did not converge: the switching
         values on a grid of ``HIDDEN_GRID`` panels, each sign change refined to its zero and
@@ -443,13 +540,13 @@ class _Pass:
         grid = torch.linspace(0.0, 1.0, HIDDEN_GRID + 1, **f64)
         inner, units = grid[1:-1], len(bi)
         step, example = bi.repeat_interleave(len(inner)), xi.repeat_interleave(len(inner))
-        values = self.evaluator.switches(thetas, deltas, step, inner.repeat(units), c.x[example])
+        values = ev.switches(thetas, deltas, step, inner.repeat(units), c.x[example])
         values = torch.cat([before[:, None].double(), values.double().reshape(units, len(inner), -1),
                             after[:, None].double()], dim=1)  # (P, G + 1, S)
         unit, panel, switch = (values[:, :-1] * values[:, 1:] < 0).nonzero(as_tuple=True)
         merged = points
         if len(unit):
-            roots = self._roots(c, thetas, deltas, bi[unit], xi[unit], switch,
+            roots = self._roots(ev, c, thetas, deltas, bi[unit], xi[unit], switch,
                                 (grid[panel], values[unit, panel, switch]),
                                 (grid[panel + 1], values[unit, panel + 1, switch]))
             per_unit = torch.bincount(unit, minlength=units)
@@ -460,28 +557,42 @@ class _Pass:
         return breakpoints(merged, torch.full((units,), merged.shape[1], device=points.device))
 
     def _directional(self, c: _Chunk, block: _Block, idx: Tensor, rules: _Rules, directions: Tensor) -> Tensor:
-        """``φ̂·v_k`` of every computed (step, example) under its rule: ``(B, K, n, O)``."""
+        """``φ̂·v_k`` of every computed (step, example) under its rule: ``(B, K, n, O)`` float64."""
         s, ev = self.s, self.evaluator
         thetas, deltas = block.thetas[idx], block.deltas[idx]
         b_count, k, n = directions.shape[0], directions.shape[1], c.y.shape[0]
-        out = torch.zeros(b_count, k, n, s.outputs, dtype=s.dtype, device=s.device)
+        out = torch.zeros(b_count, n, k, s.outputs, dtype=torch.float64, device=s.device)
         if bool(rules.shared.any()):
             values = ev.shared(thetas, deltas, rules.base_t, directions, c.x, c.y)  # (B, M, K, n, O)
             weights = rules.base_w.to(s.dtype)[None, :, None] * rules.shared.to(s.dtype)[:, None, :]  # (B, M, n)
-            out += torch.einsum("bmkno,bmn->bkno", values, weights)
-        own = (~rules.shared).nonzero()
-        if len(own):
-            bi, xi = own[:, 0], own[:, 1]
-            count = rules.count[bi, xi]
-            valid = torch.arange(rules.t.shape[2], device=s.device)[None] < count[:, None]
-            unit, node = valid.nonzero(as_tuple=True)
-            b, ex = bi[unit], xi[unit]
-            values = ev.units(thetas, deltas, b, rules.t[b, ex, node], directions, c.x[ex], c.y[ex])  # (U, K, O)
-            values = values * rules.w[b, ex, node].to(s.dtype)[:, None, None]
-            flat = out.permute(0, 2, 1, 3).reshape(b_count * n, k, s.outputs)
-            flat.index_add_(0, b * n + ex, values)
-            out = flat.reshape(b_count, n, k, s.outputs).permute(0, 2, 1, 3)
-        return out
+            out += torch.einsum("bmkno,bmn->bnko", values, weights).double()
+        wide = rules.wide >= 0 if rules.wide is not None else torch.zeros_like(rules.shared)
+        self._own_units(ev, c.x, c.y, thetas, deltas, directions, rules, ~rules.shared & ~wide, out)
+        if bool(wide.any()):
+            wide_thetas, wide_deltas = block.wide[0][idx], block.wide[1][idx]
+            wide_directions = directions.double()
+            groups = self.mask.shape[0]  # the first rows are Δ on each group: exact in float64
+            wide_directions[:, :groups] = self.mask.double()[None] * wide_deltas[:, None]
+            x = c.x.double() if c.x.is_floating_point() else c.x
+            self._own_units(self.wide, x, c.y, wide_thetas, wide_deltas, wide_directions, rules, wide, out)
+        return out.permute(0, 2, 1, 3)
+
+    @staticmethod
+    def _own_units(ev: _Evaluator, x: Tensor, y: Tensor, thetas: Tensor, deltas: Tensor, directions: Tensor,
+                   rules: _Rules, units: Tensor, out: Tensor) -> None:
+        """Adds ``φ̂·v_k`` of ``units (B, n)`` under their own rules to ``out (B, n, K, O)``."""
+        own = units.nonzero()
+        if not len(own):
+            return
+        bi, xi = own[:, 0], own[:, 1]
+        count = rules.count[bi, xi]
+        valid = torch.arange(rules.t.shape[2], device=out.device)[None] < count[:, None]
+        unit, node = valid.nonzero(as_tuple=True)
+        b, ex = bi[unit], xi[unit]
+        values = ev.units(thetas, deltas, b, rules.t[b, ex, node], directions, x[ex], y[ex])  # (U, K, O)
+        values = values * rules.w[b, ex, node].to(values.dtype)[:, None, None]
+        flat = out.view(-1, *out.shape[2:])
+        flat.index_add_(0, b * out.shape[1] + ex, values.double())
 
     # -------------------------------------------------------------- accumulation
     def _accumulate(self, c: _Chunk, b: int, block: _Block, values: Tensor | None, rules: _Rules | None,
@@ -520,12 +631,19 @@ class _Pass:
                 first = 2 * n_groups + 1
                 c.data.index_add_(0, terms.active, out[first:first + len(terms.active)].double())
         else:
-            prod = phi * block.deltas[b]
-            value = self._group_sums(prod).double()
-            if self.train is not None:
-                decay = self._group_sums(phi * terms.psi_reg).double()
-                if self.train.residual:
-                    opt = (phi @ terms.rho).double()
+            prod, value, decay, opt = self._reverse_terms(phi, block.deltas[b], terms)
+            wide = (rules.wide[j] >= 0).nonzero().squeeze(1) if rules.wide is not None else []
+            if len(wide):  # units computed in float64 replace their rows
+                phi_wide = rules.phi_wide[rules.wide[j, wide]]
+                prod_wide, value[:, wide], decay_wide, opt_wide = self._reverse_terms(phi_wide, block.wide[1][b],
+                                                                                      terms)
+                prod = prod.double()
+                prod[wide] = prod_wide
+                phi[wide] = phi_wide.to(phi.dtype)  # the data view stays in the compute dtype
+                if decay is not None:
+                    decay[:, wide] = decay_wide
+                if opt is not None:
+                    opt[wide] = opt_wide
             if c.importance is not None:
                 c.importance += prod.double()
             if c.data is not None and terms.active is not None:
@@ -538,10 +656,23 @@ class _Pass:
                 c.data_reg += decay.sum(0)
         self._record(c, step, true_b, recon, opt, rules.count[j])
 
+    def _reverse_terms(self, phi: Tensor, delta: Tensor, terms: _StepTerms) -> tuple[Tensor, Tensor, Tensor | None,
+                                                                                     Tensor | None]:
+        """From φ̂ ``(n, O, D)``: ``φ̂ ⊙ Δ`` (in φ̂'s dtype) and, in float64, the component values
+        ``(G, n, O)``, the decay split ``(G, n, O)`` and ``φ̂·ρ_s (n, O)`` (None where not measured)."""
+        prod = phi * delta.to(phi.dtype)
+        value = self._group_sums(prod).double()
+        decay = opt = None
+        if self.train is not None:
+            decay = self._group_sums(phi * terms.psi_reg.to(phi.dtype)).double()
+            if self.train.residual:
+                opt = (phi @ terms.rho.to(phi.dtype)).double()
+        return prod, value, decay, opt
+
     def _group_sums(self, prod: Tensor) -> Tensor:
         """``(n, O, D) → (G, n, O)``: sums over each group's elements (tensor slices, then groups)."""
         per_tensor = torch.stack([part.sum(-1) for part in prod.split(self.s.layout.sizes, -1)], dim=-1)
-        return (per_tensor @ self.tensor_to_group).permute(2, 0, 1)
+        return (per_tensor @ self.tensor_to_group.to(prod.dtype)).permute(2, 0, 1)
 
     def _data_step(self, c: _Chunk, phi: Tensor, terms: _StepTerms) -> None:
         s = self.s

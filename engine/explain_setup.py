@@ -11,10 +11,11 @@ under, ``_math_attention`` (differentiable, vmap-able attention kernels) and ``_
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -142,6 +143,14 @@ def _setup(history: History, task: Task, config: ExplainConfig) -> _Setup:
     setup.test_chunk = _test_chunk(setup)
     setup.block = _block_size(setup)
     return setup
+
+
+def _widened(setup: _Setup) -> _Setup:
+    """The same set-up computing in float64 (for the units the compute dtype cannot resolve)."""
+    model = copy.deepcopy(setup.model).to(torch.float64)
+    return replace(setup, dtype=torch.float64, model=model, buffers=dict(model.named_buffers()),
+                   test_x=_data_on(setup.test_x, torch.float64, setup.device),
+                   train_x=None if setup.train_x is None else _data_on(setup.train_x, torch.float64, setup.device))
 
 
 def _choose_engine(setup: _Setup, params0: Tensor) -> str:

@@ -143,7 +143,8 @@ def tolerance(scale: Tensor, dtype: torch.dtype, ulps: float = TOLERANCE_ULPS) -
     return ulps * torch.finfo(dtype).eps * scale
 
 
-def accept(q: Tensor, q_prev: Tensor | None, residual: Tensor, g_scale: Tensor, dtype: torch.dtype) -> Tensor:
+def accept(q: Tensor, q_prev: Tensor | None, residual: Tensor, g_scale: Tensor, dtype: torch.dtype,
+           budget: Tensor | None = None) -> Tensor:
     """Which units may stop at the rule that gave ``q``: bool of ``q``'s shape without the last axis.
 
     ``q = φ̂·Δ`` by the current rule, ``q_prev`` by the previous one (half the nodes per
@@ -157,16 +158,27 @@ def accept(q: Tensor, q_prev: Tensor | None, residual: Tensor, g_scale: Tensor, 
     against rules that agree but are both off, as at a kink the switching values do not
     reveal). The true change is evaluated in float64 (``engine.evaluator``), so ``r_s`` is the
     rule's error and not the round-off of ``g`` in the compute dtype.
+
+    With an error ``budget (...)`` per unit a unit also stops when the norms over outputs of
+    the estimate and of ``r_s`` are both within it.
     """
     true = residual + q
     ok = (residual.abs() <= tolerance(true.abs() + q.abs(), dtype, RESIDUAL_ULPS)
           + tolerance(g_scale, dtype, 1.0)).all(dim=-1)
     if q_prev is None:
         return torch.zeros_like(ok)
+    estimate = _estimate(q, q_prev)
+    ok &= (estimate <= tolerance(g_scale + q.abs(), dtype)).all(dim=-1)
+    if budget is None:
+        return ok
+    return ok | ((residual.norm(dim=-1) <= budget) & (estimate.norm(dim=-1) <= budget))
+
+
+def _estimate(q: Tensor, q_prev: Tensor) -> Tensor:
+    """Error estimate of the rule that gave ``q`` from the previous one's ``q_prev`` (see ``accept``)."""
     change = (q - q_prev).abs()
     size = torch.maximum(torch.maximum(q.abs(), q_prev.abs()), change)
-    estimate = torch.where(size > 0, change * change / size.clamp_min(torch.finfo(q.dtype).tiny), change)
-    return ok & (estimate <= tolerance(g_scale + q.abs(), dtype)).all(dim=-1)
+    return torch.where(size > 0, change * change / size.clamp_min(torch.finfo(q.dtype).tiny), change)
 
 
 # ---------------------------------------------------------------------------- kinks

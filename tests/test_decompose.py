@@ -267,7 +267,7 @@ def test_data_view_summed_over_train_and_regularizer_equals_the_component_view(t
 def test_per_example_gradients_equal_single_example_autograd(tmp_path):
     history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.SGD(m.parameters(), lr=0.1))
     task = get_task(history.model_spec)
-    s = _setup(history, task, ExplainConfig(views=("data",), **F64))
+    s = _setup(history, task, ExplainConfig(views=("data",), device="cpu", **F64))  # against CPU autograd
     side = _TrainSide(s, rule_for(history), per_example=True, residual=True)
     ids = torch.tensor([3, 7, 3, 11])
     weights = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
@@ -456,7 +456,8 @@ def test_interrupt_returns_a_marked_partial_explanation(tmp_path, monkeypatch):
 def test_config_is_validated_at_construction():
     for bad in (dict(views=("pixels",)), dict(window=0), dict(quadrature="simpson"), dict(dtype="float16"),
                 dict(device="tpu"), dict(subsample=0.0), dict(steps=(4, 2)), dict(test_ids=(1, 1)),
-                dict(quantity="probability"), dict(granularity="block"), dict(engine="fd"), dict(test_size=0)):
+                dict(quantity="probability"), dict(granularity="block"), dict(engine="fd"), dict(test_size=0),
+                dict(rtol=0.0), dict(rtol=1.5), dict(rtol=True), dict(rtol=1e-5, quadrature="midpoint:10")):
         with pytest.raises(BadInputError):
             ExplainConfig(**bad)
     assert ExplainConfig(views="components,data").views == ("components", "data")
@@ -576,6 +577,18 @@ def test_cuda_matches_cpu(tmp_path):
         np.testing.assert_allclose(a[value].to_numpy(), b[value].to_numpy(), atol=1e-10)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_meets_the_rtol_budget_with_float64_units(tmp_path):
+    history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.Adam(m.parameters(), lr=0.02),
+                     dtype=torch.float32)
+    for views in (("components",), ("components", "importance")):
+        e = explain(history.path, ExplainConfig(test_size=None, views=views, rtol=1e-9, device="cuda"),
+                    progress=False)
+        assert e.device.startswith("cuda") and e.escalated > 0
+        assert relative_residuals(e).max() <= 1e-9
+
+
 def replace_device(config: ExplainConfig, device: str) -> ExplainConfig:
     from dataclasses import replace
 
@@ -603,6 +616,41 @@ def test_float32_explanations_check_against_the_float64_truth(tmp_path):
     assert np.abs(true_total - truth).max() <= 1e-12 * np.abs(truth).max()
     finals = e.predictions.sort("test", "output")
     assert np.allclose(finals["true_final"].to_numpy() - finals["initial"].to_numpy(), truth.ravel(), atol=1e-12)
+
+
+def relative_residuals(e) -> np.ndarray:
+    """Per test example ‖Σ_s r_s‖ / ‖Σ_s true change‖ (norms over outputs), from the completeness rows."""
+    true, recon = totals(e.completeness, "true_change"), totals(e.completeness, "reconstructed")
+    return np.linalg.norm(true - recon, axis=1) / np.linalg.norm(true, axis=1)
+
+
+@pytest.mark.parametrize("views", [("components",), ("components", "importance")])  # forward and reverse mode
+def test_rtol_budget_holds_in_float32_by_recomputing_units_in_float64(tmp_path, views):
+    history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.Adam(m.parameters(), lr=0.02),
+                     dtype=torch.float32)
+    rtol = 1e-9  # far below float32 round-off: only float64 recomputation can meet it
+    plain = explain(history.path, ExplainConfig(test_size=None, views=views), progress=False)
+    budgeted = explain(history.path, ExplainConfig(test_size=None, views=views, rtol=rtol), progress=False)
+    assert plain.escalated == 0 and relative_residuals(plain).max() > rtol
+    assert 0 < budgeted.escalated <= budgeted.completeness.filter(pl.col("output") == 0).height
+    assert relative_residuals(budgeted).max() <= rtol
+    assert budgeted.summary()["escalated"] == budgeted.escalated
+    # the components still add up to the reconstruction, and the float64 units to the truth
+    recon = totals(budgeted.completeness, "reconstructed")
+    np.testing.assert_allclose(totals(budgeted.components), recon, rtol=1e-12, atol=1e-12)
+    if "importance" in views:  # per element, float64 units included
+        _, influence = element_influence(history, ExplainConfig(test_size=None, rtol=rtol))
+        elements = sum(v.flatten(2).sum(-1) for v in influence.values()).numpy()
+        np.testing.assert_allclose(elements, recon, rtol=1e-9, atol=1e-9)
+
+
+def test_rtol_in_float64_stops_early_within_the_budget(tmp_path):
+    history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.Adam(m.parameters(), lr=0.02))
+    exact = explain(history.path, ExplainConfig(**F64), progress=False)
+    budgeted = explain(history.path, ExplainConfig(**F64, rtol=1e-4), progress=False)
+    assert budgeted.escalated == 0
+    assert relative_residuals(budgeted).max() <= 1e-4
+    assert budgeted.gradient_evaluations < exact.gradient_evaluations
 
 
 def test_group_map_labels_overrides_sizes_and_masks():
