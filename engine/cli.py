@@ -89,7 +89,7 @@ def cmd_explain(args: argparse.Namespace) -> dict[str, Any]:
     task = get_task(history.model_spec)
     common = {**parse_test(args.test), "dtype": args.dtype, "device": args.device, "subsample": args.subsample}
     config = ExplainConfig(**common, quantity=args.quantity, quadrature=args.quadrature, views=args.views,
-                           window=args.window, rtol=args.rtol)
+                           window=args.window, rtol=args.rtol, decay_split=not args.no_decay_split)
     explanation = explain_history(history, task, config, progress=not args.json)
     exactness = [explanation.exactness()] if explanation.exactness() is not None else []
     for quadrature in _split(args.exactness):
@@ -194,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="error budget of the adaptive rule: each example's summed residual within RTOL of "
                          "its change; float32 steps that cannot meet it are recomputed in float64 "
                          "(default: every step to round-off)")
+    explain.add_argument("--no-decay-split", action="store_true", help="do not split components into their "
+                         "weight-decay share (half the forward-mode directions; no data view)")
     explain.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     explain.add_argument("--allow-incomplete", action="store_true", help="explain the steps of an unfinished run")
     explain.add_argument("--json", action="store_true", help="print one JSON object")

@@ -54,6 +54,9 @@ class ExplainConfig:
         train_chunk: training examples per vectorised per-example gradient call.
         engine: ``auto``, ``jvp`` (forward mode) or ``vjp`` (reverse mode, full Jacobians).
         optimizer_residual: measure ``φ̂·ρ_s`` (costs one batch gradient per step).
+        decay_split: split each component into its weight-decay share (and measure the
+            optimizer residual). Off, each group costs one forward-mode direction instead of two:
+            the granularity of a plain path kernel. The data view needs it.
         block: steps evaluated together in one vectorised call (default: from the budgets).
         max_batch: most (step × node × direction × test example) evaluations in one vectorised call.
         memory_mb: budget for Jacobians and per-element accumulators.
@@ -76,6 +79,7 @@ class ExplainConfig:
     train_chunk: int = 128
     engine: str = "auto"
     optimizer_residual: bool = True
+    decay_split: bool = True
     block: int | None = None
     max_batch: int = 16384
     memory_mb: int = 1024
@@ -123,6 +127,9 @@ class ExplainConfig:
         if self.block is not None:
             _positive("block", self.block)
         _positive("memory_mb", self.memory_mb)
+        if not self.decay_split and "data" in self.views:
+            raise BadInputError("the data view splits the update by training example and weight decay: "
+                                "it needs decay_split=True")
         if self.engine not in ENGINES:
             raise BadInputError(f"engine {self.engine!r} must be one of {', '.join(ENGINES)}")
 

@@ -117,6 +117,8 @@ def _setup(history: History, task: Task, config: ExplainConfig) -> _Setup:
     split_ok, split_reason = history.optimizer_family in ("sgd", "adam"), history.data_axis_reason
     if not split_ok and split_reason is None:
         split_reason = f"optimizer {history.manifest['optimizer']['class']} has no per-example split"
+    if not config.decay_split:
+        split_ok, split_reason = False, "the decay split is off (decay_split=False)"
     needs_train = split_ok and (config.optimizer_residual or "data" in config.views or config.subsample < 1.0)
     if "data" in config.views and (not split_ok or split_reason is not None):
         raise UnsupportedOptimizerError(

@@ -370,6 +370,18 @@ def test_unsupported_optimizer_gives_components_without_decay_split(tmp_path):
         explain(history.path, ExplainConfig(views=("data",), **F64), progress=False)
 
 
+def test_without_the_decay_split_components_are_the_same_at_fewer_evaluations(tmp_path):
+    history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.AdamW(m.parameters(), lr=0.02))
+    split = explain(history.path, ExplainConfig(**F64), progress=False)
+    plain = explain(history.path, ExplainConfig(**F64, decay_split=False), progress=False)
+    assert split.decay_split and not plain.decay_split
+    assert (plain.components["decay"] == 0).all() and (split.components["decay"] != 0).any()
+    np.testing.assert_allclose(plain.components["value"].to_numpy(), split.components["value"].to_numpy(),
+                               rtol=1e-12, atol=1e-14)
+    assert plain.completeness["optimizer_residual"].null_count() == plain.completeness.height
+    assert plain.gradient_evaluations < split.gradient_evaluations
+
+
 def test_multihead_attention_fast_path_is_avoided(tmp_path):
     history = record(tmp_path / "run", "AttentionNet", lambda m: torch.optim.Adam(m.parameters(), lr=0.02), steps=4)
     e = explain(history.path, ExplainConfig(**F64), progress=False)
@@ -457,7 +469,8 @@ def test_config_is_validated_at_construction():
     for bad in (dict(views=("pixels",)), dict(window=0), dict(quadrature="simpson"), dict(dtype="float16"),
                 dict(device="tpu"), dict(subsample=0.0), dict(steps=(4, 2)), dict(test_ids=(1, 1)),
                 dict(quantity="probability"), dict(granularity="block"), dict(engine="fd"), dict(test_size=0),
-                dict(rtol=0.0), dict(rtol=1.5), dict(rtol=True), dict(rtol=1e-5, quadrature="midpoint:10")):
+                dict(rtol=0.0), dict(rtol=1.5), dict(rtol=True), dict(rtol=1e-5, quadrature="midpoint:10"),
+                dict(views=("data",), decay_split=False)):
         with pytest.raises(BadInputError):
             ExplainConfig(**bad)
     assert ExplainConfig(views="components,data").views == ("components", "data")
