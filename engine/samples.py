@@ -67,8 +67,8 @@ SAMPLES: dict[str, SampleRecipe] = {
             name="grokking",
             task="modular-addition",
             components={"test_size": 200, "quantity": "logprob", "views": ("components", "importance"),
-                        "window": 20},
-            data={"test_size": 20, "quantity": "logprob", "views": ("data",), "window": 200},
+                        "window": 20, "rtol": 1e-5},
+            data={"test_size": 20, "quantity": "logprob", "views": ("data",), "window": 200, "rtol": 1e-5},
             exactness_tests=10,
         ),
     )

@@ -24,10 +24,7 @@ def test_shipped_sample_matches_its_recipe(name):
     summary = info(path)
     for view in ("components", "data", "importance", "completeness", "exactness", "pruning"):
         assert summary["views"][view] > 0, (name, view)
-    # float64 recipes meet the 1e-5 target with room to spare; grokking is explained in float32,
-    # where its spike steps (the log-probability moving by 24 in one step) hold it to 4.7e-5
-    bound = 1e-5 if SAMPLES[name].components.get("dtype") == "float64" else 1e-4
-    assert summary["max_rel_residual"] <= bound
+    assert summary["max_rel_residual"] <= 1e-5
     # the default quadrature reconstructs the final predictions exactly
     assert exactness["adaptive"]["agreement"] == 1.0
     assert exactness["adaptive"]["kl"] < 1e-9
