@@ -317,8 +317,9 @@ class _Pass:
         plain = counts == 0
         q1, q2 = self._first_level(c, thetas, deltas, plain, points, counts, ladder[0], base, rules)
         done, stuck = self._accept(q2, q1, true - q2, scale, budget, wide=False)  # (B, n)
-        if len(ladder) == 2:  # the base rule is the top rule
-            stuck = ~done if self.wide is not None else stuck
+        if len(ladder) == 2:  # the base rule is the top rule: a failing unit goes to float64 if it can, else stops
+            if self.wide is not None:
+                stuck = ~done
             done = ~stuck
         rules.shared = plain & done
         self._set_composite(rules, ~plain & done, points, counts, base)

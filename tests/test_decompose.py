@@ -657,6 +657,16 @@ def test_rtol_budget_holds_in_float32_by_recomputing_units_in_float64(tmp_path, 
         np.testing.assert_allclose(elements, recon, rtol=1e-9, atol=1e-9)
 
 
+def test_rtol_escalates_when_the_base_rule_is_already_the_top_rule(tmp_path):
+    history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.Adam(m.parameters(), lr=0.02),
+                     dtype=torch.float32)
+    plain = explain(history.path, ExplainConfig(test_size=None, quadrature="adaptive:2"), progress=False)
+    budgeted = explain(history.path, ExplainConfig(test_size=None, quadrature="adaptive:2", rtol=1e-9),
+                       progress=False)
+    assert relative_residuals(plain).max() > 1e-9
+    assert budgeted.escalated > 0 and relative_residuals(budgeted).max() <= 1e-9
+
+
 def test_rtol_in_float64_stops_early_within_the_budget(tmp_path):
     history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.Adam(m.parameters(), lr=0.02))
     exact = explain(history.path, ExplainConfig(**F64), progress=False)
