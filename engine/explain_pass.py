@@ -21,7 +21,17 @@ from torch import Tensor
 from engine.evaluator import _Evaluator
 from engine.explain_setup import _group_count, _math_attention, _release_memory, _Setup, _widened
 from engine.history import StepRecord
-from engine.quadrature import Rule, accept, breakpoints, composite, crossings, refine_zero
+from engine.quadrature import (
+    Rule,
+    accept,
+    breakpoints,
+    composite,
+    crossings,
+    estimate,
+    panels,
+    refine_zero,
+    unconverged,
+)
 from engine.train_side import _StepTerms, _TrainSide
 from engine.updates import UpdateRule
 
@@ -89,7 +99,7 @@ class _Rules:
 
     ``shared[b, x]`` marks units integrated by the shared base rule (nodes ``base_t`` with
     weights ``base_w``); the others use their own nodes ``t, w (B, n, M)`` (valid where
-    ``w`` was set, ``count`` nodes) with φ̂ precomputed in ``phi`` for reverse mode. Units
+    ``w`` was set, ``count`` nodes); in reverse mode ``phi`` holds every unit's φ̂. Units
     recomputed in float64 (``rtol``) have ``wide[b, x] ≥ 0``, their φ̂ in row ``wide[b, x]``
     of ``phi_wide``.
     """
@@ -299,61 +309,45 @@ class _Pass:
         grid = torch.ones(b_count, n, dtype=torch.bool, device=s.device).nonzero()
         points, counts = self._kinks(ev, c, thetas, deltas, grid[:, 0], grid[:, 1], sw_prev.reshape(b_count * n, -1),
                                      sw_next.reshape(b_count * n, -1))
-        points, counts = points.reshape(b_count, n, -1), counts.reshape(b_count, n)  # (B, n, P), (B, n)
-        kinks = (points, counts, sw_prev, sw_next)
+        points, counts = points.reshape(b_count, n, -1), counts.reshape(b_count, n)  # (B, n, K), (B, n)
         scale = g_prev.abs() + g_next.abs()
         budget = None if c.budget is None else c.budget[None].expand(b_count, n)
         ladder = self.quad.ladder()
-        base = ladder[1]
-        base_t, base_w = base.tensors(torch.float64, s.device)
+        base_t, base_w = ladder[1].tensors(torch.float64, s.device)
         width = (points.shape[2] + 1) * len(ladder[-1])
         rules = _Rules(base_t, base_w, torch.zeros(b_count, n, dtype=torch.bool, device=s.device),
                        torch.zeros(b_count, n, width, **f64), torch.zeros(b_count, n, width, **f64),
-                       torch.zeros(b_count, n, dtype=torch.int64, device=s.device),
-                       torch.zeros(b_count, n, s.outputs, s.layout.total, dtype=s.dtype, device=s.device)
-                       if self.search_reverse else None)
+                       torch.zeros(b_count, n, dtype=torch.int64, device=s.device))
 
-        # first level: Gauss 1 and 2 per piece; plain (kink-free) units at shared nodes
+        # plain (kink-free) units: the two lowest rules at nodes shared by the chunk
         plain = counts == 0
-        q1, q2 = self._first_level(c, thetas, deltas, plain, points, counts, ladder[0], base, rules)
+        q1, q2 = self._first_level(c, thetas, deltas, ladder[0], ladder[1], rules)
         done, stuck = self._accept(q2, q1, true - q2, scale, budget, wide=False)  # (B, n)
-        if len(ladder) == 2:  # the base rule is the top rule: a failing unit goes to float64 if it can, else stops
-            if self.wide is not None:
-                stuck = ~done
-            done = ~stuck
         rules.shared = plain & done
-        self._set_composite(rules, ~plain & done, points, counts, base)
-        climbing = ~done & ~stuck
-        escalate = torch.cat([stuck.nonzero(), self._climb(c, self.evaluator, thetas, deltas, climbing.nonzero(),
-                                                            q2[climbing], ladder[2:], kinks, true, scale, budget,
-                                                            rules)])
+        escalate = [(plain & stuck).nonzero()]
+        for units, first in (((plain & ~done & ~stuck).nonzero(), (q1, q2)), ((~plain).nonzero(), None)):
+            bi, xi = units[:, 0], units[:, 1]
+            escalate.append(self._climb(c, ev, thetas, deltas, units, points[bi, xi], counts[bi, xi],
+                                        (sw_prev, sw_next), true, scale, budget, rules,
+                                        None if first is None else (first[0][bi, xi], first[1][bi, xi])))
+        escalate = torch.cat(escalate)
         if len(escalate):
+            bi, xi = escalate[:, 0], escalate[:, 1]
             wide_thetas, wide_deltas = block.wide[0][idx], block.wide[1][idx]
             rules.wide = torch.full((b_count, n), -1, dtype=torch.int64, device=s.device)
-            rules.wide[escalate[:, 0], escalate[:, 1]] = torch.arange(len(escalate), device=s.device)
+            rules.wide[bi, xi] = torch.arange(len(escalate), device=s.device)
             if self.search_reverse:
                 rules.phi_wide = torch.zeros(len(escalate), s.outputs, s.layout.total, **f64)
-            self._climb(c, self.wide, wide_thetas, wide_deltas, escalate, None, ladder,
-                        self._wide_kinks(c, wide_thetas, wide_deltas, escalate, kinks), true, scale, budget, rules)
+            # at float32's precision a misplaced kink alone leaves an error of the float32 round-off
+            wide_points, wide_counts = self._kinks(self.wide, c, wide_thetas, wide_deltas, bi, xi, sw_prev[bi, xi],
+                                                   sw_next[bi, xi])
+            self._climb(c, self.wide, wide_thetas, wide_deltas, escalate, wide_points, wide_counts, (sw_prev, sw_next),
+                        true, scale, budget, rules)
             self.escalated += len(escalate)
-        rules.count[rules.shared] = len(base)
+        rules.count[rules.shared] = len(ladder[1])
         if s.engine == "vjp" and not self.search_reverse:
-            rules.phi = self._final_phi(c, block, idx, rules)
+            self._final_phi(c, block, idx, rules)
         return rules
-
-    def _wide_kinks(self, c: _Chunk, thetas: Tensor, deltas: Tensor, units: Tensor,
-                    kinks: tuple[Tensor, Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``kinks`` with those of ``units (E, 2)`` located again in float64 (at float32's
-        precision a misplaced kink alone leaves an error of the float32 round-off)."""
-        points, counts, sw_prev, sw_next = kinks
-        bi, xi = units[:, 0], units[:, 1]
-        found, found_counts = self._kinks(self.wide, c, thetas, deltas, bi, xi, sw_prev[bi, xi], sw_next[bi, xi])
-        wide_points = torch.ones(*points.shape[:2], max(points.shape[2], found.shape[1]), dtype=points.dtype,
-                                 device=points.device)
-        wide_points[bi, xi, :found.shape[1]] = found
-        wide_counts = torch.zeros_like(counts)
-        wide_counts[bi, xi] = found_counts
-        return wide_points, wide_counts, sw_prev, sw_next
 
     def _accept(self, q: Tensor, q_prev: Tensor | None, residual: Tensor, scale: Tensor, budget: Tensor | None,
                 wide: bool) -> tuple[Tensor, Tensor]:
@@ -369,50 +363,132 @@ class _Pass:
             return ok, torch.zeros_like(ok)
         return ok, ~ok & accept(q, q_prev, residual, scale, s.dtype)
 
-    def _climb(self, c: _Chunk, ev: _Evaluator, thetas: Tensor, deltas: Tensor, units: Tensor, q_prev: Tensor | None,
-               rungs: list[Rule], kinks: tuple[Tensor, Tensor, Tensor, Tensor], true: Tensor, scale: Tensor,
-               budget: Tensor | None, rules: _Rules) -> Tensor:
-        """Units ``(P, 2)`` (rows ``b, x``) try ``rungs`` in turn, evaluated by ``ev``, until accepted;
-        each unit's final rule goes to ``rules``. At the top rule the units that still fail are
-        searched for hidden kinks once. Returns the units to recompute in float64 ``(E, 2)``."""
+    def _climb(self, c: _Chunk, ev: _Evaluator, thetas: Tensor, deltas: Tensor, units: Tensor, points: Tensor,
+               counts: Tensor, switches: tuple[Tensor, Tensor], true: Tensor, scale: Tensor, budget: Tensor | None,
+               rules: _Rules, first: tuple[Tensor, Tensor] | None = None, searched: bool = False) -> Tensor:
+        """The adaptive rule of units ``(U, 2)`` (rows ``b, x``) cut at ``points (U, K)`` (``counts``
+        valid), evaluated by ``ev``; each unit's final rule goes to ``rules``.
+
+        Every piece starts with the two lowest rules of the ladder (``first``: their values
+        ``(U, O)`` where already known, for single-piece units). While a unit is not accepted,
+        its unconverged pieces (``quadrature.unconverged``) go up one rule. A unit that would
+        need more than the top rule is recomputed in float64 where that is possible; otherwise it
+        is searched once for hidden kinks and starts again on its new pieces, or keeps its rule
+        when there are none (or it has been ``searched``). Returns the units to recompute in
+        float64 ``(E, 2)``.
+        """
+        if not len(units):
+            return units
         wide = ev is self.wide
-        points, counts, sw_prev, sw_next = kinks
+        ladder = self.quad.ladder()
+        top = len(ladder) - 1
         x = c.x.double() if wide and c.x.is_floating_point() else c.x
+        start, width, valid = panels(points, counts)  # (U, P)
+        level = torch.where(valid, 1, -1)
+        lo, hi = (torch.zeros(*start.shape, self.s.outputs, dtype=torch.float64, device=start.device) for _ in range(2))
+        phi = None  # reverse mode: φ̂ (U, O, D) of each unit's current rule
+        if self.search_reverse:
+            phi = (rules.phi[units[:, 0], units[:, 1]] if first is not None else
+                   thetas.new_zeros(len(units), self.s.outputs, self.s.layout.total))
+
+        def evaluate(row: Tensor, piece: Tensor, index: int, sign: float = 1.0) -> Tensor:
+            return self._evaluate_pieces(ev, x, c.y, thetas, deltas, units[row], start[row, piece], width[row, piece],
+                                         ladder[index], None if phi is None or index == 0 else (phi, row), sign)
+
+        if first is None:
+            row, piece = valid.nonzero(as_tuple=True)
+            lo[row, piece], hi[row, piece] = evaluate(row, piece, 0), evaluate(row, piece, 1)
+        else:  # a single piece, its φ̂ in ``rules.phi`` already
+            lo[:, 0], hi[:, 0] = first[0], first[1]
         escalate = [units.new_zeros(0, 2)]
-        for level, rule in enumerate(rungs):
-            if not len(units):
-                break
+        dtype = self.s.dtype if self.rtol is None else torch.float64
+        while len(units):
             bi, xi = units[:, 0], units[:, 1]
-            t, w, cnt = composite(points[bi, xi], counts[bi, xi], rule)
-            q, phi = self._evaluate_units(ev, x, c.y, thetas, deltas, bi, xi, t, w, cnt)
-            ok, stuck = self._accept(q, q_prev, true[bi, xi] - q, scale[bi, xi],
-                                     None if budget is None else budget[bi, xi], wide)
-            if level == len(rungs) - 1:  # top rule
-                if self.wide is not None and not wide:
-                    stuck = ~ok
-                elif bool((~ok).any()):
-                    failed = (~ok).nonzero().squeeze(1)
-                    fb, fx = bi[failed], xi[failed]
-                    more, more_counts = self._hidden_kinks(ev, c, thetas, deltas, fb, fx, sw_prev[fb, fx],
-                                                           sw_next[fb, fx], points[fb, fx])
-                    tf, wf, cf = composite(more, more_counts, rule)
-                    _, phi_f = self._evaluate_units(ev, x, c.y, thetas, deltas, fb, fx, tf, wf, cf)
-                    self._store_rule(rules, fb, fx, tf, wf, cf, phi_f, wide)
-            sel = ok.nonzero().squeeze(1)
-            self._store_rule(rules, bi[sel], xi[sel], t[sel], w[sel], cnt[sel], phi[sel] if phi is not None else None,
-                             wide)
+            unit_budget = None if budget is None else budget[bi, xi]
+            q = hi.sum(1)
+            ok, stuck = self._accept(q, lo.sum(1), true[bi, xi] - q, scale[bi, xi], unit_budget, wide)
+            refine = unconverged(estimate(hi, lo), q, scale[bi, xi], valid, dtype, unit_budget)
+            beyond = ~ok & ~stuck & (refine & (level == top)).any(1)
+            if self.wide is not None and not wide:
+                stuck |= beyond
+                beyond = torch.zeros_like(beyond)
+            restart = torch.zeros_like(beyond)
+            if not searched and bool(beyond.any()):
+                restart = self._restart(c, ev, thetas, deltas, units, points, counts, beyond, switches, true, scale,
+                                        budget, rules, escalate)
+            keep = ok | (beyond & ~restart)
+            t, w, count = composite(start[keep], width[keep], level[keep], ladder)
+            self._store_rule(rules, bi[keep], xi[keep], t, w, count, None if phi is None else phi[keep], wide)
             escalate.append(units[stuck])
-            keep = ~ok & ~stuck
-            units, q_prev = units[keep], q[keep]
+            move = ~ok & ~stuck & ~beyond
+            units, points, counts, start, width, valid = (units[move], points[move], counts[move], start[move],
+                                                          width[move], valid[move])
+            refine, level, lo, hi = refine[move], level[move], lo[move], hi[move]
+            phi = None if phi is None else phi[move]
+            level = torch.where(refine, level + 1, level)
+            for index in range(2, top + 1):
+                row, piece = (refine & (level == index)).nonzero(as_tuple=True)
+                if len(row):
+                    lo[row, piece] = hi[row, piece]
+                    hi[row, piece] = evaluate(row, piece, index)
+                    if phi is not None:  # the piece's φ̂ by its previous rule leaves the unit's
+                        evaluate(row, piece, index - 1, -1.0)
         return torch.cat(escalate)
+
+    def _restart(self, c: _Chunk, ev: _Evaluator, thetas: Tensor, deltas: Tensor, units: Tensor, points: Tensor,
+                 counts: Tensor, beyond: Tensor, switches: tuple[Tensor, Tensor], true: Tensor, scale: Tensor,
+                 budget: Tensor | None, rules: _Rules, escalate: list[Tensor]) -> Tensor:
+        """Units marked ``beyond`` the top rule whose search finds hidden kinks climb again on the
+        new pieces (their float64 escalations go to ``escalate``); returns which of ``units`` did."""
+        rows = beyond.nonzero().squeeze(1)
+        bi, xi = units[rows, 0], units[rows, 1]
+        more, more_counts = self._hidden_kinks(ev, c, thetas, deltas, bi, xi, switches[0][bi, xi],
+                                               switches[1][bi, xi], points[rows])
+        found = more_counts > counts[rows]
+        restart = torch.zeros_like(beyond)
+        restart[rows[found]] = True
+        if bool(found.any()):
+            escalate.append(self._climb(c, ev, thetas, deltas, units[rows[found]], more[found], more_counts[found],
+                                        switches, true, scale, budget, rules, searched=True))
+        return restart
+
+    def _evaluate_pieces(self, ev: _Evaluator, x: Tensor, y: Tensor, thetas: Tensor, deltas: Tensor, units: Tensor,
+                         start: Tensor, width: Tensor, rule: Rule, phi: tuple[Tensor, Tensor] | None = None,
+                         sign: float = 1.0) -> Tensor:
+        """``φ̂·Δ`` over the pieces ``[start, start + width] (k,)`` of units ``(k, 2)`` by ``rule``,
+        evaluated by ``ev``: ``(k, O)`` float64.
+
+        In reverse mode the pieces' φ̂ come first; with ``phi = (target (U, O, D), row (k,))``
+        each piece's φ̂, times ``sign``, is added to its unit's row of ``target``.
+        """
+        s = self.s
+        tau, omega = rule.tensors(torch.float64, start.device)
+        t = start[:, None] + width[:, None] * tau  # (k, M)
+        w = width[:, None] * omega
+        bi, xi = units[:, 0], units[:, 1]
+        if self.search_reverse:  # a bounded number of pieces at a time
+            q = torch.zeros(len(units), s.outputs, dtype=torch.float64, device=start.device)
+            chunk = max(1, s.config.memory_mb * 2**20 // (s.outputs * s.layout.total * s.dtype.itemsize))
+            for a in range(0, len(units), chunk):
+                r = slice(a, a + chunk)
+                rows = ev.phi_rows(thetas, deltas, bi[r], t[r], w[r], torch.full_like(bi[r], len(rule)), x[xi[r]],
+                                   y[xi[r]])  # (k, O, D)
+                q[r] = torch.einsum("pod,pd->po", rows, deltas[bi[r]].to(rows.dtype)).double()
+                if phi is not None:
+                    phi[0].index_add_(0, phi[1][r], rows, alpha=sign)
+            return q
+        m = len(rule)
+        step, example = bi.repeat_interleave(m), xi.repeat_interleave(m)
+        values = ev.units(thetas, deltas, step, t.reshape(-1), deltas[:, None], x[example], y[example])[:, 0]
+        return (values.double().reshape(len(units), m, s.outputs) * w[:, :, None]).sum(1)
 
     @staticmethod
     def _store_rule(rules: _Rules, bi: Tensor, xi: Tensor, t: Tensor, w: Tensor, count: Tensor,
-                    phi: Tensor | None, wide: bool = False) -> None:
+                    phi: Tensor | None = None, wide: bool = False) -> None:
         """Units ``(bi, xi)`` keep nodes ``t, w (P, M)`` (``count`` valid) and, in reverse mode, φ̂
         (in ``phi_wide`` for units computed in float64)."""
         m = t.shape[1]
-        if m > rules.t.shape[2]:  # hidden kinks added panels: widen every unit's node table
+        if m > rules.t.shape[2]:  # hidden kinks added pieces: widen every unit's node table
             pad = (0, m - rules.t.shape[2])
             rules.t, rules.w = torch.nn.functional.pad(rules.t, pad), torch.nn.functional.pad(rules.w, pad)
         rules.t[bi, xi, :m] = t
@@ -423,18 +499,18 @@ class _Pass:
         elif phi is not None:
             rules.phi[bi, xi] = phi
 
-    def _final_phi(self, c: _Chunk, block: _Block, idx: Tensor, rules: _Rules) -> Tensor:
-        """φ̂ ``(B, n, O, D)`` of every unit under its final rule (reverse mode); that of units
-        computed in float64 goes to ``rules.phi_wide``."""
+    def _final_phi(self, c: _Chunk, block: _Block, idx: Tensor, rules: _Rules) -> None:
+        """φ̂ ``(B, n, O, D)`` of every unit under its final rule into ``rules.phi``, after a search in
+        forward mode; that of units computed in float64 into ``rules.phi_wide``."""
         ev, s = self.evaluator, self.s
         thetas, deltas = block.thetas[idx], block.deltas[idx]
-        phi = ev.phi_shared(thetas, deltas, rules.base_t, rules.base_w, c.x, c.y)
+        rules.phi = ev.phi_shared(thetas, deltas, rules.base_t, rules.base_w, c.x, c.y)
         wide = rules.wide >= 0 if rules.wide is not None else torch.zeros_like(rules.shared)
         own = (~rules.shared & ~wide).nonzero()
         if len(own):
             bi, xi = own[:, 0], own[:, 1]
-            phi[bi, xi] = ev.phi_rows(thetas, deltas, bi, rules.t[bi, xi], rules.w[bi, xi], rules.count[bi, xi],
-                                      c.x[xi], c.y[xi])
+            rules.phi[bi, xi] = ev.phi_rows(thetas, deltas, bi, rules.t[bi, xi], rules.w[bi, xi], rules.count[bi, xi],
+                                            c.x[xi], c.y[xi])
         if bool(wide.any()):
             bi, xi = wide.nonzero(as_tuple=True)
             x = c.x.double() if c.x.is_floating_point() else c.x
@@ -442,63 +518,24 @@ class _Pass:
             rules.phi_wide[rules.wide[bi, xi]] = self.wide.phi_rows(
                 block.wide[0][idx], block.wide[1][idx], bi, rules.t[bi, xi], rules.w[bi, xi], rules.count[bi, xi],
                 x[xi], c.y[xi])
-        return phi
 
-    def _first_level(self, c: _Chunk, thetas: Tensor, deltas: Tensor, plain: Tensor, points: Tensor,
-                     counts: Tensor, low: Rule, base: Rule, rules: _Rules) -> tuple[Tensor, Tensor]:
-        """``φ̂·Δ`` by the two lowest rules for every unit (plain ones at shared nodes); (B, n, O) each."""
+    def _first_level(self, c: _Chunk, thetas: Tensor, deltas: Tensor, low: Rule, base: Rule,
+                     rules: _Rules) -> tuple[Tensor, Tensor]:
+        """``φ̂·Δ`` by the two lowest rules at nodes shared by the chunk's examples: (B, n, O) each.
+        When the search runs in reverse mode, φ̂ of the base rule goes to ``rules.phi``."""
         s, ev = self.s, self.evaluator
         lt, lw = low.tensors(torch.float64, s.device)
         bt, bw = base.tensors(torch.float64, s.device)
         if self.search_reverse:
             q1 = torch.einsum("bnod,bd->bno", ev.phi_shared(thetas, deltas, lt, lw, c.x, c.y), deltas)
-            rules.phi[:] = ev.phi_shared(thetas, deltas, bt, bw, c.x, c.y)
-            q2 = torch.einsum("bnod,bd->bno", rules.phi, deltas)
-        else:
-            t = torch.cat([lt, bt])                                             # (M,)
-            w = torch.zeros(len(t), 2, dtype=s.dtype, device=s.device)          # (M, 2)
-            w[:len(lt), 0], w[len(lt):, 1] = lw.to(s.dtype), bw.to(s.dtype)
-            values = ev.shared(thetas, deltas, t, deltas[:, None], c.x, c.y)[:, :, 0]  # (B, M, n, O)
-            q1, q2 = torch.einsum("bmno,mr->rbno", values, w)
-        kinked = (~plain).nonzero()
-        if len(kinked):
-            bi, xi = kinked[:, 0], kinked[:, 1]
-            t1, w1, c1 = composite(points[bi, xi], counts[bi, xi], low)
-            t2, w2, c2 = composite(points[bi, xi], counts[bi, xi], base)
-            q1[bi, xi], _ = self._evaluate_units(ev, c.x, c.y, thetas, deltas, bi, xi, t1, w1, c1)
-            q2[bi, xi], phi = self._evaluate_units(ev, c.x, c.y, thetas, deltas, bi, xi, t2, w2, c2)
-            if phi is not None:
-                rules.phi[bi, xi] = phi
+            rules.phi = ev.phi_shared(thetas, deltas, bt, bw, c.x, c.y)
+            return q1, torch.einsum("bnod,bd->bno", rules.phi, deltas)
+        t = torch.cat([lt, bt])                                             # (M,)
+        w = torch.zeros(len(t), 2, dtype=s.dtype, device=s.device)          # (M, 2)
+        w[:len(lt), 0], w[len(lt):, 1] = lw.to(s.dtype), bw.to(s.dtype)
+        values = ev.shared(thetas, deltas, t, deltas[:, None], c.x, c.y)[:, :, 0]  # (B, M, n, O)
+        q1, q2 = torch.einsum("bmno,mr->rbno", values, w)
         return q1, q2
-
-    def _evaluate_units(self, ev: _Evaluator, x: Tensor, y: Tensor, thetas: Tensor, deltas: Tensor, bi: Tensor,
-                        xi: Tensor, t: Tensor, w: Tensor, count: Tensor) -> tuple[Tensor, Tensor | None]:
-        """``φ̂·Δ`` of units (bi, xi) with own nodes ``t, w (P, M)`` (first ``count`` valid), evaluated
-        by ``ev`` on the chunk's inputs ``x, y``: ``(P, O)``.
-
-        When the search runs in reverse mode, φ̂ itself ``(P, O, D)`` is returned as well.
-        """
-        valid = torch.arange(t.shape[1], device=t.device)[None] < count[:, None]
-        unit, node = valid.nonzero(as_tuple=True)
-        if self.search_reverse:
-            phi = ev.phi_rows(thetas, deltas, bi, t, w, count, x[xi], y[xi])  # (P, O, D)
-            return torch.einsum("pod,pd->po", phi, deltas[bi]), phi
-        b, ex, tt, ww = bi[unit], xi[unit], t[unit, node], w[unit, node]
-        values = ev.units(thetas, deltas, b, tt, deltas[:, None], x[ex], y[ex])[:, 0]  # (U, O)
-        q = values.new_zeros(len(bi), values.shape[1])
-        q.index_add_(0, unit, values * ww.to(values.dtype)[:, None])
-        return q, None
-
-    @staticmethod
-    def _set_composite(rules: _Rules, units: Tensor, points: Tensor, counts: Tensor, rule: Rule) -> None:
-        sel = units.nonzero()
-        if not len(sel):
-            return
-        bi, xi = sel[:, 0], sel[:, 1]
-        t, w, cnt = composite(points[bi, xi], counts[bi, xi], rule)
-        rules.t[bi, xi, :t.shape[1]] = t
-        rules.w[bi, xi, :t.shape[1]] = w
-        rules.count[bi, xi] = cnt
 
     def _kinks(self, ev: _Evaluator, c: _Chunk, thetas: Tensor, deltas: Tensor, bi: Tensor, xi: Tensor,
                sw_prev: Tensor, sw_next: Tensor) -> tuple[Tensor, Tensor]:

@@ -7,9 +7,10 @@ Specs (strings, as on the command line):
 - ``gauss:N`` — Gauss–Legendre on [0, 1]; exact for polynomials of degree ``2N − 1``.
 - ``adaptive`` or ``adaptive:N`` — per step and test example: the segment is cut at the
   kinks of piecewise-linear operations (ReLU, abs, clamp, …; see ``SwitchRecorder``) and each
-  piece gets Gauss–Legendre with 1 and 2, then 4, 8, … up to N nodes (default 16), until the
-  error estimated from two successive rules is at round-off and the measured step residual
-  ``r_s`` is small (see ``accept``). Fixed rules never cut at kinks.
+  piece gets Gauss–Legendre with 1 and 2 nodes; until the error estimated from two successive
+  rules is at round-off and the measured step residual ``r_s`` is small (see ``accept``), the
+  pieces that hold more than their share of the estimated error (see ``unconverged``) go up
+  to 4, 8, … up to N nodes (default 16). Fixed rules never cut at kinks.
 """
 
 from __future__ import annotations
@@ -147,8 +148,8 @@ def accept(q: Tensor, q_prev: Tensor | None, residual: Tensor, g_scale: Tensor, 
            budget: Tensor | None = None) -> Tensor:
     """Which units may stop at the rule that gave ``q``: bool of ``q``'s shape without the last axis.
 
-    ``q = φ̂·Δ`` by the current rule, ``q_prev`` by the previous one (half the nodes per
-    piece), ``residual = r_s = g(θ_{s+1}) − g(θ_s) − q`` and ``g_scale = |g(θ_s)| + |g(θ_{s+1})|``,
+    ``q = φ̂·Δ`` by the current rule, ``q_prev`` with each piece by its previous rule (half
+    the nodes), ``residual = r_s = g(θ_{s+1}) − g(θ_s) − q`` and ``g_scale = |g(θ_s)| + |g(θ_{s+1})|``,
     all ``(..., O)``. On a smooth piece Gauss–Legendre converges at least quadratically from
     one rule to the next (for an integrand analytic on a scale L the error of n nodes is about
     |f| L^{-2n} (n!)⁴/(2n)!³…): the current rule's error is estimated by ``e²/max(|q|, e)``
@@ -167,14 +168,33 @@ def accept(q: Tensor, q_prev: Tensor | None, residual: Tensor, g_scale: Tensor, 
           + tolerance(g_scale, dtype, 1.0)).all(dim=-1)
     if q_prev is None:
         return torch.zeros_like(ok)
-    estimate = _estimate(q, q_prev)
-    ok &= (estimate <= tolerance(g_scale + q.abs(), dtype)).all(dim=-1)
+    error = estimate(q, q_prev)
+    ok &= (error <= tolerance(g_scale + q.abs(), dtype)).all(dim=-1)
     if budget is None:
         return ok
-    return ok | ((residual.norm(dim=-1) <= budget) & (estimate.norm(dim=-1) <= budget))
+    return ok | ((residual.norm(dim=-1) <= budget) & (error.norm(dim=-1) <= budget))
 
 
-def _estimate(q: Tensor, q_prev: Tensor) -> Tensor:
+def unconverged(error: Tensor, q: Tensor, g_scale: Tensor, valid: Tensor, dtype: torch.dtype,
+                budget: Tensor | None = None) -> Tensor:
+    """Pieces of a unit that is not accepted to integrate by the next rule: bool ``(U, P)``.
+
+    ``error (U, P, O)`` is each piece's error estimate (``estimate``), ``q`` and ``g_scale``
+    ``(U, O)`` and ``budget (U,)`` as in ``accept``, ``valid (U, P)`` marks the unit's pieces. A
+    piece is refined where its estimate exceeds its share — one over the unit's piece count —
+    of the tolerance ``accept`` applies to the unit (of the budget as well, with one). Where no
+    piece does (the unit failed on ``r_s``, or only the pieces together miss the tolerance),
+    every piece is refined.
+    """
+    share = valid.sum(1, keepdim=True).clamp_min(1).to(error.dtype)  # (U, 1)
+    refine = (error > (tolerance(g_scale + q.abs(), dtype) / share)[:, None, :]).any(dim=-1)
+    if budget is not None:
+        refine &= error.norm(dim=-1) > budget[:, None] / share
+    refine &= valid
+    return torch.where(refine.any(dim=1, keepdim=True), refine, valid)
+
+
+def estimate(q: Tensor, q_prev: Tensor) -> Tensor:
     """Error estimate of the rule that gave ``q`` from the previous one's ``q_prev`` (see ``accept``)."""
     change = (q - q_prev).abs()
     size = torch.maximum(torch.maximum(q.abs(), q_prev.abs()), change)
@@ -313,17 +333,40 @@ def refine_zero(t: Tensor, value: Tensor, history: list[tuple[Tensor, Tensor]]) 
     return torch.where(torch.isfinite(new), new, t)
 
 
-def composite(points: Tensor, counts: Tensor, rule: Rule) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-example composite rule: ``rule`` on each panel between consecutive breakpoints.
+def panels(points: Tensor, counts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Pieces of [0, 1] between consecutive breakpoints ``points (n, B)`` (from ``breakpoints``).
 
-    ``points (n, B)`` from ``breakpoints``. Returns ``(t (n, M), w (n, M), nodes (n,))``; an
-    example's valid nodes come first, the rest have weight 0.
+    Returns ``(start (n, P), width (n, P), valid (n, P))`` with ``P = B + 1``; an example's
+    first ``counts + 1`` pieces are valid, the rest have width 0.
     """
     n, device = points.shape[0], points.device
-    tau, omega = rule.tensors(torch.float64, device)
     edges = torch.cat([torch.zeros(n, 1, dtype=torch.float64, device=device), points.double(),
                        torch.ones(n, 1, dtype=torch.float64, device=device)], dim=1)  # (n, B + 2)
-    start, width = edges[:, :-1], edges[:, 1:] - edges[:, :-1]  # (n, B + 1)
-    t = (start[:, :, None] + width[:, :, None] * tau).reshape(n, -1)
-    w = (width[:, :, None] * omega).reshape(n, -1)
-    return t, w, (counts + 1) * len(rule)
+    valid = torch.arange(edges.shape[1] - 1, device=device)[None] <= counts[:, None]
+    return edges[:, :-1], edges[:, 1:] - edges[:, :-1], valid
+
+
+def composite(start: Tensor, width: Tensor, level: Tensor, ladder: list[Rule]) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-example composite rule: piece ``p`` (from ``panels``) by the rule ``ladder[level[:, p]]``;
+    pieces with a negative level get no nodes.
+
+    Returns ``(t (n, M), w (n, M), nodes (n,))``: an example's valid nodes come first, piece by
+    piece; the rest have weight 0.
+    """
+    n, device = start.shape[0], start.device
+    sizes = torch.tensor([len(rule) for rule in ladder], device=device)
+    per_piece = torch.where(level >= 0, sizes[level.clamp_min(0)], 0)  # (n, P)
+    count = per_piece.sum(1)
+    offset = per_piece.cumsum(1) - per_piece
+    width_m = int(count.max()) if n else 0
+    t = torch.zeros(n, width_m, dtype=torch.float64, device=device)
+    w = torch.zeros(n, width_m, dtype=torch.float64, device=device)
+    for index, rule in enumerate(ladder):
+        row, piece = (level == index).nonzero(as_tuple=True)
+        if not len(row):
+            continue
+        tau, omega = rule.tensors(torch.float64, device)
+        column = offset[row, piece][:, None] + torch.arange(len(rule), device=device)
+        t[row[:, None], column] = start[row, piece][:, None] + width[row, piece][:, None] * tau
+        w[row[:, None], column] = width[row, piece][:, None] * omega
+    return t, w, count

@@ -100,6 +100,22 @@ class HiddenKink(nn.Module):
         return self.head(F.relu(self.w2 * self.w1 * x))
 
 
+class SaturatingKink(nn.Module):
+    """Two logits ``±(v · tanh(3 relu(w x)) + b)``: one SGD step with lr 1.5 on the point x = 1
+    of class 1 takes w from 0.5 to about −0.9. Before the kink the integrand is smooth but not
+    polynomial; after it, constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(0.5))
+        self.v = nn.Parameter(torch.tensor(1.0))
+        self.b = nn.Parameter(torch.tensor(0.0))
+
+    def forward(self, x):
+        s = self.v * torch.tanh(3 * F.relu(self.w * x)) + self.b
+        return torch.cat([s, -s], dim=-1)
+
+
 def one_point() -> dict:
     x, y = torch.ones(1, 1), torch.tensor([1])
     return {"train": (x, y), "val": (x, y)}
@@ -501,6 +517,38 @@ def test_adaptive_finds_a_kink_the_end_points_of_the_step_hide(tmp_path):
     np.testing.assert_allclose(totals(e.completeness, "reconstructed"), final_change(history).numpy(),
                                rtol=0, atol=1e-13)
     assert e.max_rel_residual < 1e-12
+
+
+@pytest.mark.parametrize(("engine", "quantity"), [("jvp", "logits"), ("vjp", "logits"), ("vjp", "true-logit")])
+def test_adaptive_refines_only_the_piece_that_needs_it(tmp_path, engine, quantity):
+    """Forward-mode search; forward search with Jacobians at the final nodes; reverse-mode search."""
+    spec = {"model": "tests.test_decompose:SaturatingKink", "model_kwargs": {},
+            "data": "tests.test_decompose:one_point", "data_kwargs": {}, "loss": "cross_entropy"}
+    net = get_task(spec).build_model().double()
+    x, y = one_point()["train"]
+    optimizer = torch.optim.SGD(net.parameters(), lr=1.5)
+    with Recorder(net, optimizer, tmp_path / "run", model_spec=spec, train_data=one_point()["train"],
+                  dtype=torch.float64) as rec:
+        optimizer.zero_grad()
+        F.cross_entropy(net(x.double()), y).backward()
+        rec.batch(torch.tensor([0]))
+        optimizer.step()
+    history = History.open(tmp_path / "run")
+    assert float(history.params(0)["w"]) > 0 > float(history.params(1)["w"])  # one kink
+    e = explain(history.path, ExplainConfig(test_size=None, dtype="float64", engine=engine, quantity=quantity,
+                                            views=("components", "importance") if engine == "vjp" else ("components",)),
+                progress=False)
+    assert e.max_abs_residual < 1e-14
+    if quantity == "logits":
+        np.testing.assert_allclose(totals(e.completeness, "reconstructed"), final_change(history).numpy(),
+                                   rtol=0, atol=1e-14)
+    np.testing.assert_allclose(totals(e.components), totals(e.completeness, "reconstructed"), rtol=0, atol=1e-14)
+    # the constant piece keeps the two nodes of the base rule; the smooth piece climbs alone
+    # (one rule for both pieces would give twice the smooth piece's nodes)
+    nodes = e.completeness["nodes"].unique().to_list()
+    assert len(nodes) == 1 and nodes[0] > 6
+    climbed = nodes[0] - 2
+    assert climbed & (climbed - 1) == 0, nodes  # a power of two: one Gauss rule
 
 
 def test_quantities_and_exactness_table(tmp_path):

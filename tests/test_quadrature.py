@@ -20,8 +20,10 @@ from engine.quadrature import (
     crossings,
     gauss,
     midpoint,
+    panels,
     parse_quadrature,
     refine_zero,
+    unconverged,
 )
 
 
@@ -143,10 +145,16 @@ def test_composite_rule_integrates_a_kinked_integrand_exactly():
     kink = 0.37
     f = lambda t: torch.where(t < kink, 3 * t**2, -t**3 + 2.0)  # noqa: E731  piecewise cubic
     exact = kink**3 + (2.0 * (1 - kink) - (1 - kink**4) / 4)
-    points = torch.tensor([[kink]], dtype=torch.float64)
-    t, w, count = composite(points, torch.tensor([1]), gauss(2))
-    assert count.tolist() == [4]
-    assert float((w * f(t)).sum()) == pytest.approx(exact, abs=1e-14)
+    start, width, valid = panels(torch.tensor([[kink, 1.0]], dtype=torch.float64), torch.tensor([1]))
+    assert valid.tolist() == [[True, True, False]]
+    ladder = [gauss(1), gauss(2), gauss(4)]
+    for level, nodes in (([1, 1, -1], 4), ([1, 2, -1], 6)):  # per piece: 2 + 2 nodes, or 2 + 4
+        t, w, count = composite(start, width, torch.tensor([level]), ladder)
+        assert count.tolist() == [nodes] and t.shape[1] == nodes
+        assert float((w * f(t)).sum()) == pytest.approx(exact, abs=1e-14)
+    t, w, count = composite(start, width, torch.tensor([[0, 2, -1]]), ladder)  # 1 node is wrong on 3t²
+    assert count.tolist() == [5]
+    assert abs(float((w * f(t)).sum()) - exact) > 1e-3
     plain = gauss(16)
     assert abs(integrate(plain, lambda u: float(f(torch.tensor(u)))) - exact) > 1e-4
 
@@ -180,3 +188,18 @@ def test_accept_holds_the_residual_to_round_off_of_the_change_not_of_g():
     assert accept(q, q, torch.tensor([[1e-5]]), scale, torch.float32).item()
     # a change too small to resolve against g itself is held only to round-off of g
     assert accept(torch.tensor([[1e-9]]), torch.tensor([[1e-9]]), torch.tensor([[2e-6]]), scale, torch.float32).item()
+
+
+def test_unconverged_refines_only_pieces_over_their_share_of_the_tolerance():
+    q, scale = torch.tensor([[2.0]]), torch.tensor([[4.0]])
+    share = 16 * torch.finfo(torch.float32).eps * 6.0 / 3  # tolerance(scale + |q|) over 3 pieces
+    valid = torch.tensor([[True, True, True, False]])
+    error = torch.tensor([[[0.5 * share], [3.0 * share], [0.9 * share], [0.0]]])
+    assert unconverged(error, q, scale, valid, torch.float32).tolist() == [[False, True, False, False]]
+    # each piece within its share: the unit failed on r_s or on the pieces together, so all go up
+    below = torch.tensor([[[0.9 * share], [0.9 * share], [0.9 * share], [9.0]]])
+    assert unconverged(below, q, scale, valid, torch.float32).tolist() == [[True, True, True, False]]
+    # with an error budget, a piece within its share of the budget is left as it is
+    budget = torch.tensor([3 * 3.0 * share])
+    assert unconverged(error, q, scale, valid, torch.float32, budget).tolist() == [[True, True, True, False]]
+    assert unconverged(error * 2, q, scale, valid, torch.float32, budget).tolist() == [[False, True, False, False]]
