@@ -127,7 +127,7 @@ class _Pass:
         self.rtol = setup.config.rtol
         self.wide = _Evaluator(_widened(setup)) if self.rtol is not None and setup.dtype != torch.float64 else None
         self.escalated = 0
-        self.search_reverse = setup.engine == "vjp" and (not setup.forward_ad or setup.outputs == 1)
+        self.search_reverse = setup.engine == "vjp" and not setup.forward_ad
         f64 = dict(dtype=torch.float64, device=setup.device)
         groups, o = _group_count(setup), setup.outputs
         self.chunks: list[_Chunk] = []
@@ -424,15 +424,19 @@ class _Pass:
             units, points, counts, start, width, valid = (units[move], points[move], counts[move], start[move],
                                                           width[move], valid[move])
             refine, level, lo, hi = refine[move], level[move], lo[move], hi[move]
-            phi = None if phi is None else phi[move]
             level = torch.where(refine, level + 1, level)
+            whole = (refine == valid).all(1)  # every piece moves up: the unit's φ̂ starts again
+            if phi is not None:
+                phi = phi[move]
+                phi[whole] = 0
             for index in range(2, top + 1):
                 row, piece = (refine & (level == index)).nonzero(as_tuple=True)
                 if len(row):
                     lo[row, piece] = hi[row, piece]
                     hi[row, piece] = evaluate(row, piece, index)
-                    if phi is not None:  # the piece's φ̂ by its previous rule leaves the unit's
-                        evaluate(row, piece, index - 1, -1.0)
+                    part = ~whole[row]
+                    if phi is not None and bool(part.any()):  # the piece's φ̂ by its previous rule leaves
+                        evaluate(row[part], piece[part], index - 1, -1.0)
         return torch.cat(escalate)
 
     def _restart(self, c: _Chunk, ev: _Evaluator, thetas: Tensor, deltas: Tensor, units: Tensor, points: Tensor,
