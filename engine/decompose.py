@@ -18,8 +18,9 @@ quadrature and contracts it, never materialising the ``N·D·M·O`` influence te
 How. Steps are processed in blocks (``vmap`` over steps, quadrature nodes, directions and
 test examples, so a small model costs a few vectorised calls per block). The adaptive rule
 (``engine.quadrature``) cuts each step at the kinks of ReLU-like operations, per test example,
-and raises the Gauss order per example until the error estimate is at round-off; the search
-runs in forward mode along Δ_s only. ``φ̂`` is then evaluated in one of two ways, chosen by
+and raises the Gauss order of the pieces that need it until the error estimate is at
+round-off; the search runs in forward mode along Δ_s only (in reverse mode for models without
+forward-mode AD). ``φ̂`` is then evaluated in one of two ways, chosen by
 cost (``ExplainConfig.engine``): forward-mode ``jvp`` along the directions the views need
 (Δ_s and ψ_s(reg) per group, ρ_s, and for the data view ψ_s(k) per training example), or
 reverse mode — the full Jacobian of each test example (``jacrev``), which the importance view
