@@ -18,6 +18,7 @@ from typing import Any, get_type_hints
 import polars as pl
 
 from engine.errors import ExplaindError
+from engine.heap import retained_heap
 
 Handler = Callable[[argparse.Namespace], dict[str, Any]]
 
@@ -240,7 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     handler, _ = COMMANDS[args.command]
     try:
-        result = handler(args)
+        with retained_heap():  # from the start of the command: later, the heap is already fragmented
+            result = handler(args)
     except ExplaindError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -68,6 +68,7 @@ from engine.explain_pass import REGULARIZER, _Pass, _Window
 from engine.explain_setup import _math_attention as _math_attention  # re-exported for the benchmarks
 from engine.explain_setup import _Setup, _setup
 from engine.groups import GroupMap, ParamLayout
+from engine.heap import retained_heap
 from engine.history import History, StepRecord
 from engine.tasks import get_task
 from engine.tasks.base import Task
@@ -368,9 +369,10 @@ def explain(run_dir: str | Path, config: ExplainConfig | None = None, progress: 
     return explain_history(history, get_task(history.model_spec), config or ExplainConfig(), progress)
 
 
+@retained_heap()
 def explain_history(history: History, task: Task, config: ExplainConfig | None = None,
                     progress: bool = True) -> Explanation:
-    """Like ``explain`` for an opened history and task."""
+    """Like ``explain`` for an opened history and task (with freed memory kept, ``engine.heap``)."""
     config = config or ExplainConfig()
     started = time.perf_counter()
     s = _setup(history, task, config)
