@@ -29,7 +29,7 @@ For every configuration the script
 
 Every measured computation runs in its own process with one thread (``OMP_NUM_THREADS=1``
 and ``torch.set_num_threads(1)``) and the same glibc heap setting for both sides
-(``SAME_HEAP``, what ``engine.heap.retained_heap`` sets, from process start): wall time of
+(``same_heap``: what ``engine.heap.retained_heap`` sets, from process start): wall time of
 the computation, peak resident memory of the process, and the increase of resident memory
 over the process before computing.
 The package runs in its own virtual environment (created on first use, see
@@ -73,9 +73,6 @@ ADAMW = {"lr": 1e-3, "betas": (0.9, 0.98), "weight_decay": 1.0}
 SGD = {"lr": 0.01, "momentum": 0.9, "dampening": 0.0, "weight_decay": 1e-3}
 SEED = 0
 ELEMENT_TIMEOUT = 90.0   # seconds allowed for our element-granularity (importance) run per configuration
-# Freed memory stays in the heap (engine.heap): given to the package's processes too, so the
-# comparison is of the implementations, not of the allocator setting.
-SAME_HEAP = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
 
 
 def one_thread() -> None:
@@ -375,9 +372,18 @@ def package_dir(python: Path) -> Path:
     return Path(out.stdout.strip())
 
 
+def same_heap() -> dict[str, str]:
+    """glibc's environment form of what ``engine.heap.retained_heap`` sets, for every worker from
+    its start: the package's processes get it too, so the comparison is of the implementations."""
+    from engine import heap
+
+    return {"MALLOC_MMAP_THRESHOLD_": str(heap.RETAINED_MMAP_THRESHOLD),
+            "MALLOC_TRIM_THRESHOLD_": str(heap.RETAINED_TRIM_THRESHOLD)}
+
+
 def worker(python: Path, role: str, directory: Path, name: str, pythonpath: str, *extra: str,
            timeout: float | None = None) -> dict[str, Any]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": pythonpath, **SAME_HEAP}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": pythonpath, **same_heap()}
     cmd = [str(python), str(Path(__file__).resolve()), "--role", role, "--dir", str(directory), "--only", name,
            *extra]
     try:

@@ -3,15 +3,16 @@
 A decomposition allocates and frees the same large tensors (quadrature nodes × directions ×
 outputs × parameters) thousands of times. glibc serves every allocation above its mmap
 threshold (128 KiB, raised at most to 32 MiB) with a fresh ``mmap`` and unmaps it on free, so
-the kernel faults in and zeroes every block again: on the grokking transformer that was more
-than half of the wall time. ``retained_heap`` raises the mmap and trim thresholds for its
-duration, so freed blocks stay in the heap and are reused; on exit it hands the free memory
-back (``malloc_trim``) and restores glibc's defaults.
+the kernel faults in and zeroes every block again: on the grokking transformer that was half
+of the wall time (``bench/bench_heap.py``). ``retained_heap`` raises the mmap threshold to
+512 MiB and the trim threshold to its maximum for its duration, so freed blocks stay in the
+heap and are reused; on exit it hands the free memory back (``malloc_trim``) and restores
+glibc's defaults. Blocks above 512 MiB still come from ``mmap``: kept in the heap as well,
+they fragmented it, up to 1.7× the peak memory.
 
-The command line enters it before a command starts, where it leaves peak memory as it was;
-``explain_history`` enters it too (nested uses are counted, only the outermost one restores),
-where, entered that late into a process, the heap takes a few more blocks to settle. The
-setting is process-wide. Elsewhere than glibc (macOS, musl, Windows) it does nothing.
+The command line enters it before a command starts; ``explain_history`` enters it too (nested
+uses are counted, only the outermost one restores). The setting is process-wide. Elsewhere
+than glibc (macOS, musl, Windows) it does nothing.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from collections.abc import Iterator
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _DEFAULT_THRESHOLD = 128 * 1024        # glibc's initial value of both thresholds
-_RETAINED_MMAP = 2**30                 # larger blocks than this still come from mmap
-_RETAINED_TRIM = 2**31 - 1             # mallopt takes an int: never trim on free
+RETAINED_MMAP_THRESHOLD = 2**29       # 512 MiB; larger blocks still come from mmap
+RETAINED_TRIM_THRESHOLD = 2**31 - 1   # mallopt takes an int: never trim on free
 
 _lock = threading.Lock()
 _depth = 0
@@ -58,7 +59,7 @@ def _set(mmap_threshold: int, trim_threshold: int) -> None:
 
 @contextlib.contextmanager
 def retained_heap() -> Iterator[None]:
-    """Within the block, freed memory up to 1 GiB per allocation is kept for reuse."""
+    """Within the block, freed allocations of up to 512 MiB are kept for reuse."""
     global _depth
     if _LIBC is None:
         yield
@@ -66,7 +67,7 @@ def retained_heap() -> Iterator[None]:
     with _lock:
         _depth += 1
         if _depth == 1:
-            _set(_RETAINED_MMAP, _RETAINED_TRIM)
+            _set(RETAINED_MMAP_THRESHOLD, RETAINED_TRIM_THRESHOLD)
     try:
         yield
     finally:

@@ -42,7 +42,7 @@ def _resident() -> int:
 
 
 def test_nesting_is_counted_and_the_outermost_exit_hands_memory_back():
-    large = 8 * BLOCK
+    large = 4 * BLOCK
     with heap.retained_heap():
         with heap.retained_heap():
             pass
