@@ -69,13 +69,13 @@ class _Evaluator:
             return jacrev(weighted)(theta)
 
         def switches_one(theta: Tensor, delta: Tensor, t: Tensor, x: Tensor) -> Tensor:
-            with SwitchRecorder(1) as recorder:
+            with SwitchRecorder(1, setup.live_switches) as recorder:
                 setup._call(theta + t * delta, x[None])
             values = recorder.values()
             return values[0] if values is not None else theta.new_zeros(0)
 
         def forward(theta: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-            with SwitchRecorder(x.shape[0]) as recorder:
+            with SwitchRecorder(x.shape[0], setup.live_switches) as recorder:
                 g = setup.g_batch(theta, x, y)
             values = recorder.values()
             return g, values if values is not None else g.new_zeros(x.shape[0], 0)

@@ -28,6 +28,7 @@ from engine.explain_config import DTYPES, ExplainConfig, resolve_device
 from engine.groups import GroupMap, ParamLayout
 from engine.history import History
 from engine.outputs import Quantity, get_quantity
+from engine.quadrature import LiveSwitches, live_switches
 from engine.tasks.base import Task
 from engine.verify import check_data_matches, check_model_matches
 
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 JVP_PER_ROW = 2  # forward-mode directions costing about one reverse-mode Jacobian row (measured 2–3)
 MAX_BLOCK = 32  # most steps per vectorised block
+PROBE_EXAMPLES = 16  # test examples in the forward that finds which switching values can change g
 
 
 @dataclass
@@ -69,6 +71,7 @@ class _Setup:
     forward_ad: bool = True                  # the model supports forward-mode AD
     notes: list[str] = field(default_factory=list)
     loss_changes: np.ndarray | None = None   # (hi − lo,) batch loss change per step (subsampling)
+    live_switches: LiveSwitches | None = None  # switching values that can change g (adaptive rule)
 
     # -------------------------------------------------------------- functions of flat params
     def _call(self, flat: Tensor, x: Tensor) -> Tensor:
@@ -142,9 +145,20 @@ def _setup(history: History, task: Task, config: ExplainConfig) -> _Setup:
                    quantity, test_ids, test_x, test_y, train_x, train_y, outputs, lo, hi,
                    split_ok, split_reason, engine="jvp", test_chunk=1)
     setup.engine = _choose_engine(setup, params0)
+    if config.quadrature_spec.adaptive:
+        setup.live_switches = _live_switches(setup, params0)
     setup.test_chunk = _test_chunk(setup)
     setup.block = _block_size(setup)
     return setup
+
+
+def _live_switches(setup: _Setup, params0: Tensor) -> LiveSwitches | None:
+    """The switching values whose kinks can change ``g`` (``quadrature.live_switches``), probed in
+    float64 so that no attention weight underflows to an exact zero."""
+    wide = setup if setup.dtype == torch.float64 else _widened(setup)
+    n = min(len(setup.test_y), PROBE_EXAMPLES)
+    with _math_attention():
+        return live_switches(lambda p: wide.g_batch(p, wide.test_x[:n], setup.test_y[:n]), params0.double(), n)
 
 
 def _widened(setup: _Setup) -> _Setup:

@@ -10,7 +10,9 @@ Specs (strings, as on the command line):
   piece gets Gauss–Legendre with 1 and 2 nodes; until the error estimated from two successive
   rules is at round-off and the measured step residual ``r_s`` is small (see ``accept``), the
   pieces that hold more than their share of the estimated error (see ``unconverged``) go up
-  to 4, 8, … up to N nodes (default 16). Fixed rules never cut at kinks.
+  to 4, 8, … up to N nodes (default 16). Fixed rules never cut at kinks. Kinks of
+  switching values that cannot reach ``g`` — a ReLU at a position the model's output slices
+  away — are not cut at (see ``live_switches``).
 """
 
 from __future__ import annotations
@@ -242,17 +244,23 @@ def _switch_table() -> dict[Callable, Callable[[tuple, dict], list[Tensor | None
     return table
 
 
+def _recorded(value: Any, batch: int) -> bool:
+    return isinstance(value, Tensor) and value.is_floating_point() and value.dim() >= 1 and value.shape[0] == batch
+
+
 class SwitchRecorder(TorchFunctionMode):
     """Records, during one batched forward, the switching values of piecewise-linear operations.
 
     ReLU (and leaky, 6, hard-tanh, threshold), abs, clamp/clip and the element-wise
     maximum/minimum of two tensors are seen whatever way they are called (module, functional
-    or method). Values whose first axis is not the batch axis are ignored.
+    or method). Values whose first axis is not the batch axis are ignored. With ``live`` (from
+    ``live_switches``) only the columns that can change the output are kept.
     """
 
-    def __init__(self, batch: int) -> None:
+    def __init__(self, batch: int, live: LiveSwitches | None = None) -> None:
         super().__init__()
         self.batch = batch
+        self.live = live
         self.table = _switch_table()
         self.parts: list[Tensor] = []
 
@@ -261,14 +269,106 @@ class SwitchRecorder(TorchFunctionMode):
         extract = self.table.get(func)
         if extract is not None:
             for value in extract(args, kwargs):
-                if (isinstance(value, Tensor) and value.is_floating_point() and value.dim() >= 1
-                        and value.shape[0] == self.batch):
+                if _recorded(value, self.batch):
                     self.parts.append(value.detach().reshape(self.batch, -1).clone())
         return func(*args, **kwargs)
 
     def values(self) -> Tensor | None:
-        """``(batch, U)`` all recorded switching values, or None if there were none."""
-        return torch.cat(self.parts, dim=1) if self.parts else None
+        """``(batch, U)`` the recorded (live) switching values, or None if there were none."""
+        if not self.parts:
+            return None
+        values = torch.cat(self.parts, dim=1)
+        if self.live is not None and values.shape[1] == self.live.columns:
+            values = values.index_select(1, self.live.index.to(values.device))
+        return values
+
+
+# Operations whose gradient depends on which of their inputs is selected (comparisons, sorting,
+# max pooling, rounding): a zero derivative through them at one point says nothing elsewhere.
+_SELECTIONS = frozenset({
+    "gt", "lt", "ge", "le", "eq", "ne", "greater", "less", "greater_equal", "less_equal", "not_equal",
+    "__gt__", "__lt__", "__ge__", "__le__", "__eq__", "__ne__", "sign", "sgn", "heaviside",
+    "argmax", "argmin", "sort", "argsort", "msort", "topk", "kthvalue", "median", "nanmedian", "mode",
+    "amax", "amin", "aminmax", "cummax", "cummin", "round", "floor", "ceil", "trunc", "fix", "nonzero",
+    "max_pool1d", "max_pool2d", "max_pool3d", "max_pool1d_with_indices", "max_pool2d_with_indices",
+    "max_pool3d_with_indices", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
+    "adaptive_max_pool1d_with_indices", "adaptive_max_pool2d_with_indices", "adaptive_max_pool3d_with_indices",
+    "fractional_max_pool2d", "fractional_max_pool3d", "max_unpool1d", "max_unpool2d", "max_unpool3d",
+})
+
+
+@dataclass(frozen=True)
+class LiveSwitches:
+    """The switching-value columns (of ``columns`` recorded) that can change the output: ``index``."""
+
+    columns: int
+    index: Tensor
+
+
+class _SwitchProbe(TorchFunctionMode):
+    """One forward in which every switching operation becomes the sum of its tensor arguments
+    plus a zero probe of its output's shape, so that ``g`` is smooth and each probe's gradient
+    is zero only where the operation's output cannot reach ``g`` (a later slice, a mask).
+    Selection operations on values that depend on the parameters make the probe inconclusive.
+    """
+
+    def __init__(self, batch: int) -> None:
+        super().__init__()
+        self.batch = batch
+        self.table = _switch_table()
+        self.probes: list[tuple[Tensor, list[Tensor]]] = []   # (probe, recorded values)
+        self.selects = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
+        name = getattr(func, "__name__", "")
+        extract = self.table.get(func)
+        if name in _SELECTIONS and any(t.requires_grad for t in tensors):
+            self.selects = True
+        floating = [t for t in tensors if t.is_floating_point()]
+        if extract is None or not floating:
+            return func(*args, **kwargs)
+        values = [v for v in extract(args, kwargs) if _recorded(v, self.batch)]
+        if len(values) < len(extract(args, kwargs)) and any(t.requires_grad for t in tensors):
+            self.selects = True  # a reduction (max over an axis) or a value not on the batch axis
+        out = floating[0]
+        for t in floating[1:]:
+            out = out + t
+        probe = torch.zeros(torch.broadcast_shapes(*(t.shape for t in floating)), dtype=out.dtype,
+                            device=out.device, requires_grad=True)
+        self.probes.append((probe, values))
+        if name.endswith("_") and not name.endswith("__"):  # in place: the caller reads args[0]
+            return args[0].add_(probe)
+        return out + probe
+
+
+def live_switches(g: Callable[[Tensor], Tensor], params: Tensor, batch: int) -> LiveSwitches | None:
+    """Which switching values of ``g(params) (batch, O)`` can change it, from one probe forward.
+
+    None when nothing is recorded, every column can matter, or the model selects among values
+    that depend on the parameters (max pooling, sorting, comparisons), where no single point
+    can tell.
+    """
+    params = params.detach().requires_grad_()
+    with torch.enable_grad(), _SwitchProbe(batch) as probe:
+        out = g(params)
+    recorded = [(p, v) for p, v in probe.probes if v]
+    if probe.selects or not recorded:
+        return None
+    weights = torch.randn(out.shape, dtype=out.dtype, device=out.device,
+                          generator=torch.Generator(out.device).manual_seed(0))
+    grads = torch.autograd.grad((out * weights).sum(), [p for p, _ in recorded], allow_unused=True)
+    live = []
+    for (p, values), grad in zip(recorded, grads, strict=True):
+        reach = torch.zeros_like(p, dtype=torch.bool) if grad is None else grad != 0
+        for value in values:
+            column = reach if reach.shape == value.shape else torch.ones(value.shape, dtype=torch.bool)
+            live.append(column.reshape(batch, -1).any(0).to(reach.device))
+    live = torch.cat(live)
+    if bool(live.all()):
+        return None
+    return LiveSwitches(len(live), live.nonzero().squeeze(1))
 
 
 def crossings(before: Tensor | None, after: Tensor | None,

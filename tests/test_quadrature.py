@@ -19,6 +19,7 @@ from engine.quadrature import (
     composite,
     crossings,
     gauss,
+    live_switches,
     midpoint,
     panels,
     parse_quadrature,
@@ -116,6 +117,45 @@ def test_switch_recorder_sees_every_call_style_and_ignores_non_batch_tensors():
     with SwitchRecorder(5) as recorder:
         torch.tanh(x)
     assert recorder.values() is None
+
+
+def _tokens(head):
+    """g(params) of a per-token ReLU layer on (batch, 4 tokens, 3) inputs, read out by ``head``."""
+    x = torch.randn(5, 4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def g(params):
+        w1, w2 = params[:18].reshape(6, 3), params[18:].reshape(2, 6)
+        return head(x @ w1.T) @ w2.T   # (5, 2)
+    return g, torch.randn(30, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+
+def test_live_switches_keep_only_the_token_the_output_reads():
+    g, params = _tokens(lambda h: F.relu(h)[:, -1])
+    live = live_switches(g, params, 5)
+    assert live.columns == 4 * 6 and live.index.tolist() == list(range(18, 24))  # the last token's units
+    with SwitchRecorder(5, live) as recorder:
+        g(params)
+    with SwitchRecorder(5) as every:
+        g(params)
+    assert torch.equal(recorder.values(), every.values()[:, 18:])
+
+
+def test_live_switches_see_through_switches_that_are_off_at_the_probe():
+    # the outer ReLU is off for every example at these parameters: the inner units still matter
+    g, params = _tokens(lambda h: F.relu(F.relu(h).sum(1) - 1e6))
+    assert live_switches(g, params, 5) is None
+    g, params = _tokens(lambda h: h.relu_()[:, -1])  # in place, the result read through the input
+    assert live_switches(g, params, 5).index.tolist() == list(range(18, 24))
+
+
+@pytest.mark.parametrize("head", [
+    lambda h: F.relu(h).amax(1),                                   # max over tokens
+    lambda h: F.max_pool1d(F.relu(h).transpose(1, 2), 4)[..., 0],  # max pooling
+    lambda h: (F.relu(h) * (h > 0.5))[:, -1],                      # a mask from the activations
+])
+def test_live_switches_give_up_where_the_model_selects(head):
+    g, params = _tokens(head)
+    assert live_switches(g, params, 5) is None
 
 
 def test_crossings_locate_the_zero_of_a_linear_switch_exactly():
