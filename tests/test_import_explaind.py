@@ -12,12 +12,14 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.decompose import ExplainConfig, explain
 from engine.errors import BadInputError, CorruptRunError, RunNotFoundError
 from engine.history import History
 from engine.import_explaind import (
@@ -59,6 +61,24 @@ class TokenNet(nn.Module):
         return self.out(h).log_softmax(-1)  # (batch, n_out)
 
 
+class SlicedNet(nn.Module):
+    """Like the package's classifier: a ReLU MLP at every position, the output read at the last."""
+
+    def __init__(self, n_token: int = 9, d: int = 6, n_out: int = 5) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(n_token, d)
+        self.mix = nn.Linear(d, d)
+        self.up = nn.Linear(d, 12)
+        self.down = nn.Linear(12, d)
+        self.out = nn.Linear(d, n_out)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.emb(tokens)                                    # (batch, 4, d)
+        x = x + torch.tanh(self.mix(x.mean(1, keepdim=True)))   # positions mixed
+        x = x + self.down(F.relu(self.up(x)))                   # kinks at every position
+        return self.out(x[:, -1]).log_softmax(-1)               # (batch, n_out)
+
+
 def token_data(n_train: int = 48, n_val: int = 12, n_token: int = 9, n_out: int = 5, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, n_token, (n_train + n_val, 4), generator=g)
@@ -87,12 +107,13 @@ def write_explaind_run(
     schedule: bool = False,
     prefix: str = "model.",
     dtype: torch.dtype = torch.float32,
+    model_class: type[nn.Module] = TokenNet,
 ) -> Path:
-    """Train TokenNet and save it in the explaind 0.1 file layout; returns ``directory``."""
+    """Train ``model_class`` and save it in the explaind 0.1 file layout; returns ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
     track = (kind == "sgd") if track is None else track
     torch.manual_seed(3)
-    model = TokenNet().to(dtype)
+    model = model_class().to(dtype)
     x, y = token_data()["train"]
     x = x.int()  # the package's ClassificationDataset stores tokens as int32
     if kind == "adamw":
@@ -208,6 +229,24 @@ def test_sgd_momentum_import_reproduces_every_update(tmp_path, momentum, dampeni
     assert history.manifest["optimizer"]["data_axis_reason"] is None
     assert history.record(0).hparams[0].momentum == momentum
     assert history.record(3).active["unused"] is False
+
+
+def test_kinks_at_positions_the_output_drops_are_not_cut(tmp_path, monkeypatch):
+    """SlicedNet's ReLUs at the first three positions never reach the output: the adaptive rule
+    skips their kinks, with fewer nodes and the same exact decomposition."""
+    src = write_explaind_run(tmp_path / "src", kind="sgd", lr=0.5, weight_decay=1e-3, steps=6,
+                             model_class=SlicedNet)
+    run = run_import(src, tmp_path / "run", model="tests.test_import_explaind:SlicedNet")
+    config = ExplainConfig(test_split="val", quantity="logits", views=("components",), dtype="float64")
+    probed = explain(run, config, progress=False)
+    monkeypatch.setattr("engine.explain_setup.live_switches", lambda *args, **kwargs: None)
+    every = explain(run, config, progress=False)
+    for result in (probed, every):
+        assert result.max_rel_residual <= 1e-12
+    assert probed.summary()["mean_nodes"] < every.summary()["mean_nodes"]
+    columns = ["step_lo", "tensor", "test", "output"]
+    a, b = (r.components.sort(columns)["value"].to_numpy() for r in (probed, every))
+    assert len(a) == len(b) and np.abs(a - b).max() <= 1e-12 * np.abs(a).max()
 
 
 def test_sgd_wrong_momentum_withdraws_the_data_view(tmp_path):
