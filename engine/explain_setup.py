@@ -157,8 +157,12 @@ def _live_switches(setup: _Setup, params0: Tensor) -> LiveSwitches | None:
     float64 so that no attention weight underflows to an exact zero."""
     wide = setup if setup.dtype == torch.float64 else _widened(setup)
     n = min(len(setup.test_y), PROBE_EXAMPLES)
-    with _math_attention():
-        return live_switches(lambda p: wide.g_batch(p, wide.test_x[:n], setup.test_y[:n]), params0.double(), n)
+    try:
+        with _math_attention():
+            return live_switches(lambda p: wide.g_batch(p, wide.test_x[:n], setup.test_y[:n]), params0.double(), n)
+    except Exception as exc:  # the model's own code on the smoothed network (e.g. a check that a ReLU is ≥ 0)
+        setup.notes.append(f"kink probe failed ({type(exc).__name__}: {exc}): every kink is cut at")
+        return None
 
 
 def _widened(setup: _Setup) -> _Setup:

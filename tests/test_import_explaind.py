@@ -249,6 +249,21 @@ def test_kinks_at_positions_the_output_drops_are_not_cut(tmp_path, monkeypatch):
     assert len(a) == len(b) and np.abs(a - b).max() <= 1e-12 * np.abs(a).max()
 
 
+def test_a_failing_kink_probe_keeps_every_kink(tmp_path, monkeypatch):
+    """The probe runs the model's own code on a smoothed network; if that fails, every kink is
+    cut at as before and the note says why."""
+    src = write_explaind_run(tmp_path / "src", kind="sgd", lr=0.5, weight_decay=1e-3, steps=3,
+                             model_class=SlicedNet)
+    run = run_import(src, tmp_path / "run", model="tests.test_import_explaind:SlicedNet")
+
+    def fail(*args, **kwargs):
+        raise ValueError("a ReLU came out negative")
+    monkeypatch.setattr("engine.explain_setup.live_switches", fail)
+    result = explain(run, ExplainConfig(test_split="val", views=("components",), dtype="float64"), progress=False)
+    assert "kink probe failed (ValueError: a ReLU came out negative): every kink is cut at" in result.notes
+    assert result.max_rel_residual <= 1e-12
+
+
 def test_sgd_wrong_momentum_withdraws_the_data_view(tmp_path):
     src = write_explaind_run(tmp_path / "src", kind="sgd", lr=0.05, weight_decay=1e-3, steps=6)
     run = run_import(src, tmp_path / "run", ExplaindOptimizer(momentum=0.5))
