@@ -59,7 +59,8 @@ class _Evaluator:
             return jvp(lambda p: setup.g_batch(p, x, y), (theta + t * delta,), (v,))[1]
 
         def along_one(theta: Tensor, delta: Tensor, t: Tensor, v: Tensor, x: Tensor, y: Tensor) -> Tensor:
-            return jvp(lambda p: setup.g_one(p, x, y), (theta + t * delta,), (v,))[1]
+            # d/dε g(θ + εv + tΔ) = ∇g(θ + tΔ)·v, the parameters kept at θ (engine.at_point)
+            return jvp(lambda p: setup.g_one_at(p, delta, t, x, y), (theta,), (v,))[1]
 
         def phi_one(theta: Tensor, delta: Tensor, t: Tensor, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
             # ∇_θ Σ_m w_m g(x; θ + t_m Δ) = Σ_m w_m ∇g(x; θ + t_m Δ) = φ̂: one (O, D) Jacobian for all nodes
@@ -70,7 +71,7 @@ class _Evaluator:
 
         def switches_one(theta: Tensor, delta: Tensor, t: Tensor, x: Tensor) -> Tensor:
             with SwitchRecorder(1, setup.live_switches) as recorder:
-                setup._call(theta + t * delta, x[None])
+                setup._call_at(theta, delta, t, x[None])
             values = recorder.values()
             return values[0] if values is not None else theta.new_zeros(0)
 
@@ -84,9 +85,11 @@ class _Evaluator:
         # steps (B, D), (B, D); nodes (B, M); directions (B, K, D); batch → (B, M, K, n, O)
         self._jvp_shared = vmap(vmap(vmap(along_batch, in_dims=(None, None, None, 0, None, None)),
                                      in_dims=(None, None, 0, None, None, None)), in_dims=step_dims)
-        # steps; unit nodes (B, U), inputs (B, U, ...) → (B, U, K, O)
-        self._jvp_units = vmap(vmap(vmap(along_one, in_dims=(None, None, None, 0, None, None)),
-                                    in_dims=(None, None, 0, None, 0, 0)), in_dims=(0, 0, 0, 0, 0, 0))
+        # steps; directions (B, K, D); unit nodes (B, U), inputs (B, U, ...) → (B, K, U, O). Units
+        # innermost, their parameters unbatched (at θ_b): each direction's weight tangent then meets
+        # all units in one matrix product instead of being copied once per unit
+        self._jvp_units = vmap(vmap(vmap(along_one, in_dims=(None, None, 0, None, 0, 0)),
+                                    in_dims=(None, None, None, 0, None, None)), in_dims=(0, 0, 0, 0, 0, 0))
         # steps; shared nodes (M,) and weights (M,); batch → φ̂ (B, n, O, D)
         self._phi_shared = vmap(vmap(phi_one, in_dims=(None, None, None, None, 0, 0)),
                                 in_dims=(0, 0, None, None, None, None))
@@ -150,7 +153,7 @@ class _Evaluator:
         for a in range(0, len(row_step), rows):
             b, sl, ok = row_step[a:a + rows], slot[a:a + rows], valid[a:a + rows]
             value = self._jvp_units(thetas[b], deltas[b], t[sl].to(s.dtype), directions[b], x[sl], y[sl])
-            out[sl[ok]] = value[ok]  # value: (rows, W, K, O)
+            out[sl[ok]] = value.transpose(1, 2)[ok]  # value: (rows, K, W, O)
         self.evaluations += len(t) * k
         return out
 

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
+from engine.at_point import AtPoint
 from engine.errors import BadInputError, UnsupportedOptimizerError
 from engine.explain_config import DTYPES, ExplainConfig, resolve_device
 from engine.groups import GroupMap, ParamLayout
@@ -76,6 +77,16 @@ class _Setup:
     # -------------------------------------------------------------- functions of flat params
     def _call(self, flat: Tensor, x: Tensor) -> Tensor:
         return functional_call(self.model, {**self.layout.unflatten(flat), **self.buffers}, (x,))
+
+    def _call_at(self, flat: Tensor, delta: Tensor, t: Tensor, x: Tensor) -> Tensor:
+        """The model at ``flat + t·delta``, its parameters left at ``flat`` (``engine.at_point``)."""
+        params = self.layout.unflatten(flat)
+        with AtPoint(list(params.values()), list(self.layout.unflatten(delta).values()), t):
+            return functional_call(self.model, {**params, **self.buffers}, (x,))
+
+    def g_one_at(self, flat: Tensor, delta: Tensor, t: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """One example at ``flat + t·delta``: ``(D,), (D,), (), (...), () → (O,)``."""
+        return self.quantity(self._call_at(flat, delta, t, x[None]), y[None])[0]
 
     def g_batch(self, flat: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """``(D,), (n, ...), (n,) → (n, O)``."""
