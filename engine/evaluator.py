@@ -17,16 +17,18 @@ from torch.func import jacrev, jvp, vmap
 from engine.explain_setup import _Setup
 from engine.quadrature import SwitchRecorder
 
+ROW_FRACTION = 0.25  # row width ÷ mean units per step: padding ~1/8 of the evaluations instead of ~1/4
+
 
 def _pack(step: Tensor, steps: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Group units into rows of one step each, at most the mean units per step wide.
+    """Group units into rows of one step each, ``ROW_FRACTION`` of the mean units per step wide.
 
     Returns ``row_step (R,)`` (the step of each row), ``slot (R, W)`` (unit index per position)
-    and ``valid (R, W)``; a step with many units spans several rows, so one busy step does not
-    pad every other step to its width.
+    and ``valid (R, W)``; a step spans several rows, so one busy step does not pad every other
+    step to its width, and the padding of each step's last row stays a small share.
     """
     count = torch.bincount(step, minlength=steps)
-    width = max(1, math.ceil(len(step) / max(1, int((count > 0).sum()))))
+    width = max(1, math.ceil(len(step) / max(1, int((count > 0).sum())) * ROW_FRACTION))
     rows_per_step = (count + width - 1) // width
     order = torch.argsort(step, stable=True)
     start = torch.cumsum(count, 0) - count
