@@ -338,8 +338,8 @@ class _SwitchProbe(TorchFunctionMode):
         probe = torch.zeros(torch.broadcast_shapes(*(t.shape for t in floating)), dtype=out.dtype,
                             device=out.device, requires_grad=True)
         self.probes.append((probe, values))
-        if name.endswith("_") and not name.endswith("__"):  # in place: the caller reads args[0]
-            return args[0].add_(probe)
+        if (name.endswith("_") and not name.endswith("__")) or kwargs.get("inplace") is True:
+            return args[0].add_(probe)  # in place: the caller may read args[0] rather than the result
         return out + probe
 
 

@@ -144,8 +144,9 @@ def test_live_switches_see_through_switches_that_are_off_at_the_probe():
     # the outer ReLU is off for every example at these parameters: the inner units still matter
     g, params = _tokens(lambda h: F.relu(F.relu(h).sum(1) - 1e6))
     assert live_switches(g, params, 5) is None
-    g, params = _tokens(lambda h: h.relu_()[:, -1])  # in place, the result read through the input
-    assert live_switches(g, params, 5).index.tolist() == list(range(18, 24))
+    for in_place in (lambda h: h.relu_(), lambda h: (F.relu(h, inplace=True), h)[1]):  # read through the input
+        g, params = _tokens(lambda h, f=in_place: f(h)[:, -1])
+        assert live_switches(g, params, 5).index.tolist() == list(range(18, 24))
 
 
 @pytest.mark.parametrize("head", [
