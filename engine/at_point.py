@@ -30,8 +30,9 @@ _LINEAR_IN_WEIGHT: dict[Any, tuple[tuple[int, str], tuple[int, str] | None]] = {
 }
 
 
-def _argument(args: tuple, kwargs: dict, position: int, name: str) -> Any:
-    return kwargs[name] if name in kwargs else args[position] if position < len(args) else None
+def argument(args: tuple, kwargs: dict, position: int, name: str, default: Any = None) -> Any:
+    """The argument of a torch function call passed at ``position`` or as ``name``."""
+    return args[position] if len(args) > position else kwargs.get(name, default)
 
 
 def _replaced(args: tuple, kwargs: dict, position: int, name: str, value: Tensor) -> tuple[tuple, dict]:
@@ -71,10 +72,10 @@ class AtPoint(TorchFunctionMode):
     def _split(self, func, args: tuple, kwargs: dict) -> Tensor | None:
         """``op(x, W, b) + t·op(x, ΔW, Δb)`` for an op linear in its parameters, else None."""
         where = _LINEAR_IN_WEIGHT.get(func)
-        if where is None or (func is F.embedding and _argument(args, kwargs, 3, "max_norm") is not None):
+        if where is None or (func is F.embedding and argument(args, kwargs, 3, "max_norm") is not None):
             return None  # (max_norm renormalises the embedding in place)
-        weight = _argument(args, kwargs, *where[0])
-        bias = None if where[1] is None else _argument(args, kwargs, *where[1])
+        weight = argument(args, kwargs, *where[0])
+        bias = None if where[1] is None else argument(args, kwargs, *where[1])
         if self._step(weight) is None or (bias is not None and self._step(bias) is None):
             return None
         if any(self._step(v) is not None for v in (*args, *kwargs.values()) if v is not weight and v is not bias):

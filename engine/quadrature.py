@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from engine.at_point import argument
 from engine.errors import BadInputError
 
 KINDS = ("midpoint", "gauss", "adaptive")
@@ -212,16 +213,13 @@ def estimate(q: Tensor, q_prev: Tensor) -> Tensor:
 # separately. A value that crosses zero and comes back within the step shows no sign change
 # at the ends; where the top rule still fails, the values are searched on a grid of the step.
 
-def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
-    return args[index] if len(args) > index else kwargs.get(name, default)
-
-
 def _diff(a: Any, b: Any) -> Tensor | None:
     if not isinstance(a, Tensor) or b is None:
         return None
     return a - b
 
 
+@cache
 def _switch_table() -> dict[Callable, Callable[[tuple, dict], list[Tensor | None]]]:
     F = torch.nn.functional
     table: dict[Callable, Callable[[tuple, dict], list[Tensor | None]]] = {}
@@ -230,12 +228,12 @@ def _switch_table() -> dict[Callable, Callable[[tuple, dict], list[Tensor | None
         table[fn] = lambda args, kwargs: [args[0]]
     table[F.relu6] = lambda args, kwargs: [args[0], _diff(args[0], 6.0)]
     for fn in (F.hardtanh, F.hardtanh_):
-        table[fn] = lambda args, kwargs: [_diff(args[0], _arg(args, kwargs, 1, "min_val", -1.0)),
-                                          _diff(args[0], _arg(args, kwargs, 2, "max_val", 1.0))]
-    table[F.threshold] = lambda args, kwargs: [_diff(args[0], _arg(args, kwargs, 1, "threshold"))]
+        table[fn] = lambda args, kwargs: [_diff(args[0], argument(args, kwargs, 1, "min_val", -1.0)),
+                                          _diff(args[0], argument(args, kwargs, 2, "max_val", 1.0))]
+    table[F.threshold] = lambda args, kwargs: [_diff(args[0], argument(args, kwargs, 1, "threshold"))]
     for fn in (torch.clamp, torch.clip, Tensor.clamp, Tensor.clip):
-        table[fn] = lambda args, kwargs: [_diff(args[0], _arg(args, kwargs, 1, "min")),
-                                          _diff(args[0], _arg(args, kwargs, 2, "max"))]
+        table[fn] = lambda args, kwargs: [_diff(args[0], argument(args, kwargs, 1, "min")),
+                                          _diff(args[0], argument(args, kwargs, 2, "max"))]
     for fn in (torch.maximum, torch.minimum, torch.fmax, torch.fmin):
         table[fn] = lambda args, kwargs: [_diff(args[0], args[1])]
     for fn in (torch.max, torch.min, Tensor.max, Tensor.min):
@@ -329,8 +327,9 @@ class _SwitchProbe(TorchFunctionMode):
         floating = [t for t in tensors if t.is_floating_point()]
         if extract is None or not floating:
             return func(*args, **kwargs)
-        values = [v for v in extract(args, kwargs) if _recorded(v, self.batch)]
-        if len(values) < len(extract(args, kwargs)) and any(t.requires_grad for t in tensors):
+        extracted = extract(args, kwargs)
+        values = [v for v in extracted if _recorded(v, self.batch)]
+        if len(values) < len(extracted) and any(t.requires_grad for t in tensors):
             self.selects = True  # a reduction (max over an axis) or a value not on the batch axis
         out = floating[0]
         for t in floating[1:]:
