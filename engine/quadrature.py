@@ -334,8 +334,7 @@ class _SwitchProbe(TorchFunctionMode):
         out = floating[0]
         for t in floating[1:]:
             out = out + t
-        probe = torch.zeros(torch.broadcast_shapes(*(t.shape for t in floating)), dtype=out.dtype,
-                            device=out.device, requires_grad=True)
+        probe = torch.zeros(out.shape, dtype=out.dtype, device=out.device, requires_grad=True)  # broadcast shape
         self.probes.append((probe, values))
         if (name.endswith("_") and not name.endswith("__")) or kwargs.get("inplace") is True:
             return args[0].add_(probe)  # in place: the caller may read args[0] rather than the result
