@@ -16,6 +16,7 @@ from torch.func import jacrev, jvp, vmap
 
 from engine.explain_setup import _Setup
 from engine.quadrature import SwitchRecorder
+from engine.scalar_ops import ScalarOps
 
 ROW_FRACTION = 0.25  # row width ÷ mean units per step: padding ~1/8 of the evaluations instead of ~1/4
 
@@ -58,11 +59,19 @@ class _Evaluator:
         self.evaluations = 0
 
         def along_batch(theta: Tensor, delta: Tensor, t: Tensor, v: Tensor, x: Tensor, y: Tensor) -> Tensor:
-            return jvp(lambda p: setup.g_batch(p, x, y), (theta + t * delta,), (v,))[1]
+            def g(p: Tensor) -> Tensor:
+                with ScalarOps():
+                    return setup.g_batch(p, x, y)
+            return jvp(g, (theta + t * delta,), (v,))[1]
 
         def along_one(theta: Tensor, delta: Tensor, t: Tensor, v: Tensor, x: Tensor, y: Tensor) -> Tensor:
-            # d/dε g(θ + εv + tΔ) = ∇g(θ + tΔ)·v, the parameters kept at θ (engine.at_point)
-            return jvp(lambda p: setup.g_one_at(p, delta, t, x, y), (theta,), (v,))[1]
+            # d/dε g(θ + εv + tΔ) = ∇g(θ + tΔ)·v, the parameters kept at θ (engine.at_point). Δ and t
+            # enter with zero tangents: every term of AtPoint's op(x, W) + t·op(x, ΔW) then has one,
+            # and none is combined with a tangent-free operand (see engine.scalar_ops)
+            def g(p: Tensor, d: Tensor, tt: Tensor) -> Tensor:
+                with ScalarOps():
+                    return setup.g_one_at(p, d, tt, x, y)
+            return jvp(g, (theta, delta, t), (v, torch.zeros_like(delta), torch.zeros_like(t)))[1]
 
         def phi_one(theta: Tensor, delta: Tensor, t: Tensor, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
             # ∇_θ Σ_m w_m g(x; θ + t_m Δ) = Σ_m w_m ∇g(x; θ + t_m Δ) = φ̂: one (O, D) Jacobian for all nodes

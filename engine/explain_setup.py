@@ -30,6 +30,7 @@ from engine.groups import GroupMap, ParamLayout
 from engine.history import History
 from engine.outputs import Quantity, get_quantity
 from engine.quadrature import LiveSwitches, live_switches
+from engine.scalar_ops import ScalarOps
 from engine.tasks.base import Task
 from engine.verify import check_data_matches, check_model_matches
 
@@ -225,7 +226,7 @@ def _direction_count(setup: _Setup) -> int:
 
 def _jvp_works(setup: _Setup, params0: Tensor) -> bool:
     try:
-        with _math_attention():
+        with _math_attention(), ScalarOps():
             jvp(lambda p: setup.g_batch(p, setup.test_x[:1], setup.test_y[:1]), (params0,), (params0,))
     except (NotImplementedError, RuntimeError) as exc:
         log.info("forward-mode AD failed (%s); using reverse mode", exc)
