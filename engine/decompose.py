@@ -605,7 +605,7 @@ def _components_frame(windows: list[_Window], labels: list[str], tests: np.ndarr
     return frame.select(
         pl.Series("step_lo", lo[frame["window"].to_numpy()]),
         pl.Series("step_hi", hi[frame["window"].to_numpy()]),
-        pl.Series(column, np.array(labels, dtype=object)[frame["group"].to_numpy()].astype(str)),
+        pl.Series(column, labels, dtype=pl.String).gather(frame["group"]),
         "test", "output", "value", "decay")
 
 
