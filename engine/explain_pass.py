@@ -156,6 +156,12 @@ class _Pass:
         self.mask = (element[None, :] == torch.arange(groups, device=setup.device)[:, None]).to(setup.dtype)  # (G, D)
         index = torch.tensor(index, device=setup.device)
         self.tensor_to_group = (index[:, None] == torch.arange(groups, device=setup.device)).to(setup.dtype)
+        self.dead_groups = None  # (G,) groups of tensors g is not computed from: directions there give 0
+        if setup.live_tensors is not None:
+            live = torch.cat([torch.full((size,), name in setup.live_tensors, dtype=torch.bool, device=setup.device)
+                              for name, size in zip(setup.layout.names, setup.layout.sizes, strict=True)])
+            dead = ~(self.mask.bool() & live[None]).any(1)
+            self.dead_groups = dead if bool(dead.any()) else None
         self.stats: list[dict[str, float]] = []
         self.pending: list[tuple[StepRecord, Tensor, Tensor]] = []
         self.done = setup.lo
@@ -598,25 +604,49 @@ class _Pass:
             merged[unit, points.shape[1] + rank] = roots
         return breakpoints(merged, torch.full((units,), merged.shape[1], device=points.device))
 
+    def _live_rows(self, k: int) -> Tensor | None:
+        """Indices of the ``k`` direction rows (``_directions``) not on a group of ``dead_groups``;
+        None when every row can change g."""
+        if self.dead_groups is None:
+            return None
+        groups = len(self.dead_groups)
+        dead = torch.zeros(k, dtype=torch.bool, device=self.dead_groups.device)
+        dead[:groups] = self.dead_groups
+        if self.train is not None:
+            dead[groups:2 * groups] = self.dead_groups
+        return (~dead).nonzero().squeeze(1)
+
     def _directional(self, c: _Chunk, block: _Block, idx: Tensor, rules: _Rules, directions: Tensor) -> Tensor:
-        """``φ̂·v_k`` of every computed (step, example) under its rule: ``(B, K, n, O)`` float64."""
+        """``φ̂·v_k`` of every computed (step, example) under its rule: ``(B, K, n, O)`` float64.
+
+        Rows on tensors that g is not computed from are exactly 0 and are not evaluated."""
         s, ev = self.s, self.evaluator
         thetas, deltas = block.thetas[idx], block.deltas[idx]
         b_count, k, n = directions.shape[0], directions.shape[1], c.y.shape[0]
-        out = torch.zeros(b_count, n, k, s.outputs, dtype=torch.float64, device=s.device)
+        wide = rules.wide >= 0 if rules.wide is not None else torch.zeros_like(rules.shared)
+        wide_directions = None
+        if bool(wide.any()):
+            wide_directions = directions.double()
+            groups = self.mask.shape[0]  # the first rows are Δ on each group: exact in float64
+            wide_directions[:, :groups] = self.mask.double()[None] * block.wide[1][idx][:, None]
+        rows = self._live_rows(k)
+        if rows is not None:
+            directions = directions[:, rows]
+            wide_directions = None if wide_directions is None else wide_directions[:, rows]
+        out = torch.zeros(b_count, n, directions.shape[1], s.outputs, dtype=torch.float64, device=s.device)
         if bool(rules.shared.any()):
             values = ev.shared(thetas, deltas, rules.base_t, directions, c.x, c.y)  # (B, M, K, n, O)
             weights = rules.base_w.to(s.dtype)[None, :, None] * rules.shared.to(s.dtype)[:, None, :]  # (B, M, n)
             out += torch.einsum("bmkno,bmn->bnko", values, weights).double()
-        wide = rules.wide >= 0 if rules.wide is not None else torch.zeros_like(rules.shared)
         self._own_units(ev, c.x, c.y, thetas, deltas, directions, rules, ~rules.shared & ~wide, out)
-        if bool(wide.any()):
-            wide_thetas, wide_deltas = block.wide[0][idx], block.wide[1][idx]
-            wide_directions = directions.double()
-            groups = self.mask.shape[0]  # the first rows are Δ on each group: exact in float64
-            wide_directions[:, :groups] = self.mask.double()[None] * wide_deltas[:, None]
+        if wide_directions is not None:
             x = c.x.double() if c.x.is_floating_point() else c.x
-            self._own_units(self.wide, x, c.y, wide_thetas, wide_deltas, wide_directions, rules, wide, out)
+            self._own_units(self.wide, x, c.y, block.wide[0][idx], block.wide[1][idx], wide_directions, rules, wide,
+                            out)
+        if rows is not None:
+            every = out.new_zeros(b_count, n, k, s.outputs)
+            every[:, :, rows] = out
+            out = every
         return out.permute(0, 2, 1, 3)
 
     @staticmethod

@@ -29,7 +29,7 @@ from engine.explain_config import DTYPES, ExplainConfig, resolve_device
 from engine.groups import GroupMap, ParamLayout
 from engine.history import History
 from engine.outputs import Quantity, get_quantity
-from engine.quadrature import LiveSwitches, live_switches
+from engine.quadrature import LiveSwitches, live_switches, live_tensors
 from engine.scalar_ops import ScalarOps
 from engine.tasks.base import Task
 from engine.verify import check_data_matches, check_model_matches
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 JVP_PER_ROW = 2  # forward-mode directions costing about one reverse-mode Jacobian row (measured 2–3)
 MAX_BLOCK = 32  # most steps per vectorised block
-PROBE_EXAMPLES = 16  # test examples in the forward that finds which switching values can change g
+PROBE_EXAMPLES = 16  # test examples in the forwards that find which switching values and tensors can change g
 
 
 @dataclass
@@ -74,6 +74,7 @@ class _Setup:
     notes: list[str] = field(default_factory=list)
     loss_changes: np.ndarray | None = None   # (hi − lo,) batch loss change per step (subsampling)
     live_switches: LiveSwitches | None = None  # switching values that can change g (adaptive rule)
+    live_tensors: frozenset[str] | None = None  # parameter tensors g is computed from (None: all)
 
     # -------------------------------------------------------------- functions of flat params
     def _call(self, flat: Tensor, x: Tensor) -> Tensor:
@@ -157,6 +158,8 @@ def _setup(history: History, task: Task, config: ExplainConfig) -> _Setup:
                    quantity, test_ids, test_x, test_y, train_x, train_y, outputs, lo, hi,
                    split_ok, split_reason, engine="jvp", test_chunk=1)
     setup.engine = _choose_engine(setup, params0)
+    if setup.engine == "jvp":  # a direction on tensors g does not use needs no evaluation
+        setup.live_tensors = _live_tensors(setup, params0)
     if config.quadrature_spec.adaptive:
         setup.live_switches = _live_switches(setup, params0)
     setup.test_chunk = _test_chunk(setup)
@@ -175,6 +178,25 @@ def _live_switches(setup: _Setup, params0: Tensor) -> LiveSwitches | None:
     except Exception as exc:  # the model's own code on the smoothed network (e.g. a check that a ReLU is ≥ 0)
         setup.notes.append(f"kink probe failed ({type(exc).__name__}: {exc}): every kink is cut at")
         return None
+
+
+def _live_tensors(setup: _Setup, params0: Tensor) -> frozenset[str] | None:
+    """The parameter tensors ``g`` is computed from (``quadrature.live_tensors``), None for all."""
+    n = min(len(setup.test_y), PROBE_EXAMPLES)
+
+    def g(params: dict[str, Tensor]) -> Tensor:
+        return setup.quantity(functional_call(setup.model, {**params, **setup.buffers}, (setup.test_x[:n],)),
+                              setup.test_y[:n])
+    try:
+        with _math_attention():
+            live = live_tensors(g, setup.layout.unflatten(params0), n)
+    except Exception as exc:  # the model's own code on the smoothed network, as for the kink probe
+        setup.notes.append(f"parameter probe failed ({type(exc).__name__}: {exc}): every tensor is evaluated")
+        return None
+    unused = [name for name in setup.layout.names if live is not None and name not in live]
+    if unused:
+        setup.notes.append(f"the output does not depend on {', '.join(unused)}: components exactly 0, not evaluated")
+    return None if live is None or not unused else live
 
 
 def _widened(setup: _Setup) -> _Setup:

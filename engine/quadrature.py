@@ -369,6 +369,25 @@ def live_switches(g: Callable[[Tensor], Tensor], params: Tensor, batch: int) -> 
     return LiveSwitches(len(live), live.nonzero().squeeze(1))
 
 
+def live_tensors(g: Callable[[dict[str, Tensor]], Tensor], params: dict[str, Tensor],
+                 batch: int) -> frozenset[str] | None:
+    """Names of the tensors of ``params`` that ``g(params) (batch, O)`` is computed from: those the
+    autograd graph of one forward connects to the output (a structural fact, not a zero gradient).
+
+    None when the model selects among values that depend on the parameters (comparisons,
+    sorting, max pooling): its graph, and so the tensors it uses, may differ at other points.
+    """
+    leaves = {name: value.detach().requires_grad_() for name, value in params.items()}
+    with torch.enable_grad(), _SwitchProbe(batch) as probe:
+        out = g(leaves)
+    if probe.selects:
+        return None
+    if not out.requires_grad:
+        return frozenset()
+    grads = torch.autograd.grad(out.sum(), list(leaves.values()), allow_unused=True)
+    return frozenset(name for name, grad in zip(leaves, grads, strict=True) if grad is not None)
+
+
 def crossings(before: Tensor | None, after: Tensor | None,
               limit: int = MAX_BREAKPOINTS) -> tuple[Tensor, Tensor, Tensor]:
     """Zero crossings of switching values between t = 0 (``before``) and t = 1 (``after``).

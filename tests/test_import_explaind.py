@@ -249,6 +249,24 @@ def test_kinks_at_positions_the_output_drops_are_not_cut(tmp_path, monkeypatch):
     assert len(a) == len(b) and np.abs(a - b).max() <= 1e-12 * np.abs(a).max()
 
 
+def test_tensors_the_output_does_not_use_are_not_evaluated(tmp_path, monkeypatch):
+    """TokenNet's ``unused`` tensor cannot change the output: its directions are skipped, its
+    components are exactly 0 and every other component is the same."""
+    src = write_explaind_run(tmp_path / "src", kind="sgd", lr=0.5, weight_decay=1e-3, steps=4)
+    run = run_import(src, tmp_path / "run")
+    config = ExplainConfig(test_split="val", quantity="logits", views=("components",), dtype="float64", engine="jvp")
+    skipped = explain(run, config, progress=False)
+    monkeypatch.setattr("engine.explain_setup.live_tensors", lambda *args, **kwargs: None)
+    every = explain(run, config, progress=False)
+    assert "the output does not depend on unused: components exactly 0, not evaluated" in skipped.notes
+    assert skipped.summary()["gradient_evaluations"] < every.summary()["gradient_evaluations"]
+    columns = ["step_lo", "tensor", "test", "output"]
+    a, b = (r.components.sort(columns) for r in (skipped, every))
+    assert a.filter(pl.col("tensor") == "unused")["value"].abs().max() == 0.0
+    assert a.height == b.height and np.abs(a["value"].to_numpy() - b["value"].to_numpy()).max() <= 1e-12
+    assert skipped.max_rel_residual <= 1e-12
+
+
 def test_a_failing_kink_probe_keeps_every_kink(tmp_path, monkeypatch):
     """The probe runs the model's own code on a smoothed network; if that fails, every kink is
     cut at as before and the note says why."""

@@ -20,6 +20,7 @@ from engine.quadrature import (
     crossings,
     gauss,
     live_switches,
+    live_tensors,
     midpoint,
     panels,
     parse_quadrature,
@@ -157,6 +158,29 @@ def test_live_switches_see_through_switches_that_are_off_at_the_probe():
 def test_live_switches_give_up_where_the_model_selects(head):
     g, params = _tokens(head)
     assert live_switches(g, params, 5) is None
+
+
+def _named(x: torch.Tensor, head) -> tuple:
+    """A two-layer net on named tensors: ``lora_b`` starts at zero (so ``lora_a``'s gradient is
+    zero there) and ``spare`` is never used."""
+    gen = torch.Generator().manual_seed(3)
+    params = {"w1": torch.randn(6, 3, generator=gen, dtype=torch.float64),
+              "lora_a": torch.randn(2, 3, generator=gen, dtype=torch.float64),
+              "lora_b": torch.zeros(6, 2, dtype=torch.float64),
+              "w2": torch.randn(2, 6, generator=gen, dtype=torch.float64),
+              "spare": torch.randn(4, dtype=torch.float64, generator=gen)}
+
+    def g(p):
+        return head(x @ (p["w1"] + p["lora_b"] @ p["lora_a"]).T) @ p["w2"].T
+    return g, params
+
+
+def test_live_tensors_are_those_the_output_is_computed_from():
+    x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    g, params = _named(x, F.relu)
+    assert live_tensors(g, params, 5) == {"w1", "lora_a", "lora_b", "w2"}  # lora_a: zero gradient, still used
+    g, params = _named(x, lambda h: F.relu(h) * (h > 0.5))
+    assert live_tensors(g, params, 5) is None  # a mask from the activations: other points may differ
 
 
 def test_crossings_locate_the_zero_of_a_linear_switch_exactly():
