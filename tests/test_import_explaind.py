@@ -267,6 +267,20 @@ def test_tensors_the_output_does_not_use_are_not_evaluated(tmp_path, monkeypatch
     assert skipped.max_rel_residual <= 1e-12
 
 
+def test_a_failing_parameter_probe_evaluates_every_tensor(tmp_path, monkeypatch):
+    src = write_explaind_run(tmp_path / "src", kind="sgd", lr=0.5, weight_decay=1e-3, steps=3)
+    run = run_import(src, tmp_path / "run")
+
+    def fail(*args, **kwargs):
+        raise ValueError("a ReLU came out negative")
+    monkeypatch.setattr("engine.explain_setup.live_tensors", fail)
+    config = ExplainConfig(test_split="val", views=("components",), dtype="float64", engine="jvp")
+    result = explain(run, config, progress=False)
+    assert "parameter probe failed (ValueError: a ReLU came out negative): every tensor is evaluated" in result.notes
+    assert not any(note.startswith("the output does not depend on") for note in result.notes)
+    assert result.max_rel_residual <= 1e-12
+
+
 def test_a_failing_kink_probe_keeps_every_kink(tmp_path, monkeypatch):
     """The probe runs the model's own code on a smoothed network; if that fails, every kink is
     cut at as before and the note says why."""
