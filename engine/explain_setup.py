@@ -193,10 +193,11 @@ def _live_tensors(setup: _Setup, params0: Tensor) -> frozenset[str] | None:
     except Exception as exc:  # the model's own code on the smoothed network, as for the kink probe
         setup.notes.append(f"parameter probe failed ({type(exc).__name__}: {exc}): every tensor is evaluated")
         return None
-    unused = [name for name in setup.layout.names if live is not None and name not in live]
-    if unused:
-        setup.notes.append(f"the output does not depend on {', '.join(unused)}: components exactly 0, not evaluated")
-    return None if live is None or not unused else live
+    unused = [] if live is None else [name for name in setup.layout.names if name not in live]
+    if not unused:
+        return None
+    setup.notes.append(f"the output does not depend on {', '.join(unused)}: components exactly 0, not evaluated")
+    return live
 
 
 def _widened(setup: _Setup) -> _Setup:
