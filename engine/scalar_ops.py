@@ -41,7 +41,7 @@ def _table() -> dict:
 
 
 _TABLE = _table()
-_COMMUTES = frozenset({Tensor.__rmul__, Tensor.__radd__, torch.mul, torch.multiply, torch.add})
+_COMMUTES = frozenset({torch.mul, torch.multiply, torch.add})  # may be called as f(2.0, x)
 
 
 class ScalarOps(TorchFunctionMode):
@@ -54,7 +54,7 @@ class ScalarOps(TorchFunctionMode):
         op = _TABLE.get(func)
         if op is not None and len(args) == 2 and not kwargs:
             tensor, number = args
-            if func in _COMMUTES and isinstance(number, Tensor):  # 2.0 * x as torch.mul(2.0, x)
+            if func in _COMMUTES and isinstance(number, Tensor):
                 tensor, number = number, tensor
             if (isinstance(tensor, Tensor) and tensor.is_floating_point() and isinstance(number, Real)
                     and not isinstance(number, bool)):
