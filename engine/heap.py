@@ -6,11 +6,12 @@ threshold (128 KiB, raised at most to 32 MiB) with a fresh ``mmap`` and unmaps i
 the kernel faults in and zeroes every block again (``bench/bench_heap.py`` measures what is
 left of that since units keep the parameters at θ, ``engine.at_point``). ``retained_heap``
 raises the mmap threshold to 512 MiB and the trim threshold to its maximum for its duration,
-so freed blocks stay in the heap and are reused; on exit it hands the free memory back (``malloc_trim``) and restores
-glibc's initial thresholds. Two things stay: glibc no longer raises the mmap threshold on its
-own for the rest of the process (``mallopt`` switches that off), and the room handed back
-inside the heap is reused later without ``mmap``. Blocks above 512 MiB still come from
-``mmap``: kept in the heap as well, they fragmented it, up to 1.7× the peak memory.
+so freed blocks stay in the heap and are reused; on exit it hands the free memory back
+(``malloc_trim``) and restores glibc's initial thresholds. Two things stay: glibc no longer
+raises the mmap threshold on its own for the rest of the process (``mallopt`` switches that
+off), and the room handed back inside the heap is reused later without ``mmap``. Blocks above
+512 MiB still come from ``mmap``: kept in the heap as well, they fragmented it, up to 1.7×
+the peak memory.
 
 The command line enters it before a command starts; ``explain_history`` enters it too (nested
 uses are counted, only the outermost one restores). The setting is process-wide. Elsewhere
