@@ -50,7 +50,7 @@ def worker_explain(args: dict) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    import engine.decompose as decompose
+    import engine.decompose.api as decompose
     from engine.decompose import ExplainConfig, explain
 
     streaming: list[float] = []
@@ -86,8 +86,9 @@ def worker_unit(args: dict) -> dict:
     from torch.func import vjp
 
     torch.set_num_threads(1)
-    from engine.decompose import ExplainConfig, _math_attention, _setup
-    from engine.history import History
+    from engine.decompose import ExplainConfig
+    from engine.decompose.setup import _math_attention, _setup
+    from engine.run.history import History
     from engine.tasks import get_task
 
     history = History.open(args["run"])

@@ -17,8 +17,8 @@ from typing import Any, get_type_hints
 
 import polars as pl
 
+from engine.decompose.heap import retained_heap
 from engine.errors import ExplaindError
-from engine.heap import retained_heap
 
 Handler = Callable[[argparse.Namespace], dict[str, Any]]
 
@@ -59,11 +59,11 @@ def _parse_floats(text: str) -> tuple[float, ...]:
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     from engine.tasks import TASKS, train_task
 
-    _, config_cls = TASKS[args.task]
+    config_cls = TASKS[args.task].config_cls
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)
                  if getattr(args, f.name) is not None}
     out = train_task(args.task, Path(args.out), overrides, progress=not args.json, overwrite=args.overwrite)
-    from engine.history import History
+    from engine.run.history import History
 
     history = History.open(out)
     metrics = history.metrics()
@@ -72,7 +72,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
-    from engine.verify import verify
+    from engine.run.verify import verify
 
     report = verify(args.run, allow_incomplete=args.allow_incomplete, progress=not args.json)
     return report.to_json()
@@ -80,7 +80,7 @@ def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_explain(args: argparse.Namespace) -> dict[str, Any]:
     from engine.decompose import ExplainConfig, explain_history, parse_test
-    from engine.history import History
+    from engine.run.history import History
     from engine.store import validate_run_name, write_run
     from engine.tasks import get_task
 
@@ -118,13 +118,13 @@ def _split(text: str) -> list[str]:
 
 
 def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
-    from engine.prune import cmd_prune as run
+    from engine.analysis.prune import cmd_prune as run
 
     return run(args)
 
 
 def cmd_import_explaind(args: argparse.Namespace) -> dict[str, Any]:
-    from engine.import_explaind import cmd_import_explaind as run
+    from engine.importers.explaind import cmd_import_explaind as run
 
     return run(args)
 
@@ -162,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help=COMMANDS["train"][1])
     tasks = train.add_subparsers(dest="task", required=True)
-    for name, (_, config_cls) in TASKS.items():
+    for name, task_cls in TASKS.items():
+        config_cls = task_cls.config_cls
         task = tasks.add_parser(name, help=(config_cls.__doc__ or name).splitlines()[0])
         task.add_argument("--out", required=True, help="run directory to create")
         task.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
@@ -201,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--allow-incomplete", action="store_true", help="explain the steps of an unfinished run")
     explain.add_argument("--json", action="store_true", help="print one JSON object")
 
-    from engine.prune import add_arguments as prune_arguments
+    from engine.analysis.prune import add_arguments as prune_arguments
 
     prune_arguments(sub.add_parser("prune", help=COMMANDS["prune"][1]))
 
@@ -209,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("path", help="run database (.duckdb)")
     info.add_argument("--json", action="store_true", help="print one JSON object")
 
-    from engine.import_explaind import add_arguments as import_arguments
+    from engine.importers.explaind import add_arguments as import_arguments
 
     import_arguments(sub.add_parser("import-explaind", help=COMMANDS["import-explaind"][1]))
 

@@ -22,13 +22,13 @@ from typing import Any
 import polars as pl
 import torch
 
+from engine.analysis.prune import PruneConfig, run_prune
 from engine.decompose import ExplainConfig, Explanation, explain_history, merge_tests
 from engine.errors import BadInputError
-from engine.history import History
-from engine.prune import PruneConfig, run_prune
+from engine.run.history import History
+from engine.run.verify import verify
 from engine.store import write_run
 from engine.tasks import get_task, train_task
-from engine.verify import verify
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.record import Recorder
+from engine.run.record import Recorder
 
 
 class TinyMLP(nn.Module):

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jvp, vmap
 
-from engine.at_point import AtPoint
-from engine.groups import ParamLayout
+from engine.decompose.at_point import AtPoint
+from engine.model.groups import ParamLayout
 
 
 class Mixed(nn.Module):

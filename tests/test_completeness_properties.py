@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from engine.decompose import ExplainConfig, explain
-from engine.history import History
-from engine.record import Recorder
+from engine.run.history import History
+from engine.run.record import Recorder
 from engine.tasks import get_task
 from tests.test_decompose import N_IN, N_OUT, data
 

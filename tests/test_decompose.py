@@ -23,8 +23,6 @@ from torch import nn
 from engine.decompose import (
     ExplainConfig,
     ExplainInterrupted,
-    _setup,
-    _TrainSide,
     compare_quadratures,
     element_influence,
     explain,
@@ -32,12 +30,14 @@ from engine.decompose import (
     merge_tests,
     parse_test,
 )
+from engine.decompose.setup import _setup
+from engine.decompose.train_side import _TrainSide
 from engine.errors import BadInputError, UnsupportedOptimizerError
-from engine.groups import GroupMap, ParamLayout, aggregate
-from engine.history import History
-from engine.record import Recorder
-from engine.tasks import get_task
-from engine.updates import rule_for
+from engine.model.groups import GroupMap, ParamLayout, aggregate
+from engine.model.task import get_task
+from engine.run.history import History
+from engine.run.record import Recorder
+from engine.run.updates import rule_for
 
 N_IN, N_OUT = 4, 3
 

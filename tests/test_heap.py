@@ -1,4 +1,4 @@
-"""engine.heap: inside ``retained_heap`` a freed large block is reused without new page faults."""
+"""engine.decompose.heap: inside ``retained_heap`` a freed large block is reused without new page faults."""
 
 import json
 import os
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import heap
+from engine.decompose import heap
 
 pytestmark = pytest.mark.skipif(not heap.available(), reason="needs glibc")
 
@@ -37,7 +37,8 @@ def _faults_in_a_fresh_process(retained: bool) -> list[int]:
     keeps the free room it hands back, and reuses it without faults even outside."""
     measure = "json.dumps(_faults_per_allocation())"
     body = f"with heap.retained_heap(): print({measure})" if retained else f"print({measure})"
-    code = f"import json\nfrom engine import heap\nfrom tests.test_heap import _faults_per_allocation\n{body}\n"
+    code = ("import json\nfrom engine.decompose import heap\n"
+            f"from tests.test_heap import _faults_per_allocation\n{body}\n")
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -21,8 +21,7 @@ from torch import nn
 
 from engine.decompose import ExplainConfig, explain
 from engine.errors import BadInputError, CorruptRunError, RunNotFoundError
-from engine.history import History
-from engine.import_explaind import (
+from engine.importers.explaind import (
     DATA_FILE,
     MODEL_FILE,
     OPTIMIZER_FILE,
@@ -32,6 +31,7 @@ from engine.import_explaind import (
     csv_dataset,
     import_explaind,
 )
+from engine.run.history import History
 
 MODEL = "tests.test_import_explaind:TokenNet"
 DATA = "tests.test_import_explaind:token_data"
@@ -239,7 +239,7 @@ def test_kinks_at_positions_the_output_drops_are_not_cut(tmp_path, monkeypatch):
     run = run_import(src, tmp_path / "run", model="tests.test_import_explaind:SlicedNet")
     config = ExplainConfig(test_split="val", quantity="logits", views=("components",), dtype="float64")
     probed = explain(run, config, progress=False)
-    monkeypatch.setattr("engine.explain_setup.live_switches", lambda *args, **kwargs: None)
+    monkeypatch.setattr("engine.decompose.setup.live_switches", lambda *args, **kwargs: None)
     every = explain(run, config, progress=False)
     for result in (probed, every):
         assert result.max_rel_residual <= 1e-12
@@ -256,7 +256,7 @@ def test_tensors_the_output_does_not_use_are_not_evaluated(tmp_path, monkeypatch
     run = run_import(src, tmp_path / "run")
     config = ExplainConfig(test_split="val", quantity="logits", views=("components",), dtype="float64", engine="jvp")
     skipped = explain(run, config, progress=False)
-    monkeypatch.setattr("engine.explain_setup.live_tensors", lambda *args, **kwargs: None)
+    monkeypatch.setattr("engine.decompose.setup.live_tensors", lambda *args, **kwargs: None)
     every = explain(run, config, progress=False)
     assert "the output does not depend on unused: components exactly 0, not evaluated" in skipped.notes
     assert skipped.summary()["gradient_evaluations"] < every.summary()["gradient_evaluations"]
@@ -273,7 +273,7 @@ def test_a_failing_parameter_probe_evaluates_every_tensor(tmp_path, monkeypatch)
 
     def fail(*args, **kwargs):
         raise ValueError("a ReLU came out negative")
-    monkeypatch.setattr("engine.explain_setup.live_tensors", fail)
+    monkeypatch.setattr("engine.decompose.setup.live_tensors", fail)
     config = ExplainConfig(test_split="val", views=("components",), dtype="float64", engine="jvp")
     result = explain(run, config, progress=False)
     assert "parameter probe failed (ValueError: a ReLU came out negative): every tensor is evaluated" in result.notes
@@ -290,7 +290,7 @@ def test_a_failing_kink_probe_keeps_every_kink(tmp_path, monkeypatch):
 
     def fail(*args, **kwargs):
         raise ValueError("a ReLU came out negative")
-    monkeypatch.setattr("engine.explain_setup.live_switches", fail)
+    monkeypatch.setattr("engine.decompose.setup.live_switches", fail)
     result = explain(run, ExplainConfig(test_split="val", views=("components",), dtype="float64"), progress=False)
     assert "kink probe failed (ValueError: a ReLU came out negative): every kink is cut at" in result.notes
     assert result.max_rel_residual <= 1e-12
@@ -316,7 +316,7 @@ def test_csv_dataset_beside_the_checkpoints_is_the_default(tmp_path):
     assert torch.equal(loaded["val"][1], token_data()["val"][1])
     run = run_import(src, tmp_path / "run", ExplaindOptimizer(**ADAM), dataset=None)
     assert replay(run)["max_rel_error"] <= 1e-6
-    assert History.open(run).model_spec["data"] == "engine.import_explaind:csv_dataset"
+    assert History.open(run).model_spec["data"] == "engine.importers.explaind:csv_dataset"
 
 
 def test_cli_handler(tmp_path):

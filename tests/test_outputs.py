@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.errors import BadInputError
-from engine.outputs import QUANTITIES, get_quantity, make_g, output_count
+from engine.model.outputs import QUANTITIES, get_quantity, make_g, output_count
 
 
 @pytest.fixture

@@ -16,9 +16,7 @@ from torch import nn
 from torch.func import functional_call
 
 from engine import store
-from engine.errors import BadInputError, CorruptRunError, RunNotFoundError
-from engine.history import History
-from engine.prune import (
+from engine.analysis.prune import (
     COLUMNS,
     NO_SEED,
     PruneConfig,
@@ -32,7 +30,9 @@ from engine.prune import (
     prune,
     summarize,
 )
-from engine.record import Recorder
+from engine.errors import BadInputError, CorruptRunError, RunNotFoundError
+from engine.run.history import History
+from engine.run.record import Recorder
 from engine.tasks import get_task
 from tests.helpers import TinyMLP, tiny_data
 

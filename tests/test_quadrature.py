@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.errors import BadInputError
-from engine.quadrature import (
+from engine.decompose.quadrature import (
     QuadratureSpec,
     SwitchRecorder,
     accept,
@@ -27,6 +26,7 @@ from engine.quadrature import (
     refine_zero,
     unconverged,
 )
+from engine.errors import BadInputError
 
 
 def integrate(rule, f) -> float:

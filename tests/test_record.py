@@ -21,8 +21,8 @@ from engine.errors import (
     RunNotFoundError,
     SchemaVersionError,
 )
-from engine.history import History
-from engine.record import Recorder
+from engine.run.history import History
+from engine.run.record import Recorder
 from tests.helpers import TinyMLP, record_tiny_run, tiny_data, tiny_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,7 +127,7 @@ def test_exception_marks_incomplete_and_keeps_chunks(tmp_path):
 KILL_SCRIPT = textwrap.dedent("""
     import sys, torch, torch.nn.functional as F
     sys.path.insert(0, {repo!r})
-    from engine.record import Recorder
+    from engine.run.record import Recorder
     from tests.helpers import TinyMLP, tiny_data, tiny_spec
     model = TinyMLP(); opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     x, y = tiny_data()["train"]
@@ -159,7 +159,7 @@ def test_killed_recording_leaves_readable_incomplete_run(tmp_path):
 MEMORY_SCRIPT = textwrap.dedent("""
     import resource, sys, torch, torch.nn.functional as F
     sys.path.insert(0, {repo!r})
-    from engine.record import Recorder
+    from engine.run.record import Recorder
     from tests.helpers import tiny_data, tiny_spec
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 512), torch.nn.Tanh(), torch.nn.Linear(512, 3))

@@ -15,8 +15,8 @@ from torch import nn
 from torch.func import jvp, vmap
 
 from engine.decompose import ExplainConfig, explain
-from engine.record import Recorder
-from engine.scalar_ops import ScalarOps
+from engine.decompose.scalar_ops import ScalarOps
+from engine.run.record import Recorder
 
 FORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "x * 1.7": lambda x: x * 1.7,

@@ -11,8 +11,8 @@ import torch
 from sklearn.datasets import load_digits
 
 from engine.errors import BadInputError
-from engine.history import History
-from engine.record import data_fingerprint
+from engine.model.task import BUILTIN_TASKS, GREY_RAMP, Dataset, data_fingerprint
+from engine.run.history import History
 from engine.tasks import (
     TASKS,
     DigitsCNNConfig,
@@ -26,7 +26,7 @@ from engine.tasks import (
     modular_addition,
     train_task,
 )
-from engine.tasks.base import GREY_RAMP, Dataset, deterministic_algorithms
+from engine.tasks.common import deterministic_algorithms
 from tests.helpers import tiny_spec
 
 SMALL_MODULAR = ModularAdditionConfig(p=13, train_frac=0.5, d_model=16, n_heads=2, d_mlp=32, steps=20)
@@ -167,7 +167,8 @@ def test_missing_config_keys_take_defaults():
     task = get_task({"task": "digits-cnn", "config": {"steps": 7}})
     assert task.config == replace(DigitsCNNConfig(), steps=7)
     assert get_task({"task": "modular-addition"}).config == ModularAdditionConfig()
-    assert set(TASKS) == {"modular-addition", "digits-cnn"}
+    assert set(TASKS) == set(BUILTIN_TASKS) == {"modular-addition", "digits-cnn"}
+    assert all(get_task({"task": name}).__class__ is cls for name, cls in TASKS.items())
 
 
 def test_import_spec_builds_the_users_model_and_data():

@@ -1,5 +1,5 @@
 """Replay check: every supported optimizer configuration, recorded from a hand-written loop
-with unmodified torch.optim, is reproduced by the MATH.md formulas in engine.updates."""
+with unmodified torch.optim, is reproduced by the MATH.md formulas in engine.run.updates."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 
 from engine.cli import main
 from engine.errors import CorruptRunError, UnsupportedOptimizerError
-from engine.history import History
-from engine.verify import verify
+from engine.run.history import History
+from engine.run.verify import verify
 from tests.helpers import record_tiny_run
 
 

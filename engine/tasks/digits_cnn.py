@@ -19,7 +19,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from engine.errors import BadInputError
-from engine.tasks.base import Dataset, Task, accuracy, deterministic_algorithms, open_recorder, seeded_model
+from engine.model.task import Dataset, Task, seeded_model
+from engine.tasks.common import accuracy, deterministic_algorithms, open_recorder
 
 N_CLASSES = 10
 PIXEL_MAX = 16.0  # load_digits pixels are integers 0..16
@@ -92,6 +93,7 @@ class DigitsCNNTask(Task):
     """The 1797 scikit-learn digits, a seeded ``val_frac`` held out."""
 
     name = "digits-cnn"
+    config_cls = DigitsCNNConfig
     config: DigitsCNNConfig
 
     def __init__(self, config: DigitsCNNConfig | None = None) -> None:

@@ -21,7 +21,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from engine.errors import BadInputError
-from engine.tasks.base import Dataset, Task, accuracy, deterministic_algorithms, open_recorder, seeded_model
+from engine.model.task import Dataset, Task, seeded_model
+from engine.tasks.common import accuracy, deterministic_algorithms, open_recorder
 
 SEQ_LEN = 3  # a, b, "="
 
@@ -132,6 +133,7 @@ class ModularAdditionTask(Task):
     """``a + b mod p`` on a random ``train_frac`` of all pairs, the rest held out."""
 
     name = "modular-addition"
+    config_cls = ModularAdditionConfig
     config: ModularAdditionConfig
 
     def __init__(self, config: ModularAdditionConfig | None = None) -> None:

@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from engine.decompose.quadrature import QuadratureSpec, parse_quadrature
 from engine.errors import BadInputError
-from engine.groups import check_granularity
-from engine.outputs import get_quantity
-from engine.quadrature import QuadratureSpec, parse_quadrature
+from engine.model.groups import check_granularity
+from engine.model.outputs import get_quantity
 
 VIEWS = ("components", "data", "importance")
 ENGINES = ("auto", "jvp", "vjp")
@@ -36,7 +36,7 @@ class ExplainConfig:
         test_size: explain its first ``test_size`` examples (``None``: all); ignored if ``test_ids``.
         test_ids: explicit example ids of ``test_split``.
         quantity: ``logits``, ``true-logit``, ``logprob``, ``loss``, ``margin`` or a callable
-            ``fn(output, labels)`` (see ``engine.outputs``).
+            ``fn(output, labels)`` (see ``engine.model.outputs``).
         quadrature: ``adaptive`` (default), ``adaptive:N``, ``gauss:N`` or ``midpoint:N``.
         views: any of ``components``, ``data``, ``importance``; completeness is always computed.
         window: steps per stored window of the components and data views.

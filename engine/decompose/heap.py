@@ -4,7 +4,7 @@ A decomposition allocates and frees the same large tensors (quadrature nodes × 
 outputs × parameters) thousands of times. glibc serves every allocation above its mmap
 threshold (128 KiB, raised at most to 32 MiB) with a fresh ``mmap`` and unmaps it on free, so
 the kernel faults in and zeroes every block again (``bench/bench_heap.py`` measures what is
-left of that since units keep the parameters at θ, ``engine.at_point``). ``retained_heap``
+left of that since units keep the parameters at θ, ``engine.decompose.at_point``). ``retained_heap``
 raises the mmap threshold to 512 MiB and the trim threshold to its maximum for its duration,
 so freed blocks stay in the heap and are reused; on exit it hands the free memory back
 (``malloc_trim``) and restores glibc's initial thresholds. Two things stay: glibc no longer

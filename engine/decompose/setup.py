@@ -23,16 +23,16 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
-from engine.at_point import AtPoint
+from engine.decompose.at_point import AtPoint
+from engine.decompose.config import DTYPES, ExplainConfig, resolve_device
+from engine.decompose.quadrature import LiveSwitches, live_switches, live_tensors
+from engine.decompose.scalar_ops import ScalarOps
 from engine.errors import BadInputError, UnsupportedOptimizerError
-from engine.explain_config import DTYPES, ExplainConfig, resolve_device
-from engine.groups import GroupMap, ParamLayout
-from engine.history import History
-from engine.outputs import Quantity, get_quantity
-from engine.quadrature import LiveSwitches, live_switches, live_tensors
-from engine.scalar_ops import ScalarOps
-from engine.tasks.base import Task
-from engine.verify import check_data_matches, check_model_matches
+from engine.model.groups import GroupMap, ParamLayout
+from engine.model.outputs import Quantity, get_quantity
+from engine.model.task import Task
+from engine.run.history import History
+from engine.run.verify import check_data_matches, check_model_matches
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class _Setup:
         return functional_call(self.model, {**self.layout.unflatten(flat), **self.buffers}, (x,))
 
     def _call_at(self, flat: Tensor, delta: Tensor, t: Tensor, x: Tensor) -> Tensor:
-        """The model at ``flat + t·delta``, its parameters left at ``flat`` (``engine.at_point``)."""
+        """The model at ``flat + t·delta``, its parameters left at ``flat`` (``engine.decompose.at_point``)."""
         params = self.layout.unflatten(flat)
         with AtPoint(list(params.values()), list(self.layout.unflatten(delta).values()), t):
             return functional_call(self.model, {**params, **self.buffers}, (x,))

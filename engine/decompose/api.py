@@ -17,7 +17,7 @@ quadrature and contracts it, never materialising the ``N·D·M·O`` influence te
 
 How. Steps are processed in blocks (``vmap`` over steps, quadrature nodes, directions and
 test examples, so a small model costs a few vectorised calls per block). The adaptive rule
-(``engine.quadrature``) cuts each step at the kinks of ReLU-like operations, per test example,
+(``engine.decompose.quadrature``) cuts each step at the kinks of ReLU-like operations, per test example,
 and raises the Gauss order of the pieces that need it until the error estimate is at
 round-off; the search runs in forward mode along Δ_s only (in reverse mode for models without
 forward-mode AD). ``φ̂`` is then evaluated in one of two ways, chosen by
@@ -37,10 +37,10 @@ Interrupting (Ctrl-C) stops after the current block of steps and raises
 
 Modules. This one is the entry point: ``explain``, ``explain_history``, ``element_influence``,
 ``compare_quadratures``, the ``Explanation`` they return and its frames. The configuration
-(``ExplainConfig``, re-exported here) is in ``engine.explain_config``; the set-up of a call in
-``engine.explain_setup``; the optimizer replay (training side) in ``engine.train_side``; the
-derivatives of ``g`` (test side) in ``engine.evaluator``; one streaming pass over the steps in
-``engine.explain_pass``.
+(``ExplainConfig``, re-exported here) is in ``engine.decompose.config``; the set-up of a call in
+``engine.decompose.setup``; the optimizer replay (training side) in ``engine.decompose.train_side``; the
+derivatives of ``g`` (test side) in ``engine.decompose.evaluator``; one streaming pass over the steps in
+``engine.decompose.stream``.
 """
 
 from __future__ import annotations
@@ -62,19 +62,16 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from engine.decompose.config import DTYPES, ENGINES, SPLITS, VIEWS, ExplainConfig, parse_test, resolve_device
+from engine.decompose.heap import retained_heap
+from engine.decompose.setup import _Setup, _setup
+from engine.decompose.stream import REGULARIZER, _Pass, _Window
 from engine.errors import BadInputError, ExplaindError, UnsupportedOptimizerError
-from engine.explain_config import DTYPES, ENGINES, SPLITS, VIEWS, ExplainConfig, parse_test, resolve_device
-from engine.explain_pass import REGULARIZER, _Pass, _Window
-from engine.explain_setup import _math_attention as _math_attention  # re-exported for the benchmarks
-from engine.explain_setup import _Setup, _setup
-from engine.groups import GroupMap, ParamLayout
-from engine.heap import retained_heap
-from engine.history import History, StepRecord
-from engine.tasks import get_task
-from engine.tasks.base import Task
-from engine.train_side import _TrainSide as _TrainSide  # re-exported for the tests
-from engine.updates import UpdateRule, initial_buffer, rule_for
-from engine.verify import check_model_matches
+from engine.model.groups import GroupMap, ParamLayout
+from engine.model.task import Task, get_task
+from engine.run.history import History, StepRecord
+from engine.run.updates import UpdateRule, initial_buffer, rule_for
+from engine.run.verify import check_model_matches
 
 __all__ = [
     "DTYPES",
@@ -372,7 +369,7 @@ def explain(run_dir: str | Path, config: ExplainConfig | None = None, progress: 
 @retained_heap()
 def explain_history(history: History, task: Task, config: ExplainConfig | None = None,
                     progress: bool = True) -> Explanation:
-    """Like ``explain`` for an opened history and task (with freed memory kept, ``engine.heap``)."""
+    """Like ``explain`` for an opened history and task (with freed memory kept, ``engine.decompose.heap``)."""
     config = config or ExplainConfig()
     started = time.perf_counter()
     s = _setup(history, task, config)

@@ -24,7 +24,6 @@ chunk, which leaves a crashed recording readable up to its last complete chunk.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -40,6 +39,7 @@ import torch
 from safetensors.torch import save_file
 
 from engine.errors import BadInputError
+from engine.model.task import data_fingerprint
 
 FORMAT = "explaind-studio-run"
 SCHEMA_VERSION = 1
@@ -51,16 +51,6 @@ HPARAM_COLUMNS = (
     "lr", "weight_decay", "beta1", "beta2", "eps", "momentum", "dampening",
     "nesterov", "maximize", "amsgrad", "decoupled",
 )
-
-
-def data_fingerprint(inputs: torch.Tensor, labels: torch.Tensor) -> str:
-    """A stable SHA-256 over the training inputs and labels (dtype, shape and bytes)."""
-    digest = hashlib.sha256()
-    for tensor in (inputs, labels):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{t.dtype}:{tuple(t.shape)};".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def optimizer_family(optimizer: torch.optim.Optimizer) -> tuple[str, str | None]:

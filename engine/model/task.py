@@ -4,19 +4,19 @@ A ``Task`` is what the engine needs to rebuild a recorded run without the traini
 script: ``build_model()`` gives a module with the recorded parameter names,
 ``dataset(split)`` gives the exact training and validation tensors, and
 ``per_example_loss`` gives the loss whose gradients the optimizer followed.
-Built-in tasks live beside this file; ``ImportedTask`` wraps a user's own model and
-data functions named by import path.
+The built-in tasks live in ``engine.tasks`` and are named here by import path
+(``BUILTIN_TASKS``); ``ImportedTask`` wraps a user's own model and data functions named by
+import path. ``get_task`` turns a spec back into a task.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
@@ -24,9 +24,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.errors import BadInputError
-from engine.record import data_fingerprint
 
 SPLITS = ("train", "val")
+
+# The built-in tasks by name, as import paths: rebuilding a run of a built-in task loads its
+# module only then, and nothing below ``engine.tasks`` imports it.
+BUILTIN_TASKS = {
+    "modular-addition": "engine.tasks.modular_addition:ModularAdditionTask",
+    "digits-cnn": "engine.tasks.digits_cnn:DigitsCNNTask",
+}
 GREY_RAMP = " .:-=+*#%@"
 
 
@@ -80,6 +86,16 @@ class Dataset:
         return data_fingerprint(self.inputs, self.labels)
 
 
+def data_fingerprint(inputs: torch.Tensor, labels: torch.Tensor) -> str:
+    """A stable SHA-256 over the training inputs and labels (dtype, shape and bytes)."""
+    digest = hashlib.sha256()
+    for tensor in (inputs, labels):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def default_layer(tensor_name: str) -> str:
     """Default layer label: the top-level module of a parameter, with its index inside a container.
 
@@ -95,6 +111,7 @@ class Task(ABC):
     """A model, its data and its per-example loss, fully determined by ``config``."""
 
     name: ClassVar[str]
+    config_cls: ClassVar[type]
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -234,25 +251,6 @@ class ImportedTask(Task):
         return _jsonable(dict(self._spec))
 
 
-@contextmanager
-def deterministic_algorithms() -> Iterator[None]:
-    """Turn on ``torch.use_deterministic_algorithms(True)`` and restore the previous mode after.
-
-    Filling fresh memory with NaN (a debugging aid of deterministic mode) is switched off:
-    no operation here reads uninitialised memory, and the fill costs a sixth of a step.
-    """
-    enabled = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = False
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
-        torch.utils.deterministic.fill_uninitialized_memory = fill
-
-
 def seeded_model(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
     """Build a module under ``torch.manual_seed(seed)`` without disturbing the global RNG."""
     with torch.random.fork_rng(devices=[]):
@@ -260,29 +258,42 @@ def seeded_model(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
         return factory()
 
 
-def accuracy(logits: Tensor, labels: Tensor) -> float:
-    """Fraction of rows whose arg-max equals the label."""
-    return float((logits.argmax(dim=-1) == labels).double().mean())
+def builtin_task(name: Any) -> type[Task]:
+    """The class of built-in task ``name``."""
+    if name not in BUILTIN_TASKS:
+        raise BadInputError(f"unknown task {name!r}; choose one of {', '.join(BUILTIN_TASKS)}")
+    return load_object(BUILTIN_TASKS[name], f"built-in task {name!r}")
 
 
-def open_recorder(
-    task: Task,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    train: Dataset,
-    out_dir: Path | None,
-    overwrite: bool = False,
-) -> AbstractContextManager[Any]:
-    """A ``Recorder`` writing the run into ``out_dir``, or a no-op context yielding ``None``."""
-    if out_dir is None:
-        return nullcontext(None)
-    from engine.record import Recorder  # the recorder pulls in the storage libraries; load it only to record
+def make_config(name: str, overrides: dict[str, Any] | None = None) -> Any:
+    """The default configuration of built-in task ``name`` with ``overrides`` applied, validated."""
+    config_cls = builtin_task(name).config_cls
+    overrides = dict(overrides or {})
+    valid = [f.name for f in fields(config_cls)]
+    unknown = sorted(set(overrides) - set(valid))
+    if unknown:
+        raise BadInputError(f"task {name!r} has no config key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}")
+    try:
+        return config_cls(**overrides)
+    except TypeError as exc:
+        raise BadInputError(f"task {name!r}: invalid config {overrides}: {exc}") from exc
 
-    return Recorder(
-        model,
-        optimizer,
-        out_dir,
-        model_spec=task.spec(),
-        train_data=(train.inputs, train.labels),
-        overwrite=overwrite,
+
+def get_task(spec: dict[str, Any]) -> Task:
+    """The task a spec describes: a built-in ``{"task", "config"}`` or an import spec."""
+    if not isinstance(spec, dict):
+        raise BadInputError(f"a task spec must be a dict, got {type(spec).__name__}")
+    if "task" in spec:
+        extra = sorted(set(spec) - {"task", "config"})
+        if extra:
+            raise BadInputError(f"built-in task spec has unexpected key(s) {', '.join(extra)}; use 'task' and 'config'")
+        config = spec.get("config") or {}
+        if not isinstance(config, dict):
+            raise BadInputError(f"task spec 'config' must be a dict, got {type(config).__name__}")
+        return builtin_task(spec["task"])(make_config(spec["task"], config))
+    if "model" in spec or "data" in spec:
+        return ImportedTask(spec)
+    raise BadInputError(
+        f"task spec with keys {sorted(spec)} names neither a built-in task ('task': one of "
+        f"{', '.join(BUILTIN_TASKS)}) nor an import spec ('model' and 'data' import paths)"
     )

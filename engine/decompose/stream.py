@@ -2,7 +2,7 @@
 
 Steps are queued into blocks; per block and chunk of test examples the pass finds the
 quadrature rule of every (step, example) — fixed, or adaptive with cuts at the kinks of
-ReLU-like operations (``engine.quadrature``) — evaluates ``φ̂`` contracted with the
+ReLU-like operations (``engine.decompose.quadrature``) — evaluates ``φ̂`` contracted with the
 directions the views need (``_Evaluator``, with ψ_s(reg), ρ_s and ψ_s(k) from
 ``_TrainSide``) and adds the step to the chunk's accumulators: component and data windows,
 per-element importance and the per-step completeness rows.
@@ -18,10 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from engine.evaluator import _Evaluator
-from engine.explain_setup import _group_count, _math_attention, _release_memory, _Setup, _widened
-from engine.history import StepRecord
-from engine.quadrature import (
+from engine.decompose.evaluator import _Evaluator
+from engine.decompose.quadrature import (
     Rule,
     accept,
     breakpoints,
@@ -32,8 +30,10 @@ from engine.quadrature import (
     refine_zero,
     unconverged,
 )
-from engine.train_side import _StepTerms, _TrainSide
-from engine.updates import UpdateRule
+from engine.decompose.setup import _group_count, _math_attention, _release_memory, _Setup, _widened
+from engine.decompose.train_side import _StepTerms, _TrainSide
+from engine.run.history import StepRecord
+from engine.run.updates import UpdateRule
 
 KINK_ITERATIONS = 6  # most root-search steps refining each kink position …
 KINK_TOLERANCE = 1e-13  # … stopping once no position moves more than this

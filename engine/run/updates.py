@@ -8,9 +8,9 @@ map is exact given the record.
 
 The same split serves two callers:
 
-* the replay check (``engine.verify``) applies it to the batch gradient and compares the
+* the replay check (``engine.run.verify``) applies it to the batch gradient and compares the
   result with the recorded update;
-* the data view (``engine.train_side``) applies it to every example's gradient separately,
+* the data view (``engine.decompose.train_side``) applies it to every example's gradient separately,
   carrying one buffer per training example, which yields ψ_s(k) and ψ_s(reg).
 
 ``advance`` works on tensors with or without a leading example axis.
@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 from engine.errors import UnsupportedOptimizerError
-from engine.history import GroupHParams, History, Params, StepRecord
+from engine.run.history import GroupHParams, History, Params, StepRecord
 
 Coefficient = torch.Tensor | float
 

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from engine.at_point import argument
+from engine.decompose.at_point import argument
 from engine.errors import BadInputError
 
 KINDS = ("midpoint", "gauss", "adaptive")
@@ -160,7 +160,7 @@ def accept(q: Tensor, q_prev: Tensor | None, residual: Tensor, g_scale: Tensor, 
     that estimate is at round-off of ``g_scale + |q|`` and ``r_s`` is within ``RESIDUAL_ULPS``
     round-offs of the change ``|r_s + q| + |q|`` plus one round-off of ``g_scale`` (a guard
     against rules that agree but are both off, as at a kink the switching values do not
-    reveal). The true change is evaluated in float64 (``engine.evaluator``), so ``r_s`` is the
+    reveal). The true change is evaluated in float64 (``engine.decompose.evaluator``), so ``r_s`` is the
     rule's error and not the round-off of ``g`` in the compute dtype.
 
     With an error ``budget (...)`` per unit a unit also stops when the norms over outputs of

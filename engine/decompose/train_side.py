@@ -1,6 +1,6 @@
 """The training side of the decomposition: the optimizer replayed along the recorded steps.
 
-``_TrainSide`` applies the optimizer split of ``engine.updates`` to the regularizer's gradient,
+``_TrainSide`` applies the optimizer split of ``engine.run.updates`` to the regularizer's gradient,
 to the batch gradient and (data view) to every training example's gradient, carrying one
 optimizer buffer for each. Per step this gives the weight-decay part ψ_s(reg), the optimizer
 residual ρ_s = Δ_s − Σ_k ψ_s(k) − ψ_s(reg) and ψ_s(k) per training example (MATH.md);
@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 from torch.func import grad, vmap
 
-from engine.explain_setup import _Setup
-from engine.history import StepRecord
-from engine.updates import StepSplit, UpdateRule
+from engine.decompose.setup import _Setup
+from engine.run.history import StepRecord
+from engine.run.updates import StepSplit, UpdateRule
 
 
 @dataclass

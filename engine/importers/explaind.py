@@ -3,7 +3,7 @@
 That package's training wrappers keep their history in three ``torch.save`` files in one
 directory; the importer reads them, checks them against the model and data they are said
 to belong to, writes our run format with ``RunWriter`` and replays every update
-(``engine.verify``):
+(``engine.run.verify``):
 
 ``model_checkpoint.pt`` (``ModelPath``)
     a list of ``N + 1`` state dicts of the wrapped model: ``θ_0`` before training, then the
@@ -51,9 +51,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from engine.errors import BadInputError, CorruptRunError, RunNotFoundError
-from engine.record import HPARAM_COLUMNS, RunWriter, StepData, data_fingerprint, write_json_atomic
-from engine.tasks import get_task
-from engine.tasks.base import Dataset, Task
+from engine.model.task import Dataset, Task, data_fingerprint, get_task
+from engine.run.record import HPARAM_COLUMNS, RunWriter, StepData, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +60,7 @@ MODEL_FILE = "model_checkpoint.pt"
 OPTIMIZER_FILE = "optimizer_checkpoint.pt"
 DATA_FILE = "data_checkpoint.pt"
 CSV_DIR = "dataset"                 # where the package's modular-addition script writes train.csv / val.csv
-CSV_DATA = "engine.import_explaind:csv_dataset"
+CSV_DATA = "engine.importers.explaind:csv_dataset"
 SOURCE = "explaind 0.1 (ModelPath / AdamWOptimizerPath / SGDOptimizerPath / DataPath)"
 KINDS = ("auto", "adamw", "sgd")
 # Constructor defaults of the package's optimizer wrappers (used for values the files lack).
@@ -568,11 +567,11 @@ def import_explaind(
 
     ``model`` is the import path ``pkg.mod:Class`` of the trained model class, built with
     ``model_kwargs``; ``dataset`` names the data (see ``resolve_dataset``). After writing,
-    every update is replayed (``engine.verify``); the result is stored in the manifest under
+    every update is replayed (``engine.run.verify``); the result is stored in the manifest under
     ``"import"`` → ``"replay"``, and a replay error above ``REPLAY_TOLERANCE`` withdraws
     the data view with the reason. Returns ``out``.
     """
-    from engine.verify import verify
+    from engine.run.verify import verify
 
     directory = Path(directory)
     cfg = optimizer or ExplaindOptimizer()

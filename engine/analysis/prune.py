@@ -48,8 +48,8 @@ from tqdm.auto import tqdm
 
 from engine import store
 from engine.errors import BadInputError, CorruptRunError, RunNotFoundError
-from engine.history import History
-from engine.tasks import Task, get_task
+from engine.model.task import Task, get_task
+from engine.run.history import History
 
 log = logging.getLogger(__name__)
 

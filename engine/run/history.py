@@ -1,4 +1,4 @@
-"""Read a run directory written by :class:`engine.record.Recorder`.
+"""Read a run directory written by :class:`engine.run.record.Recorder`.
 
 Access is lazy and chunk-wise: one chunk (a range of steps) is loaded at a time, so
 reading a long run costs the memory of one chunk. Every tensor is checked for shape and
@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from engine.errors import CorruptRunError, IncompleteRunError, RunNotFoundError, SchemaVersionError
-from engine.record import FORMAT, HPARAM_COLUMNS, SCHEMA_VERSION
+from engine.run.record import FORMAT, HPARAM_COLUMNS, SCHEMA_VERSION
 
 Params = dict[str, torch.Tensor]
 

@@ -1,7 +1,7 @@
 """Replay check: reproduce every recorded update from the recorded batch and state.
 
 For each step the batch gradient ``Σ_k w_k ∇ℓ(x_k; θ_s)`` is recomputed from the rebuilt
-model and data, pushed through the MATH.md §3 formulas (``engine.updates``, not
+model and data, pushed through the MATH.md §3 formulas (``engine.run.updates``, not
 ``torch.optim``), and the result ``Δ̂_s`` is compared with the recorded ``Δ_s``.
 
 Two errors are reported per step, both relative to ``‖Δ_s‖₂``:
@@ -28,10 +28,9 @@ from torch.func import functional_call, grad
 from tqdm import tqdm
 
 from engine.errors import CorruptRunError
-from engine.history import History, Params
-from engine.tasks import get_task
-from engine.tasks.base import Task
-from engine.updates import initial_buffer, replay, rule_for
+from engine.model.task import Task, get_task
+from engine.run.history import History, Params
+from engine.run.updates import initial_buffer, replay, rule_for
 
 GRID_ULPS = 2.0  # rounding allowance of a recorded update, in units in the last place
 

@@ -14,9 +14,9 @@ import torch
 from torch import Tensor
 from torch.func import jacrev, jvp, vmap
 
-from engine.explain_setup import _Setup
-from engine.quadrature import SwitchRecorder
-from engine.scalar_ops import ScalarOps
+from engine.decompose.quadrature import SwitchRecorder
+from engine.decompose.scalar_ops import ScalarOps
+from engine.decompose.setup import _Setup
 
 ROW_FRACTION = 0.25  # row width ÷ mean units per step: padding ~1/8 of the evaluations instead of ~1/4
 
@@ -65,9 +65,9 @@ class _Evaluator:
             return jvp(g, (theta + t * delta,), (v,))[1]
 
         def along_one(theta: Tensor, delta: Tensor, t: Tensor, v: Tensor, x: Tensor, y: Tensor) -> Tensor:
-            # d/dε g(θ + εv + tΔ) = ∇g(θ + tΔ)·v, the parameters kept at θ (engine.at_point). Δ and t
+            # d/dε g(θ + εv + tΔ) = ∇g(θ + tΔ)·v, the parameters kept at θ (engine.decompose.at_point). Δ and t
             # enter with zero tangents: every term of AtPoint's op(x, W) + t·op(x, ΔW) then has one,
-            # and none is combined with a tangent-free operand (see engine.scalar_ops)
+            # and none is combined with a tangent-free operand (see engine.decompose.scalar_ops)
             def g(p: Tensor, d: Tensor, tt: Tensor) -> Tensor:
                 with ScalarOps():
                     return setup.g_one_at(p, d, tt, x, y)

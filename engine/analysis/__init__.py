@@ -1,0 +1,1 @@
+"""What is computed from a run database: pruning by importance."""

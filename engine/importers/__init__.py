@@ -1,0 +1,1 @@
+"""Runs recorded by other tools, converted into run directories."""

@@ -1,0 +1,300 @@
+"""Run database schema: tables, the bundle contract the engine writes, selectors and run names.
+
+One DuckDB file holds one explained run. ``engine.store`` is the only package that speaks
+SQL: the schema here, bulk writes and atomic publish in ``writer``, the dashboard's read
+queries (polars frames back) in ``reader``.
+
+Schema (version 1). Names are stored once (``groups``, ENUM types); the large tables carry
+integer keys. Rows are inserted sorted by the columns queries filter on, so DuckDB's zone
+maps skip row groups. Test examples fall into *parts*: 0 = all tests, 1 = correctly and
+2 = incorrectly predicted, 3 = without a prediction, 4… = one per (label, correct), in label
+order. The ``*_summary`` tables hold the large tables summed within each part, so every test
+selector but a single example reads a few contiguous rows of a summary; the large tables are
+sorted by test and serve single examples.
+
+| table | one row per | columns | sorted by |
+|---|---|---|---|
+| schema_version | file | version INTEGER, created_by VARCHAR | — |
+| meta | metadata key | key VARCHAR, value JSON | key |
+| steps | training step | step BIGINT, lr, weight_decay, train_loss, val_loss, train_acc, val_acc, update_norm, param_norm, loss_change DOUBLE | step |
+| groups | parameter tensor (hierarchy tensor → module → layer) | tensor_id INTEGER, tensor VARCHAR, module_id INTEGER, module VARCHAR, layer_id INTEGER, layer VARCHAR, size BIGINT, position INTEGER | tensor_id (= model order) |
+| examples | train or test example | split ENUM(train, test), example INTEGER, label INTEGER, text VARCHAR, predicted INTEGER, correct BOOLEAN, part INTEGER (test: its (label, correct) part) | split, example |
+| test_parts | part of the test split | part INTEGER, grain ENUM(all, correct, class), label INTEGER, correct BOOLEAN, tests INTEGER | part |
+| windows | stored step window of a view | view ENUM(components, data), step_lo INTEGER, step_hi INTEGER | view, step_lo |
+| components | window × tensor × test × output | test, tensor_id, step_lo, step_hi, output INTEGER, value, decay DOUBLE | test |
+| component_summary | level × part × window × group | level ENUM(tensor, module, layer), part, step_lo, step_hi, group_id INTEGER, value, decay, abs_value, abs_decay DOUBLE | level, part, step_lo, group_id |
+| data | window × test × train × output | test, step_lo, step_hi, train, output INTEGER, value DOUBLE | test |
+| data_summary | part × train × window | part, train, step_lo, step_hi INTEGER, value DOUBLE | part, train, step_lo |
+| importance | parameter element | tensor_id INTEGER, index BIGINT, importance, magnitude DOUBLE | tensor_id, index |
+| completeness | step × test × output | test, output, step INTEGER, true_change, reconstructed, quadrature_residual, optimizer_residual DOUBLE, nodes INTEGER | test |
+| completeness_summary | part × step | part, step INTEGER, true_change, reconstructed, quadrature_residual, optimizer_residual, abs_residual DOUBLE, nodes INTEGER | part, step |
+| completeness_totals | test × output (sums over steps) | test, output INTEGER, true_change, reconstructed, quadrature_residual DOUBLE | test, output |
+| predictions | test × output | test, output INTEGER, initial, true_final, reconstructed_final DOUBLE | test, output |
+| exactness | quadrature rule compared | quadrature VARCHAR, agreement, kl DOUBLE, gradient_evaluations BIGINT, max_rel_residual DOUBLE | quadrature |
+| pruning | method × scope × seed × sparsity | method, scope VARCHAR, sparsity DOUBLE, seed BIGINT, agreement, accuracy, kl, achieved_sparsity DOUBLE | method, scope, seed, sparsity |
+
+"""  # noqa: E501
+
+from __future__ import annotations
+
+import operator
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from engine.errors import BadInputError, RunNotFoundError, StoreNameError
+
+SCHEMA_VERSION = 1
+RUN_SUFFIX = ".duckdb"
+DEFAULT_THREADS = 2
+LEVELS = ("tensor", "module", "layer")
+MEASURES = ("signed", "absolute", "share")
+SELECTOR_KINDS = ("all", "correct", "incorrect", "class", "example")
+VIEW_TABLES = ("components", "data", "importance", "completeness", "predictions", "exactness", "pruning")
+REGULARIZER = -1  # train id of the weight-decay pseudo-example in the data view
+
+_ALIAS = "run"  # name of the attached database inside a reader's connection
+_MAGIC = b"DUCK"  # DuckDB main header: 8 checksum bytes, then this magic
+PART_ALL, PART_CORRECT, PART_INCORRECT, PART_UNKNOWN, FIRST_CLASS_PART = 0, 1, 2, 3, 4
+_LEVEL_COLUMNS = {"tensor": ("tensor_id", "tensor"), "module": ("module_id", "module"), "layer": ("layer_id", "layer")}
+
+_DDL = """
+CREATE TYPE split_kind AS ENUM ('train', 'test');
+CREATE TYPE level_kind AS ENUM ('tensor', 'module', 'layer');
+CREATE TYPE view_kind AS ENUM ('components', 'data');
+CREATE TYPE grain_kind AS ENUM ('all', 'correct', 'class');
+CREATE TABLE schema_version (version INTEGER NOT NULL, created_by VARCHAR NOT NULL);
+CREATE TABLE meta (key VARCHAR NOT NULL, value JSON NOT NULL);
+CREATE TABLE steps (step BIGINT NOT NULL, lr DOUBLE, weight_decay DOUBLE, train_loss DOUBLE, val_loss DOUBLE,
+    train_acc DOUBLE, val_acc DOUBLE, update_norm DOUBLE, param_norm DOUBLE, loss_change DOUBLE);
+CREATE TABLE groups (tensor_id INTEGER NOT NULL, tensor VARCHAR NOT NULL, module_id INTEGER NOT NULL,
+    module VARCHAR NOT NULL, layer_id INTEGER NOT NULL, layer VARCHAR NOT NULL, size BIGINT NOT NULL,
+    position INTEGER NOT NULL);
+CREATE TABLE examples (split split_kind NOT NULL, example INTEGER NOT NULL, label INTEGER NOT NULL,
+    text VARCHAR NOT NULL, predicted INTEGER, correct BOOLEAN, part INTEGER);
+CREATE TABLE test_parts (part INTEGER NOT NULL, grain grain_kind NOT NULL, label INTEGER, correct BOOLEAN,
+    tests INTEGER NOT NULL);
+CREATE TABLE windows (view view_kind NOT NULL, step_lo INTEGER NOT NULL, step_hi INTEGER NOT NULL);
+CREATE TABLE components (test INTEGER NOT NULL, tensor_id INTEGER NOT NULL, step_lo INTEGER NOT NULL,
+    step_hi INTEGER NOT NULL, output INTEGER NOT NULL, value DOUBLE NOT NULL, decay DOUBLE NOT NULL,
+    CHECK (step_hi > step_lo));
+CREATE TABLE component_summary (level level_kind NOT NULL, part INTEGER NOT NULL, step_lo INTEGER NOT NULL,
+    step_hi INTEGER NOT NULL, group_id INTEGER NOT NULL, value DOUBLE NOT NULL, decay DOUBLE NOT NULL,
+    abs_value DOUBLE NOT NULL, abs_decay DOUBLE NOT NULL);
+CREATE TABLE data (test INTEGER NOT NULL, step_lo INTEGER NOT NULL, step_hi INTEGER NOT NULL,
+    train INTEGER NOT NULL, output INTEGER NOT NULL, value DOUBLE NOT NULL, CHECK (step_hi > step_lo));
+CREATE TABLE data_summary (part INTEGER NOT NULL, train INTEGER NOT NULL, step_lo INTEGER NOT NULL,
+    step_hi INTEGER NOT NULL, value DOUBLE NOT NULL);
+CREATE TABLE importance (tensor_id INTEGER NOT NULL, "index" BIGINT NOT NULL, importance DOUBLE NOT NULL,
+    magnitude DOUBLE NOT NULL);
+CREATE TABLE completeness (test INTEGER NOT NULL, output INTEGER NOT NULL, step INTEGER NOT NULL,
+    true_change DOUBLE NOT NULL, reconstructed DOUBLE NOT NULL, quadrature_residual DOUBLE NOT NULL,
+    optimizer_residual DOUBLE, nodes INTEGER NOT NULL);
+CREATE TABLE completeness_summary (part INTEGER NOT NULL, step INTEGER NOT NULL, true_change DOUBLE NOT NULL,
+    reconstructed DOUBLE NOT NULL, quadrature_residual DOUBLE NOT NULL, optimizer_residual DOUBLE,
+    abs_residual DOUBLE NOT NULL, nodes INTEGER NOT NULL);
+CREATE TABLE completeness_totals (test INTEGER NOT NULL, output INTEGER NOT NULL, true_change DOUBLE NOT NULL,
+    reconstructed DOUBLE NOT NULL, quadrature_residual DOUBLE NOT NULL);
+CREATE TABLE predictions (test INTEGER NOT NULL, output INTEGER NOT NULL, initial DOUBLE NOT NULL,
+    true_final DOUBLE NOT NULL, reconstructed_final DOUBLE NOT NULL);
+CREATE TABLE exactness (quadrature VARCHAR NOT NULL, agreement DOUBLE NOT NULL, kl DOUBLE NOT NULL,
+    gradient_evaluations BIGINT NOT NULL, max_rel_residual DOUBLE NOT NULL);
+CREATE TABLE pruning (method VARCHAR NOT NULL, scope VARCHAR NOT NULL, sparsity DOUBLE NOT NULL,
+    seed BIGINT NOT NULL, agreement DOUBLE NOT NULL, accuracy DOUBLE NOT NULL, kl DOUBLE NOT NULL,
+    achieved_sparsity DOUBLE NOT NULL);
+"""
+
+REQUIRED_TABLES = (
+    "schema_version", "meta", "steps", "groups", "examples", "test_parts", "windows", "components",
+    "component_summary", "data", "data_summary", "importance", "completeness", "completeness_summary",
+    "completeness_totals", "predictions", "exactness", "pruning",
+)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# Bundle: what the engine hands to the store
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Col:
+    """One column of a bundle frame: name, accepted polars kind, whether nulls are allowed."""
+
+    name: str
+    kind: str  # "int" | "float" | "str" | "bool"
+    nullable: bool = False
+
+
+def _cols(spec: str) -> tuple[_Col, ...]:
+    """Parse ``"name:kind name:kind?"`` (``?`` = nullable) into column specs."""
+    out = []
+    for item in spec.split():
+        name, kind = item.split(":")
+        out.append(_Col(name, kind.rstrip("?"), kind.endswith("?")))
+    return tuple(out)
+
+
+_FRAMES: dict[str, tuple[_Col, ...]] = {
+    "steps": _cols(
+        "step:int lr:float weight_decay:float train_loss:float? val_loss:float? train_acc:float? "
+        "val_acc:float? update_norm:float param_norm:float loss_change:float?"
+    ),
+    "groups": _cols("tensor:str module:str layer:str size:int position:int"),
+    "examples": _cols("split:str example:int label:int text:str predicted:int? correct:bool?"),
+    "components": _cols("step_lo:int step_hi:int tensor:str test:int output:int value:float decay:float"),
+    "data": _cols("step_lo:int step_hi:int train:int test:int output:int value:float"),
+    "importance": _cols("tensor:str index:int importance:float magnitude:float"),
+    "completeness": _cols(
+        "step:int test:int output:int true_change:float reconstructed:float quadrature_residual:float "
+        "optimizer_residual:float? nodes:int"
+    ),
+    "predictions": _cols("test:int output:int initial:float true_final:float reconstructed_final:float"),
+    "exactness": _cols("quadrature:str agreement:float kl:float gradient_evaluations:int max_rel_residual:float"),
+    "pruning": _cols(
+        "method:str scope:str sparsity:float seed:int agreement:float accuracy:float kl:float "
+        "achieved_sparsity:float"
+    ),
+}
+_REQUIRED_FRAMES = ("steps", "groups", "examples", "completeness")
+_META_TYPES: dict[str, tuple[type, ...]] = {
+    "task": (str,),
+    "steps": (int,),
+    "quantity": (str,),
+    "quadrature": (str,),
+}
+_OPTIONAL_META_TYPES: dict[str, tuple[type, ...]] = {
+    "data_fingerprint": (str,),
+    "model_summary": (dict,),
+    "optimizer": (dict,),
+}
+
+
+@dataclass(frozen=True)
+class RunBundle:
+    """Everything ``explain`` writes into one run database (column contract in the schema table above).
+
+    ``meta`` needs ``task`` (str), ``steps`` (int), ``quantity`` (str) and ``quadrature``
+    (str); ``data_fingerprint`` (str), ``model_summary`` and ``optimizer`` (dicts) are typed
+    when present; any other JSON-serialisable key is kept as is. Component, data and
+    completeness rows are one per (window or step, tensor/train, test, output).
+    """
+
+    meta: dict
+    steps: pl.DataFrame  # (step,)
+    groups: pl.DataFrame  # (tensor,)
+    examples: pl.DataFrame  # (split, example)
+    components: pl.DataFrame | None  # (window, tensor, test, output)
+    data: pl.DataFrame | None  # (window, train, test, output)
+    importance: pl.DataFrame | None  # (tensor, index)
+    completeness: pl.DataFrame  # (step, test, output)
+    predictions: pl.DataFrame | None  # (test, output)
+    exactness: pl.DataFrame | None  # (quadrature rule,)
+    pruning: pl.DataFrame | None  # (method, scope, seed, sparsity)
+
+
+@dataclass(frozen=True)
+class RunMeta:
+    """Typed view of the metadata every run database carries."""
+
+    task: str
+    steps: int
+    quantity: str
+    quadrature: str
+    data_fingerprint: str | None
+    model_summary: dict
+    optimizer: dict
+    schema_version: int
+
+
+@dataclass(frozen=True)
+class TestSelector:
+    """Which test examples a query sums over.
+
+    ``all``; ``correct`` / ``incorrect`` (final model's prediction; examples without one are
+    in neither); ``class`` (label == value); ``example`` (test id == value).
+    """
+
+    __test__ = False  # not a pytest test class despite the name
+
+    kind: str = "all"
+    value: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in SELECTOR_KINDS:
+            raise BadInputError(f"test selector kind {self.kind!r} is unknown; use one of {SELECTOR_KINDS}")
+        if self.kind in ("class", "example"):
+            object.__setattr__(self, "value", as_int(self.value, f"test selector {self.kind!r} value"))
+        elif self.value is not None:
+            raise BadInputError(f"test selector {self.kind!r} takes no value (got {self.value!r})")
+
+
+ALL_TESTS = TestSelector("all")
+
+
+def as_int(value: Any, what: str) -> int:
+    if isinstance(value, bool):
+        raise BadInputError(f"{what} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise BadInputError(f"{what} must be an integer, got {value!r}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Names and paths
+# ----------------------------------------------------------------------------------------------
+
+_FORBIDDEN_CHARACTERS = {"'": "a quote", '"': "a quote", "`": "a backquote", ";": "a semicolon"}
+
+
+def validate_run_name(name: str) -> str:
+    """Return ``name`` if it is a plain file name for a run, else raise StoreNameError."""
+    if not isinstance(name, str) or not name.strip():
+        raise StoreNameError(f"run name {name!r} is empty; give a plain name such as 'grokking-p113'")
+    problems = []
+    if "/" in name or "\\" in name or os.sep in name or (os.altsep and os.altsep in name):
+        problems.append("a path separator")
+    if ".." in name:
+        problems.append("'..'")
+    if "\0" in name:
+        problems.append("a NUL character")
+    problems += sorted({what for ch, what in _FORBIDDEN_CHARACTERS.items() if ch in name})
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in name.replace("\0", "")):
+        problems.append("a control character")
+    if name.startswith("."):
+        problems.append("a leading '.' (reserved for temporary files)")
+    if name != name.strip():
+        problems.append("leading or trailing spaces")
+    if len(name) > 128:
+        problems.append("more than 128 characters")
+    if problems:
+        raise StoreNameError(
+            f"run name {name!r} contains {', '.join(problems)}; use letters, digits, '-', '_' and '.'"
+        )
+    return name
+
+
+def run_path(directory: str | os.PathLike, name: str) -> Path:
+    """Path of the run database called ``name`` in ``directory`` (the name is validated)."""
+    return Path(directory) / f"{validate_run_name(name)}{RUN_SUFFIX}"
+
+
+def list_runs(directory: str | os.PathLike) -> list[Path]:
+    """Published run databases in ``directory``, sorted; temporary files of writers are ignored."""
+    folder = Path(directory)
+    if not folder.is_dir():
+        raise RunNotFoundError(f"run folder {folder} does not exist; create it or point to another folder")
+    return sorted(
+        p for p in folder.iterdir() if p.suffix == RUN_SUFFIX and not p.name.startswith(".") and p.is_file()
+    )
+
+
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (DuckDB's messages run to many lines)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,464 @@
+"""Writing a run database: the bundle contract, bulk loads sorted for zone maps, atomic publish.
+
+A database is built under a temporary name beside the target, checkpointed, closed, synced
+and renamed into place, so a reader sees the previous complete file or the new one, never
+half a run. The tables and their columns are described in ``engine.store.schema``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import polars as pl
+
+from engine.errors import BadInputError, StoreError
+from engine.store.reader import RunDB
+from engine.store.schema import (
+    _DDL,
+    _FRAMES,
+    _LEVEL_COLUMNS,
+    _META_TYPES,
+    _OPTIONAL_META_TYPES,
+    _REQUIRED_FRAMES,
+    DEFAULT_THREADS,
+    FIRST_CLASS_PART,
+    LEVELS,
+    PART_ALL,
+    PART_CORRECT,
+    PART_INCORRECT,
+    PART_UNKNOWN,
+    REGULARIZER,
+    SCHEMA_VERSION,
+    RunBundle,
+    as_int,
+    first_line,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _temp_path(target: Path) -> Path:
+    return target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(6)}")
+
+
+def _temp_pattern(target: Path) -> re.Pattern[str]:
+    return re.compile(rf"^\.{re.escape(target.name)}\.tmp-(\d+)-[0-9a-f]+(?:\.wal)?$")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temps(target: Path) -> list[Path]:
+    """Delete temporary files of ``target`` left by writers that no longer run."""
+    pattern = _temp_pattern(target)
+    removed = []
+    for entry in target.parent.iterdir():
+        match = pattern.match(entry.name)
+        if match and not _pid_alive(int(match.group(1))):
+            _remove_quietly(entry)
+            removed.append(entry)
+    return removed
+
+
+def _remove_quietly(path: Path) -> None:
+    with suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _fsync(path: Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _kind_ok(dtype: pl.DataType, kind: str, nullable: bool) -> bool:
+    if nullable and dtype == pl.Null:
+        return True
+    if kind == "int":
+        return dtype.is_integer()
+    if kind == "float":
+        return dtype.is_numeric()
+    if kind == "str":
+        return dtype == pl.String or dtype == pl.Categorical or isinstance(dtype, pl.Enum)
+    return dtype == pl.Boolean
+
+
+def _check_frame(name: str, frame: Any, required: bool) -> None:
+    """Raise BadInputError unless ``frame`` has the columns, kinds and nulls of the contract."""
+    if frame is None:
+        if required:
+            raise BadInputError(f"RunBundle.{name} is required but is None")
+        return
+    if not isinstance(frame, pl.DataFrame):
+        raise BadInputError(f"RunBundle.{name} must be a polars DataFrame, got {type(frame).__name__}")
+    missing = [c.name for c in _FRAMES[name] if c.name not in frame.columns]
+    if missing:
+        raise BadInputError(f"RunBundle.{name} lacks columns {missing}; it has {frame.columns}")
+    for col in _FRAMES[name]:
+        dtype = frame.schema[col.name]
+        if not _kind_ok(dtype, col.kind, col.nullable):
+            raise BadInputError(f"RunBundle.{name}.{col.name} must hold {col.kind} values, got {dtype}")
+        if not col.nullable and frame[col.name].null_count():
+            raise BadInputError(f"RunBundle.{name}.{col.name} has missing values; every row needs one")
+
+
+def _check_meta(meta: Any) -> list[tuple[str, str]]:
+    """Validate ``meta`` and return its (key, JSON text) rows."""
+    if not isinstance(meta, dict):
+        raise BadInputError(f"RunBundle.meta must be a dict, got {type(meta).__name__}")
+    for key in _META_TYPES:
+        if key not in meta:
+            raise BadInputError(f"RunBundle.meta lacks {key!r}; required keys are {sorted(_META_TYPES)}")
+    for key, types in {**_META_TYPES, **_OPTIONAL_META_TYPES}.items():
+        value = meta.get(key)
+        if key in meta and (not isinstance(value, types) or isinstance(value, bool)):
+            wanted = " or ".join(t.__name__ for t in types)
+            raise BadInputError(f"RunBundle.meta[{key!r}] must be {wanted}, got {value!r}")
+    rows = []
+    for key, value in meta.items():
+        if not isinstance(key, str) or key == "schema_version":
+            raise BadInputError(f"RunBundle.meta key {key!r} is not allowed (keys are strings; "
+                                "schema_version is set by the store)")
+        try:
+            rows.append((key, json.dumps(value, sort_keys=True, allow_nan=False)))
+        except (TypeError, ValueError) as exc:
+            raise BadInputError(f"RunBundle.meta[{key!r}] is not JSON-serialisable: {exc}") from None
+    return sorted(rows)
+
+
+def _check_bundle(bundle: RunBundle) -> list[tuple[str, str]]:
+    if not isinstance(bundle, RunBundle):
+        raise BadInputError(f"write_run needs a RunBundle, got {type(bundle).__name__}")
+    for name in _FRAMES:
+        _check_frame(name, getattr(bundle, name), name in _REQUIRED_FRAMES)
+    return _check_meta(bundle.meta)
+
+
+class _Writer:
+    """Loads one bundle into an open, empty, writable connection."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
+        self.con = con
+
+    def run(self, sql: str, what: str, params: dict | None = None) -> list[tuple]:
+        start = time.perf_counter()
+        try:
+            rows = self.con.execute(sql, params or {}).fetchall()
+        except (duckdb.ConversionException, duckdb.ConstraintException, duckdb.InvalidInputException,
+                duckdb.OutOfRangeException) as exc:
+            raise BadInputError(f"{what}: {first_line(exc)}") from None
+        log.debug("%s: %.2f s", what, time.perf_counter() - start)
+        return rows
+
+    def load(self, frame: pl.DataFrame, sql: str, what: str) -> None:
+        """Run ``sql`` (an INSERT ... SELECT ... FROM src ORDER BY ...) with ``frame`` as ``src``."""
+        self.con.register("src", frame.to_arrow())
+        try:
+            self.run(sql, what)
+        finally:
+            self.con.unregister("src")
+
+    def refuse(self, sql: str, message: str) -> None:
+        """Raise BadInputError(message: rows) if the diagnostic query ``sql`` returns rows."""
+        rows = self.run(sql, message)
+        if rows:
+            raise BadInputError(f"{message}: {', '.join(str(r[0]) for r in rows)}")
+
+    def write(self, bundle: RunBundle, meta_rows: list[tuple[str, str]]) -> None:
+        self.con.execute(_DDL)
+        self.con.execute("INSERT INTO schema_version VALUES ($v, $by)",
+                         {"v": SCHEMA_VERSION, "by": "explaind-studio engine.store"})
+        meta = pl.DataFrame(meta_rows, schema={"key": pl.String, "value": pl.String}, orient="row")
+        self.load(meta, "INSERT INTO meta SELECT key, CAST(value AS JSON) FROM src ORDER BY key", "RunBundle.meta")
+        self.load(bundle.steps, "INSERT INTO steps SELECT step::BIGINT, lr, weight_decay, train_loss, val_loss, "
+                  "train_acc, val_acc, update_norm, param_norm, loss_change FROM src ORDER BY 1", "RunBundle.steps")
+        self._groups(bundle.groups)
+        self._examples(bundle.examples)
+        if bundle.components is not None:
+            self._components(bundle.components)
+        if bundle.data is not None:
+            self._data(bundle.data)
+        if bundle.importance is not None:
+            self._importance(bundle.importance)
+        self._completeness(bundle.completeness)
+        if bundle.predictions is not None:
+            self.load(bundle.predictions, "INSERT INTO predictions SELECT test::INTEGER, output::INTEGER, initial, "
+                      "true_final, reconstructed_final FROM src ORDER BY 1, 2", "RunBundle.predictions")
+        if bundle.exactness is not None:
+            self.load(bundle.exactness, "INSERT INTO exactness SELECT quadrature::VARCHAR, agreement, kl, "
+                      "gradient_evaluations, max_rel_residual FROM src ORDER BY 1", "RunBundle.exactness")
+        if bundle.pruning is not None:
+            self.load(bundle.pruning, _PRUNING_INSERT, "RunBundle.pruning")
+
+    def _groups(self, frame: pl.DataFrame) -> None:
+        self.load(frame, """
+            INSERT INTO groups
+            WITH g AS (SELECT tensor::VARCHAR AS tensor, module::VARCHAR AS module, layer::VARCHAR AS layer,
+                              size, position FROM src),
+                 m AS (SELECT module, ROW_NUMBER() OVER (ORDER BY MIN(position), module) - 1 AS module_id
+                       FROM g GROUP BY module),
+                 l AS (SELECT layer, ROW_NUMBER() OVER (ORDER BY MIN(position), layer) - 1 AS layer_id
+                       FROM g GROUP BY layer)
+            SELECT ROW_NUMBER() OVER (ORDER BY g.position, g.tensor) - 1, g.tensor, m.module_id, g.module,
+                   l.layer_id, g.layer, g.size, g.position
+            FROM g JOIN m USING (module) JOIN l USING (layer) ORDER BY 1""", "RunBundle.groups")
+        self.refuse("SELECT tensor FROM groups GROUP BY tensor HAVING COUNT(*) > 1 ORDER BY 1 LIMIT 5",
+                    "RunBundle.groups lists tensors more than once")
+        self.refuse("SELECT module FROM groups GROUP BY module HAVING COUNT(DISTINCT layer) > 1 ORDER BY 1 LIMIT 5",
+                    "RunBundle.groups puts modules in more than one layer")
+
+    def _examples(self, frame: pl.DataFrame) -> None:
+        self.load(frame, f"""
+            INSERT INTO examples
+            WITH e AS (SELECT CAST(split::VARCHAR AS split_kind) AS split, example::INTEGER AS example,
+                              label::INTEGER AS label, text::VARCHAR AS text, predicted::INTEGER AS predicted,
+                              correct::BOOLEAN AS correct FROM src)
+            SELECT split, example, label, text, predicted, correct,
+                   CASE WHEN split = 'test' THEN {FIRST_CLASS_PART} - 1
+                        + DENSE_RANK() OVER (PARTITION BY split ORDER BY label, correct NULLS LAST) END
+            FROM e ORDER BY split, example""", "RunBundle.examples (split must be 'train' or 'test')")
+        self.refuse("SELECT split::VARCHAR || ' ' || example FROM examples GROUP BY split, example "
+                    "HAVING COUNT(*) > 1 ORDER BY 1 LIMIT 5", "RunBundle.examples lists examples more than once")
+        self.run(f"""
+            INSERT INTO test_parts
+            SELECT {PART_ALL}, 'all', NULL, NULL, COUNT(*) FROM examples WHERE split = 'test' HAVING COUNT(*) > 0
+            UNION ALL
+            SELECT CASE WHEN correct THEN {PART_CORRECT} WHEN NOT correct THEN {PART_INCORRECT}
+                        ELSE {PART_UNKNOWN} END AS p, 'correct', NULL, correct, COUNT(*)
+            FROM examples WHERE split = 'test' GROUP BY correct
+            UNION ALL
+            SELECT part, 'class', ANY_VALUE(label), ANY_VALUE(correct), COUNT(*)
+            FROM examples WHERE split = 'test' GROUP BY part
+            ORDER BY 1""", "test parts")
+        # each (label, correct) part rolls up into the 'all' part and its 'correct' part
+        self.run(f"""
+            CREATE TEMP TABLE rollup AS
+            SELECT part AS fine, {PART_ALL} AS coarse FROM test_parts WHERE grain = 'class'
+            UNION ALL
+            SELECT part, CASE WHEN correct THEN {PART_CORRECT} WHEN NOT correct THEN {PART_INCORRECT}
+                              ELSE {PART_UNKNOWN} END
+            FROM test_parts WHERE grain = 'class'""", "part roll-up")
+
+    def _refuse_unknown_tests(self, table: str, frame_name: str) -> None:
+        # ``table`` is one of this class's fixed table names, never user input
+        self.refuse(f"""SELECT DISTINCT t.test FROM {table} t ANTI JOIN examples e
+                        ON e.split = 'test' AND e.example = t.test ORDER BY 1 LIMIT 5""",
+                    f"RunBundle.{frame_name} has test ids missing from the test examples")
+
+    def _refuse_unknown_tensors(self, frame: pl.DataFrame, name: str) -> None:
+        known = {r[0] for r in self.con.execute("SELECT tensor FROM groups").fetchall()}
+        unknown = sorted(set(frame["tensor"].cast(pl.String).unique().to_list()) - known)
+        if unknown:
+            raise BadInputError(f"RunBundle.{name} names tensors missing from groups: {unknown[:5]}")
+
+    def _components(self, frame: pl.DataFrame) -> None:
+        try:
+            self.load(frame, """
+                INSERT INTO components
+                SELECT s.test::INTEGER, g.tensor_id, s.step_lo::INTEGER, s.step_hi::INTEGER, s.output::INTEGER,
+                       s.value::DOUBLE, s.decay::DOUBLE
+                FROM src s LEFT JOIN groups g ON g.tensor = s.tensor::VARCHAR
+                ORDER BY 1""", "RunBundle.components")
+        except BadInputError:
+            self._refuse_unknown_tensors(frame, "components")
+            raise
+        self._refuse_unknown_tests("components", "components")
+        self.run("""CREATE TEMP TABLE fine (level level_kind, part INTEGER, step_lo INTEGER, step_hi INTEGER,
+                    group_id INTEGER, value DOUBLE, decay DOUBLE, abs_value DOUBLE, abs_decay DOUBLE)""", "temp")
+        for level in LEVELS:
+            self._fine_component_summary(level)
+        self.run("""
+            INSERT INTO component_summary
+            SELECT * FROM fine
+            UNION ALL
+            SELECT f.level, r.coarse, f.step_lo, MAX(f.step_hi), f.group_id, SUM(f.value), SUM(f.decay),
+                   SUM(f.abs_value), SUM(f.abs_decay)
+            FROM fine f JOIN rollup r ON r.fine = f.part GROUP BY f.level, r.coarse, f.step_lo, f.group_id
+            ORDER BY level, part, step_lo, group_id""", "component summary")
+        self.run("DROP TABLE fine", "temp")
+        self.run(f"""INSERT INTO windows SELECT DISTINCT 'components', step_lo, step_hi FROM component_summary
+                     WHERE level = 'tensor' AND part = {PART_ALL} ORDER BY step_lo""", "component windows")
+        self.refuse("SELECT step_lo FROM windows WHERE view = 'components' GROUP BY step_lo "
+                    "HAVING COUNT(*) > 1 ORDER BY 1 LIMIT 5", "RunBundle.components has windows with several step_hi")
+
+    def _fine_component_summary(self, level: str) -> None:
+        """Sum the cells of ``level`` within each (label, correct) part into the temp table ``fine``."""
+        gid, _ = _LEVEL_COLUMNS[level]  # fixed identifier
+        one_tensor_groups = self.run(f"SELECT COUNT(DISTINCT {gid}) = COUNT(*) FROM groups", "groups")[0][0]
+        if one_tensor_groups:  # each stored row is already a cell
+            cells = f"""SELECT g.{gid} AS group_id, c.step_lo, c.step_hi, c.test, c.value, c.decay
+                        FROM components c JOIN groups g USING (tensor_id)"""
+        else:
+            cells = f"""SELECT g.{gid} AS group_id, c.step_lo, MAX(c.step_hi) AS step_hi, c.test,
+                               SUM(c.value) AS value, SUM(c.decay) AS decay
+                        FROM components c JOIN groups g USING (tensor_id)
+                        GROUP BY g.{gid}, c.step_lo, c.test, c.output"""
+        self.run(f"""
+            INSERT INTO fine
+            SELECT CAST($level AS level_kind), e.part, cell.step_lo, MAX(cell.step_hi), cell.group_id,
+                   SUM(cell.value), SUM(cell.decay), SUM(ABS(cell.value)), SUM(ABS(cell.decay))
+            FROM ({cells}) cell JOIN examples e ON e.split = 'test' AND e.example = cell.test
+            GROUP BY e.part, cell.step_lo, cell.group_id""", f"component cells ({level})", {"level": level})
+
+    def _data(self, frame: pl.DataFrame) -> None:
+        self.load(frame, """
+            INSERT INTO data SELECT test::INTEGER, step_lo::INTEGER, step_hi::INTEGER, train::INTEGER,
+                                    output::INTEGER, value::DOUBLE
+            FROM src ORDER BY 1""", "RunBundle.data")
+        self._refuse_unknown_tests("data", "data")
+        self.run("""
+            CREATE TEMP TABLE fine AS
+            SELECT e.part, d.train, d.step_lo, MAX(d.step_hi) AS step_hi, SUM(d.value) AS value
+            FROM data d JOIN examples e ON e.split = 'test' AND e.example = d.test
+            GROUP BY e.part, d.train, d.step_lo""", "data cells")
+        self.run("""
+            INSERT INTO data_summary
+            SELECT * FROM fine
+            UNION ALL
+            SELECT r.coarse, f.train, f.step_lo, MAX(f.step_hi), SUM(f.value)
+            FROM fine f JOIN rollup r ON r.fine = f.part GROUP BY r.coarse, f.train, f.step_lo
+            ORDER BY part, train, step_lo""", "data summary")
+        self.run("DROP TABLE fine", "temp")
+        self.refuse(f"""SELECT DISTINCT s.train FROM data_summary s ANTI JOIN examples e
+                        ON e.split = 'train' AND e.example = s.train
+                        WHERE s.part = {PART_ALL} AND s.train <> {REGULARIZER} ORDER BY 1 LIMIT 5""",
+                    f"RunBundle.data has train ids missing from the train examples (other than {REGULARIZER})")
+        self.run(f"""INSERT INTO windows SELECT DISTINCT 'data', step_lo, step_hi FROM data_summary
+                     WHERE part = {PART_ALL} ORDER BY step_lo""", "data windows")
+        self.refuse("SELECT step_lo FROM windows WHERE view = 'data' GROUP BY step_lo HAVING COUNT(*) > 1 "
+                    "ORDER BY 1 LIMIT 5", "RunBundle.data has windows with several step_hi")
+
+    def _importance(self, frame: pl.DataFrame) -> None:
+        try:
+            self.load(frame, """
+                INSERT INTO importance
+                SELECT g.tensor_id, s."index"::BIGINT, s.importance::DOUBLE, s.magnitude::DOUBLE
+                FROM src s LEFT JOIN groups g ON g.tensor = s.tensor::VARCHAR
+                ORDER BY 1, 2""", "RunBundle.importance")
+        except BadInputError:
+            self._refuse_unknown_tensors(frame, "importance")
+            raise
+
+    def _completeness(self, frame: pl.DataFrame) -> None:
+        self.load(frame, """
+            INSERT INTO completeness
+            SELECT test::INTEGER, output::INTEGER, step::INTEGER, true_change::DOUBLE, reconstructed::DOUBLE,
+                   quadrature_residual::DOUBLE, optimizer_residual::DOUBLE, nodes::INTEGER
+            FROM src ORDER BY 1""", "RunBundle.completeness")
+        self._refuse_unknown_tests("completeness", "completeness")
+        self.run("""
+            CREATE TEMP TABLE fine AS
+            SELECT e.part, c.step, SUM(c.true_change) AS true_change, SUM(c.reconstructed) AS reconstructed,
+                   SUM(c.quadrature_residual) AS quadrature_residual, SUM(c.optimizer_residual) AS optimizer_residual,
+                   SUM(ABS(c.quadrature_residual)) AS abs_residual, MAX(c.nodes) AS nodes
+            FROM completeness c JOIN examples e ON e.split = 'test' AND e.example = c.test
+            GROUP BY e.part, c.step""", "completeness cells")
+        self.run("""
+            INSERT INTO completeness_summary
+            SELECT * FROM fine
+            UNION ALL
+            SELECT r.coarse, f.step, SUM(f.true_change), SUM(f.reconstructed), SUM(f.quadrature_residual),
+                   SUM(f.optimizer_residual), SUM(f.abs_residual), MAX(f.nodes)
+            FROM fine f JOIN rollup r ON r.fine = f.part GROUP BY r.coarse, f.step
+            ORDER BY part, step""", "completeness summary")
+        self.run("DROP TABLE fine", "temp")
+        self.run("""
+            INSERT INTO completeness_totals
+            SELECT test, output, SUM(true_change), SUM(reconstructed), SUM(quadrature_residual)
+            FROM completeness GROUP BY test, output ORDER BY test, output""", "completeness totals")
+
+
+_PRUNING_INSERT = """
+    INSERT INTO pruning SELECT method::VARCHAR, scope::VARCHAR, sparsity::DOUBLE, seed::BIGINT, agreement::DOUBLE,
+                               accuracy::DOUBLE, kl::DOUBLE, achieved_sparsity::DOUBLE
+    FROM src ORDER BY 1, 2, 4, 3"""
+
+
+def _connect_writable(path: Path, threads: int) -> duckdb.DuckDBPyConnection:
+    threads = as_int(threads, "threads")
+    if threads < 1:
+        raise BadInputError(f"threads must be at least 1, got {threads}")
+    return duckdb.connect(str(path), config={"threads": threads})
+
+
+@contextmanager
+def _publishing(target: Path, action: str, threads: int, copy_of: Path | None = None) -> Iterator[
+        duckdb.DuckDBPyConnection]:
+    """A writable connection to a new temporary file beside ``target`` (a copy of ``copy_of``).
+
+    When the block succeeds the file is checkpointed, closed, synced and renamed over
+    ``target``; when it fails the temporary file is removed and ``target`` is untouched.
+    """
+    _remove_stale_temps(target)
+    tmp = _temp_path(target)
+    try:
+        if copy_of is not None:
+            shutil.copyfile(copy_of, tmp)
+        con = _connect_writable(tmp, threads)
+        try:
+            yield con
+            con.execute("CHECKPOINT")
+        finally:
+            con.close()
+        _fsync(tmp)
+        os.replace(tmp, target)
+        _fsync(target.parent, directory=True)
+    except BaseException as exc:
+        _remove_quietly(tmp)
+        _remove_quietly(Path(f"{tmp}.wal"))
+        if isinstance(exc, duckdb.Error):
+            raise StoreError(f"{action} {target} failed: {first_line(exc)}") from None
+        raise
+
+
+def write_run(db_path: str | os.PathLike, bundle: RunBundle, *, threads: int = DEFAULT_THREADS) -> Path:
+    """Write ``bundle`` to ``db_path`` atomically and return the path.
+
+    The database is built in a temporary file beside the target, checkpointed, closed,
+    synced and renamed over the target. On any error the temporary file is removed and an
+    existing target is left as it was. Temporary files of dead writers of the same target
+    are removed first.
+    """
+    target = Path(db_path)
+    meta_rows = _check_bundle(bundle)
+    if target.exists() and not target.is_file():
+        raise BadInputError(f"{target} exists and is not a file; choose another path for the run database")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _publishing(target, "writing run database", threads) as con:
+        _Writer(con).write(bundle, meta_rows)
+    return target
+
+
+def add_pruning(db_path: str | os.PathLike, frame: pl.DataFrame, *, threads: int = DEFAULT_THREADS) -> Path:
+    """Replace the pruning table of an existing run database atomically (copy, modify, rename)."""
+    target = Path(db_path)
+    _check_frame("pruning", frame, required=True)
+    RunDB.open(target, threads=threads).close()  # refuses missing, corrupt or foreign files untouched
+    with _publishing(target, "adding pruning curves to", threads, copy_of=target) as con:
+        con.execute("BEGIN TRANSACTION")
+        con.execute("DELETE FROM pruning")
+        _Writer(con).load(frame, _PRUNING_INSERT, "pruning frame")
+        con.execute("COMMIT")
+    return target
