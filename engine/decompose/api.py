@@ -70,8 +70,8 @@ from engine.errors import BadInputError, ExplaindError, UnsupportedOptimizerErro
 from engine.model.groups import GroupMap, ParamLayout
 from engine.model.task import Task, get_task
 from engine.run.history import History, StepRecord
+from engine.run.spec import check_model_matches
 from engine.run.updates import UpdateRule, initial_buffer, rule_for
-from engine.run.verify import check_model_matches
 
 __all__ = [
     "DTYPES",

@@ -32,7 +32,7 @@ from engine.model.groups import GroupMap, ParamLayout
 from engine.model.outputs import Quantity, get_quantity
 from engine.model.task import Task
 from engine.run.history import History
-from engine.run.verify import check_data_matches, check_model_matches
+from engine.run.spec import check_data_matches, check_model_matches
 
 log = logging.getLogger(__name__)
 
