@@ -11,7 +11,8 @@ its own and never a captured tensor of a ``torch.func`` transform.
 
 ``choose_split`` decides, per run, between that batched replay and independent per-example
 gradients (``vmap(grad)``, much cheaper): the latter only when nothing in the training
-forward couples examples or draws random numbers.
+forward couples examples (BatchNorm in training mode), updates buffers or draws random
+numbers — as recorded, and as one probing forward of the rebuilt model shows.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from engine.run.history import History, Params, StepRecord
 
 BATCHED = "batched"
 PER_EXAMPLE = "per-example"
+RANDOM_PROBE_EXAMPLES = 4  # training examples in the forward that looks for random numbers
 
 
 @dataclass(frozen=True)
@@ -53,15 +55,31 @@ class DataSplit:
         return line if self.unreplayed is None else f"{line}; not replayed exactly: {self.unreplayed}"
 
 
-def _modes(model: nn.Module, eval_modules: set[str]) -> None:
-    """Put each module in the mode it had during the training forward."""
-    for name, module in model.named_modules():
+def in_training_modes(history: History, model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with each module in the mode it had during the training forward (training
+    mode, but for the modules the record lists in evaluation mode)."""
+    forward = history.training_forward
+    eval_modules = set(forward["eval_modules"]) if forward else set()
+    copied = copy.deepcopy(model)
+    for name, module in copied.named_modules():
         module.training = name not in eval_modules
+    return copied
 
 
-def choose_split(history: History, model: nn.Module, device: torch.device) -> DataSplit:
+def _draws_random_numbers(history: History, model: nn.Module, inputs: Tensor) -> bool:
+    """Whether one forward of ``model`` (on the CPU) in its training modes on ``inputs`` draws random numbers."""
+    probe = in_training_modes(history, model).cpu()
+    reference = next(probe.parameters(), None)
+    x = inputs.to(reference.dtype) if inputs.is_floating_point() and reference is not None else inputs
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        state = torch.get_rng_state()
+        probe(x.cpu())
+        return not torch.equal(state, torch.get_rng_state())
+
+
+def choose_split(history: History, model: nn.Module, device: torch.device, inputs: Tensor) -> DataSplit:
     """Batched replay when the training forward couples examples, updates buffers or draws random
-    numbers (recorded, or for runs without that record: dropout modules); else per-example."""
+    numbers (as recorded, and as a forward of the model on training ``inputs`` shows); else per-example."""
     forward = history.training_forward
     eval_modules = set(forward["eval_modules"]) if forward else set()
     causes = []
@@ -72,17 +90,16 @@ def choose_split(history: History, model: nn.Module, device: torch.device) -> Da
     if history.changing_buffers:
         causes.append(f"buffers change during training ({', '.join(history.changing_buffers[:3])}"
                       f"{', …' if len(history.changing_buffers) > 3 else ''})")
-    dropout = [n for n, m in model.named_modules()
-               if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and n not in eval_modules]
     unreplayed = None
     if forward is not None and forward["random"]:
         causes.append("the training forward draws random numbers")
         if forward["device"] != device.type:
             unreplayed = (f"its random numbers were drawn on {forward['device']} and are replayed on {device.type}, "
                           "where the generator differs")
-    elif forward is None and dropout:
-        causes.append(f"dropout {dropout[0]!r}")
-        unreplayed = "the run records no random state (recorded before the engine kept it, or imported)"
+    elif _draws_random_numbers(history, model, inputs):
+        causes.append("the training forward draws random numbers")
+        unreplayed = ("the run records no random state (recorded before the engine kept it, or imported)"
+                      if forward is None else "the recorder saw no random numbers drawn, so it kept no random state")
     if not causes:
         return DataSplit(PER_EXAMPLE, "nothing in the training forward couples examples or draws random numbers")
     if forward is not None and forward["irregular"] is not None and unreplayed is None:
@@ -105,8 +122,7 @@ class TrainingForward:
         self.task = task
         self.device = device
         self.dtype = getattr(torch, forward["dtype"] if forward else history.manifest["dtype"])
-        self.model = copy.deepcopy(model).to(device=device, dtype=self.dtype)
-        _modes(self.model, set(forward["eval_modules"]) if forward else set())
+        self.model = in_training_modes(history, model).to(device=device, dtype=self.dtype)
         self.names = list(history.param_names)
 
     def inputs(self, x: Tensor) -> Tensor:

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from engine.model.task import get_task
 from engine.run.history import History, Params
-from engine.run.replay import BATCHED, DataSplit, TrainingForward, choose_split, pinned_threads
+from engine.run.replay import BATCHED, RANDOM_PROBE_EXAMPLES, DataSplit, TrainingForward, choose_split, pinned_threads
 from engine.run.spec import check_data_matches, check_model_matches
 from engine.run.updates import initial_buffer, replay, rule_for
 
@@ -83,7 +83,7 @@ def verify(run: str | Path, allow_incomplete: bool = False, progress: bool = Tru
     model = check_model_matches(history, task)
     train = check_data_matches(history, task)
     device = torch.device("cpu")
-    split = choose_split(history, model, device)
+    split = choose_split(history, model, device, train.inputs[:RANDOM_PROBE_EXAMPLES])
     forward = TrainingForward(history, task, model, device)
     buffer = initial_buffer(history, rule)
     recorded = history.training_forward
