@@ -141,7 +141,6 @@ def test_a_plain_loop_is_explained_exactly(tmp_path, case, dtype):
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 def test_a_hugging_face_causal_lm_with_dropout_is_explained_exactly(tmp_path, dtype):
-    pytest.importorskip("transformers")
     check_case(tmp_path, "hf-causal-lm", dtype)
 
 
@@ -233,3 +232,22 @@ def _initial_logits(history: History) -> np.ndarray:
     model.load_state_dict(state, strict=False)
     with torch.no_grad():
         return model(task.dataset("val").inputs[:TESTS].double()).numpy()
+
+
+def test_transformers_configs_and_outputs_are_checked(tmp_path):
+    from engine.errors import BadInputError
+    from engine.model.hf import transformers_model
+
+    with pytest.raises(BadInputError, match="needs 'model_type'"):
+        transformers_model({"n_layer": 2})
+    with pytest.raises(BadInputError, match="cannot build a 'no-such-model' config"):
+        transformers_model({"model_type": "no-such-model"})
+    with pytest.raises(BadInputError, match="kind 'seq2seq' is unknown"):
+        transformers_model(LM_CONFIG, kind="seq2seq")
+    # the bare transformers model returns an output object, not a tensor: refused before training
+    model_spec = {**CASES["hf-causal-lm"][0], "model": "engine.model.hf:transformers_model"}
+    model = get_task(model_spec).build_model()
+    train = get_task(model_spec).dataset("train")
+    with pytest.raises(BadInputError, match=r"returns a \w+, not a tensor.*engine.model.hf:causal_lm"):
+        Recorder(model, torch.optim.SGD(model.parameters(), lr=0.1), tmp_path / "r", model_spec=model_spec,
+                 train_data=(train.inputs, train.labels))

@@ -634,9 +634,9 @@ def _split_cause(s: _Setup) -> str:
     """What the split residual ``ρ_s`` is made of, as far as the record tells."""
     if s.split is not None and s.split.unreplayed is not None:
         return f"unreplayed training forward: {s.split.unreplayed}"
-    stored = s.history.manifest["dtype"]
-    return (f"float rounding of the recorded update (parameters stored in {stored}, the batch gradient "
-            f"recomputed in {s.train_forward.dtype if s.train_forward else s.dtype})".replace("torch.", ""))
+    replayed = str(s.train_forward.dtype if s.train_forward else s.dtype).removeprefix("torch.")
+    return (f"float rounding of the recorded update (parameters stored in {s.history.manifest['dtype']}, "
+            f"the batch gradient recomputed in {replayed})")
 
 
 def _grid_frame(lead: dict[str, np.ndarray], tests: np.ndarray, outputs: int, values: dict[str, np.ndarray],
