@@ -430,7 +430,8 @@ def test_cmd_prune_arguments_and_json(trained, tmp_path):
     with pytest.raises(BadInputError, match="sparsities"):
         cmd_prune(parser.parse_args([str(db), "--sparsities", "0.5,most"]))
     defaults = parser.parse_args([str(db)])
-    assert defaults.sparsities == "0.1,0.3,0.5,0.7,0.8,0.9,0.95,0.99,0.999" and defaults.seeds == 3 and defaults.scope == "global"
+    assert defaults.sparsities == "0.1,0.3,0.5,0.7,0.8,0.9,0.95,0.99,0.999"
+    assert defaults.seeds == 3 and defaults.scope == "global"
 
 
 def test_prune_with_importance_from_explain(trained, tmp_path):
