@@ -11,7 +11,7 @@ run = state.current_run()
 style = state.style()
 quantity = state.quantity_label(run.meta())
 
-st.title(f"Data · {run.name}")
+st.title(f"Data · {state.escaped(run.name)}")
 if run.views()["data"] == 0:
     st.info(
         "This run has no data view (influence of single training examples). Explain the run again with it: "
