@@ -4,9 +4,10 @@ Every builder is a pure function: frames and options in, a ``plotly`` figure (or
 small polars table) out, with titled axes and units. Nothing here touches
 streamlit or the database, so each builder is unit-tested on hand-made frames.
 
-Figures are assembled as plain trace and layout dicts and validated once by
-``go.Figure`` (with a slim template): incremental ``update_*``/``add_vrect`` calls and the
-stock templates cost tens of milliseconds each, which a dashboard rerun cannot afford.
+Figures are assembled as plain trace and layout dicts and wrapped in ``go.Figure`` without
+validation (with a slim template): incremental ``update_*``/``add_vrect`` calls, the stock
+templates and validation cost tens of milliseconds per figure, which a dashboard rerun
+cannot afford. The tests validate every builder's output instead.
 
 Colours are fixed: a group (layer, module or tensor) gets its colour from its
 position in model order (``group_colors``), so a layer has the same colour on
@@ -213,7 +214,7 @@ def _figure(
     traces: list[dict], layout: dict, style: Style, title: str, height: int, legend: bool = True,
     notes: bool = False,
 ) -> go.Figure:
-    """Validate the assembled dicts once, with the style's template, fonts and title.
+    """The assembled dicts as a figure, with the style's template, fonts and title.
 
     The title is aligned with the plotting area (not the figure edge). The top margin
     stacks, without overlap: the title, a one-line subtitle (the run and slice), the
@@ -235,15 +236,7 @@ def _figure(
                    "xanchor": "left", "x": 0.0},
         **layout,
     }  # fmt: skip
-    return go.Figure(data=traces, layout=full)
-
-
-def with_caption(fig: go.Figure, caption: str) -> go.Figure:
-    """A copy of ``fig`` with ``caption`` (run and slice in words) as the title's subtitle."""
-    out = go.Figure(fig)
-    size = out.layout.font.size or Style().font_size
-    out.layout.title.subtitle = {"text": caption, "font": {"size": max(size - 2, 10), "color": "#5F6B7A"}}
-    return out
+    return go.Figure(data=traces, layout=full, _validate=False)
 
 
 def log_ticks(values: Iterable[float], most: int = MOST_TICKS) -> dict:

@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import plotly.graph_objects as go
 import polars as pl
 import pytest
 
@@ -11,6 +12,20 @@ from app.charts import Style
 from app.phases import Phase, find_phases, reach_and_hold
 
 STYLE = Style()
+
+
+@pytest.fixture(autouse=True)
+def _validated_figures(monkeypatch):
+    """The dashboard builds figures without plotly's validation (for speed); here every
+    figure a builder returns is validated, so a misspelt property fails its test."""
+    build = charts._figure
+
+    def validated(*args, **kwargs):
+        fig = build(*args, **kwargs)
+        go.Figure(fig.to_plotly_json())  # raises ValueError on an invalid property or value
+        return fig
+
+    monkeypatch.setattr(charts, "_figure", validated)
 
 
 def steps_frame(n: int = 100, fit: int = 20, grok: int = 70) -> pl.DataFrame:

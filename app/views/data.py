@@ -27,6 +27,7 @@ else:
             "k", state.integer(1, 50), 10,
             lambda key: st.number_input("Examples per side", min_value=1, max_value=50, step=1, key=key),
         )  # fmt: skip
+        state.note_slice(f"top {k} per side", f"k{k}")
     controls.describe_example(run, tests)
 
     with st.spinner("Ranking training examples…"):
