@@ -238,7 +238,8 @@ def summary(name: str, results: dict[tuple[str, str], list[Timing]]) -> list[str
         "|---|---|---|---|---|---|",
     ]
     for (page, what), times in results.items():
-        medians = [statistics.median(getattr(t, field) for t in times) for field in ("total_ms", "server_ms", "browser_ms")]
+        fields = ("total_ms", "server_ms", "browser_ms")
+        medians = [statistics.median(getattr(t, field) for t in times) for field in fields]
         lines.append(f"| {page} | {what} | {times[0].total_ms:.0f} | " + " | ".join(f"{m:.0f}" for m in medians) + " |")
     return [*lines, ""]
 
