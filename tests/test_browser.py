@@ -128,6 +128,7 @@ def browser():
 def page(browser):
     context = browser.new_context(viewport={"width": 1600, "height": 1000}, accept_downloads=True)
     tab = context.new_page()
+    tab.set_default_timeout(SETTLE_MS)
     yield tab
     context.close()
 
@@ -247,6 +248,7 @@ def test_invalid_link_warns_and_falls_back(page, server):
 def projector(browser):
     context = browser.new_context(viewport=PROJECTOR, accept_downloads=True)
     tab = context.new_page()
+    tab.set_default_timeout(SETTLE_MS)
     yield tab
     context.close()
 
