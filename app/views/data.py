@@ -11,7 +11,7 @@ run = state.current_run()
 style = state.style()
 quantity = state.quantity_label(run.meta())
 
-st.title(f"Data · {run.name}")
+st.title(f"Data · {state.escaped(run.name)}")
 if run.views()["data"] == 0:
     st.info(
         "This run has no data view (influence of single training examples). Explain the run again with it: "
@@ -27,6 +27,7 @@ else:
             "k", state.integer(1, 50), 10,
             lambda key: st.number_input("Examples per side", min_value=1, max_value=50, step=1, key=key),
         )  # fmt: skip
+        state.note_slice(f"top {k} per side", f"k{k}")
     controls.describe_example(run, tests)
 
     with st.spinner("Ranking training examples…"):

@@ -1,6 +1,5 @@
 """Overview: training curves with phases, parameter and optimizer curves, the run card."""
 
-import polars as pl
 import streamlit as st
 
 from app import charts, controls, state
@@ -11,7 +10,7 @@ style = state.style()
 meta = run.meta()
 steps = run.steps()
 
-st.title(f"Overview · {run.name}")
+st.title(f"Overview · {state.escaped(run.name)}")
 state.hint(f"{meta.get('task', 'run')} · {state.num_steps(run):,} steps · explaining {state.quantity_label(meta)}")
 log_x = controls.toggle("logx", "Log step axis", help="Logarithmic step axis (step 0 is not drawn).")
 
@@ -33,11 +32,7 @@ with left:
     state.show_figure(charts.training_curves(steps, phases, style, log_x=log_x), "training-curves")
 with right:
     st.subheader("Run card")
-    state.show_table(
-        charts.run_card(meta), "run-card", height="content",
-        column_config={"field": st.column_config.TextColumn(width="medium"),
-                       "value": st.column_config.TextColumn(width="large")},
-    )  # fmt: skip
+    state.show_table(charts.run_card(meta), "run-card", wrap=True)
     with st.expander("All metadata"):
         st.json(meta, expanded=False)
 
@@ -45,13 +40,11 @@ state.show_figure(charts.optimizer_curves(steps, phases, style, log_x=log_x), "o
 
 st.subheader("Training phases")
 if phases:
-    table = pl.DataFrame(
-        {"phase": [p.name for p in phases], "from step": [p.start for p in phases], "to step": [p.end for p in phases]}
-    )
-    state.show_table(table, "phases")
+    state.show_table(charts.phase_table(phases), "phases", wrap=True)
 else:
     st.info("No phases: this run logged no train and validation accuracy.", icon="ℹ️")
 state.hint(
+    "Each phase runs from its first step to its last step, both included; the next phase starts one step later. "
     f"Rule: memorization lasts until train accuracy reaches {TRAIN_FIT:.0%} and holds it; circuit formation "
     f"until validation accuracy reaches {VAL_FIT:.0%} and holds it; clean-up after. *Holds* means the "
     f"accuracy stays at or above the threshold in at least {HOLD:.0%} of the later logged steps."

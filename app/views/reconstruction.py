@@ -9,7 +9,7 @@ style = state.style()
 meta = run.meta()
 quantity = state.quantity_label(meta)
 
-st.title(f"Reconstruction · {run.name}")
+st.title(f"Reconstruction · {state.escaped(run.name)}")
 c1, c2 = st.columns([2, 1])
 steps, tests = controls.steps_and_tests(run, c1, c2)
 controls.describe_example(run, tests)
