@@ -570,8 +570,32 @@ def _assemble(s: _Setup, results: list[_Pass], kept: np.ndarray, seconds: float,
         max_rel_residual=max_rel, max_rel_residual_output=max_rel_output, max_abs_residual=max_abs,
         max_optimizer_residual=max_opt,
         gradient_evaluations=sum(p.evaluations for p in results), escalated=sum(p.escalated for p in results),
-        seconds=seconds, decay_split=s.split_ok, partial=partial, notes=tuple(s.notes),
+        seconds=seconds, decay_split=s.split_ok, partial=partial, notes=(*s.notes, *_tolerance_notes(s, results)),
     )
+
+
+NOTE_STEPS = 10  # steps named in a note
+
+
+def _tolerance_notes(s: _Setup, results: list[_Pass]) -> list[str]:
+    """Where the adaptive rule's top rule missed its tolerance, and the selections whose switch
+    points are not located (the likely cause)."""
+    above: dict[int, int] = {}
+    for p in results:
+        for step, units in p.above.items():
+            above[step] = above.get(step, 0) + units
+    unlocated = sorted(name for name, located in s.selections.items() if not located)
+    cause = f"the switch points of {', '.join(unlocated)} are not located" if unlocated else ""
+    if not above:
+        return [f"{cause}; every step met the adaptive rule's tolerance"] if cause else []
+    steps = sorted(above)
+    named = ", ".join(map(str, steps[:NOTE_STEPS])) + (", …" if len(steps) > NOTE_STEPS else "")
+    tolerance = f"its error budget (rtol {s.config.rtol:g})" if s.config.rtol is not None else "round-off"
+    quadrature = s.config.quadrature_spec
+    return [f"the residual of {sum(above.values())} (step, test example) pairs stays above {tolerance} with "
+            f"{quadrature.n} Gauss nodes per piece ({quadrature}), in steps {named} ({len(steps)} of {s.hi - s.lo}): "
+            + (cause if cause else "no selection without located switch points was found; a rule with more "
+               "nodes (adaptive:N) may reach it")]
 
 
 def _grid_frame(lead: dict[str, np.ndarray], tests: np.ndarray, outputs: int, values: dict[str, np.ndarray],

@@ -25,7 +25,7 @@ from torch.func import functional_call, jvp
 
 from engine.decompose.at_point import AtPoint
 from engine.decompose.config import DTYPES, ExplainConfig, resolve_device
-from engine.decompose.quadrature import LiveSwitches, live_switches, live_tensors
+from engine.decompose.quadrature import LiveSwitches, live_switches, live_tensors, selections
 from engine.decompose.scalar_ops import ScalarOps
 from engine.errors import BadInputError, UnsupportedOptimizerError
 from engine.model.groups import GroupMap, ParamLayout
@@ -75,6 +75,7 @@ class _Setup:
     loss_changes: np.ndarray | None = None   # (hi − lo,) batch loss change per step (subsampling)
     live_switches: LiveSwitches | None = None  # switching values that can change g (adaptive rule)
     live_tensors: frozenset[str] | None = None  # parameter tensors g is computed from (None: all)
+    selections: dict[str, bool] = field(default_factory=dict)  # selections in g: switch points located?
 
     # -------------------------------------------------------------- functions of flat params
     def _call(self, flat: Tensor, x: Tensor) -> Tensor:
@@ -162,6 +163,7 @@ def _setup(history: History, task: Task, config: ExplainConfig) -> _Setup:
         setup.live_tensors = _live_tensors(setup, params0)
     if config.quadrature_spec.adaptive:
         setup.live_switches = _live_switches(setup, params0)
+        setup.selections = _selections(setup, params0)
     setup.test_chunk = _test_chunk(setup)
     setup.block = _block_size(setup)
     return setup
@@ -178,6 +180,17 @@ def _live_switches(setup: _Setup, params0: Tensor) -> LiveSwitches | None:
     except Exception as exc:  # the model's own code on the smoothed network (e.g. a check that a ReLU is ≥ 0)
         setup.notes.append(f"kink probe failed ({type(exc).__name__}: {exc}): every kink is cut at")
         return None
+
+
+def _selections(setup: _Setup, params0: Tensor) -> dict[str, bool]:
+    """The selections ``g`` applies to values that depend on the parameters (``quadrature.selections``)."""
+    n = min(len(setup.test_y), PROBE_EXAMPLES)
+    try:
+        with _math_attention():
+            return selections(lambda p: setup.g_batch(p, setup.test_x[:n], setup.test_y[:n]), params0, n)
+    except Exception as exc:  # the model's own code on the smoothed network, as for the kink probe
+        setup.notes.append(f"selection probe failed ({type(exc).__name__}: {exc})")
+        return {}
 
 
 def _live_tensors(setup: _Setup, params0: Tensor) -> frozenset[str] | None:
