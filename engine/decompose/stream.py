@@ -590,8 +590,9 @@ class _Pass:
         for _ in range(KINK_ITERATIONS):
             rows = active.nonzero().squeeze(1)
             value = value.clone()  # the history keeps the previous one
-            value[rows] = ev.switches(thetas, deltas, step[rows], guess[rows], c.x[example[rows]])[
-                torch.arange(len(rows), device=rows.device), switch[rows]].double()
+            at = example[rows]
+            values = ev.switches(thetas, deltas, step[rows], guess[rows], c.x[at], c.y[at])  # (len(rows), S)
+            value[rows] = values[torch.arange(len(rows), device=rows.device), switch[rows]].double()
             new = torch.where(active, refine_zero(guess, value, history), guess)
             active &= (new - guess).abs() > KINK_TOLERANCE
             guess = new
@@ -612,8 +613,9 @@ class _Pass:
         grid = start[row, piece][:, None] + width[row, piece][:, None] * torch.linspace(0.0, 1.0, HIDDEN_GRID + 1,
                                                                                         **f64)  # (N, G + 1)
         nodes = grid.shape[1]
-        values = ev.switches(thetas, deltas, bi[row].repeat_interleave(nodes), grid.reshape(-1),
-                             c.x[xi[row].repeat_interleave(nodes)]).double().reshape(len(row), nodes, -1)
+        examples = xi[row].repeat_interleave(nodes)
+        values = ev.switches(thetas, deltas, bi[row].repeat_interleave(nodes), grid.reshape(-1), c.x[examples],
+                             c.y[examples]).double().reshape(len(row), nodes, -1)
         search, panel, switch = (values[:, :-1] * values[:, 1:] < 0).nonzero(as_tuple=True)
         merged, units = points, len(bi)
         if len(search):
