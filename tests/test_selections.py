@@ -10,6 +10,7 @@ to round-off against forward passes of the recorded parameters.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import polars as pl
@@ -235,6 +236,15 @@ def test_switches_between_equal_activations_and_hidden_ones_are_cut(tmp_path):
     e = explain(history.path, ExplainConfig(dtype="float64", test_size=None), progress=False)
     assert worst_relative(e.components, true_change(history)) <= 1e-10
     assert e.notes == ()
+
+
+def test_the_margin_quantity_is_cut_where_the_runner_up_class_changes(tmp_path):
+    # margin = true logit − the largest other: an amax over the classes, in the explained quantity itself
+    history = record(tmp_path / "run", "PoolCNN", act="tanh")
+    config = ExplainConfig(dtype="float64", test_size=None, quantity="margin", views=())
+    assert explain(history.path, config, progress=False).max_rel_residual < 1e-10
+    fixed = explain(history.path, replace(config, quadrature="gauss:16"), progress=False)
+    assert fixed.max_rel_residual > 1e-6
 
 
 def test_verify_of_a_max_pooling_run_gives_the_same_figure_twice(tmp_path, capsys):

@@ -68,7 +68,7 @@ from engine.decompose.setup import _Setup, _setup
 from engine.decompose.stream import REGULARIZER, _Pass, _Window
 from engine.errors import BadInputError, ExplaindError, UnsupportedOptimizerError
 from engine.model.groups import GroupMap, ParamLayout
-from engine.model.task import Task, get_task
+from engine.model.task import Task, get_task, short_numbers
 from engine.run.history import History, StepRecord
 from engine.run.updates import UpdateRule, initial_buffer, rule_for
 from engine.run.verify import check_model_matches
@@ -136,6 +136,7 @@ class Explanation:
     seconds: float
     decay_split: bool
     escalated: int = 0  # (step, example) units recomputed in float64 to meet ``config.rtol``
+    regression: bool = False  # the run's targets are floating-point numbers, not classes
     partial: bool = False
     notes: tuple[str, ...] = ()
 
@@ -169,8 +170,9 @@ class Explanation:
         }
 
     def exactness(self) -> pl.DataFrame | None:
-        """One ``exactness`` row (agreement and KL of reconstructed vs true final logits)."""
-        if self.predictions is None:
+        """One ``exactness`` row (agreement and KL of reconstructed vs true final logits); None
+        without class predictions (another quantity, or floating-point targets)."""
+        if self.predictions is None or self.regression:
             return None
         return pl.DataFrame([{
             "quadrature": self.quadrature, **prediction_agreement(self.predictions),
@@ -192,6 +194,7 @@ class Explanation:
         optimizer = history.manifest["optimizer"]
         meta = {
             "task": str(history.model_spec.get("task", "imported")),
+            "targets": "float" if self.regression else "class",
             "model_spec": history.model_spec,
             "model_summary": {"parameters": history.num_parameters(), "tensors": len(history.param_names)},
             "optimizer": {"class": optimizer["class"], "family": optimizer["family"],
@@ -336,7 +339,10 @@ def _norms(history: History, steps: list[int]) -> list[tuple[float, float]]:
 
 def _examples_frame(task: Task, model: nn.Module, final: dict[str, Tensor], test_split: str,
                     test_ids: tuple[int, ...]) -> pl.DataFrame:
-    """Train examples and the explained test examples with the final model's predictions."""
+    """Train examples and the explained test examples with the final model's predictions.
+
+    With floating-point targets there is no class: label, prediction and correctness are null,
+    and the text of a test example ends with the final model's output beside its target."""
     model = model.to(torch.float32).eval()
     rows = []
     for split, data, ids in (("train", task.dataset("train"), None), ("test", task.dataset(test_split), test_ids)):
@@ -344,16 +350,20 @@ def _examples_frame(task: Task, model: nn.Module, final: dict[str, Tensor], test
         inputs = data.inputs[index]
         inputs = inputs.float() if inputs.is_floating_point() else inputs
         with torch.no_grad():
-            predicted = functional_call(model, {**final, **dict(model.named_buffers())}, (inputs,)).argmax(-1)
-        labels = data.labels[index]
-        rows.append(pl.DataFrame({
-            "split": split,
-            "example": index.numpy().astype(np.int64),
-            "label": labels.numpy().astype(np.int64),
-            "text": [data.render(int(i)) for i in index],
-            "predicted": predicted.numpy().astype(np.int64),
-            "correct": (predicted == labels).numpy(),
-        }))
+            output = functional_call(model, {**final, **dict(model.named_buffers())}, (inputs,))
+        text = [data.render(int(i)) for i in index]
+        if data.regression:
+            if split == "test":
+                text = [f"{t} · final output {short_numbers(o)}" for t, o in zip(text, output, strict=True)]
+            empty = [None] * len(index)
+            label, predicted, correct = (pl.Series(empty, dtype=pl.Int64), pl.Series(empty, dtype=pl.Int64),
+                                         pl.Series(empty, dtype=pl.Boolean))
+        else:
+            labels, classes = data.labels[index], output.argmax(-1)
+            label, predicted, correct = (labels.numpy().astype(np.int64), classes.numpy().astype(np.int64),
+                                         (classes == labels).numpy())
+        rows.append(pl.DataFrame({"split": split, "example": index.numpy().astype(np.int64), "label": label,
+                                  "text": text, "predicted": predicted, "correct": correct}))
     return pl.concat(rows)
 
 
@@ -571,6 +581,7 @@ def _assemble(s: _Setup, results: list[_Pass], kept: np.ndarray, seconds: float,
         max_optimizer_residual=max_opt,
         gradient_evaluations=sum(p.evaluations for p in results), escalated=sum(p.escalated for p in results),
         seconds=seconds, decay_split=s.split_ok, partial=partial, notes=(*s.notes, *_tolerance_notes(s, results)),
+        regression=s.test_y.is_floating_point(),
     )
 
 
@@ -679,5 +690,8 @@ def compare_quadratures(run: str | Path | History, quadratures: tuple[str, ...] 
     history = run if isinstance(run, History) else History.open(run)
     task = get_task(history.model_spec)
     base = replace(config or ExplainConfig(), views=(), quantity="logits", optimizer_residual=False)
+    if task.dataset("train").regression:
+        raise BadInputError(f"{history.path} has floating-point targets: the exactness table compares predicted "
+                            "classes (agreement, KL)")
     rows = [explain_history(history, task, replace(base, quadrature=q), progress).exactness() for q in quadratures]
     return pl.concat(rows)

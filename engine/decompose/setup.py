@@ -59,7 +59,7 @@ class _Setup:
     quantity: Quantity
     test_ids: tuple[int, ...]
     test_x: Tensor               # (test, ...)
-    test_y: Tensor               # (test,)
+    test_y: Tensor               # (test,) class ids or (test, ...) float targets
     train_x: Tensor | None       # (train, ...)
     train_y: Tensor | None
     outputs: int
@@ -120,7 +120,7 @@ def _setup(history: History, task: Task, config: ExplainConfig) -> _Setup:
     buffers = {n: b.to(device) for n, b in model.named_buffers()}
     layout = ParamLayout(tuple(history.param_names), tuple(history.param_shapes[n] for n in history.param_names))
     groups = GroupMap.build(layout, layer_of=task.layer_of)
-    quantity = get_quantity(config.quantity)
+    quantity = get_quantity(config.quantity, loss=task.per_example_loss)
     n_steps = history.num_steps
     lo, hi = config.steps or (0, n_steps)
     if hi > n_steps:
@@ -129,7 +129,7 @@ def _setup(history: History, task: Task, config: ExplainConfig) -> _Setup:
     test = task.dataset(config.test_split)
     test_ids = config.test_ids_in(len(test))
     index = torch.tensor(test_ids, dtype=torch.int64)
-    test_x, test_y = _data_on(test.inputs[index], dtype, device), test.labels[index].to(device)
+    test_x, test_y = _data_on(test.inputs[index], dtype, device), _data_on(test.labels[index], dtype, device)
 
     split_ok, split_reason = history.optimizer_family in ("sgd", "adam"), history.data_axis_reason
     if not split_ok and split_reason is None:
@@ -146,7 +146,7 @@ def _setup(history: History, task: Task, config: ExplainConfig) -> _Setup:
     train_x = train_y = None
     if needs_train:
         train = check_data_matches(history, task)
-        train_x, train_y = _data_on(train.inputs, dtype, device), train.labels.to(device)
+        train_x, train_y = _data_on(train.inputs, dtype, device), _data_on(train.labels, dtype, device)
 
     params0 = layout.flatten(history.params(lo), dtype=dtype, device=device)
     with torch.no_grad():
@@ -218,7 +218,9 @@ def _widened(setup: _Setup) -> _Setup:
     model = copy.deepcopy(setup.model).to(torch.float64)
     return replace(setup, dtype=torch.float64, model=model, buffers=dict(model.named_buffers()),
                    test_x=_data_on(setup.test_x, torch.float64, setup.device),
-                   train_x=None if setup.train_x is None else _data_on(setup.train_x, torch.float64, setup.device))
+                   test_y=_data_on(setup.test_y, torch.float64, setup.device),
+                   train_x=None if setup.train_x is None else _data_on(setup.train_x, torch.float64, setup.device),
+                   train_y=None if setup.train_y is None else _data_on(setup.train_y, torch.float64, setup.device))
 
 
 def _choose_engine(setup: _Setup, params0: Tensor) -> str:
