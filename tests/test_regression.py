@@ -15,10 +15,13 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+import streamlit as st
 import torch
 import torch.nn.functional as F
+from streamlit.testing.v1 import AppTest
 from torch import nn
 
+from app import state
 from engine.cli import main
 from engine.decompose import ExplainConfig, explain
 from engine.errors import BadInputError
@@ -28,6 +31,7 @@ from engine.run.history import History
 from engine.run.record import Recorder
 from engine.store import RunDB, TestSelector
 
+MAIN = str(Path(__file__).resolve().parents[1] / "app" / "main.py")
 N_IN = 5
 
 
@@ -245,3 +249,27 @@ def test_float_targets_are_rendered_and_class_quantities_refused():
         get_quantity("margin")(torch.zeros(1, 3), torch.zeros(1))
     assert get_quantity("loss", loss=huber).fn is huber
     assert imported_quantity("tests.test_regression:squared_error").name == "tests.test_regression:squared_error"
+
+
+# ------------------------------------------------------------------------------ dashboard
+def test_dashboard_shows_a_regression_run_without_classes(tmp_path, monkeypatch):
+    history = record(tmp_path / "run", spec(), steps=4)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    assert main(["explain", str(history.path), "--out", str(runs / "reg.duckdb"), "--test", "val:all",
+                 "--views", "components,data", "--json"]) == 0
+    monkeypatch.setenv(state.ENV_RUNS, str(runs))
+    try:
+        for page in ("overview", "components", "data", "reconstruction"):
+            at = AppTest.from_file(MAIN, default_timeout=60)
+            at.query_params = {"subset": "example", "example": "2"}
+            at = at.switch_page(f"views/{page}.py").run()
+            assert not at.exception and not at.error, page
+            if page != "overview":
+                assert at.selectbox(key="url:subset").options == ["all test examples", "one example"]
+                captions = " ".join(c.value for c in at.caption) + " ".join(m.value for m in at.markdown)
+                assert "test #2" in captions and "label" not in captions
+        assert any("floating-point" in i.value for i in at.info)  # the reconstruction page: no exactness table
+    finally:
+        st.cache_data.clear()
+        st.cache_resource.clear()
