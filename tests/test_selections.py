@@ -32,6 +32,7 @@ from engine.decompose.quadrature import (
 from engine.model.task import get_task
 from engine.run.history import History
 from engine.run.record import Recorder
+from engine.store import info, write_run
 
 
 # ------------------------------------------------------------------------------ models and data
@@ -265,3 +266,5 @@ def test_a_selection_whose_switches_are_not_located_is_named_with_its_steps(tmp_
     resid = e.completeness.group_by("step", "test").agg(pl.col("quadrature_residual").abs().max())
     worst = int(resid.sort("quadrature_residual")["step"][-1])
     assert f"steps {worst}" in note or f", {worst}" in note
+    write_run(tmp_path / "cummax.duckdb", e.to_bundle(history, get_task(history.model_spec)))
+    assert info(tmp_path / "cummax.duckdb")["notes"] == [note]        # what `engine info` shows
