@@ -300,9 +300,10 @@ def margins(window: Tensor, ranks: tuple[int, int]) -> Tensor:
     groups. Ranks from ``K`` on are left out (every element is among the ``K`` largest);
     padding and masked elements (±∞) give 0, never a sign change.
     """
+    window = window.contiguous()  # (searchsorted copies anything else)
     size = window.shape[-1]
     lo, hi = ranks[0], min(ranks[1], size - 1)
-    ascending = window.sort(dim=-1).values
+    ascending = window.sort(dim=-1).values.contiguous()
     descending = torch.cat([ascending.flip(-1), torch.full_like(ascending[..., :1], float("-inf"))], dim=-1)
     right = torch.searchsorted(ascending, window, right=True)
     above = (size - right)[..., None]                                       # (..., K, 1) larger than v_j
