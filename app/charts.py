@@ -845,6 +845,8 @@ def run_card(meta: dict) -> pl.DataFrame:
         ("optimizer", f"{optimizer.get('class', MISSING)} ({optimizer.get('family', MISSING)} family)"),
         ("optimizer hyper-parameters", _fmt_mapping(hparams) if hparams else MISSING),
         ("parameter groups", _fmt_number(len(groups)) if groups else MISSING),
+        ("loss", str(spec.get("loss") or ("cross_entropy" if spec.get("task") else MISSING))),
+        ("targets", {"float": "floating-point (regression)", "class": "class ids"}.get(meta.get("targets"), MISSING)),
         ("steps", _fmt_number(meta.get("steps"))),
         ("explained quantity", _fmt_mapping(meta.get("quantity"))),
         ("quadrature", _fmt_mapping(meta.get("quadrature"))),

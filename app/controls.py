@@ -52,7 +52,9 @@ def _choose_tests(run: Run) -> TestSelector:
     if examples.height == 0:
         return ALL_TESTS
     has_predictions = examples.get_column("correct").null_count() < examples.height
-    kinds = ["all", *(("correct", "incorrect") if has_predictions else ()), "class", "example"]
+    has_labels = examples.get_column("label").null_count() < examples.height  # none with floating-point targets
+    kinds = ["all", *(("correct", "incorrect") if has_predictions else ()), *(("class",) if has_labels else ()),
+             "example"]
     kind = state.url_widget(
         "subset", state.choice(kinds), "all",
         lambda key: st.selectbox("Test examples", kinds, key=key, format_func=SUBSET_LABELS.__getitem__),
@@ -87,7 +89,8 @@ def describe_tests(tests: TestSelector) -> str:
 
 
 def describe_example(run: Run, tests: TestSelector) -> None:
-    """For a single test example: its rendering, label and the final model's prediction."""
+    """For a single test example: its rendering, label and the final model's prediction (with
+    floating-point targets, the rendering shows the target and the final output)."""
     if tests.kind != "example":
         return
     row = run.examples("test").filter(pl.col("example") == tests.value)
@@ -95,6 +98,9 @@ def describe_example(run: Run, tests: TestSelector) -> None:
         st.warning(f"Test example {tests.value} is not in this run's test split.", icon="⚠️")
         return
     r = row.row(0, named=True)
+    if r["label"] is None:
+        example_text(r["text"], f"test #{r['example']}")
+        return
     verdict = "" if r["correct"] is None else (" ✓ correct" if r["correct"] else " ✗ wrong")
     predicted = "—" if r["predicted"] is None else r["predicted"]
     example_text(r["text"], f"test #{r['example']} · label {r['label']} · predicted {predicted}{verdict}")

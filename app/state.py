@@ -430,6 +430,11 @@ def num_steps(run: Run) -> int:
     return int(steps["step"].max()) + 1 if steps.height else 1
 
 
+def regression(meta: dict) -> bool:
+    """The run's targets are floating-point numbers (no classes, no correct or incorrect)."""
+    return meta.get("targets") == "float"
+
+
 def quantity_label(meta: dict) -> str:
     """Short name of the explained quantity for axis titles."""
     quantity = meta.get("quantity")

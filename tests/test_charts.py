@@ -231,6 +231,9 @@ def test_run_card_formats_meta_and_marks_missing_fields():
     assert card["max relative residual"] == "3.2e-07"
     assert card["compute time"] == "5.0 min"
     assert card["gradient evaluations"] == charts.MISSING
+    assert card["loss"] == "cross_entropy" and card["targets"] == charts.MISSING
+    regression = dict(charts.run_card({"model_spec": {"model": "m:M", "loss": "mse"}, "targets": "float"}).iter_rows())
+    assert regression["loss"] == "mse" and regression["targets"] == "floating-point (regression)"
     assert charts.run_card({})["value"].to_list().count(charts.MISSING) >= 10
 
 

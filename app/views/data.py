@@ -49,8 +49,11 @@ else:
                     for column, row in zip(st.columns(RENDER_COLUMNS), chunk, strict=False):
                         with column:
                             controls.example_text(row["text"], f"#{row['train']} · {row['value']:+.3g}")
+        columns = ["side", "rank", "train", "value", "label", "text"]
+        if top.get_column("label").null_count() == top.height:  # floating-point targets: shown in the text
+            columns.remove("label")
         state.show_table(
-            top.select("side", "rank", "train", "value", "label", "text"), "top-examples",
+            top.select(columns), "top-examples",
             column_config={"text": st.column_config.TextColumn("example", width="large"),
                            "value": st.column_config.NumberColumn(f"influence (Δ {quantity})", format="%.4g")},
         )  # fmt: skip
@@ -67,7 +70,8 @@ else:
     if train >= 0:
         row = run.examples("train").filter(pl.col("example") == train)
         if row.height:
-            controls.example_text(row["text"][0], f"training #{train} · label {row['label'][0]}")
+            label = row["label"][0]
+            controls.example_text(row["text"][0], f"training #{train}" + ("" if label is None else f" · label {label}"))
     with st.spinner("Reading its influence…"):
         over_time = run.train_example_over_time(int(train), tests)
     state.show_figure(charts.example_over_time(over_time, int(train), quantity, style), "example-over-time")

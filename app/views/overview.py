@@ -17,12 +17,10 @@ log_x = controls.toggle("logx", "Log step axis", help="Logarithmic step axis (st
 phases = find_phases(steps)
 last = steps.sort("step").tail(1).to_dicts()[0] if steps.height else {}
 tiles = st.columns(4)
-for tile, label, column in (
-    (tiles[0], "final train accuracy", "train_acc"),
-    (tiles[1], "final validation accuracy", "val_acc"),
-):
-    value = last.get(column)
-    tile.metric(label, "—" if value is None else f"{value:.1%}")
+measure, column, form = ("loss", "loss", "{:.4g}") if state.regression(meta) else ("accuracy", "acc", "{:.1%}")
+for tile, split, prefix in ((tiles[0], "train", "train"), (tiles[1], "validation", "val")):
+    value = last.get(f"{prefix}_{column}")
+    tile.metric(f"final {split} {measure}", "—" if value is None else form.format(value))
 tiles[2].metric("steps", f"{state.num_steps(run):,}")
 residual = meta.get("max_rel_residual")
 tiles[3].metric("max relative residual", "—" if residual is None else f"{residual:.2e}")

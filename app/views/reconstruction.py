@@ -34,7 +34,10 @@ else:
 
 st.subheader("Exactness per quadrature rule")
 exactness = run.exactness()
-if exactness.height == 0:
+if exactness.height == 0 and state.regression(meta):
+    st.info("The exactness table compares predicted classes (agreement, KL); this run's targets are floating-point "
+            "numbers, so the reconstruction above is its exactness.", icon="ℹ️")
+elif exactness.height == 0:
     st.info(
         "This run has no exactness table (reconstructed vs true predictions per quadrature rule). Explain it with "
         "`--quantity logits --exactness midpoint:100,midpoint:10` to compare quadrature rules.",

@@ -366,6 +366,9 @@ def load_setup(db_path: str | os.PathLike, run_dir: str | os.PathLike | None = N
     history = History.open(run_path)
     _check_same_run(db_path, meta, history)
     task = get_task(history.model_spec)
+    if task.dataset("val").regression:
+        raise BadInputError(f"{run_path} has floating-point targets: the pruning check compares predicted classes "
+                            "(agreement, accuracy, KL)")
     params = history.params(history.num_steps)
     recorded = list(history.param_names)
     dtype = params[recorded[0]].dtype
