@@ -18,7 +18,7 @@ from typing import Any, get_type_hints
 import polars as pl
 
 from engine.decompose.heap import retained_heap
-from engine.errors import ExplaindError
+from engine.errors import BadInputError, ExplaindError
 
 Handler = Callable[[argparse.Namespace], dict[str, Any]]
 
@@ -80,16 +80,22 @@ def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_explain(args: argparse.Namespace) -> dict[str, Any]:
     from engine.decompose import ExplainConfig, explain_history, parse_test
+    from engine.model.outputs import imported_quantity
     from engine.run.history import History
     from engine.store import validate_run_name, write_run
     from engine.tasks import get_task
 
     out = Path(args.out)
     validate_run_name(out.stem)
+    # an import path on the command line is the user's own choice of code to run
+    quantity = imported_quantity(args.quantity) if ":" in args.quantity else args.quantity
     history = History.open(args.run, allow_incomplete=args.allow_incomplete)
     task = get_task(history.model_spec)
+    if _split(args.exactness) and task.dataset("train").regression:
+        raise BadInputError(f"--exactness compares predicted classes (agreement, KL); {history.path} has "
+                            "floating-point targets")
     common = {**parse_test(args.test), "dtype": args.dtype, "device": args.device, "subsample": args.subsample}
-    config = ExplainConfig(**common, quantity=args.quantity, quadrature=args.quadrature, views=args.views,
+    config = ExplainConfig(**common, quantity=quantity, quadrature=args.quadrature, views=args.views,
                            window=args.window, rtol=args.rtol, decay_split=not args.no_decay_split)
     explanation = explain_history(history, task, config, progress=not args.json)
     exactness = [explanation.exactness()] if explanation.exactness() is not None else []
@@ -183,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--views", default="components", help="comma-separated from components,data,importance; "
                          "completeness is always computed (default %(default)s)")
     explain.add_argument("--quantity", default="logits",
-                         help="logits, true-logit, logprob, loss or margin (default %(default)s)")
+                         help="logits, true-logit, logprob, loss (the run's training loss), margin, or the import "
+                         "path package.module:function of fn(output, labels) -> (batch,) or (batch, out) "
+                         "(default %(default)s)")
     explain.add_argument("--quadrature", default="adaptive",
                          help="adaptive, adaptive:N, gauss:N or midpoint:N (default %(default)s)")
     explain.add_argument("--window", type=int, default=1, help="steps per stored window (default %(default)s)")

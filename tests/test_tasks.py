@@ -102,8 +102,11 @@ def test_render_digit_image():
 
 
 def test_dataset_rejects_bad_labels():
-    with pytest.raises(BadInputError, match="int64"):
-        Dataset(inputs=torch.zeros(2, 3), labels=torch.zeros(2), kind="generic")
+    with pytest.raises(BadInputError, match="int64 class ids or floating-point targets"):
+        Dataset(inputs=torch.zeros(2, 3), labels=torch.zeros(2, dtype=torch.int32), kind="generic")
+    with pytest.raises(BadInputError, match="int64 class ids"):
+        Dataset(inputs=torch.zeros(2, 3), labels=torch.zeros(2, 2, dtype=torch.int64), kind="generic")
+    assert Dataset(inputs=torch.zeros(2, 3), labels=torch.zeros(2), kind="generic").regression
     with pytest.raises(BadInputError, match="2 inputs but 3 labels"):
         Dataset(inputs=torch.zeros(2, 3), labels=torch.zeros(3, dtype=torch.int64), kind="generic")
 
@@ -200,7 +203,7 @@ def test_import_spec_builds_the_users_model_and_data():
         ({**tiny_spec(), "model": "tests.nowhere:TinyMLP"}, "cannot import module 'tests.nowhere'"),
         ({**tiny_spec(), "model": "tests.helpers:Missing"}, "no attribute 'Missing'.*tests.helpers:Missing"),
         ({**tiny_spec(), "data": "not a path"}, "'not a path' is not an import path"),
-        ({**tiny_spec(), "loss": "mse"}, "loss 'mse' is not supported"),
+        ({**tiny_spec(), "loss": "hinge"}, "loss 'hinge' is not supported"),
         ({**tiny_spec(), "optimizer": "adam"}, "unknown: optimizer"),
     ],
 )

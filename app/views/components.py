@@ -9,7 +9,7 @@ style = state.style()
 meta = run.meta()
 quantity = state.quantity_label(meta)
 
-st.title(f"Components · {run.name}")
+st.title(f"Components · {state.escaped(run.name)}")
 if run.views()["components"] == 0:
     st.info(
         "This run has no component view. Explain the run again with it: "

@@ -9,7 +9,7 @@ style = state.style()
 meta = run.meta()
 quantity = state.quantity_label(meta)
 
-st.title(f"Reconstruction · {run.name}")
+st.title(f"Reconstruction · {state.escaped(run.name)}")
 c1, c2 = st.columns([2, 1])
 steps, tests = controls.steps_and_tests(run, c1, c2)
 controls.describe_example(run, tests)
@@ -49,7 +49,10 @@ else:
 
 st.subheader("Exactness per quadrature rule")
 exactness = run.exactness()
-if exactness.height == 0:
+if exactness.height == 0 and state.regression(meta):
+    st.info("The exactness table compares predicted classes (agreement, KL); this run's targets are floating-point "
+            "numbers, so the reconstruction above is its exactness.", icon="ℹ️")
+elif exactness.height == 0:
     st.info(
         "This run has no exactness table (reconstructed vs true predictions per quadrature rule). Explain it with "
         "`--quantity logits --exactness midpoint:100,midpoint:10` to compare quadrature rules.",

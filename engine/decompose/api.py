@@ -68,7 +68,7 @@ from engine.decompose.setup import BufferGroup, _Setup, _setup, buffer_groups
 from engine.decompose.stream import REGULARIZER, _Pass, _Window
 from engine.errors import BadInputError, ExplaindError, UnsupportedOptimizerError
 from engine.model.groups import GroupMap, ParamLayout
-from engine.model.task import Task, get_task
+from engine.model.task import Task, get_task, short_numbers
 from engine.run.history import History, StepRecord
 from engine.run.spec import check_model_matches
 from engine.run.updates import UpdateRule, initial_buffer, rule_for
@@ -145,6 +145,7 @@ class Explanation:
     seconds: float
     decay_split: bool
     escalated: int = 0  # (step, example) units recomputed in float64 to meet ``config.rtol``
+    regression: bool = False  # the run's targets are floating-point numbers, not classes
     partial: bool = False
     notes: tuple[str, ...] = ()
     max_rel_split_residual: float | None = None
@@ -184,8 +185,9 @@ class Explanation:
         }
 
     def exactness(self) -> pl.DataFrame | None:
-        """One ``exactness`` row (agreement and KL of reconstructed vs true final logits)."""
-        if self.predictions is None:
+        """One ``exactness`` row (agreement and KL of reconstructed vs true final logits); None
+        without class predictions (another quantity, or floating-point targets)."""
+        if self.predictions is None or self.regression:
             return None
         return pl.DataFrame([{
             "quadrature": self.quadrature, **prediction_agreement(self.predictions),
@@ -211,6 +213,7 @@ class Explanation:
         optimizer = history.manifest["optimizer"]
         meta = {
             "task": str(history.model_spec.get("task", "imported")),
+            "targets": "float" if self.regression else "class",
             "model_spec": history.model_spec,
             "model_summary": {"parameters": history.num_parameters(), "tensors": len(history.param_names)},
             "optimizer": {"class": optimizer["class"], "family": optimizer["family"],
@@ -379,7 +382,10 @@ def _norms(history: History, steps: list[int]) -> list[tuple[float, float]]:
 def _examples_frame(task: Task, model: nn.Module, final: dict[str, Tensor], test_split: str,
                     test_ids: tuple[int, ...]) -> pl.DataFrame:
     """Train examples and the explained test examples with the final model's predictions (``final``: its
-    parameters and buffers)."""
+    parameters and buffers).
+
+    With floating-point targets there is no class: label, prediction and correctness are null,
+    and the text of a test example ends with the final model's output beside its target."""
     model = model.to(torch.float32).eval()
     rows = []
     for split, data, ids in (("train", task.dataset("train"), None), ("test", task.dataset(test_split), test_ids)):
@@ -387,18 +393,21 @@ def _examples_frame(task: Task, model: nn.Module, final: dict[str, Tensor], test
         inputs = data.inputs[index]
         inputs = inputs.float() if inputs.is_floating_point() else inputs
         with torch.no_grad():
-            predicted = functional_call(model, {**dict(model.named_buffers()), **final}, (inputs,)).argmax(-1)
-        labels = data.labels[index]
-        rows.append(pl.DataFrame({
-            "split": split,
-            "example": index.numpy().astype(np.int64),
-            "label": labels.numpy().astype(np.int64),
-            "text": [data.render(int(i)) for i in index],
-            "predicted": predicted.numpy().astype(np.int64),
-            "correct": (predicted == labels).numpy(),
-        }))
+            output = functional_call(model, {**dict(model.named_buffers()), **final}, (inputs,))
+        text = [data.render(int(i)) for i in index]
+        if data.regression:
+            if split == "test":
+                text = [f"{t} · final output {short_numbers(o)}" for t, o in zip(text, output, strict=True)]
+            empty = [None] * len(index)
+            label, predicted, correct = (pl.Series(empty, dtype=pl.Int64), pl.Series(empty, dtype=pl.Int64),
+                                         pl.Series(empty, dtype=pl.Boolean))
+        else:
+            labels, classes = data.labels[index], output.argmax(-1)
+            label, predicted, correct = (labels.numpy().astype(np.int64), classes.numpy().astype(np.int64),
+                                         (classes == labels).numpy())
+        rows.append(pl.DataFrame({"split": split, "example": index.numpy().astype(np.int64), "label": label,
+                                  "text": text, "predicted": predicted, "correct": correct}))
     return pl.concat(rows)
-
 
 
 # ============================================================================ driver
@@ -626,8 +635,33 @@ def _assemble(s: _Setup, results: list[_Pass], kept: np.ndarray, seconds: float,
         max_optimizer_residual=max_opt, max_rel_split_residual=max_split, split_residual_cause=cause,
         data_split=s.split.mode if s.split is not None else None,
         gradient_evaluations=sum(p.evaluations for p in results), escalated=sum(p.escalated for p in results),
-        seconds=seconds, decay_split=s.split_ok, partial=partial, notes=tuple(notes),
+        seconds=seconds, decay_split=s.split_ok, partial=partial, notes=(*notes, *_tolerance_notes(s, results)),
+        regression=s.test_y.is_floating_point(),
     )
+
+
+NOTE_STEPS = 10  # steps named in a note
+
+
+def _tolerance_notes(s: _Setup, results: list[_Pass]) -> list[str]:
+    """Where the adaptive rule's top rule missed its tolerance, and the selections whose switch
+    points are not located (the likely cause)."""
+    above: dict[int, int] = {}
+    for p in results:
+        for step, units in p.above.items():
+            above[step] = above.get(step, 0) + units
+    unlocated = sorted(name for name, located in s.selections.items() if not located)
+    cause = f"the switch points of {', '.join(unlocated)} are not located" if unlocated else ""
+    if not above:
+        return [f"{cause}; every step met the adaptive rule's tolerance"] if cause else []
+    steps = sorted(above)
+    named = ", ".join(map(str, steps[:NOTE_STEPS])) + (", …" if len(steps) > NOTE_STEPS else "")
+    tolerance = f"its error budget (rtol {s.config.rtol:g})" if s.config.rtol is not None else "round-off"
+    quadrature = s.config.quadrature_spec
+    return [f"the residual of {sum(above.values())} (step, test example) pairs stays above {tolerance} with "
+            f"{quadrature.n} Gauss nodes per piece ({quadrature}), in steps {named} ({len(steps)} of {s.hi - s.lo}): "
+            + (cause if cause else "no selection without located switch points was found; a rule with more "
+               "nodes (adaptive:N) may reach it")]
 
 
 def _split_cause(s: _Setup) -> str:
@@ -720,5 +754,8 @@ def compare_quadratures(run: str | Path | History, quadratures: tuple[str, ...] 
     history = run if isinstance(run, History) else History.open(run)
     task = get_task(history.model_spec)
     base = replace(config or ExplainConfig(), views=(), quantity="logits", optimizer_residual=False)
+    if task.dataset("train").regression:
+        raise BadInputError(f"{history.path} has floating-point targets: the exactness table compares predicted "
+                            "classes (agreement, KL)")
     rows = [explain_history(history, task, replace(base, quadrature=q), progress).exactness() for q in quadratures]
     return pl.concat(rows)

@@ -84,9 +84,9 @@ class _Evaluator:
                 return (w[:, None] * values).sum(0)
             return jacrev(weighted)(theta)
 
-        def switches_one(theta: Tensor, delta: Tensor, bufs: Tensor, t: Tensor, x: Tensor) -> Tensor:
-            with SwitchRecorder(1, setup.live_switches) as recorder:
-                setup._call_at(theta, delta, t, bufs, x[None])
+        def switches_one(theta: Tensor, delta: Tensor, bufs: Tensor, t: Tensor, x: Tensor, y: Tensor) -> Tensor:
+            with SwitchRecorder(1, setup.live_switches) as recorder:  # those of the quantity too, as in ``forward``
+                setup.g_one_at(theta, delta, t, bufs, x, y)
             values = recorder.values()
             return values[0] if values is not None else theta.new_zeros(0)
 
@@ -109,7 +109,7 @@ class _Evaluator:
         self._phi_shared = vmap(vmap(phi_one, in_dims=(None, None, None, None, None, 0, 0)),
                                 in_dims=(0, 0, 0, None, None, None, None))
         self._phi_rows = vmap(phi_one)  # rows with own nodes (R, M), weights, one input each → (R, O, D)
-        self._switches = vmap(vmap(switches_one, in_dims=(None, None, None, 0, 0)))  # → (B, U, S)
+        self._switches = vmap(vmap(switches_one, in_dims=(None, None, None, 0, 0, 0)))  # → (B, U, S)
         self._forward = vmap(forward, in_dims=(0, 0, None, None))      # steps → (B, n, O), (B, n, S)
         self._g = vmap(setup.g_batch, in_dims=(0, 0, None, None))      # steps → (B, n, O)
 
@@ -132,7 +132,7 @@ class _Evaluator:
         """
         budget = max(1, self.s.config.max_batch // x.shape[0])
         thetas, bufs = thetas.to(torch.float64), bufs.to(torch.float64)
-        x = x.to(torch.float64) if x.is_floating_point() else x
+        x, y = (v.to(torch.float64) if v.is_floating_point() else v for v in (x, y))
         outs, sws = [], []
         for a in range(0, len(thetas), budget):
             if switches:
@@ -216,17 +216,18 @@ class _Evaluator:
             self.evaluations += len(rows) * m * s.outputs
         return out
 
-    def switches(self, thetas: Tensor, deltas: Tensor, bufs: Tensor, step: Tensor, t: Tensor, x: Tensor) -> Tensor:
+    def switches(self, thetas: Tensor, deltas: Tensor, bufs: Tensor, step: Tensor, t: Tensor, x: Tensor,
+                 y: Tensor) -> Tensor:
         """Switching values per unit at its own point: ``(U, S)`` (points in the compute dtype)."""
         s = self.s
         thetas, deltas, bufs = thetas.to(s.dtype), deltas.to(s.dtype), bufs.to(s.dtype)
-        x = x.to(s.dtype) if x.is_floating_point() else x
+        x, y = (v.to(s.dtype) if v.is_floating_point() else v for v in (x, y))
         row_step, slot, valid = _pack(step, len(thetas))
         rows = self._batch(slot.shape[1], slot.shape[1])
         out = None
         for a in range(0, len(row_step), rows):
             b, sl, ok = row_step[a:a + rows], slot[a:a + rows], valid[a:a + rows]
-            value = self._switches(thetas[b], deltas[b], bufs[b], t[sl].to(s.dtype), x[sl])
+            value = self._switches(thetas[b], deltas[b], bufs[b], t[sl].to(s.dtype), x[sl], y[sl])
             if out is None:
                 out = value.new_zeros(len(t), value.shape[-1])
             out[sl[ok]] = value[ok]

@@ -28,7 +28,7 @@ from torch.func import functional_call, jvp
 
 from engine.decompose.at_point import AtPoint
 from engine.decompose.config import DTYPES, ExplainConfig, resolve_device
-from engine.decompose.quadrature import LiveSwitches, live_switches, live_tensors
+from engine.decompose.quadrature import LiveSwitches, live_switches, live_tensors, selections
 from engine.decompose.scalar_ops import ScalarOps
 from engine.errors import BadInputError, UnsupportedOptimizerError
 from engine.model.groups import GroupMap, ParamLayout
@@ -104,7 +104,7 @@ class _Setup:
     quantity: Quantity
     test_ids: tuple[int, ...]
     test_x: Tensor               # (test, ...)
-    test_y: Tensor               # (test,)
+    test_y: Tensor               # (test,) class ids or (test, ...) float targets
     train_x: Tensor | None       # (train, ...)
     train_y: Tensor | None
     outputs: int
@@ -127,6 +127,7 @@ class _Setup:
     component_labels: list[str] = field(default_factory=list)  # component rows: parameter groups, then buffers
     buffer_rows: list[int] = field(default_factory=list)  # the component row of each buffer group
     _fixed: dict[torch.dtype, dict[str, Tensor]] = field(default_factory=dict)
+    selections: dict[str, bool] = field(default_factory=dict)  # selections in g: switch points located?
 
     # -------------------------------------------------------------- functions of flat params and buffers
     def _state(self, flat: Tensor, bufs: Tensor) -> dict[str, Tensor]:
@@ -199,7 +200,7 @@ def _setup(history: History, task: Task, config: ExplainConfig) -> _Setup:
     buffer_layout = ParamLayout(tuple(changing), tuple(history.buffer_shapes[n] for n in changing))
     layout = ParamLayout(tuple(history.param_names), tuple(history.param_shapes[n] for n in history.param_names))
     groups = GroupMap.build(layout, layer_of=task.layer_of)
-    quantity = get_quantity(config.quantity)
+    quantity = get_quantity(config.quantity, loss=task.per_example_loss)
     n_steps = history.num_steps
     lo, hi = config.steps or (0, n_steps)
     if hi > n_steps:
@@ -208,7 +209,7 @@ def _setup(history: History, task: Task, config: ExplainConfig) -> _Setup:
     test = task.dataset(config.test_split)
     test_ids = config.test_ids_in(len(test))
     index = torch.tensor(test_ids, dtype=torch.int64)
-    test_x, test_y = _data_on(test.inputs[index], dtype, device), test.labels[index].to(device)
+    test_x, test_y = _data_on(test.inputs[index], dtype, device), _data_on(test.labels[index], dtype, device)
 
     split_ok, split_reason = history.optimizer_family in ("sgd", "adam"), history.data_axis_reason
     if not split_ok and split_reason is None:
@@ -225,7 +226,7 @@ def _setup(history: History, task: Task, config: ExplainConfig) -> _Setup:
     train_x = train_y = None
     if needs_train:
         train = check_data_matches(history, task)
-        train_x, train_y = _data_on(train.inputs, dtype, device), train.labels.to(device)
+        train_x, train_y = _data_on(train.inputs, dtype, device), _data_on(train.labels, dtype, device)
 
     setup = _Setup(history, task, config, device, dtype, model, buffers, buffer_layout, layout, groups,
                    groups.labels(config.granularity), groups.element_index(config.granularity, device),
@@ -243,6 +244,7 @@ def _setup(history: History, task: Task, config: ExplainConfig) -> _Setup:
         setup.live_tensors = _live_tensors(setup, params0, bufs0)
     if config.quadrature_spec.adaptive:
         setup.live_switches = _live_switches(setup, params0, bufs0)
+        setup.selections = _selections(setup, params0, bufs0)
     setup.test_chunk = _test_chunk(setup)
     setup.block = _block_size(setup)
     return setup
@@ -288,6 +290,17 @@ def _live_switches(setup: _Setup, params0: Tensor, bufs0: Tensor) -> LiveSwitche
         return None
 
 
+def _selections(setup: _Setup, params0: Tensor, bufs0: Tensor) -> dict[str, bool]:
+    """The selections ``g`` applies to values that depend on the parameters (``quadrature.selections``)."""
+    n = min(len(setup.test_y), PROBE_EXAMPLES)
+    try:
+        with _math_attention():
+            return selections(lambda p: setup.g_batch(p, bufs0, setup.test_x[:n], setup.test_y[:n]), params0, n)
+    except Exception as exc:  # the model's own code on the smoothed network, as for the kink probe
+        setup.notes.append(f"selection probe failed ({type(exc).__name__}: {exc})")
+        return {}
+
+
 def _live_tensors(setup: _Setup, params0: Tensor, bufs0: Tensor) -> frozenset[str] | None:
     """The parameter tensors ``g`` is computed from (``quadrature.live_tensors``), None for all."""
     n = min(len(setup.test_y), PROBE_EXAMPLES)
@@ -314,7 +327,9 @@ def _widened(setup: _Setup) -> _Setup:
     model = copy.deepcopy(setup.model).to(torch.float64)
     return replace(setup, dtype=torch.float64, model=model, _fixed={},
                    test_x=_data_on(setup.test_x, torch.float64, setup.device),
-                   train_x=None if setup.train_x is None else _data_on(setup.train_x, torch.float64, setup.device))
+                   test_y=_data_on(setup.test_y, torch.float64, setup.device),
+                   train_x=None if setup.train_x is None else _data_on(setup.train_x, torch.float64, setup.device),
+                   train_y=None if setup.train_y is None else _data_on(setup.train_y, torch.float64, setup.device))
 
 
 def _choose_engine(setup: _Setup, params0: Tensor, bufs0: Tensor) -> str:

@@ -2,10 +2,10 @@
 
 Steps are queued into blocks; per block and chunk of test examples the pass finds the
 quadrature rule of every (step, example) — fixed, or adaptive with cuts at the kinks of
-ReLU-like operations (``engine.decompose.quadrature``) — evaluates ``φ̂`` contracted with the
-directions the views need (``_Evaluator``, with ψ_s(reg), ρ_s and ψ_s(k) from
-``_TrainSide``) and adds the step to the chunk's accumulators: component and data windows,
-per-element importance and the per-step completeness rows.
+ReLU-like operations and the switch points of selections (``engine.decompose.quadrature``) —
+evaluates ``φ̂`` contracted with the directions the views need (``_Evaluator``, with ψ_s(reg),
+ρ_s and ψ_s(k) from ``_TrainSide``) and adds the step to the chunk's accumulators: component and
+data windows, per-element importance and the per-step completeness rows.
 
 Buffers (MATH.md §6). Step s is integrated along ``(θ_s + tΔ_s, b_s)``; the buffers then move
 from ``b_s`` to ``b_{s+1}`` one module at a time, in model order, and each move's change of
@@ -26,6 +26,7 @@ from torch import Tensor
 from engine.decompose.evaluator import _Evaluator
 from engine.decompose.quadrature import (
     Rule,
+    above_tolerance,
     accept,
     breakpoints,
     composite,
@@ -40,9 +41,10 @@ from engine.decompose.train_side import _StepTerms, _TrainSide
 from engine.run.history import StepRecord
 from engine.run.updates import UpdateRule
 
-KINK_ITERATIONS = 6  # most root-search steps refining each kink position …
+KINK_ITERATIONS = 16  # most root-search steps refining each kink position …
 KINK_TOLERANCE = 1e-13  # … stopping once no position moves more than this
-HIDDEN_GRID = 16  # panels searched for kinks the end points hide, where the top rule failed
+HIDDEN_GRID = 16  # panels of a piece searched for kinks the known ones hide, where the top rule failed …
+HIDDEN_ROUNDS = 8  # … at most this many times, each in the pieces that still fail
 REGULARIZER = -1  # train id of the weight-decay pseudo-example in the data view
 
 
@@ -130,6 +132,7 @@ class _Rules:
     phi: Tensor | None = None   # (B, n, O, D) reverse mode
     wide: Tensor | None = None  # (B, n) int64, −1 where the compute dtype sufficed
     phi_wide: Tensor | None = None  # (E, O, D) float64, reverse mode
+    above: Tensor | None = None  # (B, n) bool: the adaptive rule's top rule did not meet its tolerance
 
 
 class _Pass:
@@ -144,6 +147,7 @@ class _Pass:
         self.rtol = setup.config.rtol
         self.wide = _Evaluator(_widened(setup)) if self.rtol is not None and setup.dtype != torch.float64 else None
         self.escalated = 0
+        self.above: dict[int, int] = {}  # step → (step, example) units whose top rule missed its tolerance
         self.search_reverse = setup.engine == "vjp" and not setup.forward_ad
         f64 = dict(dtype=torch.float64, device=setup.device)
         groups, o = _group_count(setup), setup.outputs
@@ -364,7 +368,8 @@ class _Pass:
         width = (points.shape[2] + 1) * len(ladder[-1])
         rules = _Rules(base_t, base_w, torch.zeros(b_count, n, dtype=torch.bool, device=s.device),
                        torch.zeros(b_count, n, width, **f64), torch.zeros(b_count, n, width, **f64),
-                       torch.zeros(b_count, n, dtype=torch.int64, device=s.device))
+                       torch.zeros(b_count, n, dtype=torch.int64, device=s.device),
+                       above=torch.zeros(b_count, n, dtype=torch.bool, device=s.device))
 
         # plain (kink-free) units: the two lowest rules at nodes shared by the chunk
         plain = counts == 0
@@ -374,8 +379,8 @@ class _Pass:
         escalate = [(plain & stuck).nonzero()]
         for units, first in (((plain & ~done & ~stuck).nonzero(), (q1, q2)), ((~plain).nonzero(), None)):
             bi, xi = units[:, 0], units[:, 1]
-            escalate.append(self._climb(c, ev, thetas, deltas, bufs, units, points[bi, xi], counts[bi, xi],
-                                        (sw_prev, sw_next), true, scale, budget, rules,
+            escalate.append(self._climb(c, ev, thetas, deltas, bufs, units, points[bi, xi], counts[bi, xi], true,
+                                        scale, budget, rules,
                                         None if first is None else (first[0][bi, xi], first[1][bi, xi])))
         escalate = torch.cat(escalate)
         if len(escalate):
@@ -389,11 +394,15 @@ class _Pass:
             wide_points, wide_counts = self._kinks(self.wide, c, wide_thetas, wide_deltas, wide_bufs, bi, xi,
                                                    sw_prev[bi, xi], sw_next[bi, xi])
             self._climb(c, self.wide, wide_thetas, wide_deltas, wide_bufs, escalate, wide_points, wide_counts,
-                        (sw_prev, sw_next), true, scale, budget, rules)
+                        true, scale, budget, rules)
             self.escalated += len(escalate)
         rules.count[rules.shared] = len(ladder[1])
         if s.engine == "vjp" and not self.search_reverse:
             self._final_phi(c, block, idx, rules)
+        for b, units in enumerate(rules.above.sum(1).tolist()):
+            if units:
+                step = block.records[int(idx[b])].step
+                self.above[step] = self.above.get(step, 0) + units
         return rules
 
     def _accept(self, q: Tensor, q_prev: Tensor | None, residual: Tensor, scale: Tensor, budget: Tensor | None,
@@ -411,19 +420,19 @@ class _Pass:
         return ok, ~ok & accept(q, q_prev, residual, scale, s.dtype)
 
     def _climb(self, c: _Chunk, ev: _Evaluator, thetas: Tensor, deltas: Tensor, bufs: Tensor, units: Tensor,
-               points: Tensor, counts: Tensor, switches: tuple[Tensor, Tensor], true: Tensor, scale: Tensor,
-               budget: Tensor | None, rules: _Rules, first: tuple[Tensor, Tensor] | None = None,
-               searched: bool = False) -> Tensor:
+               points: Tensor, counts: Tensor, true: Tensor, scale: Tensor, budget: Tensor | None,
+               rules: _Rules, first: tuple[Tensor, Tensor] | None = None, searched: int = 0) -> Tensor:
         """The adaptive rule of units ``(U, 2)`` (rows ``b, x``) cut at ``points (U, K)`` (``counts``
         valid), evaluated by ``ev``; each unit's final rule goes to ``rules``.
 
         Every piece starts with the two lowest rules of the ladder (``first``: their values
         ``(U, O)`` where already known, for single-piece units). While a unit is not accepted,
         its unconverged pieces (``quadrature.unconverged``) go up one rule. A unit that would
-        need more than the top rule is recomputed in float64 where that is possible; otherwise it
-        is searched once for hidden kinks and starts again on its new pieces, or keeps its rule
-        when there are none (or it has been ``searched``). Returns the units to recompute in
-        float64 ``(E, 2)``.
+        need more than the top rule is recomputed in float64 where that is possible; otherwise its
+        pieces at the top rule are searched for hidden kinks and it starts again on its new pieces,
+        or keeps its rule when there are none (or it has been ``searched`` ``HIDDEN_ROUNDS`` times):
+        then ``rules.above`` marks it where its residual is above round-off (or its budget).
+        Returns the units to recompute in float64 ``(E, 2)``.
         """
         if not len(units):
             return units
@@ -462,10 +471,14 @@ class _Pass:
                 stuck |= beyond
                 beyond = torch.zeros_like(beyond)
             restart = torch.zeros_like(beyond)
-            if not searched and bool(beyond.any()):
-                restart = self._restart(c, ev, thetas, deltas, bufs, units, points, counts, beyond, switches, true,
-                                        scale, budget, rules, escalate)
+            if searched < HIDDEN_ROUNDS and bool(beyond.any()):
+                top_pieces = torch.where(refine & (level == top), width, 0.0)
+                restart = self._restart(c, ev, thetas, deltas, bufs, units, points, counts, beyond, (start, top_pieces),
+                                        true, scale, budget, rules, escalate, searched + 1)
             keep = ok | (beyond & ~restart)
+            missed = beyond & ~restart  # kept at the top rule without meeting the tolerance
+            rules.above[bi[missed], xi[missed]] = above_tolerance(q, true[bi, xi] - q, scale[bi, xi], dtype,
+                                                                  unit_budget)[missed]
             t, w, count = composite(start[keep], width[keep], level[keep], ladder)
             self._store_rule(rules, bi[keep], xi[keep], t, w, count, None if phi is None else phi[keep], wide)
             escalate.append(units[stuck])
@@ -489,20 +502,23 @@ class _Pass:
         return torch.cat(escalate)
 
     def _restart(self, c: _Chunk, ev: _Evaluator, thetas: Tensor, deltas: Tensor, bufs: Tensor, units: Tensor,
-                 points: Tensor, counts: Tensor, beyond: Tensor, switches: tuple[Tensor, Tensor], true: Tensor,
-                 scale: Tensor, budget: Tensor | None, rules: _Rules, escalate: list[Tensor]) -> Tensor:
-        """Units marked ``beyond`` the top rule whose search finds hidden kinks climb again on the
-        new pieces (their float64 escalations go to ``escalate``); returns which of ``units`` did."""
+                 points: Tensor, counts: Tensor, beyond: Tensor, pieces: tuple[Tensor, Tensor], true: Tensor,
+                 scale: Tensor, budget: Tensor | None, rules: _Rules, escalate: list[Tensor],
+                 searched: int) -> Tensor:
+        """Units marked ``beyond`` the top rule whose search in their unconverged ``pieces``
+        (``(start, width) (U, P)``, width 0 elsewhere) finds hidden kinks climb again on the new
+        pieces, with ``searched`` searches behind them (their float64 escalations go to
+        ``escalate``); returns which of ``units`` did."""
         rows = beyond.nonzero().squeeze(1)
         bi, xi = units[rows, 0], units[rows, 1]
-        more, more_counts = self._hidden_kinks(ev, c, thetas, deltas, bufs, bi, xi, switches[0][bi, xi],
-                                               switches[1][bi, xi], points[rows])
+        more, more_counts = self._hidden_kinks(ev, c, thetas, deltas, bufs, bi, xi, points[rows], pieces[0][rows],
+                                               pieces[1][rows])
         found = more_counts > counts[rows]
         restart = torch.zeros_like(beyond)
         restart[rows[found]] = True
         if bool(found.any()):
             escalate.append(self._climb(c, ev, thetas, deltas, bufs, units[rows[found]], more[found],
-                                        more_counts[found], switches, true, scale, budget, rules, searched=True))
+                                        more_counts[found], true, scale, budget, rules, searched=searched))
         return restart
 
     def _evaluate_pieces(self, ev: _Evaluator, x: Tensor, y: Tensor, thetas: Tensor, deltas: Tensor, bufs: Tensor,
@@ -608,38 +624,51 @@ class _Pass:
     def _roots(self, ev: _Evaluator, c: _Chunk, thetas: Tensor, deltas: Tensor, bufs: Tensor, step: Tensor,
                example: Tensor, switch: Tensor, lo: tuple[Tensor, Tensor], hi: tuple[Tensor, Tensor]) -> Tensor:
         """Zeros of switching values ``switch`` of (step, example) inside the sign brackets
-        ``lo = (t, value)``, ``hi = (t, value)``: a safeguarded root search from the secant."""
+        ``lo = (t, value)``, ``hi = (t, value)``: a safeguarded root search from the secant. A
+        zero stops moving once a step moves it less than ``KINK_TOLERANCE``; only the others
+        are evaluated again."""
         guess = lo[0] - lo[1] * (hi[0] - lo[0]) / (hi[1] - lo[1])
         history = [lo, hi]
-        rows = torch.arange(len(guess), device=guess.device)
+        value = torch.zeros_like(guess)
+        active = torch.ones_like(guess, dtype=torch.bool)
         for _ in range(KINK_ITERATIONS):
-            value = ev.switches(thetas, deltas, bufs, step, guess, c.x[example])[rows, switch].double()
-            new = refine_zero(guess, value, history)
-            moved = float((new - guess).abs().max())
+            rows = active.nonzero().squeeze(1)
+            value = value.clone()  # the history keeps the previous one
+            at = example[rows]
+            values = ev.switches(thetas, deltas, bufs, step[rows], guess[rows], c.x[at], c.y[at])  # (len(rows), S)
+            value[rows] = values[torch.arange(len(rows), device=rows.device), switch[rows]].double()
+            new = torch.where(active, refine_zero(guess, value, history), guess)
+            active &= (new - guess).abs() > KINK_TOLERANCE
             guess = new
-            if moved <= KINK_TOLERANCE:
+            if not bool(active.any()):
                 break
         return guess
 
     def _hidden_kinks(self, ev: _Evaluator, c: _Chunk, thetas: Tensor, deltas: Tensor, bufs: Tensor, bi: Tensor,
-                      xi: Tensor, before: Tensor, after: Tensor, points: Tensor) -> tuple[Tensor, Tensor]:
-        """Kinks the end points do not reveal — a switching value that crosses zero and back
-        within the step — for units ``(bi, xi)`` whose rule did not converge: the switching
-        values on a grid of ``HIDDEN_GRID`` panels, each sign change refined to its zero and
-        merged with the known ``points (P, K)``. Returns points ``(P, K')`` and counts ``(P,)``."""
+                      xi: Tensor, points: Tensor, start: Tensor, width: Tensor) -> tuple[Tensor, Tensor]:
+        """Kinks the known ones do not reveal — a switching value that crosses zero and back, or a
+        switch whose window ends in a tie — inside the pieces ``[start, start + width] (P, Q)``
+        of units ``(bi, xi)`` whose rule did not converge there (width 0: not searched): the
+        switching values on a grid of ``HIDDEN_GRID`` panels of each piece, each sign change
+        refined to its zero and merged with the known ``points (P, K)``. Returns points
+        ``(P, K')`` and counts ``(P,)``."""
         f64 = dict(dtype=torch.float64, device=points.device)
-        grid = torch.linspace(0.0, 1.0, HIDDEN_GRID + 1, **f64)
-        inner, units = grid[1:-1], len(bi)
-        step, example = bi.repeat_interleave(len(inner)), xi.repeat_interleave(len(inner))
-        values = ev.switches(thetas, deltas, bufs, step, inner.repeat(units), c.x[example])
-        values = torch.cat([before[:, None].double(), values.double().reshape(units, len(inner), -1),
-                            after[:, None].double()], dim=1)  # (P, G + 1, S)
-        unit, panel, switch = (values[:, :-1] * values[:, 1:] < 0).nonzero(as_tuple=True)
-        merged = points
-        if len(unit):
+        row, piece = (width > 0).nonzero(as_tuple=True)
+        grid = start[row, piece][:, None] + width[row, piece][:, None] * torch.linspace(0.0, 1.0, HIDDEN_GRID + 1,
+                                                                                        **f64)  # (N, G + 1)
+        nodes = grid.shape[1]
+        examples = xi[row].repeat_interleave(nodes)
+        values = ev.switches(thetas, deltas, bufs, bi[row].repeat_interleave(nodes), grid.reshape(-1), c.x[examples],
+                             c.y[examples]).double().reshape(len(row), nodes, -1)
+        search, panel, switch = (values[:, :-1] * values[:, 1:] < 0).nonzero(as_tuple=True)
+        merged, units = points, len(bi)
+        if len(search):
+            unit = row[search]
             roots = self._roots(ev, c, thetas, deltas, bufs, bi[unit], xi[unit], switch,
-                                (grid[panel], values[unit, panel, switch]),
-                                (grid[panel + 1], values[unit, panel + 1, switch]))
+                                (grid[search, panel], values[search, panel, switch]),
+                                (grid[search, panel + 1], values[search, panel + 1, switch]))
+            order = torch.argsort(unit, stable=True)
+            unit, roots = unit[order], roots[order]
             per_unit = torch.bincount(unit, minlength=units)
             rank = torch.arange(len(unit), device=unit.device) - (torch.cumsum(per_unit, 0) - per_unit)[unit]
             merged = torch.ones(units, points.shape[1] + int(per_unit.max()), **f64)

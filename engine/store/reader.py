@@ -481,4 +481,5 @@ def info(db_path: str | os.PathLike) -> dict:
             "quantity": meta.quantity,
             "quadrature": meta.quadrature,
             "schema_version": meta.schema_version,
+            "notes": list(db.meta().get("notes") or []),
         }

@@ -18,7 +18,7 @@ sorted by test and serve single examples.
 | meta | metadata key | key VARCHAR, value JSON | key |
 | steps | training step | step BIGINT, lr, weight_decay, train_loss, val_loss, train_acc, val_acc, update_norm, param_norm, loss_change DOUBLE | step |
 | groups | parameter tensor (hierarchy tensor → module → layer) | tensor_id INTEGER, tensor VARCHAR, module_id INTEGER, module VARCHAR, layer_id INTEGER, layer VARCHAR, size BIGINT, position INTEGER | tensor_id (= model order) |
-| examples | train or test example | split ENUM(train, test), example INTEGER, label INTEGER, text VARCHAR, predicted INTEGER, correct BOOLEAN, part INTEGER (test: its (label, correct) part) | split, example |
+| examples | train or test example | split ENUM(train, test), example INTEGER, label INTEGER (null for floating-point targets, rendered in text), text VARCHAR, predicted INTEGER, correct BOOLEAN, part INTEGER (test: its (label, correct) part) | split, example |
 | test_parts | part of the test split | part INTEGER, grain ENUM(all, correct, class), label INTEGER, correct BOOLEAN, tests INTEGER | part |
 | windows | stored step window of a view | view ENUM(components, data), step_lo INTEGER, step_hi INTEGER | view, step_lo |
 | components | window × tensor × test × output | test, tensor_id, step_lo, step_hi, output INTEGER, value, decay DOUBLE | test |
@@ -73,7 +73,7 @@ CREATE TABLE steps (step BIGINT NOT NULL, lr DOUBLE, weight_decay DOUBLE, train_
 CREATE TABLE groups (tensor_id INTEGER NOT NULL, tensor VARCHAR NOT NULL, module_id INTEGER NOT NULL,
     module VARCHAR NOT NULL, layer_id INTEGER NOT NULL, layer VARCHAR NOT NULL, size BIGINT NOT NULL,
     position INTEGER NOT NULL);
-CREATE TABLE examples (split split_kind NOT NULL, example INTEGER NOT NULL, label INTEGER NOT NULL,
+CREATE TABLE examples (split split_kind NOT NULL, example INTEGER NOT NULL, label INTEGER,
     text VARCHAR NOT NULL, predicted INTEGER, correct BOOLEAN, part INTEGER);
 CREATE TABLE test_parts (part INTEGER NOT NULL, grain grain_kind NOT NULL, label INTEGER, correct BOOLEAN,
     tests INTEGER NOT NULL);
@@ -143,7 +143,7 @@ _FRAMES: dict[str, tuple[_Col, ...]] = {
         "val_acc:float? update_norm:float param_norm:float loss_change:float?"
     ),
     "groups": _cols("tensor:str module:str layer:str size:int position:int"),
-    "examples": _cols("split:str example:int label:int text:str predicted:int? correct:bool?"),
+    "examples": _cols("split:str example:int label:int? text:str predicted:int? correct:bool?"),
     "components": _cols("step_lo:int step_hi:int tensor:str test:int output:int value:float decay:float"),
     "data": _cols("step_lo:int step_hi:int train:int test:int output:int value:float"),
     "importance": _cols("tensor:str index:int importance:float magnitude:float"),
