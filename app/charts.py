@@ -551,12 +551,12 @@ def reconstruction_change(comp: pl.DataFrame, quantity: str, style: Style) -> go
 
 
 def residual_figure(comp: pl.DataFrame, quantity: str, style: Style) -> go.Figure:
-    """|quadrature residual| and |optimizer residual| per step (log scale), and nodes used."""
+    """|quadrature residual| and |data-split residual| per step (log scale), and nodes used."""
     rows = comp.sort("step")
     x = rows["step"].to_numpy()
     g = grid(2, shared_x=True, v_space=0.1, row_heights=[0.65, 0.35])
     traces = []
-    for i, (column, name) in enumerate((("quadrature_residual", "quadrature"), ("optimizer_residual", "optimizer"))):
+    for i, (column, name) in enumerate((("quadrature_residual", "quadrature"), ("optimizer_residual", "data-split"))):
         if column not in rows.columns:
             continue
         positive = rows[column].cast(pl.Float64).abs().to_numpy().astype(float)
@@ -852,6 +852,8 @@ def run_card(meta: dict) -> pl.DataFrame:
         ("quadrature", _fmt_mapping(meta.get("quadrature"))),
         ("max relative residual", _fmt_number(meta.get("max_rel_residual"))),
         ("max absolute residual", _fmt_number(meta.get("max_abs_residual"))),
+        ("data-split residual (relative)", _fmt_number(meta.get("max_rel_split_residual"))),
+        ("data split", str(meta.get("data_split") or MISSING)),
         ("gradient evaluations", _fmt_number(meta.get("gradient_evaluations"))),
         ("compute time", _seconds(meta.get("seconds"))),
         ("data fingerprint", str(meta.get("data_fingerprint") or MISSING)),

@@ -217,6 +217,11 @@ def test_selection_probe_names_which_switch_points_are_located():
 
 
 # ------------------------------------------------------------------------------ recorded loops
+def quadrature_notes(e) -> list[str]:
+    """The notes about the quadrature (the one saying how batch gradients were split is always there)."""
+    return [n for n in e.notes if not n.startswith("data split:")]
+
+
 @pytest.mark.parametrize("act", ["relu", "tanh"])
 def test_max_pooling_cnn_is_reconstructed_to_round_off(tmp_path, act):
     history = record(tmp_path / "run", "PoolCNN", act=act)
@@ -224,7 +229,7 @@ def test_max_pooling_cnn_is_reconstructed_to_round_off(tmp_path, act):
     for dtype, bound in (("float32", 1e-5), ("float64", 1e-10)):
         e = explain(history.path, ExplainConfig(dtype=dtype, test_size=None), progress=False)
         assert worst_relative(e.components, truth) <= bound
-        assert e.notes == ()
+        assert quadrature_notes(e) == []
     fixed = explain(history.path, ExplainConfig(dtype="float64", test_size=None, quadrature="gauss:16"),
                     progress=False)
     assert worst_relative(fixed.components, truth) > 1e-8         # uncut switches cost a fixed rule accuracy
@@ -236,7 +241,7 @@ def test_switches_between_equal_activations_and_hidden_ones_are_cut(tmp_path):
     history = record(tmp_path / "run", "PoolCNN", steps=10, lr=0.3)
     e = explain(history.path, ExplainConfig(dtype="float64", test_size=None), progress=False)
     assert worst_relative(e.components, true_change(history)) <= 1e-10
-    assert e.notes == ()
+    assert quadrature_notes(e) == []
 
 
 def test_the_margin_quantity_is_cut_where_the_runner_up_class_changes(tmp_path):
@@ -261,10 +266,10 @@ def test_a_selection_whose_switches_are_not_located_is_named_with_its_steps(tmp_
     history = record(tmp_path / "run", "CumMaxNet", steps=4, lr=0.5)
     e = explain(history.path, ExplainConfig(dtype="float64", test_size=None, views=()), progress=False)
     assert e.max_rel_residual > 1e-10
-    (note,) = e.notes
+    (note,) = quadrature_notes(e)
     assert "cummax" in note and "not located" in note
     resid = e.completeness.group_by("step", "test").agg(pl.col("quadrature_residual").abs().max())
     worst = int(resid.sort("quadrature_residual")["step"][-1])
     assert f"steps {worst}" in note or f", {worst}" in note
     write_run(tmp_path / "cummax.duckdb", e.to_bundle(history, get_task(history.model_spec)))
-    assert info(tmp_path / "cummax.duckdb")["notes"] == [note]        # what `engine info` shows
+    assert note in info(tmp_path / "cummax.duckdb")["notes"]        # what `engine info` shows

@@ -136,6 +136,8 @@ def test_default_layer_is_the_top_level_module():
     assert task.layer_of("blocks.3.attn.q.weight") == "blocks.3"
     assert task.layer_of("0.weight") == "0"
     assert task.layer_of("scale") == "scale"
+    assert task.layer_of("transformer.h.1.attn.c_attn.weight") == "transformer.h.1"
+    assert task.layer_of("transformer.wte.weight") == "transformer"
 
 
 def test_attention_projections_are_separate_tensors():

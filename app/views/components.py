@@ -52,5 +52,9 @@ else:
         )
         state.show_figure(charts.decay_balance(totals, colors, order, quantity, style), "decay-balance")
         state.hint("Gradient part: what the training data moved; weight-decay part: what the decay term moved.")
+        if meta.get("buffer_groups"):
+            state.hint("Tensors named `<module>.<buffers>` are buffer terms: the exact change of the prediction "
+                       "when that module's running statistics moved during training (at module and layer level "
+                       "they join their module).")
         st.subheader(f"Totals per {level}")
         state.show_table(totals, f"component-totals-{level}")

@@ -373,6 +373,9 @@ def load_setup(db_path: str | os.PathLike, run_dir: str | os.PathLike | None = N
     recorded = list(history.param_names)
     dtype = params[recorded[0]].dtype
     model = task.build_model().to(dtype).eval()
+    with torch.no_grad():  # the buffers the training left (running statistics), not the initial ones
+        for name, value in history.buffers(history.num_steps).items():
+            model.get_buffer(name).copy_(value)
     known = dict(model.named_parameters())
     foreign = [n for n in recorded if n not in known or tuple(known[n].shape) != tuple(params[n].shape)]
     if foreign:

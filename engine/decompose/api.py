@@ -64,14 +64,14 @@ from tqdm.auto import tqdm
 
 from engine.decompose.config import DTYPES, ENGINES, SPLITS, VIEWS, ExplainConfig, parse_test, resolve_device
 from engine.decompose.heap import retained_heap
-from engine.decompose.setup import _Setup, _setup
+from engine.decompose.setup import BufferGroup, _Setup, _setup, buffer_groups
 from engine.decompose.stream import REGULARIZER, _Pass, _Window
 from engine.errors import BadInputError, ExplaindError, UnsupportedOptimizerError
 from engine.model.groups import GroupMap, ParamLayout
 from engine.model.task import Task, get_task, short_numbers
 from engine.run.history import History, StepRecord
+from engine.run.spec import check_model_matches
 from engine.run.updates import UpdateRule, initial_buffer, rule_for
-from engine.run.verify import check_model_matches
 
 __all__ = [
     "DTYPES",
@@ -93,6 +93,9 @@ __all__ = [
 ]
 
 
+SPLIT_NOTE_THRESHOLD = 1e-3  # a data view missing more than this, relative, is named in the notes
+
+
 # ============================================================================ results
 class ExplainInterrupted(ExplaindError):
     """Ctrl-C during ``explain``; ``partial`` is the Explanation of the finished steps."""
@@ -111,6 +114,12 @@ class Explanation:
     ``|g(θ_lo)| + |g(θ_hi)|``); ``max_rel_residual_output`` is the same ratio for the worst single
     output, which is large when one logit barely moves. ``max_abs_residual`` is the largest
     ``|Σ_s r_s|`` of one output; skipped steps (subsampling) count fully as residual.
+
+    The data view's own error, the *split residual* ``Σ_s φ̂_s·ρ_s`` (what the per-example sum
+    misses of each update), is ``max_optimizer_residual`` (largest of one output) and
+    ``max_rel_split_residual`` (the same ratio as ``max_rel_residual``), with its likely cause in
+    ``split_residual_cause``; ``data_split`` says how batch gradients were split into examples.
+    The buffer terms (MATH.md §6) are exact components, part of ``reconstructed``; no residual.
     """
 
     config: ExplainConfig
@@ -139,6 +148,9 @@ class Explanation:
     regression: bool = False  # the run's targets are floating-point numbers, not classes
     partial: bool = False
     notes: tuple[str, ...] = ()
+    max_rel_split_residual: float | None = None
+    split_residual_cause: str | None = None
+    data_split: str | None = None  # "batched" or "per-example" (None: the update was not split)
 
     def summary(self) -> dict[str, Any]:
         """JSON-able summary (the CLI prints it)."""
@@ -161,6 +173,9 @@ class Explanation:
             "max_rel_residual_output": self.max_rel_residual_output,
             "max_abs_residual": self.max_abs_residual,
             "max_optimizer_residual": self.max_optimizer_residual,
+            "max_rel_split_residual": self.max_rel_split_residual,
+            "split_residual_cause": self.split_residual_cause,
+            "data_split": self.data_split,
             "gradient_evaluations": self.gradient_evaluations,
             "mean_nodes": float(computed.mean()) if computed.len() else 0.0,
             "max_nodes": int(computed.max()) if computed.len() else 0,
@@ -188,9 +203,13 @@ class Explanation:
             raise BadInputError("the run database stores components per tensor; explain with granularity='tensor'")
         model = check_model_matches(history, task)
         final = {n: t.to(torch.float32) for n, t in history.params(history.num_steps).items()}
+        final.update({n: b.to(torch.float32) for n, b in history.buffers(history.num_steps).items()})
         groups = GroupMap.build(ParamLayout(tuple(history.param_names),
                                             tuple(history.param_shapes[n] for n in history.param_names)),
                                 layer_of=task.layer_of)
+        changing = history.changing_buffers
+        buffers = buffer_groups(ParamLayout(tuple(changing), tuple(history.buffer_shapes[n] for n in changing)),
+                                groups, task.layer_of)
         optimizer = history.manifest["optimizer"]
         meta = {
             "task": str(history.model_spec.get("task", "imported")),
@@ -224,6 +243,11 @@ class Explanation:
             "max_abs_residual": _finite(self.max_abs_residual),
             "max_optimizer_residual": None if self.max_optimizer_residual is None
             else _finite(self.max_optimizer_residual),
+            "max_rel_split_residual": None if self.max_rel_split_residual is None
+            else _finite(self.max_rel_split_residual),
+            "split_residual_cause": self.split_residual_cause,
+            "data_split": self.data_split,
+            "buffer_groups": [group.label for group in buffers],
             "partial": self.partial,
             "notes": list(self.notes),
         }
@@ -235,7 +259,7 @@ class Explanation:
         return RunBundle(
             meta=meta,
             steps=_steps_frame(history, self.step_stats),
-            groups=groups.frame(),
+            groups=_groups_frame(groups, buffers),
             examples=_examples_frame(task, model, final, self.test_split, self.test_ids),
             components=self.components,
             data=self.data,
@@ -267,6 +291,7 @@ def merge_tests(parts: list[Explanation]) -> Explanation:
     if importance is not None:
         importance = importance.with_columns(importance=sum(p.importance["importance"] for p in parts))
     optimizer = [p.max_optimizer_residual for p in parts if p.max_optimizer_residual is not None]
+    split = [p.max_rel_split_residual for p in parts if p.max_rel_split_residual is not None]
     return replace(
         first, config=replace(first.config, test_ids=test_ids), test_ids=test_ids,
         components=cat("components"), data=cat("data"), importance=importance, completeness=cat("completeness"),
@@ -275,10 +300,27 @@ def merge_tests(parts: list[Explanation]) -> Explanation:
         max_rel_residual_output=max(p.max_rel_residual_output for p in parts),
         max_abs_residual=max(p.max_abs_residual for p in parts),
         max_optimizer_residual=max(optimizer) if optimizer else None,
+        max_rel_split_residual=max(split) if split else None,
         gradient_evaluations=sum(p.gradient_evaluations for p in parts), seconds=sum(p.seconds for p in parts),
         escalated=sum(p.escalated for p in parts),
         partial=any(p.partial for p in parts), notes=tuple(dict.fromkeys(n for p in parts for n in p.notes)),
     )
+
+
+def _groups_frame(groups: GroupMap, buffers: list[BufferGroup]) -> pl.DataFrame:
+    """The store's ``groups`` rows: every parameter tensor and, after the last tensor of its module,
+    each module's buffer term (``bn1.<buffers>``, size = its buffer elements), positions in that order."""
+    rows = groups.frame().drop("position").to_dicts()
+    last = {module: i for i, module in enumerate(groups.modules)}
+    after: dict[int, list[dict[str, Any]]] = {}
+    for group in buffers:
+        row = {"tensor": group.label, "module": group.module or group.label, "layer": group.layer,
+               "size": group.size}
+        after.setdefault(last.get(group.module, len(rows) - 1), []).append(row)
+    ordered = [r for i, row in enumerate(rows) for r in (row, *after.get(i, []))]
+    return pl.DataFrame(ordered, schema={"tensor": pl.String, "module": pl.String, "layer": pl.String,
+                                         "size": pl.Int64}).with_row_index("position").with_columns(
+        pl.col("position").cast(pl.Int32)).select("tensor", "module", "layer", "size", "position")
 
 
 def _finite(value: float) -> float:
@@ -339,7 +381,8 @@ def _norms(history: History, steps: list[int]) -> list[tuple[float, float]]:
 
 def _examples_frame(task: Task, model: nn.Module, final: dict[str, Tensor], test_split: str,
                     test_ids: tuple[int, ...]) -> pl.DataFrame:
-    """Train examples and the explained test examples with the final model's predictions.
+    """Train examples and the explained test examples with the final model's predictions (``final``: its
+    parameters and buffers).
 
     With floating-point targets there is no class: label, prediction and correctness are null,
     and the text of a test example ends with the final model's output beside its target."""
@@ -350,7 +393,7 @@ def _examples_frame(task: Task, model: nn.Module, final: dict[str, Tensor], test
         inputs = data.inputs[index]
         inputs = inputs.float() if inputs.is_floating_point() else inputs
         with torch.no_grad():
-            output = functional_call(model, {**final, **dict(model.named_buffers())}, (inputs,))
+            output = functional_call(model, {**dict(model.named_buffers()), **final}, (inputs,))
         text = [data.render(int(i)) for i in index]
         if data.regression:
             if split == "test":
@@ -365,7 +408,6 @@ def _examples_frame(task: Task, model: nn.Module, final: dict[str, Tensor], test
         rows.append(pl.DataFrame({"split": split, "example": index.numpy().astype(np.int64), "label": label,
                                   "text": text, "predicted": predicted, "correct": correct}))
     return pl.concat(rows)
-
 
 
 # ============================================================================ driver
@@ -394,8 +436,8 @@ def explain_history(history: History, task: Task, config: ExplainConfig | None =
         for tests in passes:
             current = _Pass(s, tests, kept, _rule_for(s) if rule else None)  # rules are stateful: one per pass
             results.append(current)
-            for record, theta, theta_next in _segments(s, start):
-                current.step(record, theta, theta_next)
+            for segment in _segments(s, start):
+                current.step(*segment)
                 bar.update(1)
                 if stop.is_set():
                     break
@@ -445,17 +487,19 @@ def _rule_for(s: _Setup) -> UpdateRule | None:
     return rule
 
 
-def _segments(s: _Setup, start: int) -> Iterator[tuple[StepRecord, Tensor, Tensor]]:
-    """(record, θ_s, θ_{s+1}) for steps start..hi−1, θ from the stored parameters (exact path)."""
+def _segments(s: _Setup, start: int) -> Iterator[tuple[StepRecord, Tensor, Tensor, Tensor, Tensor]]:
+    """(record, θ_s, θ_{s+1}, b_s, b_{s+1}) for steps start..hi−1, from the stored parameters and
+    buffers (exact path; ``b`` flat over the buffers that change)."""
     previous: StepRecord | None = None
     theta_prev: Tensor | None = None
     for record in s.history.iter_steps(start, s.hi):
         theta = s.flat(record.params)
         if previous is not None:
-            yield previous, theta_prev, theta
+            yield previous, theta_prev, theta, s.flat_buffers(previous.buffers), s.flat_buffers(previous.buffers_after)
         previous, theta_prev = record, theta
     if previous is not None:
-        yield previous, theta_prev, s.flat(s.history.params(s.hi))
+        yield (previous, theta_prev, s.flat(s.history.params(s.hi)), s.flat_buffers(previous.buffers),
+               s.flat_buffers(previous.buffers_after))
 
 
 def _kept_steps(s: _Setup) -> np.ndarray:
@@ -465,11 +509,12 @@ def _kept_steps(s: _Setup) -> np.ndarray:
         return np.ones(count, dtype=bool)
     changes = np.zeros(count)
     with torch.no_grad():
-        for record, theta, theta_next in _segments(s, start=s.lo):
+        for record, theta, theta_next, bufs, bufs_next in _segments(s, start=s.lo):
             ids = record.batch_ids.to(s.device)
             w = record.batch_weights.to(device=s.device, dtype=s.dtype)
             x, y = s.train_x[ids], s.train_y[ids]
-            changes[record.step - s.lo] = float(s.loss_weighted(theta_next, x, y, w) - s.loss_weighted(theta, x, y, w))
+            changes[record.step - s.lo] = float(s.loss_weighted(theta_next, bufs_next, x, y, w)
+                                                - s.loss_weighted(theta, bufs, x, y, w))
     keep = max(1, math.ceil(s.config.subsample * count))
     kept = np.zeros(count, dtype=bool)
     kept[np.argsort(-np.abs(changes), kind="stable")[:keep]] = True
@@ -503,6 +548,7 @@ def _assemble(s: _Setup, results: list[_Pass], kept: np.ndarray, seconds: float,
     comp_frames, data_frames, compl_frames, pred_frames, imp = [], [], [], [], None
     max_rel = max_rel_output = max_abs = 0.0
     max_opt: float | None = None
+    max_split: float | None = None
     offset = 0
     for p in results:
         for c in p.chunks:
@@ -530,14 +576,17 @@ def _assemble(s: _Setup, results: list[_Pass], kept: np.ndarray, seconds: float,
             norm_true = np.maximum(np.linalg.norm(total_true, axis=1), np.linalg.norm(floor, axis=1))
             max_rel = max(max_rel, float((np.linalg.norm(total_resid, axis=1) / norm_true).max()))
             if not np.isnan(opt).all():
-                value = float(np.nanmax(np.abs(np.nansum(opt, axis=0))))
+                split = np.nansum(opt, axis=0)  # (n, O): what the data view misses over the steps
+                value = float(np.nanmax(np.abs(split)))
                 max_opt = value if max_opt is None else max(max_opt, value)
+                relative = float((np.linalg.norm(split, axis=1) / norm_true).max())
+                max_split = relative if max_split is None else max(max_split, relative)
             if s.config.quantity_name == "logits":
                 pred_frames.append(_grid_frame({}, tests, s.outputs, {
                     "initial": g_first, "true_final": g_first + total_true,
                     "reconstructed_final": g_first + recon.sum(0)}))
             if "components" in s.config.views and c.windows:
-                comp_frames.append(_components_frame(c.windows, s.group_labels, tests, s.outputs, group_col))
+                comp_frames.append(_components_frame(c.windows, s.component_labels, tests, s.outputs, group_col))
             if "data" in s.config.views and c.windows:
                 data_frames.extend(_data_frame(w, tests, s.outputs) for w in c.windows)
             if c.importance is not None:
@@ -562,9 +611,14 @@ def _assemble(s: _Setup, results: list[_Pass], kept: np.ndarray, seconds: float,
         pl.Series("kept", kept[: stats.height]))
     # one chunk builds every frame in its documented order; several chunks interleave tests
     one = sum(len(p.chunks) for p in results) == 1
-    order = {label: i for i, label in enumerate(s.group_labels)}
+    order = {label: i for i, label in enumerate(s.component_labels)}
     completeness = _combine(compl_frames, ["step", "test", "output"], one) if compl_frames \
         else _empty_completeness()
+    cause = _split_cause(s) if max_split is not None else None
+    notes = list(s.notes)
+    if max_split is not None and max_split > SPLIT_NOTE_THRESHOLD:
+        notes.append(f"the data view misses the change by {max_split:.2g} relative (split residual, more than "
+                     f"{SPLIT_NOTE_THRESHOLD:g}): {cause}")
     return Explanation(
         config=s.config, quantity=s.config.quantity_name, quadrature=str(s.config.quadrature_spec),
         test_split=s.config.test_split, test_ids=s.test_ids, steps=(s.lo, s.hi), outputs=s.outputs,
@@ -578,9 +632,10 @@ def _assemble(s: _Setup, results: list[_Pass], kept: np.ndarray, seconds: float,
         predictions=_combine(pred_frames, ["test", "output"], one) if pred_frames else None,
         step_stats=stats,
         max_rel_residual=max_rel, max_rel_residual_output=max_rel_output, max_abs_residual=max_abs,
-        max_optimizer_residual=max_opt,
+        max_optimizer_residual=max_opt, max_rel_split_residual=max_split, split_residual_cause=cause,
+        data_split=s.split.mode if s.split is not None else None,
         gradient_evaluations=sum(p.evaluations for p in results), escalated=sum(p.escalated for p in results),
-        seconds=seconds, decay_split=s.split_ok, partial=partial, notes=(*s.notes, *_tolerance_notes(s, results)),
+        seconds=seconds, decay_split=s.split_ok, partial=partial, notes=(*notes, *_tolerance_notes(s, results)),
         regression=s.test_y.is_floating_point(),
     )
 
@@ -607,6 +662,15 @@ def _tolerance_notes(s: _Setup, results: list[_Pass]) -> list[str]:
             f"{quadrature.n} Gauss nodes per piece ({quadrature}), in steps {named} ({len(steps)} of {s.hi - s.lo}): "
             + (cause if cause else "no selection without located switch points was found; a rule with more "
                "nodes (adaptive:N) may reach it")]
+
+
+def _split_cause(s: _Setup) -> str:
+    """What the split residual ``ρ_s`` is made of, as far as the record tells."""
+    if s.split is not None and s.split.unreplayed is not None:
+        return f"unreplayed training forward: {s.split.unreplayed}"
+    replayed = str(s.train_forward.dtype if s.train_forward else s.dtype).removeprefix("torch.")
+    return (f"float rounding of the recorded update (parameters stored in {s.history.manifest['dtype']}, "
+            f"the batch gradient recomputed in {replayed})")
 
 
 def _grid_frame(lead: dict[str, np.ndarray], tests: np.ndarray, outputs: int, values: dict[str, np.ndarray],
@@ -676,9 +740,9 @@ def element_influence(run: str | Path | History, config: ExplainConfig | None = 
     rule = _rule_for(s)
     kept = _kept_steps(s)
     current = _Pass(s, slice(0, len(s.test_ids)), kept, rule)
-    for record, theta, theta_next in tqdm(_segments(s, start=0 if rule else s.lo), disable=not progress,
-                                          total=s.hi - (0 if rule else s.lo), desc="elements", unit="step"):
-        current.step(record, theta, theta_next)
+    for segment in tqdm(_segments(s, start=0 if rule else s.lo), disable=not progress,
+                        total=s.hi - (0 if rule else s.lo), desc="elements", unit="step"):
+        current.step(*segment)
     signed = torch.cat([c.importance for c in current.chunks]).cpu()  # (test, O, D)
     return s.test_ids, s.layout.unflatten(signed)
 

@@ -115,13 +115,17 @@ def data_fingerprint(inputs: torch.Tensor, labels: torch.Tensor) -> str:
 
 
 def default_layer(tensor_name: str) -> str:
-    """Default layer label: the top-level module of a parameter, with its index inside a container.
+    """Default layer label: the module path up to the first index inside a container (a block of a
+    stack), else the top-level module.
 
-    ``fc1.weight`` → ``fc1``; ``blocks.3.attn.q.weight`` → ``blocks.3``; ``0.weight`` → ``0``.
+    ``fc1.weight`` → ``fc1``; ``blocks.3.attn.q.weight`` → ``blocks.3``; ``0.weight`` → ``0``;
+    ``transformer.h.1.attn.c_attn.weight`` → ``transformer.h.1``; ``transformer.wte.weight`` →
+    ``transformer``.
     """
     parts = tensor_name.split(".")
-    if len(parts) > 2 and parts[1].isdigit():
-        return f"{parts[0]}.{parts[1]}"
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit():
+            return ".".join(parts[:i + 1])
     return parts[0]
 
 

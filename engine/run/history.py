@@ -2,7 +2,9 @@
 
 Access is lazy and chunk-wise: one chunk (a range of steps) is loaded at a time, so
 reading a long run costs the memory of one chunk. Every tensor is checked for shape and
-finiteness when its chunk is loaded; problems raise errors that name the file.
+finiteness when its chunk is loaded; problems raise errors that name the file. The format
+is described in ``engine.run.record``; runs of schema version 1 read as runs without
+buffers whose training forward is unknown (``training_forward`` is None).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from engine.errors import CorruptRunError, IncompleteRunError, RunNotFoundError, SchemaVersionError
-from engine.run.record import FORMAT, HPARAM_COLUMNS, SCHEMA_VERSION
+from engine.run.record import FORMAT, HPARAM_COLUMNS, SCHEMA_VERSION, RandomState
 
 Params = dict[str, torch.Tensor]
 
@@ -55,6 +57,9 @@ class StepRecord:
     adam_step: dict[str, float] | None  # Adam step counter t after the step, per tensor
     active: dict[str, bool]        # whether the tensor had a gradient (was stepped)
     clip_scale: float              # global gradient scale applied between backward() and step()
+    buffers: Params                # b_s: every recorded floating buffer at θ_s
+    buffers_after: Params          # b_{s+1}, at θ_{s+1}
+    rng: RandomState | None        # generator state before the training forward, if it drew random numbers
 
 
 @dataclass
@@ -78,8 +83,12 @@ class History:
             p["name"]: tuple(p["shape"]) for p in manifest["parameters"]
         }
         self.param_group: dict[str, int] = {p["name"]: int(p["group"]) for p in manifest["parameters"]}
+        self.buffer_shapes: dict[str, tuple[int, ...]] = {
+            b["name"]: tuple(b["shape"]) for b in manifest.get("buffers", [])
+        }
         self._chunks_meta: list[dict[str, Any]] = manifest["chunks"]
         self._cache: _Chunk | None = None
+        self._initial_buffers: Params | None = None
 
     # ---------------------------------------------------------------- opening
     @classmethod
@@ -166,6 +175,37 @@ class History:
         return self.manifest["optimizer"]["family"]
 
     @property
+    def changing_buffers(self) -> list[str]:
+        """The recorded buffers that change at some step, in model order."""
+        changed = {n for meta in self._chunks_meta for n in meta.get("buffers", [])}
+        return [n for n in self.buffer_shapes if n in changed]
+
+    @property
+    def training_forward(self) -> dict[str, Any] | None:
+        """How the training forward ran (``engine.run.record``), or None for a run of schema version 1."""
+        return self.manifest.get("training_forward")
+
+    def initial_buffers(self) -> Params:
+        """b_0: every recorded floating buffer when recording started."""
+        if self._initial_buffers is None:
+            path = self.path / "buffers.safetensors"
+            self._initial_buffers = self._read(path) if self.buffer_shapes else {}
+            for name, shape in self.buffer_shapes.items():
+                got = self._initial_buffers.get(name)
+                if got is None or tuple(got.shape) != shape:
+                    raise CorruptRunError(f"{path} lacks buffer {name!r} of shape {shape} that the manifest lists")
+        return self._initial_buffers
+
+    def buffers(self, step: int) -> Params:
+        """b_step for step in 0..N: the recorded floating buffers at θ_step."""
+        self._check_step(step, allow_end=True)
+        if step == self.num_steps:
+            chunk = self._load(self._chunks_meta[-1])
+            return self._buffers_of(chunk, "buffer_end/", None)
+        chunk = self._chunk_for(step)
+        return self._buffers_of(chunk, "buffer/", step - chunk.first)
+
+    @property
     def data_axis_reason(self) -> str | None:
         """Why the data view is unavailable for this run, or None when it is available."""
         return self.manifest["optimizer"].get("data_axis_reason")
@@ -203,8 +243,8 @@ class History:
     def record(self, step: int) -> StepRecord:
         """The StepRecord of one step (random access; prefer iter_steps for sweeps)."""
         self._check_step(step)
-        after = self.params(step + 1)
-        return self._make_record(self._chunk_for(step), step, after)
+        after, buffers_after = self.params(step + 1), self.buffers(step + 1)
+        return self._make_record(self._chunk_for(step), step, after, buffers_after)
 
     def iter_steps(self, start: int = 0, stop: int | None = None) -> Iterator[StepRecord]:
         """Yield StepRecords for steps start..stop-1, loading one chunk at a time."""
@@ -218,9 +258,11 @@ class History:
             for step in range(max(start, chunk.first), min(stop, chunk.last + 1)):
                 if step < chunk.last:
                     after = {n: chunk.tensors[f"theta/{n}"][step + 1 - chunk.first] for n in self.param_names}
+                    buffers_after = self._buffers_of(chunk, "buffer/", step + 1 - chunk.first)
                 else:
                     after = {n: chunk.tensors[f"theta_end/{n}"] for n in self.param_names}
-                yield self._make_record(chunk, step, after)
+                    buffers_after = self._buffers_of(chunk, "buffer_end/", None)
+                yield self._make_record(chunk, step, after, buffers_after)
 
     def metrics(self) -> pl.DataFrame:
         """Logged metrics, one row per step that has any, one column per metric name."""
@@ -254,11 +296,25 @@ class History:
                 return self._load(meta)
         raise IndexError(f"step {step} is not in any chunk of {self.path}")
 
-    def _make_record(self, chunk: _Chunk, step: int, after: Params) -> StepRecord:
+    def _buffers_of(self, chunk: _Chunk, prefix: str, index: int | None) -> Params:
+        """The buffers of row ``index`` of a chunk (``None``: its end), the starting values where it stores none."""
+        out = dict(self.initial_buffers())
+        for name in out:
+            stored = chunk.tensors.get(f"{prefix}{name}")
+            if stored is not None:
+                out[name] = stored if index is None else stored[index]
+        return out
+
+    def _make_record(self, chunk: _Chunk, step: int, after: Params, buffers_after: Params) -> StepRecord:
         i = step - chunk.first
         before = {n: chunk.tensors[f"theta/{n}"][i] for n in self.param_names}
         ids, weights = chunk.batches[step]
         adam = "adam_step" in chunk.tensors
+        random = "random" in chunk.tensors and bool(chunk.tensors["random"][i])
+        rng = None
+        if random and "rng_cpu" in chunk.tensors:
+            cuda = chunk.tensors["rng_cuda"][i] if "rng_cuda" in chunk.tensors else None
+            rng = RandomState(chunk.tensors["rng_cpu"][i], cuda)
         return StepRecord(
             step=step,
             params=before,
@@ -272,23 +328,35 @@ class History:
             ),
             active={n: bool(chunk.tensors["active"][i, j]) for j, n in enumerate(self.param_names)},
             clip_scale=float(chunk.tensors["clip_scale"][i]),
+            buffers=self._buffers_of(chunk, "buffer/", i),
+            buffers_after=buffers_after,
+            rng=rng,
         )
+
+    @staticmethod
+    def _read(file: Path) -> dict[str, torch.Tensor]:
+        try:
+            return load_file(str(file))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CorruptRunError(
+                f"{file} cannot be read as safetensors ({exc}); the file is truncated or foreign"
+            ) from exc
 
     def _load(self, meta: dict[str, Any]) -> _Chunk:
         if self._cache is not None and self._cache.stem == meta["stem"]:
             return self._cache
         base = self.path / "chunks" / meta["stem"]
         file = base.with_name(f"{meta['stem']}.safetensors")
-        try:
-            tensors = load_file(str(file))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CorruptRunError(
-                f"{file} cannot be read as safetensors ({exc}); the file is truncated or foreign"
-            ) from exc
+        tensors = self._read(file)
         count = meta["last_step"] - meta["first_step"] + 1
-        for n in self.param_names:
-            shape = self.param_shapes[n]
-            for key, want in ((f"theta/{n}", (count, *shape)), (f"theta_end/{n}", shape)):
+        expected = [(f"theta/{n}", (count, *shape), f"theta_end/{n}", shape) for n, shape in self.param_shapes.items()]
+        for n in meta.get("buffers", []):
+            if n not in self.buffer_shapes:
+                raise CorruptRunError(f"{self.path}/manifest.json: chunk {meta['stem']} lists unknown buffer {n!r}")
+            shape = self.buffer_shapes[n]
+            expected.append((f"buffer/{n}", (count, *shape), f"buffer_end/{n}", shape))
+        for key_steps, want_steps, key_end, want_end in expected:
+            for key, want in ((key_steps, want_steps), (key_end, want_end)):
                 got = tensors.get(key)
                 if got is None:
                     raise CorruptRunError(f"{file} lacks tensor {key!r}")
@@ -299,7 +367,8 @@ class History:
         for key, value in tensors.items():
             if value.is_floating_point() and not torch.isfinite(value).all():
                 bad = (~torch.isfinite(value)).nonzero()[0].tolist()
-                step = meta["first_step"] + bad[0] if key.startswith(("theta/", "v/")) else meta["first_step"]
+                step = meta["first_step"] + bad[0] if key.startswith(("theta/", "v/", "buffer/")) \
+                    else meta["first_step"]
                 raise CorruptRunError(
                     f"{file}: tensor {key!r} contains NaN or Inf (first at index {bad}, step {step}); "
                     "training diverged or the file is damaged"

@@ -178,7 +178,10 @@ class RunBundle:
 
     ``meta`` needs ``task`` (str), ``steps`` (int), ``quantity`` (str) and ``quadrature``
     (str); ``data_fingerprint`` (str), ``model_summary`` and ``optimizer`` (dicts) are typed
-    when present; any other JSON-serialisable key is kept as is. Component, data and
+    when present; any other JSON-serialisable key is kept as is. ``explain`` also writes the
+    data view's own error, ``max_rel_split_residual`` (float or null), ``split_residual_cause``
+    and ``data_split`` (str or null), and ``buffer_groups`` (list of str): the ``groups`` rows
+    named ``<module>.<buffers>`` that hold buffer terms rather than parameter tensors. Component, data and
     completeness rows are one per (window or step, tensor/train, test, output).
     """
 
