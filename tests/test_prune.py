@@ -18,6 +18,7 @@ from torch.func import functional_call
 from engine import store
 from engine.analysis.prune import (
     COLUMNS,
+    DENSE,
     NO_SEED,
     PruneConfig,
     add_arguments,
@@ -169,7 +170,8 @@ def test_frame_reports_achieved_sparsity_overall_and_per_layer(trained):
     assert frame.columns[: len(COLUMNS)] == list(COLUMNS)
     setup = load_setup(trained[1])
     for row in frame.iter_rows(named=True):
-        pruned = setup.pruned(row["method"], row["sparsity"], "per-tensor")
+        dense = row["method"] == DENSE
+        pruned = setup.params if dense else setup.pruned(row["method"], row["sparsity"], "per-tensor")
         zeros = sum(int((pruned[n] == 0).sum()) for n in setup.prunable)
         assert row["achieved_sparsity"] == pytest.approx(zeros / 30)
         assert json.loads(row["layer_sparsity"]) == {"hidden": pytest.approx(zeros / 30)}
@@ -253,6 +255,10 @@ def test_kl_is_nonnegative_and_zero_when_nothing_is_pruned(trained):
     tiny = frame.filter(pl.col("sparsity") == 1e-6)
     assert (tiny["kl"] == 0).all() and (tiny["agreement"] == 1).all() and (tiny["achieved_sparsity"] == 0).all()
     assert frame.filter(pl.col("sparsity") == 0.999)["kl"].min() > 0
+    # the dense reference row: the unpruned model, evaluated as the sweep's rows are
+    dense = frame.filter(pl.col("method") == DENSE).row(0, named=True)
+    assert (dense["sparsity"], dense["seed"], dense["agreement"], dense["kl"]) == (0.0, NO_SEED, 1.0, 0.0)
+    assert tiny["accuracy"].to_list() == [dense["accuracy"]] * tiny.height  # nothing pruned at 1e-6 either
 
 
 def test_compare_matches_definitions():
@@ -282,7 +288,7 @@ def test_add_pruning_round_trip_keeps_other_scopes(trained, tmp_path):
     with store.RunDB.open(db) as reader:
         stored = reader.pruning()
     kernel_global = stored.filter((pl.col("method") == "kernel") & (pl.col("scope") == "global"))
-    assert kernel_global["sparsity"].to_list() == [0.5] and again.height == 1
+    assert kernel_global["sparsity"].to_list() == [0.5] and again["method"].to_list() == [DENSE, "kernel"]
     assert stored.filter(pl.col("method") == "random").height == 4
 
 
@@ -314,7 +320,7 @@ def test_missing_run_directory_is_named(trained, tmp_path):
                                                           run_dir=str(gone)))
     with pytest.raises(RunNotFoundError, match="moved-away"):
         prune(db, write=False)
-    assert prune(db, sparsities=(0.5,), baselines=(), run_dir=trained[0], write=False).height == 1
+    assert prune(db, sparsities=(0.5,), baselines=(), run_dir=trained[0], write=False).height == 2  # dense, kernel
 
 
 def test_relative_run_directory_resolves_beside_the_database(trained, tmp_path):
@@ -416,7 +422,7 @@ def test_cmd_prune_arguments_and_json(trained, tmp_path):
     args = parser.parse_args([str(db), "--sparsities", "0.5,0.9", "--baselines", "magnitude,random", "--seeds",
                               "2", "--scope", "per-tensor", "--json"])
     result = json.loads(json.dumps(cmd_prune(args)))
-    assert result["rows"] == 2 * (1 + 1 + 2) and result["eval_examples"] == N_VAL - len(RANKING)
+    assert result["rows"] == 1 + 2 * (1 + 1 + 2) and result["eval_examples"] == N_VAL - len(RANKING)
     assert result["output_layer"] == ["out.weight", "out.bias"] and result["prunable_parameters"] == 30
     assert result["curves"]["random @ 0.5"]["seeds"] == 2
     with store.RunDB.open(db) as reader:
@@ -424,7 +430,7 @@ def test_cmd_prune_arguments_and_json(trained, tmp_path):
     with pytest.raises(BadInputError, match="sparsities"):
         cmd_prune(parser.parse_args([str(db), "--sparsities", "0.5,most"]))
     defaults = parser.parse_args([str(db)])
-    assert defaults.sparsities == "0.7,0.8,0.9,0.95,0.99,0.999" and defaults.seeds == 3 and defaults.scope == "global"
+    assert defaults.sparsities == "0.1,0.3,0.5,0.7,0.8,0.9,0.95,0.99,0.999" and defaults.seeds == 3 and defaults.scope == "global"
 
 
 def test_prune_with_importance_from_explain(trained, tmp_path):

@@ -19,6 +19,9 @@ Rules shared by every method:
   Pruned models are evaluated on the validation examples that are *not* in the ranking set.
 - *Seeds*. ``random`` writes one row per seed (``seed`` = 0, 1, …) and readers average
   over seeds; deterministic methods write ``seed = -1``.
+- *Reference*. Every sweep also writes the unpruned model as method ``dense`` at sparsity 0
+  (agreement 1 and KL 0 by definition; its accuracy on the same held-out examples), the
+  point every curve starts from.
 
 Measures per row: ``agreement`` (arg-max equal to the unpruned model's), ``accuracy``
 (arg-max equal to the label), ``kl`` = mean over examples of KL(unpruned ‖ pruned) of the
@@ -56,7 +59,8 @@ log = logging.getLogger(__name__)
 METHODS = ("kernel", "magnitude", "random")
 BASELINES = ("magnitude", "random")
 SCOPES = ("global", "per-tensor")
-DEFAULT_SPARSITIES = (0.7, 0.8, 0.9, 0.95, 0.99, 0.999)
+DEFAULT_SPARSITIES = (0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)
+DENSE = "dense"  # method name of the unpruned reference row
 NO_SEED = -1  # seed of the deterministic methods
 COLUMNS = ("method", "scope", "sparsity", "seed", "agreement", "accuracy", "kl", "achieved_sparsity")
 
@@ -427,7 +431,12 @@ def sweep(setup: PruneSetup, config: PruneConfig, progress: bool = False) -> pl.
     """Evaluate every (method, seed, sparsity) of ``config`` on the held-out examples."""
     reference = log_probs(setup.model, setup.params, setup.eval_inputs, config.batch_size)
     runs = [(m, s) for m in config.methods for s in (range(config.seeds) if m == "random" else (NO_SEED,))]
-    rows = []
+    rows = [{
+        "method": DENSE, "scope": config.scope, "sparsity": 0.0, "seed": NO_SEED,
+        **compare(reference, reference, setup.eval_labels),
+        "achieved_sparsity": achieved_sparsity(setup.params, setup.prunable),
+        "layer_sparsity": json.dumps(layer_sparsity(setup.params, setup.prunable, setup.layer)),
+    }]
     with tqdm(total=len(runs) * len(config.sparsities), desc="pruning", disable=not progress) as bar:
         for method, seed in runs:
             scores = setup.scores(method, seed)
