@@ -151,7 +151,8 @@ COMMANDS: dict[str, tuple[Handler, str]] = {
     "train": (cmd_train, "train a built-in task and record it"),
     "verify": (cmd_verify, "replay every recorded update from the record (MATH.md §3)"),
     "explain": (cmd_explain, "decompose a recorded run into influences and write a run database"),
-    "prune": (cmd_prune, "prune the final model by kernel importance vs magnitude and random (MATH.md §5)"),
+    "prune": (cmd_prune, "prune the final model by kernel importance and its variants vs Taylor, magnitude and "
+              "random (MATH.md §5)"),
     "info": (cmd_info, "summarize a run database"),
     "import-explaind": (cmd_import_explaind, "convert a run recorded with the published explaind package"),
     "sample": (cmd_sample, "rebuild a shipped sample run from scratch (train, verify, explain, prune)"),

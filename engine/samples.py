@@ -2,7 +2,8 @@
 
 ``python -m engine sample digits`` trains the task, checks the record by replay,
 decomposes it, measures prediction-level exactness for several quadratures, runs the
-pruning study and publishes ``sample_runs/digits.duckdb``. Everything is seeded, so the
+pruning study (every method the importance view ranks by, 10 %–99.9 % sparsity, global and
+per-tensor scope) and publishes ``sample_runs/digits.duckdb``. Everything is seeded, so the
 same command reproduces the same numbers; the recipe is stored in the database's metadata
 (key ``recipe``) so a test can check that a shipped file matches its command.
 """
@@ -22,7 +23,7 @@ from typing import Any
 import polars as pl
 import torch
 
-from engine.analysis.prune import PruneConfig, run_prune
+from engine.analysis.prune import SCOPES, PruneConfig, run_prune
 from engine.decompose import ExplainConfig, Explanation, explain_history, merge_tests
 from engine.errors import BadInputError
 from engine.run.history import History
@@ -31,6 +32,10 @@ from engine.store import write_run
 from engine.tasks import get_task, train_task
 
 log = logging.getLogger(__name__)
+
+# sparsities of the samples' pruning curves: from light pruning, where a good ranking keeps the model
+# intact, to 99.9 %, where every ranking has destroyed it
+PRUNE_SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,8 @@ class SampleRecipe:
     data: dict[str, Any] = field(default_factory=dict)            # ExplainConfig of the data-view pass
     exactness: tuple[str, ...] = ("adaptive", "midpoint:100", "midpoint:10")
     exactness_tests: int = 100
-    prune: dict[str, Any] = field(default_factory=dict)           # PruneConfig overrides
+    prune: dict[str, Any] = field(default_factory=dict)           # PruneConfig overrides but the scope …
+    prune_scopes: tuple[str, ...] = SCOPES                         # … which takes each of these in turn
 
     def to_json(self) -> dict[str, Any]:
         """The recipe as it reads back from the database's JSON metadata."""
@@ -62,6 +68,7 @@ SAMPLES: dict[str, SampleRecipe] = {
                         "window": 5, "dtype": "float64"},
             data={"test_size": 10, "quantity": "logprob", "views": ("data",), "window": 20, "dtype": "float64"},
             exactness_tests=30,
+            prune={"sparsities": PRUNE_SPARSITIES},
         ),
         SampleRecipe(
             name="grokking",
@@ -70,6 +77,7 @@ SAMPLES: dict[str, SampleRecipe] = {
                         "window": 20, "rtol": 1e-5},
             data={"test_size": 20, "quantity": "logprob", "views": ("data",), "window": 200, "rtol": 1e-5},
             exactness_tests=10,
+            prune={"sparsities": PRUNE_SPARSITIES},
         ),
     )
 }
@@ -139,7 +147,8 @@ def build_sample(sample: str | SampleRecipe, out_dir: Path = Path("sample_runs")
             "data_tests": len(data.test_ids)}
     bundle = dataclasses.replace(bundle, meta=meta, data=data.data)
     target = write_run(out_dir / f"{name}.duckdb", bundle)
-    _, pruning = run_prune(target, PruneConfig(**recipe.prune), progress=progress)
+    pruning = pl.concat([run_prune(target, PruneConfig(**recipe.prune, scope=scope), progress=progress)[1]
+                         for scope in recipe.prune_scopes])
     return {
         "sample": name,
         "database": str(target),

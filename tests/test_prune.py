@@ -19,7 +19,9 @@ from engine import store
 from engine.analysis.prune import (
     COLUMNS,
     DENSE,
+    METHODS,
     NO_SEED,
+    STORED_SCORES,
     PruneConfig,
     add_arguments,
     cmd_prune,
@@ -39,6 +41,7 @@ from tests.helpers import TinyMLP, tiny_data
 
 N_VAL = 40
 RANKING = tuple(range(8))  # validation ids the importance view is "explained" on
+OTHER_SCORES = ("gradient", "decay", "balance", "taylor")  # importance columns besides Ψ̄ and the magnitude
 
 
 def tiny_spec_val(n_val: int = N_VAL) -> dict:
@@ -66,8 +69,9 @@ def record(out: Path, lr: float = 0.3, steps: int = 8, init=None) -> Path:
 
 
 def bundle(run: Path, importance: dict[str, np.ndarray] | None, ranking=RANKING, split: str = "val",
-           run_dir: str | None = None) -> store.RunBundle:
-    """A minimal run database for ``run``: its tensors, the ranking examples and an importance view."""
+           run_dir: str | None = None, scores: dict[str, dict[str, np.ndarray]] | None = None) -> store.RunBundle:
+    """A minimal run database for ``run``: its tensors, the ranking examples and an importance view whose
+    Ψ̄ is ``importance`` and whose other score columns are ``scores`` (column → tensor → values) or null."""
     history = History.open(run)
     task = get_task(history.model_spec)
     final = history.params(history.num_steps)
@@ -93,10 +97,14 @@ def bundle(run: Path, importance: dict[str, np.ndarray] | None, ranking=RANKING,
         pl.lit(None, dtype=pl.Float64).alias("optimizer_residual"))
     imp = None
     if importance is not None:
+        scores = scores or {}
         imp = pl.concat([pl.DataFrame({"tensor": t, "index": np.arange(final[t].numel(), dtype=np.int64),
                                        "importance": np.asarray(v, dtype=np.float64).ravel(),
-                                       "magnitude": final[t].abs().double().numpy().ravel()})
-                         for t, v in importance.items()])
+                                       **{c: (np.asarray(scores[c][t], dtype=np.float64).ravel() if c in scores
+                                              else np.full(final[t].numel(), None)) for c in OTHER_SCORES},
+                                       "magnitude": final[t].abs().double().numpy().ravel()},
+                                      schema_overrides={c: pl.Float64 for c in OTHER_SCORES})
+                         for t, v in importance.items()]).with_columns(pl.col(*OTHER_SCORES).fill_nan(None))
     meta = {"task": "imported", "steps": n, "quantity": "logits", "quadrature": "gauss:4",
             "data_fingerprint": history.manifest["data"]["fingerprint"], "test_split": split,
             "run_dir": str(run) if run_dir is None else run_dir, "model_spec": history.model_spec}
@@ -166,7 +174,8 @@ def test_pruned_model_has_requested_zeros_and_untouched_output_layer(trained, sc
 
 
 def test_frame_reports_achieved_sparsity_overall_and_per_layer(trained):
-    frame = prune(trained[1], sparsities=(0.5, 0.9), baselines=("magnitude",), scope="per-tensor", write=False)
+    frame = prune(trained[1], sparsities=(0.5, 0.9), methods=("kernel", "magnitude"), scope="per-tensor",
+                  write=False)
     assert frame.columns[: len(COLUMNS)] == list(COLUMNS)
     setup = load_setup(trained[1])
     for row in frame.iter_rows(named=True):
@@ -195,7 +204,7 @@ def test_random_seeds_differ_and_reported_mean_is_mean_of_seeds(trained):
     setup = load_setup(trained[1])
     masks = [setup.pruned("random", 0.7, "global", seed=s)["hidden.weight"] != 0 for s in range(3)]
     assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
-    frame = prune(trained[1], sparsities=(0.7,), baselines=("random",), seeds=3, write=False)
+    frame = prune(trained[1], sparsities=(0.7,), methods=("kernel", "random"), seeds=3, write=False)
     rows = frame.filter(pl.col("method") == "random").sort("seed")
     assert rows["seed"].to_list() == [0, 1, 2]
     assert frame.filter(pl.col("method") == "kernel")["seed"].to_list() == [NO_SEED]
@@ -278,13 +287,13 @@ def test_add_pruning_round_trip_keeps_other_scopes(trained, tmp_path):
         stored = reader.pruning()
     expected = first.select(COLUMNS).sort("method", "scope", "seed", "sparsity")
     assert stored.select(COLUMNS).equals(expected)
-    second = prune(db, sparsities=(0.8,), baselines=("magnitude",), scope="per-tensor")
+    second = prune(db, sparsities=(0.8,), methods=("kernel", "magnitude"), scope="per-tensor")
     with store.RunDB.open(db) as reader:
         stored = reader.pruning()
         assert reader.views()["importance"] == 30 + 21  # the rest of the database is intact
     assert stored.height == first.height + second.height
     assert set(stored["scope"].to_list()) == {"global", "per-tensor"}
-    again = prune(db, sparsities=(0.5,), baselines=(), scope="global")  # replaces global kernel rows only
+    again = prune(db, sparsities=(0.5,), methods=("kernel",), scope="global")  # replaces global kernel rows only
     with store.RunDB.open(db) as reader:
         stored = reader.pruning()
     kernel_global = stored.filter((pl.col("method") == "kernel") & (pl.col("scope") == "global"))
@@ -306,8 +315,10 @@ def test_sparsities_outside_open_unit_interval_are_refused(trained, sparsities):
 
 
 def test_bad_options_are_refused():
-    with pytest.raises(BadInputError, match="baseline"):
-        PruneConfig(baselines=("gradient",))
+    with pytest.raises(BadInputError, match="unknown pruning method"):
+        PruneConfig(methods=("gradient",))
+    with pytest.raises(BadInputError, match="unknown pruning method"):
+        PruneConfig(methods=())
     with pytest.raises(BadInputError, match="scope"):
         PruneConfig(scope="layer")
     with pytest.raises(BadInputError, match="seeds"):
@@ -320,7 +331,8 @@ def test_missing_run_directory_is_named(trained, tmp_path):
                                                           run_dir=str(gone)))
     with pytest.raises(RunNotFoundError, match="moved-away"):
         prune(db, write=False)
-    assert prune(db, sparsities=(0.5,), baselines=(), run_dir=trained[0], write=False).height == 2  # dense, kernel
+    frame = prune(db, sparsities=(0.5,), methods=("kernel",), run_dir=trained[0], write=False)
+    assert frame["method"].to_list() == ["dense", "kernel"]
 
 
 def test_relative_run_directory_resolves_beside_the_database(trained, tmp_path):
@@ -419,7 +431,7 @@ def test_cmd_prune_arguments_and_json(trained, tmp_path):
     db = store.write_run(tmp_path / "cli.duckdb", bundle(trained[0], random_importance(trained[0])))
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args([str(db), "--sparsities", "0.5,0.9", "--baselines", "magnitude,random", "--seeds",
+    args = parser.parse_args([str(db), "--sparsities", "0.5,0.9", "--methods", "kernel,magnitude,random", "--seeds",
                               "2", "--scope", "per-tensor", "--json"])
     result = json.loads(json.dumps(cmd_prune(args)))
     assert result["rows"] == 1 + 2 * (1 + 1 + 2) and result["eval_examples"] == N_VAL - len(RANKING)
@@ -430,8 +442,10 @@ def test_cmd_prune_arguments_and_json(trained, tmp_path):
     with pytest.raises(BadInputError, match="sparsities"):
         cmd_prune(parser.parse_args([str(db), "--sparsities", "0.5,most"]))
     defaults = parser.parse_args([str(db)])
-    assert defaults.sparsities == "0.1,0.3,0.5,0.7,0.8,0.9,0.95,0.99,0.999"
-    assert defaults.seeds == 3 and defaults.scope == "global"
+    assert defaults.sparsities == "0.1,0.3,0.5,0.7,0.8,0.9,0.95,0.99,0.999" and defaults.seeds == 3
+    assert defaults.scope == "global" and defaults.methods == "all"
+    everything = json.loads(json.dumps(cmd_prune(parser.parse_args([str(db), "--sparsities", "0.5", "--json"]))))
+    assert sorted({key.split(" @ ")[0] for key in everything["curves"]}) == ["dense", "kernel", "magnitude", "random"]
 
 
 def test_prune_with_importance_from_explain(trained, tmp_path):
@@ -445,14 +459,62 @@ def test_prune_with_importance_from_explain(trained, tmp_path):
                          explanation.to_bundle(history, get_task(history.model_spec)))
     setup = load_setup(db)
     assert setup.ranking_ids.tolist() == list(RANKING)
+    assert setup.methods == METHODS  # explain stores every score
     with store.RunDB.open(db) as reader:
-        stored = reader.importance("hidden.weight")["importance"].to_numpy()
-    assert np.array_equal(setup.importance["hidden.weight"].flatten().numpy(), stored)
+        stored = reader.importance("hidden.weight")
+    for method, column in STORED_SCORES.items():
+        assert np.array_equal(setup.scores(method)["hidden.weight"].flatten().numpy(), stored[column].to_numpy())
     kept = setup.pruned("kernel", 0.7, "global")
-    scores = torch.cat([setup.importance[n].flatten() for n in setup.prunable])
+    scores = torch.cat([setup.scores("kernel")[n].flatten() for n in setup.prunable])
     alive = torch.cat([(kept[n] != 0).flatten() for n in setup.prunable])
     assert scores[alive].min() >= scores[~alive].max()
     frame = prune(db, sparsities=(0.7,), write=False)
+    assert set(frame["method"]) == {DENSE, *METHODS}
     reference = log_probs(setup.model, setup.params, setup.eval_inputs, 16)
     assert frame.filter(pl.col("method") == "kernel")["agreement"].item() == compare(
         reference, log_probs(setup.model, kept, setup.eval_inputs, 16), setup.eval_labels)["agreement"]
+
+
+# ---------------------------------------------------------------------------- importance variants
+def variant_scores(run: Path) -> dict[str, dict[str, np.ndarray]]:
+    """Distinct random scores for every column besides Ψ̄."""
+    return {c: random_importance(run, seed=i + 1) for i, c in enumerate(OTHER_SCORES)}
+
+
+def test_every_stored_variant_ranks_by_its_own_column(trained, tmp_path):
+    run = trained[0]
+    scores = variant_scores(run)
+    db = store.write_run(tmp_path / "variants.duckdb", bundle(run, random_importance(run), scores=scores))
+    setup = load_setup(db)
+    assert setup.methods == METHODS
+    for method, column in STORED_SCORES.items():
+        if column == "importance":
+            continue
+        for n in setup.prunable:
+            np.testing.assert_array_equal(setup.scores(method)[n].numpy(), scores[column][n].reshape(
+                setup.params[n].shape))
+    frame = prune(db, sparsities=(0.3, 0.9), seeds=2, write=False)
+    assert frame.group_by("method").len().sort("method").rows() == sorted(
+        [(DENSE, 1), *[(m, 2) for m in METHODS if m != "random"], ("random", 4)])
+    masks = {m: setup.pruned(m, 0.3, "global")["hidden.weight"] != 0 for m in STORED_SCORES}
+    assert len({tuple(mask.flatten().tolist()) for mask in masks.values()}) == len(STORED_SCORES)
+
+
+def test_database_without_variant_scores_prunes_by_the_others_and_names_the_missing(trained, tmp_path):
+    run = trained[0]
+    db = store.write_run(tmp_path / "kernel-only.duckdb", bundle(run, random_importance(run)))
+    assert load_setup(db).methods == ("kernel", "magnitude", "random")
+    assert set(prune(db, sparsities=(0.5,), write=False)["method"]) == {DENSE, "kernel", "magnitude", "random"}
+    before = db.read_bytes()
+    with pytest.raises(BadInputError, match=r"no taylor scores: .*`python -m engine explain .* --views importance"):
+        prune(db, sparsities=(0.5,), methods=("kernel", "taylor"))
+    assert db.read_bytes() == before
+
+
+def test_importance_view_with_scores_for_some_elements_only_is_refused(trained, tmp_path):
+    run = trained[0]
+    scores = variant_scores(run)
+    scores["taylor"]["hidden.bias"] = np.full(6, None)
+    db = store.write_run(tmp_path / "partial-taylor.duckdb", bundle(run, random_importance(run), scores=scores))
+    with pytest.raises(CorruptRunError, match="taylor scores for some elements only"):
+        load_setup(db)

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from polars.testing import assert_frame_equal
 
+from engine.analysis.prune import METHODS, SCOPES, PruneConfig
+from engine.decompose import ExplainConfig
 from engine.samples import SAMPLES, SampleRecipe, build_sample
 from engine.store import RunDB, info
 
@@ -30,6 +32,18 @@ def test_shipped_sample_matches_its_recipe(name):
     assert exactness["adaptive"]["kl"] < 1e-9
 
 
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_recipe_prunes_by_every_method_from_light_to_extreme_sparsity_in_both_scopes(name):
+    recipe = SAMPLES[name]
+    config = PruneConfig(**recipe.prune)
+    assert config.methods is None  # every method the importance view holds scores for …
+    explain = ExplainConfig(**recipe.components)
+    assert "importance" in explain.views and explain.decay_split  # … which are all of them (see below)
+    assert min(config.sparsities) == 0.1 and max(config.sparsities) == 0.999
+    assert {0.1, 0.3, 0.5, 0.7, 0.9, 0.99} <= set(config.sparsities)
+    assert tuple(recipe.prune_scopes) == SCOPES
+
+
 def test_samples_stay_small():
     total = sum(p.stat().st_size for p in SAMPLE_DIR.glob("*.duckdb"))
     assert total < 40 * 2**20
@@ -43,7 +57,7 @@ TINY = SampleRecipe(
     data={"test_size": 3, "quantity": "logprob", "views": ("data",), "window": 6},
     exactness=("gauss:2", "midpoint:10"),
     exactness_tests=6,
-    prune={"sparsities": (0.5, 0.9), "seeds": 2},
+    prune={"sparsities": (0.1, 0.9), "seeds": 2},
 )
 
 
@@ -61,3 +75,7 @@ def test_sample_pipeline_is_deterministic_in_one_or_several_processes(tmp_path):
     for first, second, parallel in zip(*frames, strict=True):
         assert first.equals(second)
         assert_frame_equal(first, parallel, rel_tol=1e-5, abs_tol=2e-6)
+    pruning = frames[0][2]  # every method, both scopes, the dense reference at sparsity 0
+    assert sorted(pruning.select("method", "scope", "sparsity").unique().rows()) == sorted(
+        [("dense", scope, 0.0) for scope in SCOPES]
+        + [(method, scope, s) for method in METHODS for scope in SCOPES for s in (0.1, 0.9)])

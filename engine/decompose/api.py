@@ -8,7 +8,13 @@ quadrature and contracts it, never materialising the ``N·D·M·O`` influence te
   is ``Δ_s`` itself, so no per-example training gradient is needed.
 - **data** — ``Γ = φ̂_s·ψ_s(k)`` per training example ``k`` (and the regularizer, id −1),
   from per-example gradients and per-example optimizer buffers carried forward.
-- **importance** — ``Ψ̄(θ_i) = Σ_x Σ_j |Σ_s φ_s(x)[j,i] Δ_s[i]|`` per parameter element.
+- **importance** — per parameter element, scores that rank it (``IMPORTANCE_SCORES``): the
+  kernel importance ``Ψ̄(θ_i) = Σ_x Σ_j |Ψ|`` of the signed net influence
+  ``Ψ = Σ_s φ_s(x)[j,i] Δ_s[i]``, and from its split ``Ψ = Ψ_grad + Ψ_reg`` (decay part
+  ``Ψ_reg = Σ_s φ_s(x)[j,i] ψ_s(reg)[i]``, gradient part everything else) the gradient and
+  decay parts' own absolute sums and their balance ``D = Ψ̄_grad − Ψ̄_reg``; beside them the
+  first-order Taylor score ``Σ_x Σ_j |θ_hi[i] ∂g_j(x; θ_hi)/∂θ_i|`` at the last point, which
+  needs no path, and the magnitude ``|θ_hi[i]|``.
 - **completeness** (always) — per step, test example and output: the true change
   ``g(θ_{s+1}) − g(θ_s)``, the reconstruction ``φ̂_s·Δ_s``, the quadrature residual and the
   optimizer residual ``φ̂_s·ρ_s`` with ``ρ_s = Δ_s − (Σ_k ψ_s(k) + ψ_s(reg))``. Optimizer
@@ -63,8 +69,9 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from engine.decompose.config import DTYPES, ENGINES, SPLITS, VIEWS, ExplainConfig, parse_test, resolve_device
+from engine.decompose.evaluator import _Evaluator
 from engine.decompose.heap import retained_heap
-from engine.decompose.setup import BufferGroup, _Setup, _setup, buffer_groups
+from engine.decompose.setup import BufferGroup, _math_attention, _Setup, _setup, buffer_groups
 from engine.decompose.stream import REGULARIZER, _Pass, _Window
 from engine.errors import BadInputError, ExplaindError, UnsupportedOptimizerError
 from engine.model.groups import GroupMap, ParamLayout
@@ -76,6 +83,7 @@ from engine.run.updates import UpdateRule, initial_buffer, rule_for
 __all__ = [
     "DTYPES",
     "ENGINES",
+    "IMPORTANCE_SCORES",
     "REGULARIZER",
     "SPLITS",
     "VIEWS",
@@ -94,6 +102,9 @@ __all__ = [
 
 
 SPLIT_NOTE_THRESHOLD = 1e-3  # a data view missing more than this, relative, is named in the notes
+# Columns of the importance frame that rank elements (higher = more important), besides ``magnitude``;
+# ``gradient``, ``decay`` and ``balance`` need the decay split (null without it).
+IMPORTANCE_SCORES = ("importance", "gradient", "decay", "balance", "taylor")
 
 
 # ============================================================================ results
@@ -288,8 +299,9 @@ def merge_tests(parts: list[Explanation]) -> Explanation:
         return None if frames[0] is None else pl.concat(frames, rechunk=True)
 
     importance = first.importance
-    if importance is not None:
-        importance = importance.with_columns(importance=sum(p.importance["importance"] for p in parts))
+    if importance is not None:  # sums over test examples; the magnitude is the same in every part
+        importance = importance.with_columns(**{name: sum(p.importance[name] for p in parts)
+                                                for name in IMPORTANCE_SCORES})
     optimizer = [p.max_optimizer_residual for p in parts if p.max_optimizer_residual is not None]
     split = [p.max_rel_split_residual for p in parts if p.max_rel_split_residual is not None]
     return replace(
@@ -445,7 +457,8 @@ def explain_history(history: History, task: Task, config: ExplainConfig | None =
                 current.flush_all()
                 break
     interrupted = stop.is_set()
-    explanation = _assemble(s, results, kept, time.perf_counter() - started, interrupted)
+    taylor = _taylor(s) if "importance" in s.config.views else None
+    explanation = _assemble(s, results, kept, time.perf_counter() - started, interrupted, taylor)
     if interrupted:
         raise ExplainInterrupted(
             f"explain of {history.path} was interrupted after step {results[-1].done - 1}; nothing was written "
@@ -528,24 +541,27 @@ def _passes(s: _Setup) -> list[slice]:
 
     One pass normally; the data view in reverse mode takes one test chunk per pass (its
     per-example buffers advance with the steps), and the importance view as many tests as its per-element
-    accumulators allow in ``memory_mb``.
+    accumulators (the signed influence, and its decay part with the decay split) allow in ``memory_mb``.
     """
     n = len(s.test_ids)
     size = n
     if "data" in s.config.views and s.engine == "vjp":
         size = s.test_chunk
     if "importance" in s.config.views:
-        size = min(size, max(1, s.config.memory_mb * 2**20 // (8 * s.outputs * s.layout.total)))
+        accumulators = 2 if s.split_ok else 1
+        size = min(size, max(1, s.config.memory_mb * 2**20 // (accumulators * 8 * s.outputs * s.layout.total)))
     if size < n:
         s.notes.append(f"{math.ceil(n / size)} passes over the steps, {size} test examples each")
     return [slice(a, min(a + size, n)) for a in range(0, n, size)]
 
 
 # ============================================================================ frames
-def _assemble(s: _Setup, results: list[_Pass], kept: np.ndarray, seconds: float, partial: bool) -> Explanation:
+def _assemble(s: _Setup, results: list[_Pass], kept: np.ndarray, seconds: float, partial: bool,
+              taylor: Tensor | None = None) -> Explanation:
     test_ids = np.asarray(s.test_ids, dtype=np.int64)
     group_col = s.config.granularity
-    comp_frames, data_frames, compl_frames, pred_frames, imp = [], [], [], [], None
+    comp_frames, data_frames, compl_frames, pred_frames = [], [], [], []
+    scores: dict[str, Tensor] = {}  # absolute sums over test examples and outputs, (D,) float64
     max_rel = max_rel_output = max_abs = 0.0
     max_opt: float | None = None
     max_split: float | None = None
@@ -590,17 +606,13 @@ def _assemble(s: _Setup, results: list[_Pass], kept: np.ndarray, seconds: float,
             if "data" in s.config.views and c.windows:
                 data_frames.extend(_data_frame(w, tests, s.outputs) for w in c.windows)
             if c.importance is not None:
-                part = c.importance.abs().sum(dim=(0, 1))
-                imp = part if imp is None else imp + part
-    importance = None
-    if imp is not None:
-        final = s.layout.flatten(s.history.params(s.hi), dtype=torch.float64).abs().numpy()
-        importance = pl.DataFrame({
-            "tensor": np.repeat(np.array(s.layout.names, dtype=object), s.layout.sizes).astype(str),
-            "index": np.concatenate([np.arange(n) for n in s.layout.sizes]).astype(np.int64),
-            "importance": imp.cpu().numpy(),
-            "magnitude": final,
-        })
+                parts = {"importance": c.importance}
+                if c.importance_decay is not None:
+                    parts |= {"gradient": c.importance - c.importance_decay, "decay": c.importance_decay}
+                for name, signed in parts.items():
+                    scores[name] = scores.get(name, 0) + signed.abs().sum(dim=(0, 1))
+    importance = _importance_frame(s, scores, taylor) if scores else None
+    taylor_rows = len(s.test_ids) * s.outputs if taylor is not None else 0  # one Jacobian row each
     stats = pl.DataFrame(results[0].stats if results else [],
                          schema={"step": pl.Int64, "update_norm": pl.Float64, "param_norm": pl.Float64,
                                  "lr": pl.Float64, "weight_decay": pl.Float64})
@@ -634,7 +646,8 @@ def _assemble(s: _Setup, results: list[_Pass], kept: np.ndarray, seconds: float,
         max_rel_residual=max_rel, max_rel_residual_output=max_rel_output, max_abs_residual=max_abs,
         max_optimizer_residual=max_opt, max_rel_split_residual=max_split, split_residual_cause=cause,
         data_split=s.split.mode if s.split is not None else None,
-        gradient_evaluations=sum(p.evaluations for p in results), escalated=sum(p.escalated for p in results),
+        gradient_evaluations=sum(p.evaluations for p in results) + taylor_rows,
+        escalated=sum(p.escalated for p in results),
         seconds=seconds, decay_split=s.split_ok, partial=partial, notes=(*notes, *_tolerance_notes(s, results)),
         regression=s.test_y.is_floating_point(),
     )
@@ -671,6 +684,40 @@ def _split_cause(s: _Setup) -> str:
     replayed = str(s.train_forward.dtype if s.train_forward else s.dtype).removeprefix("torch.")
     return (f"float rounding of the recorded update (parameters stored in {s.history.manifest['dtype']}, "
             f"the batch gradient recomputed in {replayed})")
+
+
+def _importance_frame(s: _Setup, scores: dict[str, Tensor], taylor: Tensor | None) -> pl.DataFrame:
+    """One row per parameter element in layout order: every score of ``IMPORTANCE_SCORES`` (null
+    where not computed) and the magnitude ``|θ_hi|``."""
+    final = s.layout.flatten(s.history.params(s.hi), dtype=torch.float64)
+    columns = {**scores, "taylor": taylor}
+    if "gradient" in scores:
+        columns["balance"] = scores["gradient"] - scores["decay"]
+    rows = pl.DataFrame({
+        "tensor": np.repeat(np.array(s.layout.names, dtype=object), s.layout.sizes).astype(str),
+        "index": np.concatenate([np.arange(n) for n in s.layout.sizes]).astype(np.int64),
+    })
+    return rows.with_columns(
+        *[pl.Series(name, columns[name].cpu().numpy()) if columns.get(name) is not None
+          else pl.lit(None, dtype=pl.Float64).alias(name) for name in IMPORTANCE_SCORES],
+        pl.Series("magnitude", final.abs().numpy()))
+
+
+def _taylor(s: _Setup) -> Tensor:
+    """``Σ_x Σ_j |θ_hi ⊙ ∇g_j(x; θ_hi)|`` per element ``(D,)`` float64: the first-order Taylor estimate of
+    zeroing each element at the last explained point, summed over the test examples and outputs."""
+    ev = _Evaluator(s)
+    theta = s.flat(s.history.params(s.hi))  # (D,)
+    bufs = s.flat_buffers(s.history.buffers(s.hi))  # (Db,)
+    node, weight = torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    total = torch.zeros(s.layout.total, dtype=torch.float64, device=s.device)
+    with _math_attention():
+        for a in range(0, len(s.test_ids), s.test_chunk):
+            x, y = s.test_x[a:a + s.test_chunk], s.test_y[a:a + s.test_chunk]
+            jacobian = ev.phi_shared(theta[None], torch.zeros_like(theta)[None], bufs[None], node, weight, x,
+                                      y)[0]  # (n, O, D)
+            total += (jacobian.double() * theta.double()).abs().sum(dim=(0, 1))
+    return total
 
 
 def _grid_frame(lead: dict[str, np.ndarray], tests: np.ndarray, outputs: int, values: dict[str, np.ndarray],

@@ -5,7 +5,8 @@ quadrature rule of every (step, example) — fixed, or adaptive with cuts at the
 ReLU-like operations and the switch points of selections (``engine.decompose.quadrature``) —
 evaluates ``φ̂`` contracted with the directions the views need (``_Evaluator``, with ψ_s(reg),
 ρ_s and ψ_s(k) from ``_TrainSide``) and adds the step to the chunk's accumulators: component and
-data windows, per-element importance and the per-step completeness rows.
+data windows, per-element importance (signed ``Σ_s φ̂ ⊙ Δ`` and its weight-decay part ``Σ_s φ̂ ⊙ ψ_s(reg)``) and
+the per-step completeness rows.
 
 Buffers (MATH.md §6). Step s is integrated along ``(θ_s + tΔ_s, b_s)``; the buffers then move
 from ``b_s`` to ``b_{s+1}`` one module at a time, in model order, and each move's change of
@@ -72,6 +73,7 @@ class _Chunk:
     data: Tensor | None = None                   # (train, n, O) float64
     data_reg: Tensor | None = None               # (n, O)
     importance: Tensor | None = None             # (n, O, D) float64 signed Σ_s φ̂ ⊙ Δ
+    importance_decay: Tensor | None = None       # (n, O, D) float64 signed Σ_s φ̂ ⊙ ψ_s(reg) (decay split)
     rows: dict[str, list[Tensor]] = field(default_factory=dict)  # completeness per step
     windows: list[_Window] = field(default_factory=list)
     window_lo: int = 0                           # first step of the open window
@@ -167,6 +169,8 @@ class _Pass:
                 c.data_reg = torch.zeros(n, o, **f64)
             if "importance" in self.views:
                 c.importance = torch.zeros(n, o, setup.layout.total, **f64)
+                if rule is not None:
+                    c.importance_decay = torch.zeros(n, o, setup.layout.total, **f64)
             self.chunks.append(c)
         if self.rtol is not None:
             self._budgets()
@@ -780,14 +784,17 @@ class _Pass:
                 first = 2 * n_groups + 1
                 c.data.index_add_(0, terms.active, out[first:first + len(terms.active)].double())
         else:
-            prod, value, decay, opt = self._reverse_terms(phi, block.deltas[b], terms)
+            prod, prod_decay, value, decay, opt = self._reverse_terms(phi, block.deltas[b], terms)
             wide = (rules.wide[j] >= 0).nonzero().squeeze(1) if rules.wide is not None else []
             if len(wide):  # units computed in float64 replace their rows
                 phi_wide = rules.phi_wide[rules.wide[j, wide]]
-                prod_wide, value[:, wide], decay_wide, opt_wide = self._reverse_terms(phi_wide, block.wide[1][b],
-                                                                                      terms)
+                prod_wide, prod_decay_wide, value[:, wide], decay_wide, opt_wide = self._reverse_terms(
+                    phi_wide, block.wide[1][b], terms)
                 prod = prod.double()
                 prod[wide] = prod_wide
+                if prod_decay is not None:
+                    prod_decay = prod_decay.double()
+                    prod_decay[wide] = prod_decay_wide
                 phi[wide] = phi_wide.to(phi.dtype)  # the data view stays in the compute dtype
                 if decay is not None:
                     decay[:, wide] = decay_wide
@@ -795,6 +802,8 @@ class _Pass:
                     opt[wide] = opt_wide
             if c.importance is not None:
                 c.importance += prod.double()
+            if c.importance_decay is not None:
+                c.importance_decay += prod_decay.double()
             if c.data is not None and terms.active is not None:
                 self._data_step(c, phi, terms)
         recon = value.sum(0) + buffer_term
@@ -805,18 +814,20 @@ class _Pass:
                 c.data_reg += decay.sum(0)
         self._record(c, step, true_b, recon, opt, rules.count[j])
 
-    def _reverse_terms(self, phi: Tensor, delta: Tensor, terms: _StepTerms) -> tuple[Tensor, Tensor, Tensor | None,
-                                                                                     Tensor | None]:
-        """From φ̂ ``(n, O, D)``: ``φ̂ ⊙ Δ`` (in φ̂'s dtype) and, in float64, the component values
-        ``(G, n, O)``, the decay split ``(G, n, O)`` and ``φ̂·ρ_s (n, O)`` (None where not measured)."""
+    def _reverse_terms(self, phi: Tensor, delta: Tensor, terms: _StepTerms) -> tuple[
+            Tensor, Tensor | None, Tensor, Tensor | None, Tensor | None]:
+        """From φ̂ ``(n, O, D)``: ``φ̂ ⊙ Δ`` and ``φ̂ ⊙ ψ_s(reg)`` (in φ̂'s dtype) and, in float64, the
+        component values ``(G, n, O)``, the decay split ``(G, n, O)`` and ``φ̂·ρ_s (n, O)``; the decay
+        terms are None without the decay split, ``φ̂·ρ_s`` where it is not measured."""
         prod = phi * delta.to(phi.dtype)
         value = self._group_sums(prod).double()
-        decay = opt = None
+        prod_decay = decay = opt = None
         if self.train is not None:
-            decay = self._group_sums(phi * terms.psi_reg.to(phi.dtype)).double()
+            prod_decay = phi * terms.psi_reg.to(phi.dtype)
+            decay = self._group_sums(prod_decay).double()
             if self.train.residual:
                 opt = (phi @ terms.rho.to(phi.dtype)).double()
-        return prod, value, decay, opt
+        return prod, prod_decay, value, decay, opt
 
     def _group_sums(self, prod: Tensor) -> Tensor:
         """``(n, O, D) → (G, n, O)``: sums over each group's elements (tensor slices, then groups)."""

@@ -36,6 +36,7 @@ from engine.store.schema import (
     PART_ALL,
     PART_CORRECT,
     PART_INCORRECT,
+    READABLE_VERSIONS,
     REGULARIZER,
     REQUIRED_TABLES,
     SCHEMA_VERSION,
@@ -184,11 +185,12 @@ class RunDB:
             raise StoreSchemaError(f"{self.path} is not an ExPLAIND run database: missing tables {missing}")
         versions = self._rows("SELECT version FROM schema_version")
         found = versions[0][0] if len(versions) == 1 else None
-        if found != SCHEMA_VERSION:
+        if found not in READABLE_VERSIONS:
             shown = found if found is not None else f"{len(versions)} version rows"
             raise StoreSchemaError(
-                f"{self.path} has run database schema version {shown}; this release reads version "
-                f"{SCHEMA_VERSION}. Use a matching ExPLAIND Studio or re-create it with `python -m engine explain`"
+                f"{self.path} has run database schema version {shown}; this release reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}. Use a matching ExPLAIND Studio or re-create it with "
+                "`python -m engine explain`"
             )
         missing = [t for t in REQUIRED_TABLES if t not in tables]
         if missing:
@@ -254,9 +256,12 @@ class RunDB:
                            "WHERE view = $view ORDER BY step_lo", {"view": view})
 
     def importance(self, tensor: str | None = None) -> pl.DataFrame:
-        """tensor, index, importance, magnitude (of one tensor, or all in model order)."""
+        """tensor, index, importance, gradient, decay, balance, taylor, magnitude (of one tensor, or all in
+        model order); the scores a version-1 file lacks read null."""
         where, params = ("WHERE g.tensor = $tensor", {"tensor": str(tensor)}) if tensor is not None else ("", {})
-        return self._frame(f"""SELECT g.tensor, i."index", i.importance, i.magnitude
+        scores = ("i.gradient, i.decay, i.balance, i.taylor" if self.schema_version >= 2 else
+                  "NULL::DOUBLE AS gradient, NULL::DOUBLE AS decay, NULL::DOUBLE AS balance, NULL::DOUBLE AS taylor")
+        return self._frame(f"""SELECT g.tensor, i."index", i.importance, {scores}, i.magnitude
                                FROM importance i JOIN groups g USING (tensor_id) {where}
                                ORDER BY i.tensor_id, i."index" """, params)
 

@@ -4,7 +4,7 @@ One DuckDB file holds one explained run. ``engine.store`` is the only package th
 SQL: the schema here, bulk writes and atomic publish in ``writer``, the dashboard's read
 queries (polars frames back) in ``reader``.
 
-Schema (version 1). Names are stored once (``groups``, ENUM types); the large tables carry
+Schema (version 2). Names are stored once (``groups``, ENUM types); the large tables carry
 integer keys. Rows are inserted sorted by the columns queries filter on, so DuckDB's zone
 maps skip row groups. Test examples fall into *parts*: 0 = all tests, 1 = correctly and
 2 = incorrectly predicted, 3 = without a prediction, 4… = one per (label, correct), in label
@@ -25,7 +25,7 @@ sorted by test and serve single examples.
 | component_summary | level × part × window × group | level ENUM(tensor, module, layer), part, step_lo, step_hi, group_id INTEGER, value, decay, abs_value, abs_decay DOUBLE | level, part, step_lo, group_id |
 | data | window × test × train × output | test, step_lo, step_hi, train, output INTEGER, value DOUBLE | test |
 | data_summary | part × train × window | part, train, step_lo, step_hi INTEGER, value DOUBLE | part, train, step_lo |
-| importance | parameter element | tensor_id INTEGER, index BIGINT, importance, magnitude DOUBLE | tensor_id, index |
+| importance | parameter element | tensor_id INTEGER, index BIGINT, importance, gradient, decay, balance, taylor, magnitude DOUBLE (gradient, decay, balance, taylor nullable) | tensor_id, index |
 | completeness | step × test × output | test, output, step INTEGER, true_change, reconstructed, quadrature_residual, optimizer_residual DOUBLE, nodes INTEGER | test |
 | completeness_summary | part × step | part, step INTEGER, true_change, reconstructed, quadrature_residual, optimizer_residual, abs_residual DOUBLE, nodes INTEGER | part, step |
 | completeness_totals | test × output (sums over steps) | test, output INTEGER, true_change, reconstructed, quadrature_residual DOUBLE | test, output |
@@ -33,6 +33,9 @@ sorted by test and serve single examples.
 | exactness | quadrature rule compared | quadrature VARCHAR, agreement, kl DOUBLE, gradient_evaluations BIGINT, max_rel_residual DOUBLE | quadrature |
 | pruning | method × scope × seed × sparsity | method, scope VARCHAR, sparsity DOUBLE, seed BIGINT, agreement, accuracy, kl, achieved_sparsity DOUBLE | method, scope, seed, sparsity |
 
+Versions. Version 2 added the importance table's ``gradient``, ``decay``, ``balance`` and
+``taylor`` columns; readers open version 1 files too, their importance rows reading null
+in these columns. Every other table is the same in both.
 """  # noqa: E501
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ import polars as pl
 
 from engine.errors import BadInputError, RunNotFoundError, StoreNameError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # schema versions this release opens
 RUN_SUFFIX = ".duckdb"
 DEFAULT_THREADS = 2
 LEVELS = ("tensor", "module", "layer")
@@ -89,7 +93,7 @@ CREATE TABLE data (test INTEGER NOT NULL, step_lo INTEGER NOT NULL, step_hi INTE
 CREATE TABLE data_summary (part INTEGER NOT NULL, train INTEGER NOT NULL, step_lo INTEGER NOT NULL,
     step_hi INTEGER NOT NULL, value DOUBLE NOT NULL);
 CREATE TABLE importance (tensor_id INTEGER NOT NULL, "index" BIGINT NOT NULL, importance DOUBLE NOT NULL,
-    magnitude DOUBLE NOT NULL);
+    gradient DOUBLE, decay DOUBLE, balance DOUBLE, taylor DOUBLE, magnitude DOUBLE NOT NULL);
 CREATE TABLE completeness (test INTEGER NOT NULL, output INTEGER NOT NULL, step INTEGER NOT NULL,
     true_change DOUBLE NOT NULL, reconstructed DOUBLE NOT NULL, quadrature_residual DOUBLE NOT NULL,
     optimizer_residual DOUBLE, nodes INTEGER NOT NULL);
@@ -146,7 +150,10 @@ _FRAMES: dict[str, tuple[_Col, ...]] = {
     "examples": _cols("split:str example:int label:int? text:str predicted:int? correct:bool?"),
     "components": _cols("step_lo:int step_hi:int tensor:str test:int output:int value:float decay:float"),
     "data": _cols("step_lo:int step_hi:int train:int test:int output:int value:float"),
-    "importance": _cols("tensor:str index:int importance:float magnitude:float"),
+    "importance": _cols(
+        "tensor:str index:int importance:float gradient:float? decay:float? balance:float? taylor:float? "
+        "magnitude:float"
+    ),
     "completeness": _cols(
         "step:int test:int output:int true_change:float reconstructed:float quadrature_residual:float "
         "optimizer_residual:float? nodes:int"
