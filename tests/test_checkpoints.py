@@ -28,7 +28,7 @@ from engine.model.task import get_task
 from engine.run.history import History
 from engine.run.series import SeriesSource, open_series
 from engine.store import RunDB, info
-from tests.helpers import record_tiny_run, tiny_spec
+from tests.helpers import record_tiny_run, tiny_data, tiny_spec
 
 transformers = pytest.importorskip("transformers")
 VOCAB = 13
@@ -119,12 +119,14 @@ def tiny_lm_run(tmp_path_factory) -> Path:
     return train(config, tmp_path_factory.mktemp("tiny-lm") / "run", progress=False)
 
 
-@pytest.mark.parametrize(("dtype", "rtol", "bound"), [("float32", 1e-5, 1e-5), ("float64", None, 1e-10)])
+@pytest.mark.parametrize(("dtype", "rtol", "bound"), [("float32", 1e-5, 1e-5), ("float32", 1e-7, 1e-7),
+                                                     ("float64", None, 1e-10)])
 def test_each_interval_reconstructs_the_loss_change_recomputed_from_its_checkpoints(tiny_lm_run, dtype, rtol,
                                                                                      bound):
     """The tiny-lm checkpoints explained on their held-out text (tokenized by their own tokenizer):
     per interval and input, the components add up to the change of the loss that transformers
-    computes from each checkpoint alone."""
+    computes from each checkpoint alone. (At rtol 1e-7 the float32 sum of the components misses
+    the budget for some inputs, which are then explained in float64.)"""
     from engine.tasks.tiny_lm import HELDOUT
 
     opened = open_series(SeriesSource((str(tiny_lm_run),), str(tiny_lm_run / HELDOUT)))
@@ -298,3 +300,28 @@ def test_differing_buffers_are_refused(tmp_path, capsys):
             "data": "tests.helpers:tiny_data", "data_kwargs": {"n_in": 3}}
     expect_refusal(tmp_path, capsys, [*files, "--model", json.dumps(spec), "--inputs", "val:4"],
                    "buffer 'running_mean' differs between bn-0.pt and bn-1.pt")
+
+
+def test_buffers_the_checkpoints_share_are_held_along_the_path(tmp_path):
+    """BatchNorm statistics saved in the checkpoints (not the fresh model's) are used; a float32
+    explanation evaluates the true change in float64 with them."""
+    model = torch.nn.BatchNorm1d(3).eval()
+    with torch.no_grad():
+        model.running_mean.add_(0.5)
+        model.running_var.mul_(2.0)
+    files = []
+    for step in (0, 1):
+        with torch.no_grad():
+            model.weight.add_(0.3 * step)
+        files.append(str(tmp_path / f"bn-{step}.pt"))
+        torch.save(model.state_dict(), files[-1])
+    spec = {"model": "torch.nn:BatchNorm1d", "model_kwargs": {"num_features": 3},
+            "data": "tests.helpers:tiny_data", "data_kwargs": {"n_in": 3}}
+    opened = open_series(SeriesSource(tuple(files), "val:4", json.dumps(spec)))
+    explanation = explain_series(opened, checkpoint_config(opened, quantity="logits", device="cpu"), progress=False)
+    predictions = explanation.to_bundle().predictions.sort("test", "output")
+    x = tiny_data(n_in=3)["val"][0][:4]
+    with torch.no_grad():
+        truth = model(x)                                                      # (test, class) at checkpoint 1
+    np.testing.assert_allclose(predictions["true_final"].to_numpy().reshape(4, 3), truth.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(predictions["reconstructed_final"], predictions["true_final"], rtol=1e-6)

@@ -97,15 +97,36 @@ class IntervalResult:
 
 
 def explain_interval(series: CheckpointSeries, task: SeriesTask, config: ExplainConfig, k: int) -> IntervalResult:
-    """Decompose interval ``k`` of ``series``: checkpoints ``k`` and ``k + 1`` only."""
+    """Decompose interval ``k`` of ``series``: checkpoints ``k`` and ``k + 1`` only.
+
+    With ``rtol`` in float32, an input whose reconstruction still misses the budget is explained
+    again in float64: the engine holds each quadrature rule to the budget, but the float32 sum
+    of the components carries round-off of the size of the components, which exceeds the
+    budget where they cancel to a small change (a converged model's loss between checkpoints).
+    """
     if not 0 <= k < series.num_steps:
         raise BadInputError(f"interval {k} is outside the series' 0..{series.num_steps - 1}")
     started = time.perf_counter()
-    explanation = explain_history(series, task, replace(config, steps=(k, k + 1)), progress=False)
+    unit = replace(config, steps=(k, k + 1))
+    explanation = explain_history(series, task, unit, progress=False)
+    components, completeness, predictions = explanation.components, explanation.completeness, explanation.predictions
+    evaluations, escalated = explanation.gradient_evaluations, explanation.escalated
+    missed = _over_budget(completeness, config.rtol) if config.rtol is not None and config.dtype != "float64" else []
+    if missed:
+        wide = explain_history(series, task, replace(unit, dtype="float64", test_ids=tuple(missed), test_size=None),
+                               progress=False)
+        position = {name: i for i, name in enumerate(series.param_names)}
+        components = _replaced(components, wide.components, missed,
+                               ["step_lo", pl.col("tensor").replace_strict(position), "test", "output"])
+        completeness = _replaced(completeness, wide.completeness, missed, ["step", "test", "output"])
+        if predictions is not None:
+            predictions = _replaced(predictions, wide.predictions, missed, ["test", "output"])
+        evaluations += wide.gradient_evaluations
+        escalated += len(missed)
     lo, hi = series.steps[k], series.steps[k + 1]
-    components = explanation.components.with_columns(
-        pl.lit(lo, dtype=pl.Int64).alias("step_lo"), pl.lit(hi, dtype=pl.Int64).alias("step_hi"))
-    completeness = explanation.completeness.with_columns(pl.lit(lo, dtype=pl.Int64).alias("step"))
+    components = components.with_columns(pl.lit(lo, dtype=pl.Int64).alias("step_lo"),
+                                         pl.lit(hi, dtype=pl.Int64).alias("step_hi"))
+    completeness = completeness.with_columns(pl.lit(lo, dtype=pl.Int64).alias("step"))
     stats = explanation.step_stats.row(0, named=True)
     loss_lo, acc_lo = _loss_at(series, task, config, k)
     loss_hi, acc_hi = _loss_at(series, task, config, k + 1)
@@ -113,15 +134,42 @@ def explain_interval(series: CheckpointSeries, task: SeriesTask, config: Explain
         "update_norm": stats["update_norm"], "param_norm_lo": stats["param_norm"],
         "param_norm_hi": _norm(series.params(k + 1)),
         "loss_lo": loss_lo, "loss_hi": loss_hi, "acc_lo": acc_lo, "acc_hi": acc_hi,
-        "max_rel_residual": _finite(explanation.max_rel_residual),
-        "max_rel_residual_output": _finite(explanation.max_rel_residual_output),
-        "max_abs_residual": _finite(explanation.max_abs_residual),
-        "gradient_evaluations": explanation.gradient_evaluations, "escalated": explanation.escalated,
+        **_residuals(completeness),
+        "gradient_evaluations": evaluations, "escalated": escalated, "recomputed_inputs": len(missed),
         "engine": explanation.engine, "device": explanation.device, "notes": list(explanation.notes),
         "seconds": time.perf_counter() - started,
         "digest_lo": series.digest(k), "digest_hi": series.digest(k + 1),
     }
-    return IntervalResult(k, lo, hi, components, completeness, explanation.predictions, numbers)
+    return IntervalResult(k, lo, hi, components, completeness, predictions, numbers)
+
+
+def _norms(completeness: pl.DataFrame) -> pl.DataFrame:
+    """Per input: the norms over outputs of the true change and of the residual."""
+    return completeness.group_by("test").agg((pl.col("true_change") ** 2).sum().sqrt().alias("true"),
+                                              (pl.col("quadrature_residual") ** 2).sum().sqrt().alias("residual"))
+
+
+def _over_budget(completeness: pl.DataFrame, rtol: float) -> list[int]:
+    norms = _norms(completeness)
+    return sorted(norms.filter(pl.col("residual") > rtol * pl.col("true"))["test"].to_list())
+
+
+def _replaced(frame: pl.DataFrame, wide: pl.DataFrame, tests: list[int], order: list) -> pl.DataFrame:
+    """``frame`` with the rows of ``tests`` taken from ``wide``, in the frame's order."""
+    kept = frame.filter(~pl.col("test").is_in(tests))
+    return pl.concat([kept, wide.select(frame.columns).cast(frame.schema)]).sort(order)
+
+
+def _residuals(completeness: pl.DataFrame) -> dict[str, float]:
+    """Worst ``‖residual‖ / ‖true change‖`` of one input (norms over outputs), worst ratio of one
+    output (outputs that do not change, as padded positions, left out) and worst absolute residual."""
+    tiny = np.finfo(np.float64).tiny
+    norms = _norms(completeness)
+    moving = completeness.filter(pl.col("true_change") != 0)
+    per_output = (moving["quadrature_residual"].abs() / moving["true_change"].abs()).max() if moving.height else 0.0
+    return {"max_rel_residual": _finite(float((norms["residual"] / norms["true"].clip(lower_bound=tiny)).max())),
+            "max_rel_residual_output": _finite(float(per_output or 0.0)),
+            "max_abs_residual": float(completeness["quadrature_residual"].abs().max())}
 
 
 def _norm(params: dict[str, torch.Tensor]) -> float:
@@ -218,14 +266,10 @@ class SeriesExplanation:
     def residuals(self) -> dict[str, float]:
         """Worst relative residual of one interval and input (norm over outputs), and of the whole
         series per input (residuals and changes summed over intervals first)."""
-        per_interval = max(r.numbers["max_rel_residual"] for r in self.intervals)
         totals = self.completeness.group_by("test", "output").agg(pl.col("true_change").sum(),
                                                                    pl.col("quadrature_residual").sum())
-        norms = totals.group_by("test").agg((pl.col("true_change") ** 2).sum().sqrt().alias("true"),
-                                           (pl.col("quadrature_residual") ** 2).sum().sqrt().alias("residual"))
-        tiny = np.finfo(np.float64).tiny
-        overall = float((norms["residual"] / norms["true"].clip(lower_bound=tiny)).max())
-        return {"max_rel_residual": _finite(overall), "max_rel_residual_interval": per_interval,
+        return {"max_rel_residual": _residuals(totals)["max_rel_residual"],
+                "max_rel_residual_interval": max(r.numbers["max_rel_residual"] for r in self.intervals),
                 "max_abs_residual": max(r.numbers["max_abs_residual"] for r in self.intervals)}
 
     def summary(self) -> dict[str, Any]:
@@ -239,6 +283,7 @@ class SeriesExplanation:
             **self.residuals(),
             "gradient_evaluations": sum(r.numbers["gradient_evaluations"] for r in self.intervals),
             "escalated": sum(r.numbers["escalated"] for r in self.intervals),
+            "recomputed_inputs": sum(r.numbers["recomputed_inputs"] for r in self.intervals),
             "seconds": self.seconds, "resumed_intervals": self.resumed,
             "loss": [self.intervals[0].numbers["loss_lo"], *[r.numbers["loss_hi"] for r in self.intervals]],
             "notes": self.notes(),
@@ -286,7 +331,7 @@ class SeriesExplanation:
             "window": None,
             "granularity": "tensor",
             **{k: summary[k] for k in ("quantity", "quadrature", "dtype", "rtol", "escalated", "device", "engine",
-                                       "seconds", "gradient_evaluations", "max_rel_residual",
+                                       "recomputed_inputs", "seconds", "gradient_evaluations", "max_rel_residual",
                                        "max_rel_residual_interval", "max_abs_residual", "resumed_intervals",
                                        "notes")},
             **(extra or {}),

@@ -77,14 +77,19 @@ class _Setup:
     live_tensors: frozenset[str] | None = None  # parameter tensors g is computed from (None: all)
 
     # -------------------------------------------------------------- functions of flat params
+    def _buffers_for(self, flat: Tensor) -> dict[str, Tensor]:
+        """The buffers in the dtype of the parameters they meet (float64 for the true change of a
+        float32 set-up, which BatchNorm's kernels would otherwise refuse)."""
+        return {n: b.to(flat.dtype) if b.is_floating_point() else b for n, b in self.buffers.items()}
+
     def _call(self, flat: Tensor, x: Tensor) -> Tensor:
-        return functional_call(self.model, {**self.layout.unflatten(flat), **self.buffers}, (x,))
+        return functional_call(self.model, {**self.layout.unflatten(flat), **self._buffers_for(flat)}, (x,))
 
     def _call_at(self, flat: Tensor, delta: Tensor, t: Tensor, x: Tensor) -> Tensor:
         """The model at ``flat + t·delta``, its parameters left at ``flat`` (``engine.decompose.at_point``)."""
         params = self.layout.unflatten(flat)
         with AtPoint(list(params.values()), list(self.layout.unflatten(delta).values()), t):
-            return functional_call(self.model, {**params, **self.buffers}, (x,))
+            return functional_call(self.model, {**params, **self._buffers_for(flat)}, (x,))
 
     def g_one_at(self, flat: Tensor, delta: Tensor, t: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """One example at ``flat + t·delta``: ``(D,), (D,), (), (...), () → (O,)``."""

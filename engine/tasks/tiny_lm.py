@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from engine.errors import BadInputError
@@ -156,7 +157,8 @@ def train(config: TinyLMConfig, out_dir: Path, progress: bool = True, overwrite:
                 break
             model.train()
             batch = data[torch.randint(len(data), (config.batch_size,), generator=order)]
-            loss = model(input_ids=batch, labels=batch).loss
+            logits = model(input_ids=batch).logits                                      # (batch, block, vocab)
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
             optimizer.zero_grad()
             loss.backward()
             lr = schedule.get_last_lr()[0]
