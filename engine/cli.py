@@ -168,7 +168,7 @@ COMMANDS: dict[str, tuple[Handler, str]] = {
     "verify": (cmd_verify, "replay every recorded update from the record (MATH.md §3)"),
     "explain": (cmd_explain, "decompose a recorded run into influences and write a run database"),
     "explain-checkpoints": (cmd_explain_checkpoints, "decompose the changes between consecutive checkpoints "
-                            "(MATH.md §9) and write a run database"),
+                            "(MATH.md §6) and write a run database"),
     "prune": (cmd_prune, "prune the final model by kernel importance vs magnitude and random (MATH.md §5)"),
     "info": (cmd_info, "summarize a run database"),
     "import-explaind": (cmd_import_explaind, "convert a run recorded with the published explaind package"),

@@ -1,6 +1,6 @@
 """Explain a checkpoint series: one interval at a time, resumable, written as a run database.
 
-Interval ``k`` (checkpoints ``k`` and ``k + 1``) is one step of the path identity (MATH.md §9):
+Interval ``k`` (checkpoints ``k`` and ``k + 1``) is one step of the path identity (MATH.md §6):
 ``explain_interval`` decomposes it with the engine's own pass (``explain_history`` over the
 series, restricted to that step: adaptive quadrature, ``rtol`` escalation, every component
 per tensor) and returns its rows, labelled with the checkpoints' training steps. It is a pure
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 import os
 import shutil
@@ -43,8 +42,6 @@ from engine.model.lm import lm_quantity
 from engine.model.outputs import get_quantity
 from engine.run.checkpoints import CheckpointSeries, SeriesTask
 from engine.run.series import OpenedSeries
-
-log = logging.getLogger(__name__)
 
 FORMAT = 1  # layout of a saved interval; part of every interval's key
 FORWARD_BATCH = 64  # inputs per forward pass when measuring the loss at a checkpoint
@@ -217,7 +214,9 @@ def run_key(opened: OpenedSeries, config: ExplainConfig) -> str:
 
 
 def _interval_name(key: str, series: CheckpointSeries, k: int) -> str:
-    ident = hashlib.sha256(f"{key}:{series.digest(k)}:{series.digest(k + 1)}".encode()).hexdigest()
+    """The saved name of interval ``k``: its position, its checkpoints' steps and contents, ``key``."""
+    ends = f"{series.steps[k]}:{series.digest(k)}:{series.steps[k + 1]}:{series.digest(k + 1)}"
+    ident = hashlib.sha256(f"{key}:{ends}".encode()).hexdigest()
     return f"interval-{k:05d}-{ident[:20]}"
 
 
@@ -232,7 +231,12 @@ def _save(result: IntervalResult, folder: Path) -> None:
         result.predictions.write_parquet(tmp / "predictions.parquet")
     (tmp / "interval.json").write_text(json.dumps(
         {"index": result.index, "step_lo": result.step_lo, "step_hi": result.step_hi, "numbers": result.numbers}))
-    os.replace(tmp, folder)
+    try:
+        os.replace(tmp, folder)
+    except OSError:
+        if not folder.is_dir():
+            raise
+        shutil.rmtree(tmp)  # another process saved the same interval (same key: the same numbers) first
 
 
 def _load(folder: Path) -> IntervalResult:
@@ -253,7 +257,7 @@ class SeriesExplanation:
     config: ExplainConfig
     intervals: tuple[IntervalResult, ...]
     resumed: int      # intervals read back from the work folder
-    seconds: float
+    seconds: float    # wall time of this call (``summary()["seconds"]``: the intervals' own compute time)
 
     @property
     def completeness(self) -> pl.DataFrame:
@@ -284,7 +288,8 @@ class SeriesExplanation:
             "gradient_evaluations": sum(r.numbers["gradient_evaluations"] for r in self.intervals),
             "escalated": sum(r.numbers["escalated"] for r in self.intervals),
             "recomputed_inputs": sum(r.numbers["recomputed_inputs"] for r in self.intervals),
-            "seconds": self.seconds, "resumed_intervals": self.resumed,
+            "seconds": sum(r.numbers["seconds"] for r in self.intervals), "wall_seconds": self.seconds,
+            "resumed_intervals": self.resumed,
             "loss": [self.intervals[0].numbers["loss_lo"], *[r.numbers["loss_hi"] for r in self.intervals]],
             "notes": self.notes(),
         }

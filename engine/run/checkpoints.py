@@ -1,4 +1,4 @@
-"""A series of checkpoints read as a run without optimizer state or batches (MATH.md §9).
+"""A series of checkpoints read as a run without optimizer state or batches (MATH.md §6).
 
 Checkpoints ``θ_{c_0}, θ_{c_1}, …`` at training steps ``c_0 < c_1 < …`` come from a folder of
 ``checkpoint-<step>/`` folders (Hugging Face ``Trainer`` or ``save_pretrained``: config.json
@@ -7,8 +7,8 @@ read with ``weights_only=True``) or ``save_pretrained`` folders, in training ord
 ``find_checkpoints`` finds them and their steps (from the names, or given) and checks the
 order; ``CheckpointSeries.open`` checks every checkpoint against the model — a missing,
 unknown or misshapen tensor is refused by name — and reads the buffers, which must agree
-across the series (held fixed along the path; a buffer term between checkpoints, MATH.md §7,
-is not split off).
+across the series (held fixed along the path; a buffer term between checkpoints is not split
+off).
 
 ``CheckpointSeries`` offers what the decomposition reads of a ``History``: interval ``k`` is
 "step" ``k`` of the path identity, from checkpoint ``k`` to ``k + 1``. Two checkpoints are held
@@ -267,7 +267,7 @@ class CheckpointSeries:
             found = {}  # name → ((shape, floating point), file)
             for file in checkpoint.files:
                 found.update({k: (v, file) for k, v in _shapes(file).items()})
-            _check_tensors(checkpoint, found, reference, first)
+            _check_tensors(checkpoint, found, reference)
             values = {}
             for file in checkpoint.files:
                 names = [k for k in reference.buffers if k in found and found[k][1] == file]
@@ -377,32 +377,30 @@ class CheckpointSeries:
 
 
 def _check_tensors(checkpoint: Checkpoint, found: dict[str, tuple[tuple[tuple[int, ...], bool], Path]],
-                   reference: Reference, first: Checkpoint) -> None:
+                   reference: Reference) -> None:
     """Every parameter present (itself or a tied alias) with the model's shape; nothing unknown."""
-    where = f"{checkpoint.label}" if checkpoint is first else f"{checkpoint.label} (checked against {first.label}'s " \
-        "model)"
     for name, shape in reference.params.items():
         keys = [name, *[a for a, n in reference.aliases.items() if n == name]]
         present = [k for k in keys if k in found]
         if not present:
-            raise BadInputError(f"{where} lacks tensor {name!r} of the model")
+            raise BadInputError(f"{checkpoint.label} lacks tensor {name!r} of the model")
         (got, floating), _ = found[present[0]]
         if got != shape:
-            raise BadInputError(f"{where}: tensor {name!r} has shape {got}, the model's is {shape}; the checkpoints "
-                                "are of a different architecture")
+            raise BadInputError(f"{checkpoint.label}: tensor {name!r} has shape {got}, the model's is {shape}; the "
+                                "checkpoints are of a different architecture")
         if not floating:
-            raise BadInputError(f"{where}: tensor {name!r} is not floating point")
+            raise BadInputError(f"{checkpoint.label}: tensor {name!r} is not floating point")
     for key, ((got, _), _) in found.items():
         if key in reference.params or key in reference.aliases:
             continue
         if key in reference.buffers:
             if got != reference.buffers[key]:
-                raise BadInputError(f"{where}: buffer {key!r} has shape {got}, the model's is "
+                raise BadInputError(f"{checkpoint.label}: buffer {key!r} has shape {got}, the model's is "
                                     f"{reference.buffers[key]}")
             continue
         if not reference.ignores(key):
-            raise BadInputError(f"{where} has tensor {key!r}, which the model does not have; the checkpoints are of "
-                                "a different architecture")
+            raise BadInputError(f"{checkpoint.label} has tensor {key!r}, which the model does not have; the "
+                                "checkpoints are of a different architecture")
 
 
 def _check_buffers(first: Checkpoint, reference: dict[str, Tensor], checkpoint: Checkpoint,
@@ -416,7 +414,7 @@ def _check_buffers(first: Checkpoint, reference: dict[str, Tensor], checkpoint: 
         if a.shape != b.shape or not torch.equal(a, b):
             raise BadInputError(
                 f"buffer {name!r} differs between {first.label} and {checkpoint.label}: the path between checkpoints "
-                "holds buffers fixed and has no buffer term (MATH.md §7); explain checkpoints whose buffers agree")
+                "holds buffers fixed and has no buffer term; explain checkpoints whose buffers agree")
 
 
 # ------------------------------------------------------------------------------------ the task

@@ -10,7 +10,8 @@ AdamW on CPU; every ``save_every`` steps (and at step 0) it is saved as the ``Tr
 does, ``checkpoint-<step>/`` with ``config.json``, ``model.safetensors``, the word-level
 tokenizer and ``trainer_state.json`` (the logged training loss and learning rate), so the
 same reader serves this sample and checkpoints written by ``transformers.Trainer``.
-``heldout.txt`` beside them holds the held-out blocks, one per line.
+``heldout.txt`` beside them holds the held-out blocks, one per line, and ``agreement.txt``
+as many probes of long-range agreement (explain their ``next-logprob``: the verb's).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ ADJECTIVES = ("big", "small", "red", "old", "happy")
 PREPOSITIONS = ("near", "behind", "with")
 UNKNOWN = "[UNK]"
 HELDOUT = "heldout.txt"
+AGREEMENT = "agreement.txt"
 
 
 def vocabulary() -> list[str]:
@@ -68,6 +70,24 @@ def sentence(rng: random.Random) -> list[str]:
     else:
         words += [rng.choice(TRANSITIVE[number]), *_noun_phrase(rng, rng.choice(("sg", "pl")))]
     return [*words, "."]
+
+
+def agreement(seed: int, count: int) -> list[list[str]]:
+    """Probes of long-range agreement: a subject, a phrase whose noun has the other number
+    (``near some cats``, ``that chases the cats``), then the verb agreeing with the subject."""
+    rng = random.Random(seed)
+    probes = []
+    for _ in range(count):
+        number = rng.choice(("sg", "pl"))
+        other = "pl" if number == "sg" else "sg"
+        words = [".", rng.choice(DETERMINERS[number]), rng.choice(NOUNS[number])]
+        if rng.random() < 0.5:
+            words.append(rng.choice(PREPOSITIONS))
+        else:
+            words += ["that", rng.choice(TRANSITIVE[number])]
+        words += [rng.choice(DETERMINERS[other]), rng.choice(NOUNS[other]), rng.choice(INTRANSITIVE[number])]
+        probes.append(words)
+    return probes
 
 
 def blocks(seed: int, count: int, block: int) -> list[list[str]]:
@@ -138,6 +158,8 @@ def train(config: TinyLMConfig, out_dir: Path, progress: bool = True, overwrite:
     data = torch.tensor([[ids[w] for w in b] for b in blocks(config.seed, config.train_blocks, config.block)])
     heldout = blocks(config.seed + 1, config.heldout_blocks, config.block)
     (out_dir / HELDOUT).write_text("".join(" ".join(b) + "\n" for b in heldout))
+    probes = agreement(config.seed + 2, config.heldout_blocks)
+    (out_dir / AGREEMENT).write_text("".join(" ".join(p) + "\n" for p in probes))
 
     hf_config = package.GPT2Config(vocab_size=len(words), n_positions=config.block, n_embd=config.n_embd,
                                    n_layer=config.n_layer, n_head=config.n_head, bos_token_id=ids["."],
@@ -177,4 +199,4 @@ def _save(model: torch.nn.Module, tok: object, log: list[dict[str, float]], step
     (folder / "trainer_state.json").write_text(json.dumps(state, indent=1))
 
 
-__all__ = ["TinyLMConfig", "blocks", "sentence", "train", "vocabulary"]
+__all__ = ["TinyLMConfig", "agreement", "blocks", "sentence", "train", "vocabulary"]
