@@ -18,6 +18,7 @@ the inputs' ``Dataset``). ``LM_QUANTITIES``:
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -129,8 +130,7 @@ class TokenInputs:
         return Dataset(inputs=self.tokens, labels=self.lengths, kind="tokens", meta={"source": self.source})
 
     def digest(self) -> str:
-        import hashlib
-
+        """SHA-256 of the padded token ids and the lengths."""
         digest = hashlib.sha256()
         for t in (self.tokens, self.lengths):
             digest.update(t.numpy().tobytes())
@@ -206,7 +206,10 @@ def _read_rows(path: Path) -> list[Any]:
         if suffix == ".parquet":
             import polars as pl
 
-            frame = pl.read_parquet(path)
+            try:
+                frame = pl.read_parquet(path)
+            except pl.exceptions.PolarsError as exc:
+                raise BadInputError(f"inputs file {path} cannot be read as Parquet: {exc}") from exc
             for name in (*TOKEN_FIELDS, TEXT_FIELD):
                 if name in frame.columns:
                     return frame[name].to_list()

@@ -131,8 +131,12 @@ def _model_spec(given: str | None, checkpoints: list[Checkpoint]) -> dict[str, A
 
 def _vocab_size(lm: nn.Module) -> int:
     """The number of logits the model returns per position."""
-    with torch.no_grad():
-        out = lm(torch.zeros(1, 2, dtype=torch.int64))
+    try:
+        with torch.no_grad():
+            out = lm(torch.zeros(1, 2, dtype=torch.int64))
+    except Exception as exc:  # the user's model code: any error it raises
+        raise BadInputError(f"the language model fails on a sequence of two tokens ({type(exc).__name__}: {exc}); "
+                            "it must take token ids (batch, position)") from exc
     logits = out if isinstance(out, torch.Tensor) else out.logits
     if logits.dim() != 3:
         raise BadInputError(f"the language model returned shape {tuple(logits.shape)}; it must return logits "
