@@ -48,6 +48,13 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _parse_ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from exc
+
+
 def _parse_floats(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(","))
@@ -112,6 +119,21 @@ def cmd_explain(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+def cmd_explain_checkpoints(args: argparse.Namespace) -> dict[str, Any]:
+    from engine.decompose.checkpoints import checkpoint_config, explain_checkpoints
+    from engine.run.series import SeriesSource, open_series
+    from engine.store import validate_run_name
+
+    out = Path(args.out)
+    validate_run_name(out.stem)
+    opened = open_series(SeriesSource(tuple(args.source), args.inputs, args.model, args.steps, args.tokenizer,
+                                      args.max_inputs))
+    config = checkpoint_config(opened, args.quantity, quadrature=args.quadrature, dtype=args.dtype, rtol=args.rtol,
+                               device=args.device)
+    summary = explain_checkpoints(opened, config, out, progress=not args.json).summary()
+    return {**summary, "out": str(out)}
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -151,6 +173,8 @@ COMMANDS: dict[str, tuple[Handler, str]] = {
     "train": (cmd_train, "train a built-in task and record it"),
     "verify": (cmd_verify, "replay every recorded update from the record (MATH.md §3)"),
     "explain": (cmd_explain, "decompose a recorded run into influences and write a run database"),
+    "explain-checkpoints": (cmd_explain_checkpoints, "decompose the changes between consecutive checkpoints "
+                            "(MATH.md §7) and write a run database"),
     "prune": (cmd_prune, "prune the final model by kernel importance and its variants vs Taylor, magnitude and "
               "random (MATH.md §5)"),
     "info": (cmd_info, "summarize a run database"),
@@ -160,6 +184,7 @@ COMMANDS: dict[str, tuple[Handler, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from engine.decompose.checkpoints import QUADRATURE as SERIES_QUADRATURE
     from engine.tasks import TASKS
 
     parser = argparse.ArgumentParser(prog="python -m engine",
@@ -210,6 +235,32 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     explain.add_argument("--allow-incomplete", action="store_true", help="explain the steps of an unfinished run")
     explain.add_argument("--json", action="store_true", help="print one JSON object")
+
+    series = sub.add_parser("explain-checkpoints", help=COMMANDS["explain-checkpoints"][1])
+    series.add_argument("source", nargs="+", help="a folder of checkpoint-<step> folders, or checkpoints (state-dict "
+                        "files or save_pretrained folders) in training order")
+    series.add_argument("--inputs", required=True, help="explained inputs: token ids (.npy, .parquet, .jsonl) or texts "
+                        "(.txt, .jsonl/.parquet 'text') for a language model; a split (val, val:16, val:ids=3,7) for "
+                        "a task's model")
+    series.add_argument("--out", required=True, help="run database to write (.duckdb), replaced atomically")
+    series.add_argument("--model", default=None, help="model spec as JSON or a .json file: a Hugging Face config, "
+                        "{\"task\": ...} or {\"model\": \"pkg.mod:Class\", \"model_kwargs\": {...}} "
+                        "(default: the checkpoints' config.json)")
+    series.add_argument("--steps", type=_parse_ints, default=None, help="training step of each checkpoint, "
+                        "comma-separated (default: from the names)")
+    series.add_argument("--tokenizer", default=None, help="tokenizer folder for text inputs (default: the "
+                        "checkpoints')")
+    series.add_argument("--max-inputs", type=_positive_int, default=None, help="explain the first N sequences only")
+    series.add_argument("--quantity", default="loss", help="language models: loss (per sequence), token-loss, "
+                        "next-logprob; classifiers: logits, true-logit, logprob, loss, margin (default %(default)s)")
+    series.add_argument("--quadrature", default=SERIES_QUADRATURE, help="adaptive:N (Gauss rules up to N nodes per "
+                        "interval and input, as each needs), gauss:N or midpoint:N (default %(default)s)")
+    series.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    series.add_argument("--rtol", type=float, default=None,
+                        help="error budget per interval and input, relative to its change; float32 units that "
+                        "cannot meet it are recomputed in float64 (default: every interval to round-off)")
+    series.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    series.add_argument("--json", action="store_true", help="print one JSON object")
 
     from engine.analysis.prune import add_arguments as prune_arguments
 

@@ -326,6 +326,28 @@ def test_missing_views_are_explained_not_failed(bare_run):
     assert at.selectbox(key="url:subset").options == ["all test examples", "one class", "one example"]
 
 
+def test_a_checkpoint_series_renders_and_says_it_has_no_data_axis(tmp_path, monkeypatch):
+    """A series run: one steps row per checkpoint (no learning rate, no update after the last one),
+    no data view, no importance; every page draws and the Data page says how to get a data axis."""
+    bundle = synthetic_bundle(with_data=False, with_importance=False, marker="series")
+    checkpoints = bundle.steps.filter(pl.col("step") % 5 == 0).with_columns(
+        lr=pl.lit(None, pl.Float64), weight_decay=pl.lit(None, pl.Float64), train_loss=pl.lit(None, pl.Float64),
+        update_norm=pl.when(pl.col("step") < pl.col("step").max()).then(pl.col("update_norm")))
+    examples = bundle.examples.filter(pl.col("split") == "test").with_columns(
+        predicted=pl.lit(None, pl.Int64), correct=pl.lit(None, pl.Boolean))
+    series = type(bundle)(**{**bundle.__dict__, "steps": checkpoints, "examples": examples, "pruning": None,
+                             "meta": {**bundle.meta, "kind": "checkpoints"}})
+    write_run(tmp_path / "series.duckdb", series)
+    monkeypatch.setenv(state.ENV_RUNS, str(tmp_path))
+    for page in ("overview", "components", "reconstruction"):
+        at = on_page(page)
+        no_errors(at)
+        assert figures(at), page
+    at = on_page("data")
+    no_errors(at)
+    assert any("series of checkpoints" in i.value and "Recorder" in i.value for i in at.info)
+
+
 def test_component_totals_table_matches_the_store(runs):
     at = on_page("components", {"run": "demo", "level": "layer"})
     shown = at.dataframe[0].value

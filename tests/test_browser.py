@@ -102,6 +102,7 @@ def server(tmp_path_factory) -> Iterator[str]:
     runs = tmp_path_factory.mktemp("browser-runs")
     write_run(runs / "demo.duckdb", make_demo_bundle())
     write_run(runs / "demo-seed1.duckdb", make_demo_bundle(seed=1))
+    shutil.copyfile(ROOT / "sample_runs" / "tiny-lm.duckdb", runs / "tiny-lm.duckdb")  # a checkpoint series
     try:
         with dashboard(runs, tmp_path_factory.mktemp("server") / "streamlit.log") as base:
             yield base
@@ -193,6 +194,15 @@ def test_every_page_draws_without_exceptions(page, server):
         assert page.locator('[data-testid="stPlotlyChart"]').count() >= 1, name
         assert "Page not found" not in page.locator("body").inner_text()
         shoot(page, name)
+
+
+def test_the_checkpoint_sample_draws_and_its_data_page_explains_the_missing_axis(page, server):
+    for name in ("overview", "components", "reconstruction"):
+        open_page(page, server, name, "?run=tiny-lm")
+        assert "step" in figure(page), name  # waits for the first chart's data (Overview shows an alert first)
+    shoot(page, "tiny-lm-reconstruction")
+    open_page(page, server, "data", "?run=tiny-lm")
+    assert "series of checkpoints" in page.locator('[data-testid="stAlert"]').first.inner_text()
 
 
 def test_overview_log_axis_changes_the_figure_and_url(page, server):

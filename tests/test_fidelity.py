@@ -240,7 +240,7 @@ def test_transformers_configs_and_outputs_are_checked(tmp_path):
 
     with pytest.raises(BadInputError, match="needs 'model_type'"):
         transformers_model({"n_layer": 2})
-    with pytest.raises(BadInputError, match="cannot build a 'no-such-model' config"):
+    with pytest.raises(BadInputError, match="cannot build model type 'no-such-model'"):
         transformers_model({"model_type": "no-such-model"})
     with pytest.raises(BadInputError, match="kind 'seq2seq' is unknown"):
         transformers_model(LM_CONFIG, kind="seq2seq")

@@ -12,7 +12,16 @@ style = state.style()
 quantity = state.quantity_label(run.meta())
 
 st.title(f"Data · {state.escaped(run.name)}")
-if run.views()["data"] == 0:
+if run.views()["data"] == 0 and run.meta().get("kind") == "checkpoints":
+    st.info(
+        "This run explains a series of checkpoints: it has no data axis. Between two checkpoints the change of a "
+        "prediction splits exactly into components, but splitting it by training example needs every step's batch "
+        "and optimizer state, which checkpoints do not keep. To get one, record the training loop with "
+        "`engine.run.record.Recorder` and explain the recording: "
+        "`python -m engine explain RUN_DIR --out RUN.duckdb --views components,data`.",
+        icon="ℹ️",
+    )
+elif run.views()["data"] == 0:
     st.info(
         "This run has no data view (influence of single training examples). Explain the run again with it: "
         "`python -m engine explain RUN_DIR --out RUN.duckdb --views components,data` "

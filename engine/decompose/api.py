@@ -585,7 +585,9 @@ def _assemble(s: _Setup, results: list[_Pass], kept: np.ndarray, seconds: float,
                  "optimizer_residual": opt}, extra={"nodes": np.broadcast_to(nodes[:, :, None], true.shape)}))
             total_true, total_resid = true.sum(0), resid.sum(0)
             g_first = c.g_first.double().cpu().numpy()
-            floor = torch.finfo(s.dtype).eps * (np.abs(g_first) + np.abs(g_first + total_true))
+            # (an output that is identically 0, as a padded position, has no round-off either: tiny keeps 0/0 out)
+            floor = np.maximum(torch.finfo(s.dtype).eps * (np.abs(g_first) + np.abs(g_first + total_true)),
+                               np.finfo(np.float64).tiny)
             max_abs = max(max_abs, float(np.abs(total_resid).max()))
             max_rel_output = max(max_rel_output, float(
                 (np.abs(total_resid) / np.maximum(np.abs(total_true), floor)).max()))

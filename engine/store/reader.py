@@ -461,6 +461,16 @@ def _last_value(frame: pl.DataFrame, column: str) -> float | None:
     return float(values[-1]) if len(values) else None
 
 
+def _series_info(meta: dict) -> dict:
+    """What a run explaining a checkpoint series adds: the checkpoints' steps, the worst residual of
+    one interval and input, and why there is no data view."""
+    if meta.get("kind") != "checkpoints":
+        return {}
+    return {"checkpoints": [c.get("step") for c in meta.get("checkpoints") or []],
+            "max_rel_residual_interval": meta.get("max_rel_residual_interval"),
+            "data_axis_reason": meta.get("data_axis_reason")}
+
+
 def info(db_path: str | os.PathLike) -> dict:
     """JSON-serialisable summary of a run database (for ``python -m engine info PATH --json``)."""
     with RunDB.open(db_path) as db:
@@ -468,8 +478,11 @@ def info(db_path: str | os.PathLike) -> dict:
         steps = db.steps()
         views = db.views()
         residuals = db.max_residuals()
+        series = _series_info(db.meta())
         return {
             "path": str(db.path),
+            "kind": "checkpoints" if series else "recording",
+            **series,
             "task": meta.task,
             "steps": meta.steps,
             "final_train_acc": _last_value(steps, "train_acc"),

@@ -16,7 +16,7 @@ sorted by test and serve single examples.
 |---|---|---|---|
 | schema_version | file | version INTEGER, created_by VARCHAR | — |
 | meta | metadata key | key VARCHAR, value JSON | key |
-| steps | training step | step BIGINT, lr, weight_decay, train_loss, val_loss, train_acc, val_acc, update_norm, param_norm, loss_change DOUBLE | step |
+| steps | training step (of a checkpoint series: each checkpoint and logged step; null where unknown) | step BIGINT, lr, weight_decay, train_loss, val_loss, train_acc, val_acc, update_norm, param_norm, loss_change DOUBLE | step |
 | groups | parameter tensor (hierarchy tensor → module → layer) | tensor_id INTEGER, tensor VARCHAR, module_id INTEGER, module VARCHAR, layer_id INTEGER, layer VARCHAR, size BIGINT, position INTEGER | tensor_id (= model order) |
 | examples | train or test example | split ENUM(train, test), example INTEGER, label INTEGER (null for floating-point targets, rendered in text), text VARCHAR, predicted INTEGER, correct BOOLEAN, part INTEGER (test: its (label, correct) part) | split, example |
 | test_parts | part of the test split | part INTEGER, grain ENUM(all, correct, class), label INTEGER, correct BOOLEAN, tests INTEGER | part |
@@ -143,8 +143,8 @@ def _cols(spec: str) -> tuple[_Col, ...]:
 
 _FRAMES: dict[str, tuple[_Col, ...]] = {
     "steps": _cols(
-        "step:int lr:float weight_decay:float train_loss:float? val_loss:float? train_acc:float? "
-        "val_acc:float? update_norm:float param_norm:float loss_change:float?"
+        "step:int lr:float? weight_decay:float? train_loss:float? val_loss:float? train_acc:float? "
+        "val_acc:float? update_norm:float? param_norm:float? loss_change:float?"
     ),
     "groups": _cols("tensor:str module:str layer:str size:int position:int"),
     "examples": _cols("split:str example:int label:int? text:str predicted:int? correct:bool?"),
