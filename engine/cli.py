@@ -11,9 +11,10 @@ import dataclasses
 import json
 import logging
 import sys
+import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_type_hints
 
 import polars as pl
 
@@ -29,6 +30,8 @@ def _config_options(parser: argparse.ArgumentParser, config_cls: type) -> None:
     for field in dataclasses.fields(config_cls):
         flag = "--" + field.name.replace("_", "-")
         kind = hints[field.name]
+        if isinstance(kind, types.UnionType):  # ``int | None``: the flag gives the number
+            kind = next(k for k in get_args(kind) if k is not type(None))
         default = field.default
         if kind is bool:
             parser.add_argument(flag, dest=field.name, type=_parse_bool, default=None,
@@ -59,10 +62,12 @@ def _parse_floats(text: str) -> tuple[float, ...]:
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     from engine.tasks import TASKS, train_task
 
-    config_cls = TASKS[args.task].config_cls
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)
+    task_cls = TASKS[args.task]
+    preset = dict(task_cls.presets[args.preset]) if args.preset else {}
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(task_cls.config_cls)
                  if getattr(args, f.name) is not None}
-    out = train_task(args.task, Path(args.out), overrides, progress=not args.json, overwrite=args.overwrite)
+    out = train_task(args.task, Path(args.out), {**preset, **overrides}, progress=not args.json,
+                     overwrite=args.overwrite)
     from engine.run.history import History
 
     history = History.open(out)
@@ -168,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
         task.add_argument("--out", required=True, help="run directory to create")
         task.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
         task.add_argument("--json", action="store_true", help="print one JSON object")
+        if task_cls.presets:
+            task.add_argument("--preset", choices=sorted(task_cls.presets), default=None,
+                              help="a named set-up; flags given beside it override its values")
+        else:
+            task.set_defaults(preset=None)
         _config_options(task, config_cls)
 
     verify = sub.add_parser("verify", help=COMMANDS["verify"][1])

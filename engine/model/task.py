@@ -112,6 +112,7 @@ class Task(ABC):
 
     name: ClassVar[str]
     config_cls: ClassVar[type]
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}  # named configuration overrides (``train --preset``)
 
     def __init__(self, config: Any) -> None:
         self.config = config
