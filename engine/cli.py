@@ -95,7 +95,8 @@ def cmd_explain(args: argparse.Namespace) -> dict[str, Any]:
     task = get_task(history.model_spec)
     common = {**parse_test(args.test), "dtype": args.dtype, "device": args.device, "subsample": args.subsample}
     config = ExplainConfig(**common, quantity=args.quantity, quadrature=args.quadrature, views=args.views,
-                           window=args.window, rtol=args.rtol, decay_split=not args.no_decay_split)
+                           window=args.window, rtol=args.rtol, decay_split=not args.no_decay_split,
+                           partitions=(*_split(args.partitions), *_partition_specs(args.partition_spec)))
     explanation = explain_history(history, task, config, progress=not args.json)
     exactness = [explanation.exactness()] if explanation.exactness() is not None else []
     for quadrature in _split(args.exactness):
@@ -109,6 +110,20 @@ def cmd_explain(args: argparse.Namespace) -> dict[str, Any]:
     if table is not None:
         summary["exactness"] = table.to_dicts()
     return summary
+
+
+def _partition_specs(paths: list[str]) -> list[dict]:
+    """The partition specs in JSON files (one spec, or a list of them, per file)."""
+    from engine.errors import BadInputError
+
+    specs: list[dict] = []
+    for path in paths:
+        try:
+            loaded = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise BadInputError(f"cannot read the partition spec {path}: {exc}") from None
+        specs.extend(loaded if isinstance(loaded, list) else [loaded])
+    return specs
 
 
 def _positive_int(text: str) -> int:
@@ -197,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--quadrature", default="adaptive",
                          help="adaptive, adaptive:N, gauss:N or midpoint:N (default %(default)s)")
     explain.add_argument("--window", type=int, default=1, help="steps per stored window (default %(default)s)")
+    explain.add_argument("--partitions", default="", help="comma-separated built-in partitions finer than a tensor "
+                         "(modular-addition: heads, neurons, tokens, embed-fourier, unembed-fourier; 'all')")
+    explain.add_argument("--partition-spec", action="append", default=[], metavar="FILE.json",
+                         help="a JSON file with a partition spec (or a list of them); repeatable")
     explain.add_argument("--subsample", type=float, default=1.0,
                          help="fraction of steps computed, by |loss change|; the rest is residual (default 1)")
     explain.add_argument("--exactness", default="", help="extra quadratures for the exactness table, "

@@ -31,6 +31,7 @@ from engine.errors import BadInputError, UnsupportedOptimizerError
 from engine.model.groups import GroupMap, ParamLayout
 from engine.model.outputs import Quantity, get_quantity
 from engine.model.task import Task
+from engine.model.units import UnitMap, resolve_partitions
 from engine.run.history import History
 from engine.run.verify import check_data_matches, check_model_matches
 
@@ -75,6 +76,7 @@ class _Setup:
     loss_changes: np.ndarray | None = None   # (hi − lo,) batch loss change per step (subsampling)
     live_switches: LiveSwitches | None = None  # switching values that can change g (adaptive rule)
     live_tensors: frozenset[str] | None = None  # parameter tensors g is computed from (None: all)
+    fine: UnitMap | None = None  # partitions finer than a tensor (config.partitions)
 
     # -------------------------------------------------------------- functions of flat params
     def _call(self, flat: Tensor, x: Tensor) -> Tensor:
@@ -157,6 +159,8 @@ def _setup(history: History, task: Task, config: ExplainConfig) -> _Setup:
                    groups.labels(config.granularity), groups.element_index(config.granularity, device),
                    quantity, test_ids, test_x, test_y, train_x, train_y, outputs, lo, hi,
                    split_ok, split_reason, engine="jvp", test_chunk=1)
+    if config.partitions:
+        setup.fine = UnitMap(layout, resolve_partitions(config.partitions, task.partitions(layout), layout), device)
     setup.engine = _choose_engine(setup, params0)
     if setup.engine == "jvp":  # a direction on tensors g does not use needs no evaluation
         setup.live_tensors = _live_tensors(setup, params0)
@@ -213,15 +217,16 @@ def _choose_engine(setup: _Setup, params0: Tensor) -> str:
 
     Directions: Δ_s and ψ_s(reg) on each group, ρ_s, and for the data view ψ_s(k) of up to
     every training example; a JVP direction costs about ``1 / JVP_PER_ROW`` of a Jacobian row.
-    The importance view needs the Jacobians themselves.
+    The importance view and partitions finer than a tensor need the Jacobians themselves.
     """
     config = setup.config
     setup.forward_ad = _jvp_works(setup, params0)
     if not setup.forward_ad:
         setup.notes.append("forward-mode AD unsupported by the model: reverse mode used for all derivatives")
-    if "importance" in config.views:
+    if "importance" in config.views or config.partitions:
+        what = "the importance view" if "importance" in config.views else "partitions finer than a tensor"
         if config.engine == "jvp":
-            raise BadInputError("the importance view needs full Jacobians; use engine='vjp' or 'auto'")
+            raise BadInputError(f"{what} needs full Jacobians; use engine='vjp' or 'auto'")
         return "vjp"
     directions = _direction_count(setup)
     wanted = config.engine if config.engine != "auto" else (

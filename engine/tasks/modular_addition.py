@@ -27,6 +27,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from engine.errors import BadInputError
+from engine.model import units
+from engine.model.groups import ParamLayout
 from engine.model.task import Dataset, Task, seeded_model
 from engine.tasks.common import accuracy, deterministic_algorithms, open_recorder
 
@@ -204,6 +206,25 @@ class ModularAdditionTask(Task):
     def layer_of(self, tensor_name: str) -> str:
         """``embed``, ``pos_embed``, ``attn``, ``mlp`` or ``unembed``."""
         return tensor_name.split(".")[0]
+
+    def token_embedding(self) -> str:
+        return "embed.weight"
+
+    def partitions(self, layout: ParamLayout) -> dict[str, units.Partition]:
+        """``heads`` (attention), ``neurons`` (MLP), ``tokens`` (embedding rows: 0 … p−1 and ``=``),
+        ``embed-fourier`` (Fourier basis over the number tokens of the embedding; ``=`` its own
+        unit) and ``unembed-fourier`` (over the classes of the unembedding)."""
+        p = self.config.p
+        built = [
+            units.heads("heads", layout, "attn.q.weight", "attn.k.weight", "attn.v.weight", "attn.o.weight",
+                        self.config.n_heads),
+            units.neurons("neurons", layout, "mlp.fc_in.weight", "mlp.fc_in.bias", "mlp.fc_out.weight",
+                          "mlp.fc_out.bias"),
+            units.rows("tokens", layout, "embed.weight", [*map(str, range(p)), "="]),
+            units.fourier("embed-fourier", layout, {"embed.weight": {"axis": 0, "size": p, "extra": ["="]}}),
+            units.fourier("unembed-fourier", layout, {"unembed.weight": {"axis": 0, "size": p}}),
+        ]
+        return {partition.name: partition for partition in built}
 
 
 def fit(
