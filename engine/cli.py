@@ -1,4 +1,4 @@
-"""Command line: ``python -m engine {train,verify,explain,info,prune} ...``.
+"""Command line: ``python -m engine {train,verify,explain,progress,info,prune} ...``.
 
 Every command prints a human summary, or one JSON object with ``--json``. Errors the
 user can fix are printed as one ``error:`` line (exit status 2), never as a traceback.
@@ -143,6 +143,12 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     return run(args)
 
 
+def cmd_progress(args: argparse.Namespace) -> dict[str, Any]:
+    from engine.analysis.progress import cmd_progress as run
+
+    return run(args)
+
+
 def cmd_import_explaind(args: argparse.Namespace) -> dict[str, Any]:
     from engine.importers.explaind import cmd_import_explaind as run
 
@@ -166,6 +172,8 @@ COMMANDS: dict[str, tuple[Handler, str]] = {
     "verify": (cmd_verify, "replay every recorded update from the record (MATH.md §3)"),
     "explain": (cmd_explain, "decompose a recorded run into influences and write a run database"),
     "prune": (cmd_prune, "prune the final model by kernel importance vs magnitude and random (MATH.md §5)"),
+    "progress": (cmd_progress, "add modular addition's progress measures (restricted and excluded loss, key "
+                 "frequencies) to a run database"),
     "info": (cmd_info, "summarize a run database"),
     "import-explaind": (cmd_import_explaind, "convert a run recorded with the published explaind package"),
     "sample": (cmd_sample, "rebuild a shipped sample run from scratch (train, verify, explain, prune)"),
@@ -234,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     from engine.analysis.prune import add_arguments as prune_arguments
 
     prune_arguments(sub.add_parser("prune", help=COMMANDS["prune"][1]))
+
+    from engine.analysis.progress import add_arguments as progress_arguments
+
+    progress_arguments(sub.add_parser("progress", help=COMMANDS["progress"][1]))
 
     info = sub.add_parser("info", help=COMMANDS["info"][1])
     info.add_argument("path", help="run database (.duckdb)")
