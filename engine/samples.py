@@ -2,7 +2,8 @@
 
 ``python -m engine sample digits`` trains the task, checks the record by replay,
 decomposes it, measures prediction-level exactness for several quadratures, runs the
-pruning study and publishes ``sample_runs/digits.duckdb``. Everything is seeded, so the
+pruning study (and, for modular addition, the progress measures) and publishes
+``sample_runs/digits.duckdb``. Everything is seeded, so the
 same command reproduces the same numbers; the recipe is stored in the database's metadata
 (key ``recipe``) so a test can check that a shipped file matches its command.
 """
@@ -22,12 +23,13 @@ from typing import Any
 import polars as pl
 import torch
 
+from engine.analysis.progress import progress_measures
 from engine.analysis.prune import PruneConfig, run_prune
 from engine.decompose import ExplainConfig, Explanation, explain_history, merge_tests
 from engine.errors import BadInputError
 from engine.run.history import History
 from engine.run.verify import verify
-from engine.store import write_run
+from engine.store import add_progress, write_run
 from engine.tasks import get_task, train_task
 
 log = logging.getLogger(__name__)
@@ -42,9 +44,11 @@ class SampleRecipe:
     train: dict[str, Any] = field(default_factory=dict)           # task config overrides
     components: dict[str, Any] = field(default_factory=dict)      # ExplainConfig of the main pass
     data: dict[str, Any] = field(default_factory=dict)            # ExplainConfig of the data-view pass
+    data_test_window: int | None = None                           # per-test data rows merged to this many steps
     exactness: tuple[str, ...] = ("adaptive", "midpoint:100", "midpoint:10")
     exactness_tests: int = 100
     prune: dict[str, Any] = field(default_factory=dict)           # PruneConfig overrides
+    progress: bool = False                                        # modular addition's progress measures
 
     def to_json(self) -> dict[str, Any]:
         """The recipe as it reads back from the database's JSON metadata."""
@@ -67,9 +71,11 @@ SAMPLES: dict[str, SampleRecipe] = {
             name="grokking",
             task="modular-addition",
             components={"test_size": 200, "quantity": "logprob", "views": ("components", "importance"),
-                        "window": 20, "rtol": 1e-5},
-            data={"test_size": 20, "quantity": "logprob", "views": ("data",), "window": 200, "rtol": 1e-5},
+                        "window": 20, "rtol": 1e-5, "partitions": ("all",)},
+            data={"test_size": 20, "quantity": "logprob", "views": ("data",), "window": 20, "rtol": 1e-5},
+            data_test_window=200,
             exactness_tests=10,
+            progress=True,
         ),
     )
 }
@@ -136,10 +142,13 @@ def build_sample(sample: str | SampleRecipe, out_dir: Path = Path("sample_runs")
     bundle = main.to_bundle(history, task, exactness=pl.concat(checks))
     meta = {**bundle.meta, "recipe": recipe.to_json(), "replay_max_rel_error": replay.max_rel_error,
             "views": sorted({*bundle.meta["views"], "data"}), "data_window": recipe.data["window"],
-            "data_tests": len(data.test_ids)}
-    bundle = dataclasses.replace(bundle, meta=meta, data=data.data)
+            "data_test_window": recipe.data_test_window, "data_tests": len(data.test_ids)}
+    bundle = dataclasses.replace(bundle, meta=meta, data=data.data, data_test_window=recipe.data_test_window)
     target = write_run(out_dir / f"{name}.duckdb", bundle)
     _, pruning = run_prune(target, PruneConfig(**recipe.prune), progress=progress)
+    if recipe.progress:
+        measures = progress_measures(history, progress=progress)
+        add_progress(target, measures.measures, measures.norms)
     return {
         "sample": name,
         "database": str(target),
