@@ -14,6 +14,7 @@ c1, c2 = st.columns([2, 1])
 steps, tests = controls.steps_and_tests(run, c1, c2)
 controls.describe_example(run, tests)
 
+phases, spikes = controls.marks(run)
 with st.spinner("Reading completeness…"):
     comp = run.completeness(steps, tests)
 if comp.height == 0:
@@ -27,8 +28,8 @@ else:
     tiles[2].metric("Σ |quadrature residual|", f"{float(comp['abs_residual'].sum()):.2e}")
     tiles[3].metric("nodes per step (max)", f"{int(comp['nodes'].max())}")
     state.hint(f"Summed over {controls.describe_tests(tests)} and every explained output, per step.")
-    state.show_figure(charts.reconstruction_change(comp, quantity, style), "reconstruction-change")
-    state.show_figure(charts.residual_figure(comp, quantity, style), "residuals")
+    state.show_figure(charts.reconstruction_change(comp, quantity, style, phases, spikes), "reconstruction-change")
+    state.show_figure(charts.residual_figure(comp, quantity, style, phases, spikes), "residuals")
     with st.expander("Per-step table"):
         state.show_table(comp, "completeness", height=320)
 
