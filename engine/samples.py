@@ -51,9 +51,15 @@ class SampleRecipe:
     progress: bool = False                                        # modular addition's progress measures
 
     def to_json(self) -> dict[str, Any]:
-        """The recipe as it reads back from the database's JSON metadata."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """The recipe as it reads back from the database's JSON metadata. The optional steps
+        (``OPTIONAL_FIELDS``) appear only when a recipe uses them, so the recipe of a sample
+        that does not reads back as it was written before they existed."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items()
+                  if k not in OPTIONAL_FIELDS or v != OPTIONAL_FIELDS[k]}
+        return json.loads(json.dumps(fields))
 
+
+OPTIONAL_FIELDS = {"data_test_window": None, "progress": False}  # field → the value that leaves it out
 
 SAMPLES: dict[str, SampleRecipe] = {
     recipe.name: recipe
