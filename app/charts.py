@@ -12,11 +12,17 @@ cannot afford. The tests validate every builder's output instead.
 Colours are fixed: a group (layer, module or tensor) gets its colour from its
 position in model order (``group_colors``), so a layer has the same colour on
 every chart of a run and on both sides of a comparison of runs of one model.
+
+Every chart with a step axis takes the run's ``phases`` and loss ``spikes`` and draws them
+(bands, or boundary lines over a heatmap; dotted lines at spikes). A step window is drawn
+over its span — heatmap cells from its first step to the next window's, lines as steps —
+and named by its first and last step (``steps 800–819``).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -48,6 +54,8 @@ EXTRA_MARKS = (("triangle-up", "dashdot"), ("x", "longdash"), ("star", "solid"),
                ("triangle-down", "dot"), ("hexagon", "longdashdot"))  # fmt: skip
 DENSE = "dense"
 PHASE_COLORS = {"memorization": "#F28E2B", "circuit formation": "#4E79A7", "clean-up": "#59A14F"}
+SPIKE_COLOR = "#B5179E"
+KEY_MARK = "★"  # prefixed to the labels of the final model's key frequencies
 RUN_DASHES = ("solid", "dash")
 MEASURE_TITLES = {
     "signed": "influence (Δ {q})",
@@ -55,6 +63,7 @@ MEASURE_TITLES = {
     "share": "share of |influence|",
 }
 MISSING = "—"
+LABEL_CHARS = 32  # longest example rendering used as a bar label
 LOG_COUNTS_FROM = 100
 SPARSITY_TICKS = (0.1, 0.3, 0.5, 0.7, 0.9, 0.99, 0.999, 0.9999)
 MOST_TICKS = 6  # most labelled ticks on an axis whose ticks this module places itself
@@ -291,24 +300,70 @@ def _line(x, y, name: str, color: str, style: Style, **extra) -> dict:
             "line": {"color": color, "width": style.line_width, **extra.pop("line", {})}, **extra}  # fmt: skip
 
 
-def _phase_shapes(g: Grid, phases: Sequence[Phase], log_x: bool, style: Style) -> tuple[list[dict], list[dict]]:
-    """A shaded band per phase on every row, and the phase names above the top row."""
+def _phase_shapes(
+    g: Grid, phases: Sequence[Phase], log_x: bool, style: Style, spikes: Sequence[int] = (), lines: bool = False
+) -> tuple[list[dict], list[dict]]:
+    """A shaded band per phase on every row (``lines``: a line at each phase's start instead,
+    for heatmaps, which hide what is below them), the phase names above the top row, and a
+    dotted line at every loss spike."""
     shapes, notes = [], []
     for phase in phases:
         color = PHASE_COLORS.get(phase.name, PALETTE[-1])
         for row in range(1, g.rows + 1):
             refs = g.refs(row)
-            shapes.append({
-                "type": "rect", "xref": refs["xaxis"], "yref": f"{refs['yaxis']} domain", "x0": phase.start,
-                "x1": phase.end, "y0": 0, "y1": 1, "fillcolor": color, "opacity": 0.12, "line": {"width": 0},
-                "layer": "below",
-            })  # fmt: skip
+            if lines:
+                shapes.append({
+                    "type": "line", "xref": refs["xaxis"], "yref": f"{refs['yaxis']} domain", "x0": phase.start,
+                    "x1": phase.start, "y0": 0, "y1": 1, "line": {"color": color, "width": 2}, "layer": "above",
+                })  # fmt: skip
+            else:
+                shapes.append({
+                    "type": "rect", "xref": refs["xaxis"], "yref": f"{refs['yaxis']} domain", "x0": phase.start,
+                    "x1": phase.end, "y0": 0, "y1": 1, "fillcolor": color, "opacity": 0.12, "line": {"width": 0},
+                    "layer": "below",
+                })  # fmt: skip
         mid = math.sqrt(max(phase.start, 1) * max(phase.end, 1)) if log_x else (phase.start + phase.end) / 2
         notes.append({
             "x": math.log10(mid) if log_x else mid, "xref": "x", "y": 1.0, "yref": "paper", "yanchor": "bottom",
             "text": phase.name, "showarrow": False, "font": {"color": color, "size": style.font_size},
         })  # fmt: skip
+    for step in spikes:
+        for row in range(1, g.rows + 1):
+            refs = g.refs(row)
+            shapes.append({
+                "type": "line", "xref": refs["xaxis"], "yref": f"{refs['yaxis']} domain", "x0": step, "x1": step,
+                "y0": 0, "y1": 1, "line": {"color": SPIKE_COLOR, "width": 1.5, "dash": "dot"}, "layer": "above",
+            })  # fmt: skip
+        notes.append({
+            "x": math.log10(max(step, 1)) if log_x else step, "xref": "x", "y": 1.0, "yref": "paper",
+            "yanchor": "top", "text": "↯", "showarrow": False, "hovertext": f"loss spike at step {step}",
+            "font": {"color": SPIKE_COLOR, "size": style.font_size},
+        })  # fmt: skip
     return shapes, notes
+
+
+def _window_labels(frame: pl.DataFrame) -> list[str]:
+    """``steps lo–hi−1`` of each window (its first and last step)."""
+    return [f"steps {lo}–{hi - 1}" for lo, hi in zip(frame["step_lo"], frame["step_hi"], strict=True)]
+
+
+def _window_edges(windows: pl.DataFrame) -> np.ndarray:
+    """Cell edges of consecutive windows (``step_lo`` of each, then the last ``step_hi``); the
+    centres where windows leave gaps."""
+    lo, hi = windows["step_lo"].to_numpy(), windows["step_hi"].to_numpy()
+    if len(lo) and (lo[1:] == hi[:-1]).all():
+        return np.append(lo, hi[-1])
+    return (lo + hi - 1) / 2
+
+
+def _window_steps(rows: pl.DataFrame, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """A step line over windows: ``x`` = each window's start and the last window's end, ``y`` the
+    window's value (repeated at the end), hover labels of the windows."""
+    labels = _window_labels(rows)
+    if not rows.height:
+        return np.empty(0), np.empty(0), []
+    x = np.append(rows["step_lo"].to_numpy(), rows["step_hi"].to_numpy()[-1])
+    return x, np.append(values, values[-1]), [*labels, labels[-1]]
 
 
 def _step_axis(g: Grid, log_x: bool, title: str = "training step") -> None:
@@ -324,8 +379,9 @@ def _split_name(split: str) -> str:
     return "train" if split == "train" else "validation"
 
 
-def training_curves(steps: pl.DataFrame, phases: Sequence[Phase], style: Style, log_x: bool = False) -> go.Figure:
-    """Train/validation loss (log scale) and accuracy over steps, phases shaded."""
+def training_curves(steps: pl.DataFrame, phases: Sequence[Phase], style: Style, log_x: bool = False,
+                    spikes: Sequence[int] = ()) -> go.Figure:
+    """Train/validation loss (log scale) and accuracy over steps, phases shaded, spikes marked."""
     g = grid(2, shared_x=True)
     traces = []
     for row, metric in ((1, "loss"), (2, "acc")):
@@ -337,7 +393,7 @@ def training_curves(steps: pl.DataFrame, phases: Sequence[Phase], style: Style, 
     g.y(1).update(_title("loss (nats)"), type="log", **log_ticks(losses))
     g.y(2).update(_title("accuracy"), range=[0, 1.02], tickformat=".0%")
     _step_axis(g, log_x)
-    shapes, notes = _phase_shapes(g, phases, log_x, style)
+    shapes, notes = _phase_shapes(g, phases, log_x, style, spikes)
     layout = {**g.layout, "shapes": shapes, "annotations": notes, "hovermode": "x unified"}
     return _figure(traces, layout, style, "Training curves", 560, notes=True)
 
@@ -348,8 +404,9 @@ def constant_value(steps: pl.DataFrame, column: str) -> float | None:
     return float(y[0]) if y.size and (y == y[0]).all() else None
 
 
-def optimizer_curves(steps: pl.DataFrame, phases: Sequence[Phase], style: Style, log_x: bool = False) -> go.Figure:
-    """Parameter norm, update norm and learning rate over steps, phases shaded.
+def optimizer_curves(steps: pl.DataFrame, phases: Sequence[Phase], style: Style, log_x: bool = False,
+                     spikes: Sequence[int] = ()) -> go.Figure:
+    """Parameter norm, update norm and learning rate over steps, phases shaded, spikes marked.
 
     A constant learning rate gets no panel: the title states it.
     """
@@ -368,7 +425,7 @@ def optimizer_curves(steps: pl.DataFrame, phases: Sequence[Phase], style: Style,
         if y_type == "log":
             g.y(row).update(log_ticks(y))
     _step_axis(g, log_x)
-    shapes, notes = _phase_shapes(g, phases, log_x, style)
+    shapes, notes = _phase_shapes(g, phases, log_x, style, spikes)
     layout = {**g.layout, "shapes": shapes, "annotations": notes, "hovermode": "x unified"}
     title = "Parameters and optimizer" + ("" if lr is None else f" · learning rate {lr:g} at every step")
     return _figure(traces, layout, style, title, 620 if lr is None else 480, legend=False, notes=True)
@@ -377,14 +434,11 @@ def optimizer_curves(steps: pl.DataFrame, phases: Sequence[Phase], style: Style,
 # ── components ──────────────────────────────────────────────────────────────────────
 
 
-def _window_labels(frame: pl.DataFrame) -> list[str]:
-    return [f"steps {lo}–{hi - 1}" for lo, hi in zip(frame["step_lo"], frame["step_hi"], strict=True)]
-
-
 def component_heatmap(
-    matrix: pl.DataFrame, order: Sequence[str], measure: str, quantity: str, style: Style
+    matrix: pl.DataFrame, order: Sequence[str], measure: str, quantity: str, style: Style,
+    phases: Sequence[Phase] = (), spikes: Sequence[int] = (),
 ) -> go.Figure:
-    """Groups (rows, model order top to bottom) × step windows (columns) of ``value``."""
+    """Groups (rows, model order top to bottom) × step windows (columns, over their spans) of ``value``."""
     windows = matrix.select("step_lo", "step_hi").unique().sort("step_lo")
     groups = _ordered(matrix.get_column("group").to_list(), order)
     row_of = pl.DataFrame({"group": groups, "row": np.arange(len(groups))})
@@ -392,10 +446,9 @@ def component_heatmap(
     cells = matrix.join(row_of, on="group").join(col_of, on="step_lo")
     z = np.full((len(groups), windows.height), np.nan)
     z[cells["row"].to_numpy(), cells["col"].to_numpy()] = cells["value"].to_numpy()
-    centers = ((windows["step_lo"] + windows["step_hi"] - 1) / 2).to_numpy()
     hover = np.tile(np.array(_window_labels(windows), dtype=object), (len(groups), 1))
     trace = {
-        "type": "heatmap", "z": z, "x": centers, "y": groups, "customdata": hover,
+        "type": "heatmap", "z": z, "x": _window_edges(windows), "y": groups, "customdata": hover,
         "colorbar": {"title": {"text": MEASURE_TITLES[measure].format(q=quantity), "side": "right"}},
         "hovertemplate": "%{y}<br>%{customdata}<br>%{z:.4g}<extra></extra>",
     }  # fmt: skip
@@ -407,7 +460,9 @@ def component_heatmap(
         trace["colorbar"]["tickformat"] = ".0%"
     else:
         trace.update(colorscale="Viridis", zmin=0.0)
-    layout = {"xaxis": _title("training step (window centre)"), "yaxis": {"autorange": "reversed"}}
+    shapes, notes = _phase_shapes(grid(), phases, False, style, spikes, lines=True)
+    layout = {"xaxis": _title("training step"), "yaxis": {"autorange": "reversed"}, "shapes": shapes,
+              "annotations": notes}
     height = min(220 + 28 * len(groups), 900)
     return _figure([trace], layout, style, f"Influence by component and step window ({measure})", height, legend=False)
 
@@ -420,17 +475,23 @@ def component_lines(
     quantity: str,
     style: Style,
     cumulative: bool = False,
+    phases: Sequence[Phase] = (),
+    spikes: Sequence[int] = (),
 ) -> go.Figure:
-    """One line per group over step windows (optionally the running sum over windows)."""
+    """One line per group over step windows, flat across each window (optionally the running
+    sum up to and including each window)."""
     traces = []
     for (group,), rows in matrix.sort("step_lo").partition_by("group", as_dict=True, maintain_order=True).items():
         y = rows.get_column("value").cum_sum() if cumulative else rows.get_column("value")
-        traces.append(_line(rows["step_lo"].to_numpy(), y.to_numpy(), group, colors.get(group, PALETTE[-1]), style,
-                            hovertemplate="%{y:.4g}"))  # fmt: skip
+        x, y, labels = _window_steps(rows, y.to_numpy())
+        traces.append(_line(x, y, group, colors.get(group, PALETTE[-1]), style, line={"shape": "hv"},
+                            customdata=labels, hovertemplate="%{customdata}: %{y:.4g}"))  # fmt: skip
     rank = {g: i for i, g in enumerate(_ordered([t["name"] for t in traces], order))}
     traces.sort(key=lambda t: rank[t["name"]])
     axis = ("cumulative " if cumulative else "") + MEASURE_TITLES[measure].format(q=quantity)
-    layout = {"xaxis": _title("training step (window start)"), "yaxis": _title(axis), "hovermode": "x unified"}
+    shapes, notes = _phase_shapes(grid(), phases, False, style, spikes)
+    layout = {"xaxis": _title("training step"), "yaxis": _title(axis), "hovermode": "x unified", "shapes": shapes,
+              "annotations": notes}
     title = "Cumulative influence per component" if cumulative else "Influence per component over steps"
     return _figure(traces, layout, style, title, 480)
 
@@ -458,16 +519,26 @@ def decay_balance(
 # ── data ────────────────────────────────────────────────────────────────────────────
 
 
-def _example_label(train: int) -> str:
-    return "weight decay" if train < 0 else f"#{train}"
+def _example_label(train: int, text: str | None = None) -> str:
+    """``weight decay``, ``#id``, or a one-line rendering of the example (without a trailing note in
+    parentheses, at most ``LABEL_CHARS`` characters) with its id: ``23 + 0 = 23 · #412``."""
+    if train < 0:
+        return "weight decay"
+    readable = re.sub(r"\s*\([^()]*\)$", "", text or "")
+    if not readable or "\n" in readable:
+        return f"#{train}"
+    short = readable if len(readable) <= LABEL_CHARS else readable[:LABEL_CHARS - 1] + "…"
+    return f"{short} · #{train}"
 
 
 def top_examples_bar(top: pl.DataFrame, quantity: str, style: Style) -> go.Figure:
-    """Horizontal bars of the top proponents (positive) and opponents (negative)."""
+    """Horizontal bars of the top proponents (positive) and opponents (negative), each labelled by
+    its readable rendering where it has one line (``23 + 0 = 23 · #412``)."""
     ordered = top.sort("value")
     trace = {
         "type": "bar", "orientation": "h", "x": ordered["value"].to_numpy(),
-        "y": [_example_label(t) for t in ordered["train"].to_list()],
+        "y": [_example_label(t, text) for t, text in zip(ordered["train"].to_list(), ordered["text"].to_list(),
+                                                           strict=True)],
         "marker": {"color": [SIDE_COLORS.get(s, PALETTE[0]) for s in ordered["side"].to_list()]},
         "customdata": [(t or "").replace("\n", "<br>") for t in ordered["text"].to_list()],
         "hovertemplate": "%{y}: %{x:.4g}<br>%{customdata}<extra></extra>",
@@ -481,21 +552,28 @@ def top_examples_bar(top: pl.DataFrame, quantity: str, style: Style) -> go.Figur
     return _figure([trace], layout, style, "Top proponents (green) and opponents (red)", height, legend=False)
 
 
-def example_over_time(frame: pl.DataFrame, train: int, quantity: str, style: Style) -> go.Figure:
-    """A training example's influence per step window (bars) and its running sum (line)."""
+def example_over_time(frame: pl.DataFrame, train: int, quantity: str, style: Style, phases: Sequence[Phase] = (),
+                      spikes: Sequence[int] = ()) -> go.Figure:
+    """A training example's influence per step window (bars over the windows' spans) and its
+    running sum (a step line)."""
     rows = frame.sort("step_lo")
-    x = rows["step_lo"].to_numpy()
+    lo, hi = rows["step_lo"].to_numpy(), rows["step_hi"].to_numpy()
     g = grid(2, shared_x=True, v_space=0.1)
+    x, cumulative, labels = _window_steps(rows, rows["value"].cum_sum().to_numpy())
     traces = [
-        {"type": "bar", "x": x, "y": rows["value"].to_numpy(), "name": "per window", "marker": {"color": PALETTE[0]},
+        {"type": "bar", "x": (lo + hi) / 2, "width": hi - lo, "y": rows["value"].to_numpy(), "name": "per window",
+         "marker": {"color": PALETTE[0], "line": {"width": 0.5, "color": "white"}},
          "customdata": _window_labels(rows), "hovertemplate": "%{customdata}: %{y:.4g}<extra></extra>",
          **g.refs(1)},
-        _line(x, rows["value"].cum_sum().to_numpy(), "cumulative", PALETTE[1], style, **g.refs(2)),
+        _line(x, cumulative, "cumulative", PALETTE[1], style, line={"shape": "hv"}, customdata=labels,
+              hovertemplate="up to %{customdata}: %{y:.4g}<extra></extra>", **g.refs(2)),
     ]  # fmt: skip
     g.y(1).update(_title(f"influence (Δ {quantity})"))
     g.y(2).update(_title("cumulative"))
-    g.x(2).update(_title("training step (window start)"))
-    return _figure(traces, g.layout, style, f"Influence of training example {_example_label(train)} over time", 520)
+    g.x(2).update(_title("training step"))
+    shapes, notes = _phase_shapes(g, phases, False, style, spikes)
+    layout = {**g.layout, "shapes": shapes, "annotations": notes, "bargap": 0}
+    return _figure(traces, layout, style, f"Influence of training example {_example_label(train)} over time", 520)
 
 
 def influence_histogram(dist: pl.DataFrame, quantity: str, style: Style, bins: int = 60) -> go.Figure:
@@ -516,15 +594,26 @@ def influence_histogram(dist: pl.DataFrame, quantity: str, style: Style, bins: i
             "name": "training examples", "hovertemplate": "%{x:.3g}: %{y} examples<extra></extra>",
             "marker": {"color": [SIDE_COLORS["proponent"] if c >= 0 else SIDE_COLORS["opponent"] for c in centers]},
         })  # fmt: skip
-    shapes = [{"type": "line", "xref": "x", "yref": "paper", "x0": v, "x1": v, "y0": 0, "y1": 1,
-               "line": {"dash": "dash", "color": "#555555"}} for v in regularizer]  # fmt: skip
-    notes = [{"x": v, "xref": "x", "y": 1, "yref": "paper", "yanchor": "bottom", "text": "weight decay",
-              "showarrow": False, "font": {"size": style.font_size}} for v in regularizer]  # fmt: skip
+    # the weight-decay marker stays inside the examples' range: one far outside it is drawn at the
+    # edge with its value, so it does not squeeze the histogram into a few bins
+    lo, hi = (float(examples.min()), float(examples.max())) if examples.size else (min(regularizer, default=0.0),
+                                                                                 max(regularizer, default=1.0))
+    pad = 0.04 * (hi - lo or 1.0)
+    shapes, notes = [], []
+    for v in regularizer:
+        inside = lo - pad <= v <= hi + pad
+        x = v if inside else (hi + pad if v > hi else lo - pad)
+        shapes.append({"type": "line", "xref": "x", "yref": "paper", "x0": x, "x1": x, "y0": 0, "y1": 1,
+                       "line": {"dash": "dash" if inside else "dot", "color": "#555555"}})  # fmt: skip
+        text = "weight decay" if inside else f"weight decay {v:+.3g} {'→' if v > hi else '←'}"
+        notes.append({"x": x, "xref": "x", "y": 1, "yref": "paper", "yanchor": "bottom", "text": text,
+                      "xanchor": "center" if inside else ("right" if v > hi else "left"), "showarrow": False,
+                      "font": {"size": style.font_size}})
     yaxis = {**_title("training examples (count, log scale)"), "type": "log",
              **log_ticks(traces[0]["y"])} if log_counts else {
         **_title("training examples (count)"), "rangemode": "tozero"}  # fmt: skip
-    layout = {"yaxis": yaxis, "xaxis": _title(f"influence (Δ {quantity})"), "bargap": 0.02, "shapes": shapes,
-              "annotations": notes}  # fmt: skip
+    layout = {"yaxis": yaxis, "xaxis": {**_title(f"influence (Δ {quantity})"), "range": [lo - pad, hi + pad]},
+              "bargap": 0.02, "shapes": shapes, "annotations": notes}  # fmt: skip
     title = f"Distribution of influences ({examples.size:,} training examples)"
     return _figure(traces, layout, style, title, 420, legend=False, notes=bool(regularizer))
 
@@ -532,7 +621,8 @@ def influence_histogram(dist: pl.DataFrame, quantity: str, style: Style, bins: i
 # ── reconstruction ──────────────────────────────────────────────────────────────────
 
 
-def reconstruction_change(comp: pl.DataFrame, quantity: str, style: Style) -> go.Figure:
+def reconstruction_change(comp: pl.DataFrame, quantity: str, style: Style, phases: Sequence[Phase] = (),
+                          spikes: Sequence[int] = ()) -> go.Figure:
     """True vs reconstructed change per step, and the cumulative reconstruction error."""
     rows = comp.sort("step")
     x = rows["step"].to_numpy()
@@ -547,10 +637,13 @@ def reconstruction_change(comp: pl.DataFrame, quantity: str, style: Style) -> go
     g.y(1).update(_title(f"Δ {quantity} per step"))
     g.y(2).update(_title("Σ (true − reconstructed)"), exponentformat="e")
     g.x(2).update(_title("training step"))
-    return _figure(traces, {**g.layout, "hovermode": "x unified"}, style, "True vs reconstructed change", 560)
+    shapes, notes = _phase_shapes(g, phases, False, style, spikes)
+    layout = {**g.layout, "hovermode": "x unified", "shapes": shapes, "annotations": notes}
+    return _figure(traces, layout, style, "True vs reconstructed change", 560)
 
 
-def residual_figure(comp: pl.DataFrame, quantity: str, style: Style) -> go.Figure:
+def residual_figure(comp: pl.DataFrame, quantity: str, style: Style, phases: Sequence[Phase] = (),
+                    spikes: Sequence[int] = ()) -> go.Figure:
     """|quadrature residual| and |data-split residual| per step (log scale), and nodes used."""
     rows = comp.sort("step")
     x = rows["step"].to_numpy()
@@ -567,7 +660,8 @@ def residual_figure(comp: pl.DataFrame, quantity: str, style: Style) -> go.Figur
     g.y(1).update(_title(f"|residual| (Δ {quantity})"), type="log", exponentformat="e", **log_ticks(residuals))
     g.y(2).update(_title("quadrature nodes"), rangemode="tozero")
     g.x(2).update(_title("training step"))
-    layout = {**g.layout, "hovermode": "x unified"}
+    shapes, notes = _phase_shapes(g, phases, False, style, spikes)
+    layout = {**g.layout, "hovermode": "x unified", "shapes": shapes, "annotations": notes}
     return _figure(traces, layout, style, "Residuals and quadrature nodes per step", 520)
 
 
@@ -869,3 +963,93 @@ def phase_table(phases: Sequence[Phase]) -> pl.DataFrame:
         "phase": [p.name for p in phases], "first step": [p.start for p in phases], "last step": last,
         "steps": [b - p.start + 1 for p, b in zip(phases, last, strict=True)],
     })  # fmt: skip
+
+
+# ── progress measures ───────────────────────────────────────────────────────────────
+
+PROGRESS_COLORS = {"restricted loss": "#59A14F", "excluded loss": "#B07AA1"}
+
+
+def progress_curves(
+    steps: pl.DataFrame, progress: pl.DataFrame, keys: Sequence[int], phases: Sequence[Phase], style: Style,
+    log_x: bool = False, spikes: Sequence[int] = (),
+) -> go.Figure:
+    """Train and validation loss with the progress measures (``measure, step, value``) on one log
+    axis, phases shaded and spikes marked; ``keys`` are the key frequencies they use."""
+    g = grid(1)
+    traces = []
+    for split in ("train", "val"):
+        x, y = _series(steps, "step", f"{split}_loss")
+        traces.append(_line(x, y, f"{_split_name(split)} loss", SPLIT_COLORS[split], style))
+    for (measure,), rows in progress.sort("step").partition_by("measure", as_dict=True, maintain_order=True).items():
+        traces.append(_line(rows["step"].to_numpy(), rows["value"].to_numpy(), measure,
+                            PROGRESS_COLORS.get(measure, PALETTE[len(traces)]), style, line={"dash": "dash"}))
+    g.y(1).update(_title("loss (nats)"), type="log")
+    _step_axis(g, log_x)
+    shapes, notes = _phase_shapes(g, phases, log_x, style, spikes)
+    layout = {**g.layout, "shapes": shapes, "annotations": notes, "hovermode": "x unified"}
+    shown = ", ".join(map(str, keys)) if keys else "none"
+    return _figure(traces, layout, style, f"Progress measures (key frequencies {shown})", 480)
+
+
+# ── units of partitions: heads, neurons, frequencies ────────────────────────────────
+
+
+def _unit_names(units: Sequence[str], labels: Sequence[int | None], keys: Sequence[int]) -> list[str]:
+    """Row labels: each unit's name, the key frequencies marked with ``KEY_MARK``."""
+    marked = set(keys)
+    return [f"{KEY_MARK} {u}" if label is not None and label in marked else u
+            for u, label in zip(units, labels, strict=True)]
+
+
+def unit_heatmap(
+    matrix: pl.DataFrame, measure: str, quantity: str, style: Style, title: str, keys: Sequence[int] = (),
+    phases: Sequence[Phase] = (), spikes: Sequence[int] = (),
+) -> go.Figure:
+    """Units (rows, in the order of ``matrix``: the partition's, ``other`` last) × step windows of
+    ``value``; units whose ``label`` is a key frequency are marked."""
+    windows = matrix.select("step_lo", "step_hi").unique().sort("step_lo")
+    first = matrix.unique("unit", keep="first", maintain_order=True)
+    units, labels = first["unit"].to_list(), first["label"].to_list()
+    row_of = pl.DataFrame({"unit": units, "row": np.arange(len(units))})
+    col_of = windows.select("step_lo", col=pl.int_range(pl.len()))
+    cells = matrix.join(row_of, on="unit").join(col_of, on="step_lo")
+    z = np.full((len(units), windows.height), np.nan)
+    z[cells["row"].to_numpy(), cells["col"].to_numpy()] = cells["value"].to_numpy()
+    names = _unit_names(units, labels, keys)
+    trace = {
+        "type": "heatmap", "z": z, "x": _window_edges(windows), "y": names,
+        "customdata": np.tile(np.array(_window_labels(windows), dtype=object), (len(units), 1)),
+        "colorbar": {"title": {"text": MEASURE_TITLES[measure].format(q=quantity), "side": "right"}},
+        "hovertemplate": "%{y}<br>%{customdata}<br>%{z:.4g}<extra></extra>",
+    }  # fmt: skip
+    if measure == "signed":
+        bound = float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0
+        trace.update(colorscale="RdBu", reversescale=True, zmid=0.0, zmin=-bound, zmax=bound)
+    else:
+        trace.update(colorscale="Viridis", zmin=0.0, **({"zmax": 1.0} if measure == "share" else {}))
+    shapes, notes = _phase_shapes(grid(), phases, False, style, spikes, lines=True)
+    layout = {"xaxis": _title("training step"), "yaxis": {"autorange": "reversed", "type": "category"},
+              "shapes": shapes, "annotations": notes}
+    height = min(220 + (16 if len(units) > 30 else 26) * len(units), 1400)
+    return _figure([trace], layout, style, f"{title} ({measure})", height, legend=False)
+
+
+def unit_totals_bar(totals: pl.DataFrame, quantity: str, style: Style, title: str,
+                    keys: Sequence[int] = ()) -> go.Figure:
+    """Per unit over the selected steps: the gradient (data) part and the weight-decay part of its
+    influence (stacked) and the net influence; key frequencies marked."""
+    names = _unit_names(totals["unit"].to_list(), totals["label"].to_list(), keys)
+    net, decay = totals["value"].to_numpy(), totals["decay"].to_numpy()
+    key = [name.startswith(KEY_MARK) for name in names]
+    traces = [
+        {"type": "bar", "x": names, "y": net - decay, "name": "gradient (data) part",
+         "marker": {"color": [PALETTE[2] if k else PALETTE[0] for k in key]}},
+        {"type": "bar", "x": names, "y": decay, "name": "weight-decay part",
+         "marker": {"color": "#BAB0AC", "pattern": {"shape": "/"}}},
+        {"type": "scatter", "mode": "markers", "x": names, "y": net, "name": "net influence",
+         "marker": {"symbol": "diamond", "size": 10 if style.presentation else 7, "color": "#222222"}},
+    ]  # fmt: skip
+    layout = {"barmode": "relative", "yaxis": _title(f"influence (Δ {quantity})"),
+              "xaxis": {**_title(""), "type": "category", "tickangle": -60 if len(names) > 12 else 0}}
+    return _figure(traces, layout, style, title, 460)

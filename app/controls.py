@@ -6,6 +6,7 @@ import polars as pl
 import streamlit as st
 
 from app import state
+from app.phases import Phase, find_phases, find_spikes
 from app.state import Run
 from engine.store import ALL_TESTS, TestSelector
 
@@ -18,6 +19,7 @@ SUBSET_LABELS = {
     "class": "one class",
     "example": "one example",
 }
+UNIT_SELECTORS = ("all", "correct", "incorrect")  # the test subsets units are stored for
 WINDOW_MULTIPLES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 TARGET_COLUMNS = 100  # default window: the smallest giving at most this many heatmap columns
 
@@ -180,3 +182,53 @@ def measure() -> str:
 
 def toggle(name: str, label: str, default: bool = False, help: str | None = None) -> bool:
     return state.url_widget(name, state.flag(), default, lambda key: st.toggle(label, key=key, help=help))
+
+
+def marks(run: Run) -> tuple[list[Phase], list[int]]:
+    """The run's training phases and loss spikes, drawn on every chart with a step axis."""
+    steps = run.steps()
+    return find_phases(steps), find_spikes(steps)
+
+
+def snapped(lo: int, hi: int, edges: list[int]) -> tuple[int, int]:
+    """``[lo, hi)`` widened to the nearest window ``edges`` around it, within the stored steps
+    (a range outside them gives the nearest window)."""
+    start = max([e for e in edges if e <= lo], default=edges[0])
+    end = min([e for e in edges if e >= hi], default=edges[-1])
+    if end <= start:
+        return (edges[-2], edges[-1]) if start >= edges[-1] else (edges[0], edges[1])
+    return start, end
+
+
+def window_range(run: Run, windows: pl.DataFrame, label: str = "Steps") -> tuple[tuple[int, int], str | None]:
+    """A step range at the edges of the stored ``windows`` (URL ``steps``, shared with the other
+    pages; a range from another page is widened to the windows around it). Returns the range and,
+    when the asked range had to be widened, a sentence saying so."""
+    edges = sorted({*windows["step_lo"].to_list(), *windows["step_hi"].to_list()})
+    if len(edges) < 2:
+        return (0, 1), None
+    whole = state.interval(0, max(state.num_steps(run), edges[-1]))
+    codec = state.Codec(lambda raw: snapped(*whole.parse(raw), edges), whole.fmt)
+    asked = state.remembered("steps")
+    value = state.url_widget(
+        "steps", codec, (edges[0], edges[-1]),
+        lambda key: st.select_slider(label, options=edges, key=key,
+                                     help="Steps from ≤ step < to, at the edges of the stored windows"),
+    )  # fmt: skip
+    try:
+        wanted = whole.parse(asked) if asked else None
+    except ValueError:
+        wanted = None
+    if wanted is None or tuple(wanted) == tuple(value):
+        return value, None
+    return value, (f"Steps {wanted[0]}–{wanted[1] - 1} lie within stored windows; "
+                   f"showing the windows around them, steps {value[0]}–{value[1] - 1}.")
+
+
+def data_resolution(run: Run) -> str:
+    """The stored time resolution of the data view, in words."""
+    fine, coarse = (int((w["step_hi"] - w["step_lo"]).max()) for w in (run.windows("data"), run.windows("data_tests")))
+    if fine == coarse:
+        return f"The data view is stored in windows of {fine} steps; the step range snaps to them."
+    return (f"The data view is stored in windows of {fine} steps for all, correctly and incorrectly predicted test "
+            f"examples and of {coarse} steps for one class or one example; the step range snaps to them.")

@@ -12,6 +12,9 @@ The rule (applied by ``find_phases`` to the steps frame, one row per logged step
   ``VAL_FIT`` (0.9);
 - **clean-up** runs from there to the last logged step.
 
+Loss spikes (``find_spikes``) are marked beside the phases: the peak of every run of steps whose
+train loss jumps to ``SPIKE_FACTOR`` times the median of the ``SPIKE_WINDOW`` steps before it.
+
 A phase whose start is never reached is left out, and so is an empty one (a run that
 generalizes as soon as it fits has no circuit-formation phase). Without accuracy
 columns, or with no logged values in them, there are no phases.
@@ -28,6 +31,8 @@ TRAIN_FIT = 0.99
 VAL_FIT = 0.9
 HOLD = 0.9
 PHASE_NAMES = ("memorization", "circuit formation", "clean-up")
+SPIKE_FACTOR = 3.0  # a loss spike: train loss at least this multiple of …
+SPIKE_WINDOW = 20  # … the median of the preceding logged steps
 
 
 @dataclass(frozen=True)
@@ -81,3 +86,27 @@ def find_phases(
         if generalized is not None:
             bounds.append((PHASE_NAMES[2], formed, last))
     return [Phase(name, start, end) for name, start, end in bounds if end > start]
+
+
+def find_spikes(steps: pl.DataFrame, column: str = "train_loss", factor: float = SPIKE_FACTOR,
+                window: int = SPIKE_WINDOW) -> list[int]:
+    """Loss spikes (Adam's "slingshot" events): the peak step of every run of consecutive logged
+    steps whose ``column`` is at least ``factor`` times the median of the ``window`` logged
+    steps before the run began. Needs ``window`` logged steps of history; none without the column."""
+    if steps.height == 0 or column not in steps.columns:
+        return []
+    frame = steps.sort("step").select("step", pl.col(column).cast(pl.Float64).fill_nan(None)).drop_nulls()
+    step, loss = frame["step"].to_numpy(), frame[column].to_numpy()
+    spikes: list[int] = []
+    i = window
+    while i < loss.size:
+        baseline = np.median(loss[i - window:i])
+        if loss[i] >= factor * baseline > 0:
+            end = i
+            while end + 1 < loss.size and loss[end + 1] >= factor * baseline:
+                end += 1
+            spikes.append(int(step[i + int(np.argmax(loss[i:end + 1]))]))
+            i = end + 1 + window  # a new baseline after the spike
+        else:
+            i += 1
+    return spikes

@@ -285,6 +285,15 @@ def _initial(name: str, codec: Codec[T], default: T, saved: dict[str, str]) -> T
     return default
 
 
+def remembered(name: str) -> str | None:
+    """The text of URL control ``name`` as last set in this session (on any page), else the URL's."""
+    saved = st.session_state.get(_SAVED, {})
+    if name in saved:
+        return saved[name]
+    values = st.query_params.get_all(name)
+    return values[-1] if values else None
+
+
 def publish(name: str, formatted: str) -> None:
     """Write a control's value to the URL (an empty value is left out) and mark it as in use this run."""
     st.session_state.setdefault(_SAVED, {})[name] = formatted
@@ -401,6 +410,26 @@ class Run:
 
     def pruning(self) -> pl.DataFrame:
         return self._get("pruning")
+
+    def data_windows(self, tests: TestSelector) -> pl.DataFrame:
+        return self._get("data_windows", tests=tests)
+
+    def partitions(self) -> pl.DataFrame:
+        return self._get("partitions")
+
+    def unit_matrix(self, partition: str, window: int, steps: tuple[int, int], tests: TestSelector, measure: str,
+                    top: int | None) -> pl.DataFrame:
+        return self._get("unit_matrix", partition=partition, window=window, steps=steps, tests=tests,
+                         measure=measure, top=top)
+
+    def unit_totals(self, partition: str, steps: tuple[int, int] | None, tests: TestSelector) -> pl.DataFrame:
+        return self._get("unit_totals", partition=partition, steps=steps, tests=tests)
+
+    def progress(self) -> pl.DataFrame:
+        return self._get("progress")
+
+    def frequency_norms(self) -> pl.DataFrame:
+        return self._get("frequency_norms")
 
 
 def set_current_run(run: Run | None) -> None:

@@ -8,9 +8,11 @@ Usage::
 
 Writes a synthetic run (``tests.fixtures_store.synthetic_bundle``; at scale 1 the shape of
 ``bench/bench_store.py``: components 500 windows × 10 tensors × 2000 tests = 10^7 rows,
-data 100 windows × 1001 training ids × 100 tests ≈ 10^7 rows) and a small second run
-for the Compare page, then drives ``app/main.py`` with streamlit's ``AppTest`` — the same
-script run a browser interaction triggers, without the websocket — and times:
+data 100 windows × 1001 training ids × 100 tests ≈ 10^7 rows; partitions of 4 heads, 257
+neurons and 57 Fourier frequencies over 500 windows, summed in three parts, as a grokking
+run stores them; progress measures over every step) and a small second run for the
+Compare page, then drives ``app/main.py`` with streamlit's ``AppTest`` — the same script
+run a browser interaction triggers, without the websocket — and times:
 
 - the cold start of a fresh Python process up to the first rendered page (imports included);
 - the first render of every page in a warm process with empty caches;
@@ -40,13 +42,20 @@ import streamlit as st  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from app import state  # noqa: E402
-from engine.store import RunDB, write_run  # noqa: E402
-from tests.fixtures_store import synthetic_bundle  # noqa: E402
+from engine.store import RunDB, add_progress, write_run  # noqa: E402
+from tests.fixtures_store import default_tensors, synthetic_bundle, synthetic_progress  # noqa: E402
 
 MAIN = str(ROOT / "app" / "main.py")
 FIRST_RENDER_S = 3.0
 INTERACTION_P95_MS = 300.0
 PAGES = ("overview", "components", "data", "reconstruction", "pruning", "compare")
+TENSORS = [t[0] for t in default_tensors(10)]
+PARTITIONS = (  # (name, kind, scope tensors, units): the partitions of a grokking run
+    ("heads", "groups", tuple(TENSORS[4:8]), 4),
+    ("neurons", "groups", tuple(TENSORS[0:4]), 257),
+    ("embed-fourier", "basis", (TENSORS[8],), 57),
+)
+UNIT_TESTS = 20  # per-test unit values generated (only their sums within parts are stored)
 
 COLD_START = """
 import sys, time
@@ -69,11 +78,12 @@ def build_runs(directory: Path, scale: float, classes: int) -> tuple[Path, dict[
     bundle = synthetic_bundle(
         windows=500, window=8, tensors=10, n_test=max(10, round(2000 * scale)), n_train=max(10, round(1000 * scale)),
         outputs=1, classes=classes, data_window=40, data_tests=max(5, round(100 * scale)), seed=1, marker="bench",
-        tensor_size=4096, task="synthetic-grokking",
+        tensor_size=4096, task="synthetic-grokking", partitions=PARTITIONS, unit_tests=UNIT_TESTS,
     )  # fmt: skip
     rows = {name: getattr(bundle, name).height for name in ("components", "data", "completeness")}
     start = time.perf_counter()
     path = write_run(directory / "bench-large.duckdb", bundle)
+    add_progress(path, *synthetic_progress(bundle.steps.height, p=113, keys=(14, 35, 41, 42, 52)))
     seconds = time.perf_counter() - start
     del bundle
     small = synthetic_bundle(windows=500, window=8, tensors=10, n_test=50, n_train=40, classes=classes,
@@ -135,9 +145,17 @@ def interactions(test_id: int, label: int, train_id: int) -> list[tuple[str, str
         ("components", "tests: one example", select("subset", "example")),
         ("components", f"example {test_id}", number("example", test_id)),
         ("components", "running sum on", toggle("cumulative", True)),
+        ("components", "tests: all", select("subset", "all")),
+        ("components", "open neurons", select("open", "neurons")),
+        ("components", "units shown 20", number("top", 20)),
+        ("components", "measure share (units)", seg("measure", "share")),
+        ("components", "window 80 (units)", lambda at: at.select_slider(key="url:window").set_value(80)),
+        ("components", "open embed-fourier", select("open", "embed-fourier")),
+        ("components", "steps 0-4000 (units)", slider("steps", (0, 4000))),
+        ("components", "open heads", select("open", "heads")),
         ("data", "open page", page("data")),
         ("data", "examples per side 25", number("k", 25)),
-        ("data", "steps 0-2000", slider("steps", (0, 2000))),
+        ("data", "steps 0-2000", lambda at: at.select_slider(key="url:steps").set_value((0, 2000))),
         ("data", "tests: all", select("subset", "all")),
         ("data", f"training example {train_id}", number("train", train_id)),
         ("data", "tests: one class", select("subset", "class")),

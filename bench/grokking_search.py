@@ -5,6 +5,7 @@ Usage::
     .venv/bin/python bench/grokking_search.py                 # the standard sweep
     .venv/bin/python bench/grokking_search.py --only default --seeds 0 1 2
     .venv/bin/python bench/grokking_search.py --threads 2 --set lr=3e-3 weight_decay=2 steps=3000
+    .venv/bin/python bench/grokking_search.py --preset nanda --eval-every 50   # a named set-up (train --preset)
 
 Per configuration it prints the first step with train accuracy ≥ 0.99, the first step
 with validation accuracy ≥ 0.9 and ≥ 0.95, the gap between memorisation and
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch
 
-from engine.tasks.modular_addition import ModularAdditionConfig, fit
+from engine.tasks.modular_addition import PRESETS, ModularAdditionConfig, fit
 
 SWEEP: dict[str, dict[str, Any]] = {
     "default": {},  # lr 1e-2, weight_decay 1, train_frac 0.3, 1000 steps
@@ -84,6 +85,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", choices=sorted(SWEEP), help="run only these named configurations")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="one ad-hoc configuration")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="start from a named set-up; --set values override it")
     parser.add_argument("--seeds", nargs="*", type=int, default=None, help="repeat each configuration per seed")
     parser.add_argument("--eval-every", type=int, default=None, help="override eval_every for speed")
     parser.add_argument("--threads", type=int, default=1)
@@ -91,6 +94,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     named = {name: SWEEP[name] for name in (args.only or SWEEP)}
     runs = {"custom": parse_overrides(args.set)} if args.set else named
+    if args.preset:
+        runs = {args.preset: {**PRESETS[args.preset], **parse_overrides(args.set)}}
     for name, overrides in runs.items():
         config = replace(ModularAdditionConfig(), **overrides)
         if args.eval_every is not None:

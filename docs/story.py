@@ -1,4 +1,4 @@
-"""Print the numbers behind the sample-run sections of docs/samples.md as Markdown tables.
+"""Print the numbers behind the sample-run sections of docs/samples.md and docs/grokking.md as Markdown tables.
 
     .venv/bin/python docs/story.py sample_runs/grokking.duckdb
 
@@ -7,7 +7,10 @@ quadrature), the pruning table (kernel importance vs magnitude vs random, random
 over seeds), the two leading modules of every 100 steps, and per training phase — read
 off the logged accuracy curves by the dashboard's rule (``app.phases``) — every module's
 share of the absolute influence, its signed influence and the weight-decay part of it:
-the numbers the Components page shows for the same step ranges.
+the numbers the Components page shows for the same step ranges. For a run with Fourier
+partitions and progress measures also: the key frequencies, their share of each Fourier
+partition's absolute influence per 100 steps and per phase, the leading heads and neurons
+per phase, and the progress measures at the phase boundaries.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import polars as pl
 
-from app.phases import find_phases
+from app.phases import find_phases, find_spikes
 from engine.store import RunDB
 
 
@@ -44,6 +47,37 @@ def leaders_table(db: RunDB, window: int = 100) -> pl.DataFrame:
         .str.join(", ").alias("leading modules (share of absolute influence)")).sort("step_lo").select(
         pl.concat_str(pl.col("step_lo").cast(pl.String), pl.lit("–"), (pl.col("step_hi") - 1).cast(pl.String))
         .alias("steps"), pl.exclude("step_lo", "step_hi"))
+
+
+def key_share_table(db: RunDB, partition: str, keys: list[int], window: int = 100) -> pl.DataFrame:
+    """Per ``window`` steps: the key frequencies' share of the partition's absolute influence,
+    and the signed influence of the key and of the other frequencies."""
+    matrix = db.unit_matrix(partition, window=window, measure="absolute").join(
+        db.unit_matrix(partition, window=window).select("step_lo", "unit", pl.col("value").alias("signed")),
+        on=["step_lo", "unit"])
+    key = pl.col("label").is_in(keys)
+    return matrix.group_by("step_lo", "step_hi").agg(
+        (pl.col("value").filter(key).sum() / pl.col("value").sum() * 100).round(1).alias("key share %"),
+        pl.col("signed").filter(key).sum().round(3).alias("key signed"),
+        pl.col("signed").filter(~key).sum().round(3).alias("other signed"),
+    ).sort("step_lo").select(
+        pl.concat_str(pl.col("step_lo").cast(pl.String), pl.lit("–"), (pl.col("step_hi") - 1).cast(pl.String))
+        .alias("steps"), "key share %", "key signed", "other signed")
+
+
+def leading_units(db: RunDB, partition: str, start: int, end: int, count: int = 3) -> str:
+    """The ``count`` units of largest absolute influence in steps ``start … end`` with their shares."""
+    totals = db.unit_totals(partition, steps=(start, end + 1)).sort("absolute", descending=True).head(count)
+    return ", ".join(f"{r['unit']} {100 * r['share']:.1f} %" for r in totals.iter_rows(named=True))
+
+
+def progress_table(db: RunDB, phases: list) -> pl.DataFrame:
+    """Train, validation, restricted and excluded loss at the start and end of every phase."""
+    steps = db.steps().select("step", "train_loss", "val_loss")
+    wide = db.progress().pivot(on="measure", index="step", values="value")
+    table = steps.join(wide, on="step", how="inner")
+    marks = sorted({p.start for p in phases} | {p.end for p in phases})
+    return table.filter(pl.col("step").is_in(marks)).with_columns(pl.exclude("step").round(4))
 
 
 def markdown(frame: pl.DataFrame) -> str:
@@ -84,6 +118,29 @@ def main() -> None:
             print(f"### {phase.name}: steps {phase.start}–{phase.end}\n")
             print(markdown(table))
             print(f"\nΣ|weight-decay part| / Σ|signed| = {decay:.2f}\n")
+        print(f"### loss spikes\n\n{find_spikes(db.steps()) or 'none'}\n")
+        partitions = db.partitions()
+        norms = db.frequency_norms()
+        keys = norms.filter(pl.col("key"))["frequency"].to_list()
+        if norms.height:
+            share = norms.with_columns((pl.col("norm") / pl.col("norm").sum() * 100).round(1).alias("share %"))
+            print(f"### key frequencies {keys}\n\n{markdown(share.filter(pl.col('key')))}\n")
+        for partition in partitions.filter(pl.col("kind") == "basis")["partition"].to_list():
+            table = key_share_table(db, partition, keys)
+            print(f"### {partition}: key frequencies per 100 steps\n\n{markdown(table)}\n")
+            for phase in phases:
+                rows = db.unit_totals(partition, steps=(phase.start, phase.end + 1))
+                key = rows.filter(pl.col("label").is_in(keys))
+                print(f"- {partition}, {phase.name}: key frequencies {100 * key['share'].sum():.1f} % of |influence| "
+                      f"(signed {key['value'].sum():.3f} of {rows['value'].sum():.3f}); leading "
+                      f"{leading_units(db, partition, phase.start, phase.end)}")
+            print()
+        for partition in partitions.filter(pl.col("kind") == "groups")["partition"].to_list():
+            for phase in phases:
+                print(f"- {partition}, {phase.name}: {leading_units(db, partition, phase.start, phase.end)}")
+            print()
+        if db.progress().height:
+            print(f"### progress measures at the phase boundaries\n\n{markdown(progress_table(db, phases))}\n")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Command line: ``python -m engine {train,verify,explain,info,prune} ...``.
+"""Command line: ``python -m engine {train,verify,explain,progress,info,prune} ...``.
 
 Every command prints a human summary, or one JSON object with ``--json``. Errors the
 user can fix are printed as one ``error:`` line (exit status 2), never as a traceback.
@@ -11,9 +11,10 @@ import dataclasses
 import json
 import logging
 import sys
+import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_type_hints
 
 import polars as pl
 
@@ -29,6 +30,8 @@ def _config_options(parser: argparse.ArgumentParser, config_cls: type) -> None:
     for field in dataclasses.fields(config_cls):
         flag = "--" + field.name.replace("_", "-")
         kind = hints[field.name]
+        if isinstance(kind, types.UnionType):  # ``int | None``: the flag gives the number
+            kind = next(k for k in get_args(kind) if k is not type(None))
         default = field.default
         if kind is bool:
             parser.add_argument(flag, dest=field.name, type=_parse_bool, default=None,
@@ -66,10 +69,12 @@ def _parse_floats(text: str) -> tuple[float, ...]:
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     from engine.tasks import TASKS, train_task
 
-    config_cls = TASKS[args.task].config_cls
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)
+    task_cls = TASKS[args.task]
+    preset = dict(task_cls.presets[args.preset]) if args.preset else {}
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(task_cls.config_cls)
                  if getattr(args, f.name) is not None}
-    out = train_task(args.task, Path(args.out), overrides, progress=not args.json, overwrite=args.overwrite)
+    out = train_task(args.task, Path(args.out), {**preset, **overrides}, progress=not args.json,
+                     overwrite=args.overwrite)
     from engine.run.history import History
 
     history = History.open(out)
@@ -103,7 +108,8 @@ def cmd_explain(args: argparse.Namespace) -> dict[str, Any]:
                             "floating-point targets")
     common = {**parse_test(args.test), "dtype": args.dtype, "device": args.device, "subsample": args.subsample}
     config = ExplainConfig(**common, quantity=quantity, quadrature=args.quadrature, views=args.views,
-                           window=args.window, rtol=args.rtol, decay_split=not args.no_decay_split)
+                           window=args.window, rtol=args.rtol, decay_split=not args.no_decay_split,
+                           partitions=(*_split(args.partitions), *_partition_specs(args.partition_spec)))
     explanation = explain_history(history, task, config, progress=not args.json)
     exactness = [explanation.exactness()] if explanation.exactness() is not None else []
     for quadrature in _split(args.exactness):
@@ -134,6 +140,20 @@ def cmd_explain_checkpoints(args: argparse.Namespace) -> dict[str, Any]:
     return {**summary, "out": str(out)}
 
 
+def _partition_specs(paths: list[str]) -> list[dict]:
+    """The partition specs in JSON files (one spec, or a list of them, per file)."""
+    from engine.errors import BadInputError
+
+    specs: list[dict] = []
+    for path in paths:
+        try:
+            loaded = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise BadInputError(f"cannot read the partition spec {path}: {exc}") from None
+        specs.extend(loaded if isinstance(loaded, list) else [loaded])
+    return specs
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -147,6 +167,12 @@ def _split(text: str) -> list[str]:
 
 def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     from engine.analysis.prune import cmd_prune as run
+
+    return run(args)
+
+
+def cmd_progress(args: argparse.Namespace) -> dict[str, Any]:
+    from engine.analysis.progress import cmd_progress as run
 
     return run(args)
 
@@ -177,6 +203,8 @@ COMMANDS: dict[str, tuple[Handler, str]] = {
                             "(MATH.md §7) and write a run database"),
     "prune": (cmd_prune, "prune the final model by kernel importance and its variants vs Taylor, magnitude and "
               "random (MATH.md §5)"),
+    "progress": (cmd_progress, "add modular addition's progress measures (restricted and excluded loss, key "
+                 "frequencies) to a run database"),
     "info": (cmd_info, "summarize a run database"),
     "import-explaind": (cmd_import_explaind, "convert a run recorded with the published explaind package"),
     "sample": (cmd_sample, "rebuild a shipped sample run from scratch (train, verify, explain, prune)"),
@@ -200,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
         task.add_argument("--out", required=True, help="run directory to create")
         task.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
         task.add_argument("--json", action="store_true", help="print one JSON object")
+        if task_cls.presets:
+            task.add_argument("--preset", choices=sorted(task_cls.presets), default=None,
+                              help="a named set-up; flags given beside it override its values")
+        else:
+            task.set_defaults(preset=None)
         _config_options(task, config_cls)
 
     verify = sub.add_parser("verify", help=COMMANDS["verify"][1])
@@ -221,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--quadrature", default="adaptive",
                          help="adaptive, adaptive:N, gauss:N or midpoint:N (default %(default)s)")
     explain.add_argument("--window", type=int, default=1, help="steps per stored window (default %(default)s)")
+    explain.add_argument("--partitions", default="", help="comma-separated built-in partitions finer than a tensor "
+                         "(modular-addition: heads, neurons, tokens, embed-fourier, unembed-fourier; 'all')")
+    explain.add_argument("--partition-spec", action="append", default=[], metavar="FILE.json",
+                         help="a JSON file with a partition spec (or a list of them); repeatable")
     explain.add_argument("--subsample", type=float, default=1.0,
                          help="fraction of steps computed, by |loss change|; the rest is residual (default 1)")
     explain.add_argument("--exactness", default="", help="extra quadratures for the exactness table, "
@@ -265,6 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
     from engine.analysis.prune import add_arguments as prune_arguments
 
     prune_arguments(sub.add_parser("prune", help=COMMANDS["prune"][1]))
+
+    from engine.analysis.progress import add_arguments as progress_arguments
+
+    progress_arguments(sub.add_parser("progress", help=COMMANDS["progress"][1]))
 
     info = sub.add_parser("info", help=COMMANDS["info"][1])
     info.add_argument("path", help="run database (.duckdb)")

@@ -2,14 +2,13 @@
 
 ``python -m engine sample digits`` trains the task, checks the record by replay,
 decomposes it, measures prediction-level exactness for several quadratures, runs the
-``python -m engine sample digits`` trains the task, checks the record by replay,
-decomposes it, measures prediction-level exactness for several quadratures, runs the
 pruning study (every method the importance view ranks by, 10 %–99.9 % sparsity, global and
-per-tensor scope) and publishes ``sample_runs/digits.duckdb``. ``python -m engine sample
-tiny-lm`` trains the tiny language model, which saves ``checkpoint-<step>`` folders instead
-of a recording, and explains that checkpoint series on its held-out text. Everything is
-seeded, so the same command reproduces the same numbers; the recipe is stored in the
-database's metadata (key ``recipe``) so a test can check that a shipped file matches its command.
+per-tensor scope; for modular addition also the progress measures) and publishes
+``sample_runs/digits.duckdb``. ``python -m engine sample tiny-lm`` trains the tiny language
+model, which saves ``checkpoint-<step>`` folders instead of a recording, and explains that
+checkpoint series on its held-out text. Everything is seeded, so the same command reproduces
+the same numbers; the recipe is stored in the database's metadata (key ``recipe``) so a test
+can check that a shipped file matches its command.
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ from typing import Any
 import polars as pl
 import torch
 
+from engine.analysis.progress import progress_measures
 from engine.analysis.prune import SCOPES, PruneConfig, run_prune
 from engine.decompose import ExplainConfig, Explanation, explain_history, merge_tests
 from engine.decompose.checkpoints import checkpoint_config, explain_checkpoints, saved_interval, work_folder
@@ -34,7 +34,7 @@ from engine.errors import BadInputError
 from engine.run.history import History
 from engine.run.series import SeriesSource, open_series
 from engine.run.verify import verify
-from engine.store import write_run
+from engine.store import add_progress, write_run
 from engine.tasks import get_task, tiny_lm, train_task
 
 log = logging.getLogger(__name__)
@@ -53,14 +53,20 @@ class SampleRecipe:
     train: dict[str, Any] = field(default_factory=dict)           # task config overrides
     components: dict[str, Any] = field(default_factory=dict)      # ExplainConfig of the main pass
     data: dict[str, Any] = field(default_factory=dict)            # ExplainConfig of the data-view pass
+    data_test_window: int | None = None                           # per-test data rows merged to this many steps
     exactness: tuple[str, ...] = ("adaptive", "midpoint:100", "midpoint:10")
     exactness_tests: int = 100
     prune: dict[str, Any] = field(default_factory=dict)           # PruneConfig overrides but the scope …
     prune_scopes: tuple[str, ...] = SCOPES                         # … which takes each of these in turn
+    progress: bool = False                                        # modular addition's progress measures
 
     def to_json(self) -> dict[str, Any]:
-        """The recipe as it reads back from the database's JSON metadata."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """The recipe as it reads back from the database's JSON metadata. The optional steps
+        (``OPTIONAL_FIELDS``) appear only when a recipe uses them, so the recipe of a sample
+        that does not reads back as it was written before they existed."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items()
+                  if k not in OPTIONAL_FIELDS or v != OPTIONAL_FIELDS[k]}
+        return json.loads(json.dumps(fields))
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,8 @@ class SeriesRecipe:
     def to_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
+
+OPTIONAL_FIELDS = {"data_test_window": None, "progress": False}  # field → the value that leaves it out
 
 SAMPLES: dict[str, SampleRecipe | SeriesRecipe] = {
     recipe.name: recipe
@@ -93,10 +101,12 @@ SAMPLES: dict[str, SampleRecipe | SeriesRecipe] = {
             name="grokking",
             task="modular-addition",
             components={"test_size": 200, "quantity": "logprob", "views": ("components", "importance"),
-                        "window": 20, "rtol": 1e-5},
-            data={"test_size": 20, "quantity": "logprob", "views": ("data",), "window": 200, "rtol": 1e-5},
+                        "window": 20, "rtol": 1e-5, "partitions": ("all",)},
+            data={"test_size": 20, "quantity": "logprob", "views": ("data",), "window": 20, "rtol": 1e-5},
+            data_test_window=200,
             exactness_tests=10,
             prune={"sparsities": PRUNE_SPARSITIES},
+            progress=True,
         ),
         SeriesRecipe(
             name="tiny-lm",
@@ -169,11 +179,14 @@ def build_sample(sample: str | SampleRecipe, out_dir: Path = Path("sample_runs")
     bundle = main.to_bundle(history, task, exactness=pl.concat(checks))
     meta = {**bundle.meta, "recipe": recipe.to_json(), "replay_max_rel_error": replay.max_rel_error,
             "views": sorted({*bundle.meta["views"], "data"}), "data_window": recipe.data["window"],
-            "data_tests": len(data.test_ids)}
-    bundle = dataclasses.replace(bundle, meta=meta, data=data.data)
+            "data_test_window": recipe.data_test_window, "data_tests": len(data.test_ids)}
+    bundle = dataclasses.replace(bundle, meta=meta, data=data.data, data_test_window=recipe.data_test_window)
     target = write_run(out_dir / f"{name}.duckdb", bundle)
     pruning = pl.concat([run_prune(target, PruneConfig(**recipe.prune, scope=scope), progress=progress)[1]
                          for scope in recipe.prune_scopes])
+    if recipe.progress:
+        measures = progress_measures(history, progress=progress)
+        add_progress(target, measures.measures, measures.norms)
     return {
         "sample": name,
         "database": str(target),

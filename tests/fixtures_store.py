@@ -6,6 +6,10 @@ the reconstructed change of its steps, a data window's rows sum (over training e
 and the regularizer) to the component rows of the same steps, and the reconstructed
 change differs from the true change by a small completeness residual.
 
+Partitions finer than a tensor (``partitions``) split the component value of their scope
+tensors among their units, so a partition's units sum to its scope exactly; ``synthetic_progress``
+gives progress-measure curves and Fourier norms for ``store.add_progress``.
+
 ``make_demo_bundle`` is a tiny modular-addition-like run with transformer parameter names,
 for tests that need a realistic-looking run database without running the engine.
 """
@@ -19,6 +23,8 @@ import polars as pl
 
 from engine.store import REGULARIZER, RunBundle
 
+Partitions = tuple[tuple[str, str, tuple[str, ...], int], ...]  # (name, kind, scope tensors, units)
+
 DEMO_TENSORS = (  # (tensor, module, layer, size) of a one-layer transformer, d_model 4, p 5
     ("embed.W_E", "embed", "embed", 20),
     ("pos_embed.W_pos", "pos_embed", "embed", 12),
@@ -31,6 +37,11 @@ DEMO_TENSORS = (  # (tensor, module, layer, size) of a one-layer transformer, d_
     ("blocks.0.mlp.W_out", "blocks.0.mlp", "mlp", 32),
     ("blocks.0.mlp.b_out", "blocks.0.mlp", "mlp", 4),
     ("unembed.W_U", "unembed", "unembed", 20),
+)
+DEMO_PARTITIONS: Partitions = (
+    ("heads", "groups", ("blocks.0.attn.W_Q", "blocks.0.attn.W_K", "blocks.0.attn.W_V", "blocks.0.attn.W_O"), 2),
+    ("neurons", "groups", ("blocks.0.mlp.W_in", "blocks.0.mlp.b_in", "blocks.0.mlp.W_out", "blocks.0.mlp.b_out"), 9),
+    ("embed-fourier", "basis", ("embed.W_E",), 4),
 )
 
 
@@ -101,6 +112,8 @@ def synthetic_bundle(
     marker: str = "synthetic",
     task: str = "synthetic",
     quantity: str = "logprob",
+    partitions: Partitions = (),
+    unit_tests: int | None = None,
 ) -> RunBundle:
     """A consistent random bundle.
 
@@ -108,7 +121,8 @@ def synthetic_bundle(
     with ``tensor_size`` elements) or explicit (tensor, module, layer, size) rows; the data
     view uses windows of ``data_window`` steps (a multiple of ``window``) over the first
     ``data_tests`` test examples. Predictions are written when ``outputs == classes``
-    (every logit explained).
+    (every logit explained). ``partitions`` split their scope tensors' values among their
+    units for the first ``unit_tests`` test examples (default all).
     """
     rng = np.random.default_rng(seed)
     spec = default_tensors(tensors, tensor_size) if isinstance(tensors, int) else tuple(tensors)
@@ -171,6 +185,9 @@ def synthetic_bundle(
             "output": do.astype(np.int64),
             "value": spread.ravel(),
         })
+
+    units, unit_components = _units(rng, partitions, [t[0] for t in spec], [t[2] for t in spec], comp, decay,
+                                    window, unit_tests)
 
     groups = pl.DataFrame({
         "tensor": [t[0] for t in spec],
@@ -254,7 +271,66 @@ def synthetic_bundle(
         predictions=predictions,
         exactness=exactness,
         pruning=pruning,
+        units=units,
+        unit_components=unit_components,
     )
+
+
+def _units(rng: np.random.Generator, partitions: Partitions, tensors: list[str], layers: list[str],
+           comp: np.ndarray, decay: np.ndarray, window: int,
+           unit_tests: int | None) -> tuple[pl.DataFrame | None, pl.DataFrame | None]:
+    """Units whose values split their scope's ``comp`` (window, tensor, test, out) exactly."""
+    if not partitions:
+        return None, None
+    n_test = comp.shape[2] if unit_tests is None else unit_tests
+    rows, frames, first = [], [], 0
+    for name, kind, scope, count in partitions:
+        index = [tensors.index(t) for t in scope]
+        own = {layers[i] for i in index}
+        layer = next(iter(own)) if len(own) == 1 else None
+        for u in range(count):
+            label = u if kind == "basis" or name != "neurons" or u < count - 1 else None  # neurons end in a rest
+            unit = f"freq {u}" if kind == "basis" else ("rest" if label is None else f"{name[:-1]} {u}")
+            rows.append((first + u, name, kind, unit, label, u, layer, None, ",".join(scope), 4))
+        shares = rng.dirichlet(np.ones(count), size=comp.shape[0])  # (window, unit), rows sum to 1
+        spread = rng.standard_normal((comp.shape[0], count))
+        spread -= spread.mean(1, keepdims=True)                   # sums to 0 over units
+        for values, column in ((comp, "value"), (decay, "decay")):
+            total = values[:, index, :n_test].sum(1)              # (window, test, out)
+            split = shares[:, :, None, None] * total[:, None] + 0.1 * spread[:, :, None, None]
+            w, k, x, o = (a.ravel() for a in np.indices(split.shape))
+            frames.append((column, first, w, k, x, o, split.ravel()))
+        first += count
+    values = [f for f in frames if f[0] == "value"]
+    decays = [f for f in frames if f[0] == "decay"]
+    unit_components = pl.DataFrame({
+        "step_lo": np.concatenate([f[2] for f in values]).astype(np.int64) * window,
+        "step_hi": (np.concatenate([f[2] for f in values]).astype(np.int64) + 1) * window,
+        "unit_id": np.concatenate([f[1] + f[3] for f in values]).astype(np.int64),
+        "test": np.concatenate([f[4] for f in values]).astype(np.int64),
+        "output": np.concatenate([f[5] for f in values]).astype(np.int64),
+        "value": np.concatenate([f[6] for f in values]),
+        "decay": np.concatenate([f[6] for f in decays]),
+    })
+    schema = {"unit_id": pl.Int64, "partition": pl.String, "kind": pl.String, "unit": pl.String, "label": pl.Int64,
+              "position": pl.Int64, "layer": pl.String, "module": pl.String, "tensors": pl.String, "size": pl.Int64}
+    return pl.DataFrame(rows, schema=schema, orient="row"), unit_components
+
+
+def synthetic_progress(n_steps: int, p: int = 5, keys: tuple[int, ...] = (1,)) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Restricted and excluded loss curves over ``n_steps`` and Fourier norms with ``keys`` marked."""
+    s = np.arange(n_steps, dtype=np.float64) / max(n_steps - 1, 1)
+    restricted = 2.5 - 2.3 / (1 + np.exp(-14 * (s - 0.45)))
+    excluded = 0.05 + 3.0 / (1 + np.exp(-14 * (s - 0.55)))
+    progress = pl.DataFrame({
+        "measure": ["restricted loss"] * n_steps + ["excluded loss"] * n_steps,
+        "step": np.tile(np.arange(n_steps, dtype=np.int64), 2),
+        "value": np.concatenate([restricted, excluded]),
+    })
+    freqs = np.arange(p // 2 + 1, dtype=np.int64)
+    norms = pl.DataFrame({"tensor": ["embed.W_E"] * len(freqs), "frequency": freqs,
+                          "norm": [5.0 if f in keys else 0.2 for f in freqs], "key": [f in keys for f in freqs]})
+    return progress, norms
 
 
 def make_demo_bundle(seed: int = 0) -> RunBundle:
@@ -263,4 +339,5 @@ def make_demo_bundle(seed: int = 0) -> RunBundle:
     return synthetic_bundle(
         windows=8, window=5, tensors=DEMO_TENSORS, n_test=10, n_train=15, outputs=5, classes=5,
         data_window=10, seed=seed, marker="demo", task="modular-addition", quantity="logits",
+        partitions=DEMO_PARTITIONS,
     )

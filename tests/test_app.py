@@ -16,8 +16,8 @@ from streamlit.testing.v1 import AppTest
 
 from app import controls, state
 from engine.errors import RunNotFoundError
-from engine.store import ALL_TESTS, RunDB, TestSelector, write_run
-from tests.fixtures_store import make_demo_bundle, synthetic_bundle
+from engine.store import ALL_TESTS, RunDB, TestSelector, add_progress, write_run
+from tests.fixtures_store import make_demo_bundle, synthetic_bundle, synthetic_progress
 
 MAIN = str(Path(__file__).resolve().parents[1] / "app" / "main.py")
 PAGES = ("overview", "components", "data", "reconstruction", "pruning", "compare")
@@ -34,10 +34,10 @@ def _close_connections():
 
 @pytest.fixture(scope="module")
 def demo_runs(tmp_path_factory) -> Path:
-    """Two demo run databases (different seeds) in one directory."""
+    """Two demo run databases (different seeds, with progress measures) in one directory."""
     directory = tmp_path_factory.mktemp("runs")
-    write_run(directory / "demo.duckdb", make_demo_bundle())
-    write_run(directory / "demo-seed1.duckdb", make_demo_bundle(seed=1))
+    for name, seed in (("demo", 0), ("demo-seed1", 1)):
+        add_progress(write_run(directory / f"{name}.duckdb", make_demo_bundle(seed=seed)), *synthetic_progress(40))
     return directory
 
 
@@ -90,7 +90,7 @@ def warnings(at: AppTest) -> str:
 
 @pytest.mark.parametrize(
     ("page", "charts", "tables"),
-    [("overview", 2, 2), ("components", 3, 1), ("data", 3, 1), ("reconstruction", 3, 2), ("pruning", 1, 1),
+    [("overview", 3, 2), ("components", 5, 2), ("data", 3, 1), ("reconstruction", 3, 2), ("pruning", 1, 1),
      ("compare", 2, 2)],
 )  # fmt: skip
 def test_every_page_renders_its_figures_and_downloads(runs, page, charts, tables):
@@ -207,7 +207,7 @@ def test_components_controls_round_trip_through_the_url(runs):
     no_errors(at)
     heat = figures(at)[0]["data"][0]
     assert heat["y"] == ["embed", "pos_embed", "blocks.0.attn", "blocks.0.mlp", "unembed"]
-    assert len(array(heat["x"])) == 3 and heat["zmax"] == 1  # windows 10-19, 20-29, 30-39; share scale
+    assert array(heat["x"]) == [10, 20, 30, 40] and heat["zmax"] == 1  # windows 10-19, 20-29, 30-39; share
     query = dict(at.query_params)
     assert {k: query[k] for k in ("level", "measure", "window", "steps", "subset", "class")} == {
         "level": "module", "measure": "share", "window": "10", "steps": "10-40", "subset": "class", "class": "3"
@@ -261,6 +261,50 @@ def test_overview_log_axis_and_presentation_mode_via_url(runs):
     assert any("font-size: 22px" in h.proto.body for h in at.get("html"))
     at.toggle(key="url:present").set_value(False).run()
     assert figures(at)[0]["layout"]["font"]["size"] == 13 and at.caption
+
+
+def test_drilling_into_a_layer_shows_its_top_units_and_key_frequencies(runs):
+    at = on_page("components", {"run": "demo", "open": "neurons", "top": "3", "measure": "absolute"})
+    no_errors(at)
+    heat = figures(at)[3]["data"][0]
+    assert len(heat["y"]) == 4 and heat["y"][-1] == "other (6 units)"  # 9 units: the top 3 and the rest
+    db = RunDB.open(runs / "demo.duckdb")
+    top = db.unit_totals("neurons").sort("absolute", descending=True)["unit"].head(3).to_list()
+    db.close()
+    assert sorted(heat["y"][:3]) == sorted(top)
+    assert dict(at.query_params)["open"] == "neurons" and dict(at.query_params)["top"] == "3"
+    at.selectbox(key="url:open").select("embed-fourier").run()
+    no_errors(at)
+    fourier = figures(at)[3]
+    assert "★ freq 1" in fourier["data"][0]["y"] and "embed-fourier of embed" in fourier["layout"]["title"]["text"]
+    assert dict(at.query_params)["open"] == "embed-fourier" and "top" not in at.query_params
+    assert any("key frequencies of the final model" in c.value for c in at.caption)
+    at.selectbox(key="url:subset").select("class").run()
+    assert "stored summed over all, correctly or incorrectly predicted" in at.info[0].value
+    assert len(figures(at)) == 3
+
+
+def test_the_data_page_snaps_a_shared_step_range_to_its_windows(runs):
+    at = on_page("components", {"run": "demo"})
+    at.slider(key="url:steps").set_value((5, 25)).run()
+    at.switch_page("views/data.py").run()
+    no_errors(at)
+    assert at.select_slider(key="url:steps").value == (0, 30)
+    assert "Steps 5–24 lie within stored windows; showing the windows around them, steps 0–29." in at.info[0].value
+    assert at.query_params["steps"] == "0-30"
+    assert any("stored in windows of 10 steps" in c.value for c in at.caption)
+    over_time = figures(at)[1]
+    assert over_time["layout"]["xaxis2"]["title"]["text"] == "training step"
+    assert {s["x0"] for s in over_time["layout"]["shapes"] if s.get("type") == "rect"} >= {0}
+
+
+def test_window_snapping_widens_to_the_enclosing_windows():
+    edges = [0, 10, 20, 30, 40]
+    assert controls.snapped(5, 25, edges) == (0, 30)
+    assert controls.snapped(10, 20, edges) == (10, 20)
+    assert controls.snapped(12, 13, edges) == (10, 20)
+    assert controls.snapped(40, 45, edges) == (30, 40)  # beyond the stored steps: the last window
+    assert controls.snapped(-5, 0, edges) == (0, 10)
 
 
 # ── invalid parameters ─────────────────────────────────────────────────────────────

@@ -14,6 +14,7 @@ export converted by LibreOffice, and a corpus of hostile link values.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -25,10 +26,10 @@ from pathlib import Path
 import pytest
 from pypdf import PdfReader
 
-from engine.store import write_run
+from engine.store import add_progress, write_run
 from tests.dashboard import CHROMIUM, CHROMIUM_ARGS, ROOT, SETTLE_MS, dashboard, settle
 from tests.dashboard import open_page as load_page
-from tests.fixtures_store import make_demo_bundle
+from tests.fixtures_store import make_demo_bundle, synthetic_progress
 
 pytestmark = pytest.mark.browser
 
@@ -100,7 +101,7 @@ FIGURE_DATA = """(index) => {
 def server(tmp_path_factory) -> Iterator[str]:
     """A running dashboard on two demo runs; yields its base URL."""
     runs = tmp_path_factory.mktemp("browser-runs")
-    write_run(runs / "demo.duckdb", make_demo_bundle())
+    add_progress(write_run(runs / "demo.duckdb", make_demo_bundle()), *synthetic_progress(40))
     write_run(runs / "demo-seed1.duckdb", make_demo_bundle(seed=1))
     shutil.copyfile(ROOT / "sample_runs" / "tiny-lm.duckdb", runs / "tiny-lm.duckdb")  # a checkpoint series
     try:
@@ -417,3 +418,57 @@ def test_readme_screenshot(page, tmp_path):
         assert "Overview · grokking" in page.locator("h1").first.inner_text()
         README_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(README_SCREENSHOT))
+def test_presentation_mode_and_html_download(page, server):
+    open_page(page, server, "reconstruction", "?run=demo&present=1")
+    spec = figure(page)
+    assert '"size":20' in spec.replace(" ", "")
+    shoot(page, "reconstruction-presentation")
+    with page.expect_download() as download_info:
+        page.get_by_role("button", name="Download interactive HTML").first.click()
+    download = download_info.value
+    assert download.suggested_filename == "demo-reconstruction-change.html"
+    html = Path(download.path()).read_text()
+    assert "cdn.plot.ly" in html and "True vs reconstructed change" in html
+
+
+TITLES = """() => Array.from(document.querySelectorAll('[data-testid="stPlotlyChart"] .js-plotly-plot'))
+    .map(plot => plot.layout && plot.layout.title ? plot.layout.title.text : '')"""
+
+
+def chart_index(tab, prefix: str) -> int:
+    """Index of the chart whose title starts with ``prefix``, once it is drawn."""
+    tab.wait_for_function(f"(prefix) => ({TITLES})().some(t => t.startsWith(prefix))", arg=prefix,
+                          timeout=SETTLE_MS)
+    return next(i for i, t in enumerate(tab.evaluate(TITLES)) if t.startswith(prefix))
+
+
+def test_overview_shows_the_progress_measures(page, server):
+    open_page(page, server, "overview", "?run=demo")
+    progress = json.loads(figure(page, chart_index(page, "Progress measures (key frequencies 1)")))
+    assert {t["name"] for t in progress["data"]} >= {"restricted loss", "excluded loss", "train loss"}
+    shoot(page, "overview-progress")
+
+
+@pytest.mark.parametrize(("partition", "rows"), [("heads", 2), ("neurons", 4), ("embed-fourier", 4)])
+def test_components_opens_heads_neurons_and_frequencies(page, server, partition, rows):
+    open_page(page, server, "components", f"?run=demo&open={partition}&top=3")
+    units = json.loads(figure(page, chart_index(page, f"{partition} of ")))["data"][0]["y"]
+    assert len(units) == rows
+    if partition == "embed-fourier":
+        assert "★ freq 1" in units
+    assert f"open={partition}" in page.url
+    page.get_by_role("button", name="Download CSV").last.scroll_into_view_if_needed()
+    with page.expect_download() as download_info:
+        page.get_by_role("button", name="Download CSV").last.click()
+    assert download_info.value.suggested_filename == f"demo-unit-totals-{partition}.csv"
+    shoot(page, f"components-{partition}")
+
+
+def test_data_page_snaps_the_step_range_and_names_examples(page, server):
+    open_page(page, server, "data", "?run=demo&steps=5-25")
+    alerts = " ".join(page.locator('[data-testid="stAlert"]').all_inner_texts())
+    assert "Steps 5–24 lie within stored windows" in alerts
+    assert "steps=0-30" in page.url
+    bars = json.loads(figure(page, 0))["data"][0]["y"]
+    assert all(" · #" in label or label == "weight decay" for label in bars)
+    shoot(page, "data-snapped")

@@ -9,7 +9,7 @@ import pytest
 
 from app import charts
 from app.charts import Style
-from app.phases import Phase, find_phases, reach_and_hold
+from app.phases import Phase, find_phases, find_spikes, reach_and_hold
 
 STYLE = Style()
 
@@ -259,13 +259,14 @@ def test_component_heatmap_grid_order_and_signed_scale():
     fig = charts.component_heatmap(matrix_frame(), ORDER, "signed", "logit", STYLE)
     heat = fig.data[0]
     assert list(heat.y) == ["embed", "mlp", "unembed"]  # model order, absent groups dropped
-    assert list(heat.x) == [4.5, 14.5]
+    assert list(heat.x) == [0, 10, 20]  # cell edges: each window drawn over its span
+    assert heat.customdata[0][1] == "steps 10–19"
     z = np.array(heat.z, dtype=float)
     assert z.shape == (3, 2) and z[0, 0] == 0.5 and z[1, 0] == -2.0 and np.isnan(z[1, 1])
     assert heat.zmid == 0 and heat.zmin == -2.0 and heat.zmax == 2.0
     assert heat.colorbar.title.text == "influence (Δ logit)"
     assert fig.layout.yaxis.autorange == "reversed"
-    assert fig.layout.xaxis.title.text == "training step (window centre)"
+    assert fig.layout.xaxis.title.text == "training step"
 
 
 def test_component_heatmap_share_and_absolute_scales():
@@ -281,9 +282,11 @@ def test_component_lines_one_trace_per_group_with_palette_colours():
     fig = charts.component_lines(matrix_frame(), colors, ORDER, "signed", "logit", STYLE)
     assert [t.name for t in fig.data] == ["embed", "mlp", "unembed"]
     assert [t.line.color for t in fig.data] == [colors["embed"], colors["mlp"], colors["unembed"]]
-    assert list(fig.data[2].y) == [1.0, -0.5]
+    assert list(fig.data[2].x) == [0, 10, 20] and list(fig.data[2].y) == [1.0, -0.5, -0.5]  # flat over windows
+    assert fig.data[2].line.shape == "hv" and fig.data[2].customdata[1] == "steps 10–19"
+    assert fig.layout.xaxis.title.text == "training step"
     cumulative = charts.component_lines(matrix_frame(), colors, ORDER, "signed", "logit", STYLE, cumulative=True)
-    assert list(cumulative.data[2].y) == [1.0, 0.5]
+    assert list(cumulative.data[2].y) == [1.0, 0.5, 0.5]
     assert cumulative.layout.yaxis.title.text == "cumulative influence (Δ logit)"
 
 
@@ -321,7 +324,7 @@ def test_top_examples_bar_sorted_and_coloured_by_side():
     fig = charts.top_examples_bar(top, "logit", STYLE)
     bar = fig.data[0]
     assert list(bar.x) == [-0.7, -0.2, 0.4, 0.9]
-    assert list(bar.y) == ["#9", "weight decay", "#3", "#7"]
+    assert list(bar.y) == ["#9", "weight decay", "2 + 0 = 2 · #3", "1 + 0 = 1 · #7"]  # readable where one line
     assert list(bar.marker.color) == [charts.SIDE_COLORS["opponent"]] * 2 + [charts.SIDE_COLORS["proponent"]] * 2
     assert bar.customdata[0] == "a<br>b"
     assert fig.layout.xaxis.title.text == "influence (Δ logit)"
@@ -330,8 +333,9 @@ def test_top_examples_bar_sorted_and_coloured_by_side():
 def test_example_over_time_per_window_and_cumulative():
     frame = pl.DataFrame({"step_lo": [10, 0, 20], "step_hi": [20, 10, 30], "value": [2.0, 1.0, -0.5]})
     fig = charts.example_over_time(frame, 5, "logit", STYLE)
-    assert list(fig.data[0].x) == [0, 10, 20] and list(fig.data[0].y) == [1.0, 2.0, -0.5]
-    assert list(fig.data[1].y) == [1.0, 3.0, 2.5]
+    assert list(fig.data[0].x) == [5, 15, 25] and list(fig.data[0].width) == [10, 10, 10]  # bars over the windows
+    assert list(fig.data[0].y) == [1.0, 2.0, -0.5]
+    assert list(fig.data[1].x) == [0, 10, 20, 30] and list(fig.data[1].y) == [1.0, 3.0, 2.5, 2.5]
     assert fig.layout.title.text == "Influence of training example #5 over time"
 
 
@@ -469,3 +473,101 @@ def test_compare_shares_grouped_bars_in_model_order():
     assert list(fig.data[0].x) == ["embed", "mlp", "unembed"]
     assert list(fig.data[0].y) == [0.25, 0.75, None] and list(fig.data[1].y) == [0.5, None, 0.5]
     assert fig.data[1].marker.pattern.shape == "/" and fig.data[0].marker.color[0] == colors["embed"]
+
+
+def test_influence_histogram_keeps_a_far_weight_decay_marker_at_the_edge():
+    dist = pl.DataFrame({"train": [-1, *range(200)], "value": [50.0, *np.linspace(-1, 1, 200).tolist()]})
+    fig = charts.influence_histogram(dist, "logit", STYLE, bins=10)
+    low, high = fig.layout.xaxis.range
+    assert low < -1 and 1 < high < 2  # the examples' range, not stretched to 50
+    assert fig.layout.shapes[0].x0 == pytest.approx(high)
+    assert fig.layout.annotations[0].text == "weight decay +50 →"
+
+
+# ── phase context, windows, units and progress ──────────────────────────────────────
+
+
+def test_spikes_are_the_peaks_of_runs_far_above_the_recent_median():
+    frame = steps_frame(200)
+    loss = np.full(200, 0.1)
+    loss[60:63] = [0.5, 2.0, 0.6]  # one slingshot peaking at step 61
+    loss[150] = 0.29  # under 3× the median: not a spike
+    loss[170] = 0.31
+    assert find_spikes(frame.with_columns(train_loss=pl.Series(loss))) == [61, 170]
+    assert find_spikes(frame.head(10)) == [] and find_spikes(frame.drop("train_loss")) == []
+
+
+def test_every_step_chart_draws_phases_and_spikes():
+    phases = find_phases(steps_frame())
+    spikes = [42]
+    colors = charts.group_colors(ORDER)
+    completeness = completeness_frame()
+    window = pl.DataFrame({"step_lo": [0, 10], "step_hi": [10, 20], "value": [1.0, 2.0]})
+    units = pl.DataFrame({"step_lo": [0, 10], "step_hi": [10, 20], "unit": ["freq 1", "freq 1"], "label": [1, 1],
+                          "value": [1.0, 2.0], "decay": [0.0, 0.0]})
+    progress = pl.DataFrame({"measure": ["excluded loss"] * 3, "step": [0, 1, 2], "value": [1.0, 2.0, 3.0]})
+    figures = {
+        "heatmap": charts.component_heatmap(matrix_frame(), ORDER, "signed", "q", STYLE, phases, spikes),
+        "lines": charts.component_lines(matrix_frame(), colors, ORDER, "signed", "q", STYLE, phases=phases,
+                                        spikes=spikes),
+        "over time": charts.example_over_time(window, 3, "q", STYLE, phases, spikes),
+        "reconstruction": charts.reconstruction_change(completeness, "q", STYLE, phases, spikes),
+        "residuals": charts.residual_figure(completeness, "q", STYLE, phases, spikes),
+        "units": charts.unit_heatmap(units, "signed", "q", STYLE, "units", (), phases, spikes),
+        "progress": charts.progress_curves(steps_frame(), progress, [1], phases, STYLE, spikes=spikes),
+        "training": charts.training_curves(steps_frame(), phases, STYLE, spikes=spikes),
+    }
+    for name, fig in figures.items():
+        shapes = fig.layout.shapes
+        spike_lines = [s for s in shapes if s.line.dash == "dot" and s.x0 == 42]
+        assert spike_lines, name
+        starts = {s.x0 for s in shapes if s not in spike_lines}
+        assert {p.start for p in phases} <= starts, name
+        notes = {a.text for a in fig.layout.annotations}
+        assert {"memorization", "circuit formation", "clean-up", "↯"} <= notes, name
+    assert all(s.type == "line" for s in figures["heatmap"].layout.shapes)  # bands would hide under the cells
+    assert any(s.type == "rect" for s in figures["lines"].layout.shapes)
+
+
+def test_windows_with_gaps_are_drawn_at_their_centres():
+    gappy = matrix_frame().with_columns(step_lo=pl.col("step_lo") * 2, step_hi=pl.col("step_lo") * 2 + 10)
+    heat = charts.component_heatmap(gappy, ORDER, "signed", "q", STYLE).data[0]
+    assert list(heat.x) == [4.5, 24.5]
+
+
+def unit_frame() -> pl.DataFrame:
+    return pl.DataFrame({
+        "step_lo": [0, 0, 0, 10, 10, 10], "step_hi": [10, 10, 10, 20, 20, 20],
+        "unit": ["freq 0", "freq 3", "other (5 units)"] * 2, "label": [0, 3, None] * 2,
+        "value": [0.5, -2.0, 1.0, 0.25, 4.0, -0.5], "decay": [0.1, -0.2, 0.0, 0.05, 1.0, -0.1],
+    })
+
+
+def test_unit_heatmap_keeps_the_units_order_and_marks_key_frequencies():
+    fig = charts.unit_heatmap(unit_frame(), "signed", "logprob", STYLE, "embed-fourier", keys=[3])
+    heat = fig.data[0]
+    assert list(heat.y) == ["freq 0", f"{charts.KEY_MARK} freq 3", "other (5 units)"]
+    z = np.array(heat.z, dtype=float)
+    assert z.tolist() == [[0.5, 0.25], [-2.0, 4.0], [1.0, -0.5]]
+    assert list(heat.x) == [0, 10, 20] and heat.zmid == 0 and heat.zmax == 4.0
+    assert fig.layout.title.text == "embed-fourier (signed)"
+    share = charts.unit_heatmap(unit_frame().with_columns(pl.col("value").abs() / 5), "share", "q", STYLE, "u")
+    assert share.data[0].zmin == 0 and share.data[0].zmax == 1
+
+
+def test_unit_totals_bar_splits_gradient_and_decay_and_marks_keys():
+    totals = pl.DataFrame({"unit": ["freq 0", "freq 3"], "label": [0, 3], "value": [1.0, -2.0],
+                           "decay": [0.25, 0.5], "absolute": [1.0, 2.0], "share": [1 / 3, 2 / 3]})
+    gradient, decay, net = charts.unit_totals_bar(totals, "q", STYLE, "t", keys=[3]).data
+    assert list(gradient.x) == ["freq 0", f"{charts.KEY_MARK} freq 3"]
+    assert list(gradient.y) == [0.75, -2.5] and list(decay.y) == [0.25, 0.5] and list(net.y) == [1.0, -2.0]
+    assert gradient.marker.color[0] != gradient.marker.color[1]
+
+
+def test_progress_curves_put_the_measures_beside_the_losses():
+    progress = pl.DataFrame({"measure": ["restricted loss"] * 2 + ["excluded loss"] * 2, "step": [0, 5, 0, 5],
+                             "value": [3.0, 1.0, 0.1, 2.0]})
+    fig = charts.progress_curves(steps_frame(), progress, [4, 7], [], STYLE)
+    assert [t.name for t in fig.data] == ["train loss", "validation loss", "restricted loss", "excluded loss"]
+    assert list(fig.data[2].y) == [3.0, 1.0] and fig.data[2].line.dash == "dash"
+    assert fig.layout.yaxis.type == "log" and fig.layout.title.text == "Progress measures (key frequencies 4, 7)"

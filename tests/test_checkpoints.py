@@ -1,4 +1,4 @@
-"""Checkpoint series (MATH.md §6): each interval reconstructs the change of the loss recomputed
+"""Checkpoint series (MATH.md §7): each interval reconstructs the change of the loss recomputed
 from its two checkpoints independently; consecutive checkpoints of a recording give the
 recording's own components; a killed run resumes; bad input is refused by name, nothing written."""
 

@@ -28,6 +28,11 @@ def test_shipped_sample_matches_its_recipe(name):
     summary = info(path)
     for view in ("components", "data", "importance", "completeness", "exactness", "pruning"):
         assert summary["views"][view] > 0, (name, view)
+    recipe = SAMPLES[name]
+    if recipe.components.get("partitions"):
+        assert summary["views"]["unit_summary"] > 0, name
+    if recipe.progress:
+        assert summary["views"]["progress"] > 0, name
     assert summary["max_rel_residual"] <= 1e-5
     # the default quadrature reconstructs the final predictions exactly
     assert exactness["adaptive"]["agreement"] == 1.0
@@ -66,15 +71,18 @@ def test_shipped_checkpoint_sample_matches_its_recipe(name):
 
 def test_samples_stay_small():
     total = sum(p.stat().st_size for p in SAMPLE_DIR.glob("*.duckdb"))
-    assert total < 60 * 2**20
+    assert total < 60 * 2**20  # the budget of every shipped run together
 
 
 TINY = SampleRecipe(
     name="tiny",
     task="modular-addition",
     train={"p": 11, "train_frac": 0.5, "d_model": 16, "n_heads": 2, "d_mlp": 32, "steps": 12, "lr": 1e-2},
-    components={"test_size": 6, "quantity": "logprob", "views": ("components", "importance"), "window": 4},
-    data={"test_size": 3, "quantity": "logprob", "views": ("data",), "window": 6},
+    components={"test_size": 6, "quantity": "logprob", "views": ("components", "importance"), "window": 4,
+                "partitions": ("heads", "embed-fourier")},
+    data={"test_size": 3, "quantity": "logprob", "views": ("data",), "window": 2},
+    data_test_window=6,
+    progress=True,
     exactness=("gauss:2", "midpoint:10"),
     exactness_tests=6,
     prune={"sparsities": (0.1, 0.9), "seeds": 2},
@@ -91,7 +99,8 @@ def test_sample_pipeline_is_deterministic_in_one_or_several_processes(tmp_path):
     frames = []
     for i in range(3):
         with RunDB.open(tmp_path / f"out{i}" / "tiny.duckdb") as db:
-            frames.append((db.component_totals("tensor"), db.completeness(), db.pruning(), db.steps()))
+            frames.append((db.component_totals("tensor"), db.completeness(), db.pruning(), db.steps(),
+                           db.unit_totals("heads"), db.progress()))
     for first, second, parallel in zip(*frames, strict=True):
         assert first.equals(second)
         assert_frame_equal(first, parallel, rel_tol=1e-5, abs_tol=2e-6)

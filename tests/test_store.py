@@ -187,7 +187,7 @@ def test_info_by_hand(hand_db):
     assert summary["max_rel_residual"] == pytest.approx(0.02 / 1.02)
     assert summary["final_train_acc"] == 0.9 and summary["final_val_acc"] == 0.5
     assert summary["views"] == {"components": 12, "data": 10, "importance": 3, "completeness": 8, "predictions": 0,
-                                "exactness": 1, "pruning": 0}
+                                "exactness": 1, "pruning": 0, "unit_summary": 0, "progress": 0}
     assert summary["views_present"] == ["components", "data", "importance", "completeness", "exactness"]
     assert (summary["task"], summary["steps"], summary["quantity"], summary["quadrature"]) == (
         "hand", 4, "logprob", "gauss:2")
@@ -332,7 +332,8 @@ def test_round_trip_of_plain_tables(demo):
     assert_frame_equal(db.predictions(), bundle.predictions.sort("test", "output"), check_dtypes=False)
     assert_frame_equal(db.exactness(), bundle.exactness.sort("quadrature"), check_dtypes=False)
     assert_frame_equal(db.pruning(), bundle.pruning.sort("method", "scope", "seed", "sparsity"), check_dtypes=False)
-    assert db.views() == {name: getattr(bundle, name).height for name in VIEW_TABLES}
+    assert db.views() == {name: getattr(bundle, name).height for name in VIEW_TABLES[:-2]} | {
+        "unit_summary": 3 * 8 * bundle.units.height, "progress": 0}  # parts all, correct, incorrect × windows
     assert {k: v for k, v in db.meta().items() if k != "schema_version"} == bundle.meta
     assert db.windows("components")["step_lo"].to_list() == list(range(0, 40, 5))
     assert db.windows("data")["step_lo"].to_list() == list(range(0, 40, 10))
@@ -501,7 +502,7 @@ def copy_and_edit(source: Path, target: Path, *statements: str) -> Path:
 def test_newer_schema_version_is_refused(tmp_path, hand_db):
     path = copy_and_edit(hand_db.path, tmp_path / "future.duckdb", "UPDATE schema_version SET version = 7")
     before = snapshot(tmp_path)
-    with pytest.raises(StoreSchemaError, match="schema version 7; this release reads versions 1, 2") as excinfo:
+    with pytest.raises(StoreSchemaError, match="schema version 7; this release reads versions 1 and 2") as excinfo:
         RunDB.open(path)
     assert_clean_error(excinfo.value)
     with pytest.raises(StoreSchemaError):

@@ -295,3 +295,59 @@ def test_digits_uses_sgd_with_momentum_and_a_schedule(tmp_path):
     lrs = history.hparams_table().sort("step")["lr"].to_list()
     assert lrs[0] == DigitsCNNConfig().lr and lrs[-1] < lrs[0]
     assert len(history.batch(0)[0]) == DigitsCNNConfig().batch_size
+
+
+# ---------------------------------------------------------------------------- presets
+def test_paper_preset_uses_pairs_with_a_at_least_b_and_fixed_split_sizes():
+    task = ModularAdditionTask(ModularAdditionConfig(**modular_addition.PRESETS["paper"]))
+    train, val = task.dataset("train"), task.dataset("val")
+    assert (len(train), len(val)) == (4000, 2000)
+    for data in (train, val):
+        assert bool((data.inputs[:, 0] >= data.inputs[:, 1]).all()) and bool((data.inputs[:, 2] == 113).all())
+        assert torch.equal(data.labels, (data.inputs[:, 0] + data.inputs[:, 1]) % 113)
+    assert not set(map(tuple, train.inputs.tolist())) & set(map(tuple, val.inputs.tolist()))
+    config = task.config
+    assert (config.d_model, config.n_heads, config.d_mlp, config.lr, config.weight_decay) == (64, 4, 512, 1e-3, 4.0)
+    assert config.betas == (0.9, 0.98) and config.pair_count() == 113 * 114 // 2
+
+
+def test_nanda_preset_holds_out_seventy_percent_of_the_ordered_pairs():
+    config = ModularAdditionConfig(**modular_addition.PRESETS["nanda"])
+    task = ModularAdditionTask(config)
+    train, val = task.dataset("train"), task.dataset("val")
+    assert len(train) == round(0.3 * 113**2) and len(train) + len(val) == 113**2
+    assert (config.d_model, config.n_heads, config.d_mlp, config.weight_decay, config.warmup_steps) == (
+        128, 4, 512, 1.0, 10)
+
+
+def test_warm_up_raises_the_learning_rate_linearly(tmp_path):
+    config = replace(SMALL_MODULAR, steps=5, warmup_steps=3)
+    history = History.open(modular_addition.train(config, tmp_path / "r", progress=False))
+    lrs = history.hparams_table().sort("step")["lr"].to_list()
+    assert lrs == pytest.approx([config.lr / 3, 2 * config.lr / 3, config.lr, config.lr, config.lr])
+
+
+def test_train_cli_applies_a_preset_and_lets_flags_override_it(tmp_path, capsys):
+    from engine.cli import main
+
+    out = tmp_path / "paper"
+    code = main(["train", "modular-addition", "--preset", "paper", "--p", "11", "--train-size", "30",
+                 "--val-size", "10", "--d-mlp", "8", "--d-model", "8", "--steps", "2", "--out", str(out), "--json"])
+    assert code == 0
+    config = get_task(History.open(out).model_spec).config
+    assert (config.p, config.pairs, config.train_size, config.d_mlp, config.weight_decay) == (11, "a>=b", 30, 8, 4.0)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "modular-addition", "--preset", "missing", "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2 and "invalid choice: 'missing'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"pairs": "a<b"}, "pairs must be one of all, a>=b"),
+    ({"p": 5, "train_size": 25}, "train_size must leave validation pairs among the 25 pairs"),
+    ({"p": 5, "pairs": "a>=b", "train_size": 10, "val_size": 6}, "val_size must be positive and fit"),
+    ({"warmup_steps": -1}, "warmup_steps must be non-negative"),
+])
+def test_bad_split_and_warm_up_settings_are_refused(overrides, message):
+    with pytest.raises(BadInputError, match=message):
+        ModularAdditionConfig(**overrides)

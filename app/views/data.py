@@ -29,8 +29,12 @@ elif run.views()["data"] == 0:
         icon="ℹ️",
     )
 else:
+    phases, spikes = controls.marks(run)
     c1, c2, c3 = st.columns([2, 1, 1])
-    steps, tests = controls.steps_and_tests(run, c1, c2)
+    with c2:
+        tests = controls.test_subset(run)
+    with c1:
+        steps, widened = controls.window_range(run, run.data_windows(tests))
     with c3:
         k = state.url_widget(
             "k", state.integer(1, 50), 10,
@@ -38,12 +42,15 @@ else:
         )  # fmt: skip
         state.note_slice(f"top {k} per side", f"k{k}")
     controls.describe_example(run, tests)
+    if widened:
+        st.info(widened, icon="ℹ️")
+    state.hint(controls.data_resolution(run))
 
     with st.spinner("Ranking training examples…"):
         top = run.top_train_examples(tests, steps, int(k))
     if top.height == 0:
-        st.info("No training example influenced this selection: widen the steps or choose other test examples.",
-                icon="ℹ️")
+        st.info(f"No training example influenced these test examples in steps {steps[0]}–{steps[1] - 1}: widen "
+                "the steps or choose other test examples.", icon="ℹ️")
     else:
         state.show_figure(charts.top_examples_bar(top, quantity, style), "top-examples")
         multiline = any("\n" in (t or "") for t in top.get_column("text").to_list())
@@ -83,7 +90,8 @@ else:
             controls.example_text(row["text"][0], f"training #{train}" + ("" if label is None else f" · label {label}"))
     with st.spinner("Reading its influence…"):
         over_time = run.train_example_over_time(int(train), tests)
-    state.show_figure(charts.example_over_time(over_time, int(train), quantity, style), "example-over-time")
+    state.show_figure(charts.example_over_time(over_time, int(train), quantity, style, phases, spikes),
+                      "example-over-time")
 
     st.subheader("Distribution of influences")
     with st.spinner("Summing every training example…"):

@@ -14,6 +14,7 @@ c1, c2 = st.columns([2, 1])
 steps, tests = controls.steps_and_tests(run, c1, c2)
 controls.describe_example(run, tests)
 
+phases, spikes = controls.marks(run)
 with st.spinner("Reading completeness…"):
     comp = run.completeness(steps, tests)
 if comp.height == 0:
@@ -42,8 +43,8 @@ else:
         state.hint(f"Whole run, worst test example: path residual {path:.2e} and data-split residual "
                    f"{relative:.2e} of the change (relative); the split residual is "
                    f"{meta.get('split_residual_cause') or 'unexplained'}.")
-    state.show_figure(charts.reconstruction_change(comp, quantity, style), "reconstruction-change")
-    state.show_figure(charts.residual_figure(comp, quantity, style), "residuals")
+    state.show_figure(charts.reconstruction_change(comp, quantity, style, phases, spikes), "reconstruction-change")
+    state.show_figure(charts.residual_figure(comp, quantity, style, phases, spikes), "residuals")
     with st.expander("Per-step table"):
         state.show_table(comp, "completeness", height=320)
 

@@ -5,7 +5,9 @@ quadrature and contracts it, never materialising the ``N·D·M·O`` influence te
 
 - **components** — ``φ̂_s·Δ_s`` restricted to each parameter group, summed over step
   windows, with its weight-decay part ``φ̂_s·ψ_s(reg)``. The sum over training examples
-  is ``Δ_s`` itself, so no per-example training gradient is needed.
+  is ``Δ_s`` itself, so no per-example training gradient is needed. With partitions finer
+  than a tensor (``ExplainConfig.partitions``: heads, neurons, embedding rows, Fourier
+  frequencies, user groups) the same sums per unit of each partition, from φ̂ itself.
 - **data** — ``Γ = φ̂_s·ψ_s(k)`` per training example ``k`` (and the regularizer, id −1),
   from per-example gradients and per-example optimizer buffers carried forward.
 - **importance** — per parameter element, scores that rank it (``IMPORTANCE_SCORES``): the
@@ -162,6 +164,8 @@ class Explanation:
     max_rel_split_residual: float | None = None
     split_residual_cause: str | None = None
     data_split: str | None = None  # "batched" or "per-example" (None: the update was not split)
+    units: pl.DataFrame | None = None            # (unit,) the units of config.partitions (UnitMap.frame)
+    unit_components: pl.DataFrame | None = None  # (window, unit, test, output) value, decay
 
     def summary(self) -> dict[str, Any]:
         """JSON-able summary (the CLI prints it)."""
@@ -247,6 +251,7 @@ class Explanation:
             "subsample": self.config.subsample,
             "views": list(self.config.views),
             "decay_split": self.decay_split,
+            "partitions": list(self.config.partitions),
             "seconds": self.seconds,
             "gradient_evaluations": self.gradient_evaluations,
             "max_rel_residual": _finite(self.max_rel_residual),
@@ -279,6 +284,8 @@ class Explanation:
             predictions=self.predictions,
             exactness=exactness,
             pruning=None,
+            units=self.units,
+            unit_components=self.unit_components,
         )
 
 
@@ -307,7 +314,7 @@ def merge_tests(parts: list[Explanation]) -> Explanation:
     return replace(
         first, config=replace(first.config, test_ids=test_ids), test_ids=test_ids,
         components=cat("components"), data=cat("data"), importance=importance, completeness=cat("completeness"),
-        predictions=cat("predictions"),
+        predictions=cat("predictions"), unit_components=cat("unit_components"),
         max_rel_residual=max(p.max_rel_residual for p in parts),
         max_rel_residual_output=max(p.max_rel_residual_output for p in parts),
         max_abs_residual=max(p.max_abs_residual for p in parts),
@@ -560,7 +567,7 @@ def _assemble(s: _Setup, results: list[_Pass], kept: np.ndarray, seconds: float,
               taylor: Tensor | None = None) -> Explanation:
     test_ids = np.asarray(s.test_ids, dtype=np.int64)
     group_col = s.config.granularity
-    comp_frames, data_frames, compl_frames, pred_frames = [], [], [], []
+    comp_frames, data_frames, compl_frames, pred_frames, fine_frames = [], [], [], [], []
     scores: dict[str, Tensor] = {}  # absolute sums over test examples and outputs, (D,) float64
     max_rel = max_rel_output = max_abs = 0.0
     max_opt: float | None = None
@@ -607,6 +614,8 @@ def _assemble(s: _Setup, results: list[_Pass], kept: np.ndarray, seconds: float,
                 comp_frames.append(_components_frame(c.windows, s.component_labels, tests, s.outputs, group_col))
             if "data" in s.config.views and c.windows:
                 data_frames.extend(_data_frame(w, tests, s.outputs) for w in c.windows)
+            if s.fine is not None and c.windows:
+                fine_frames.append(_units_frame(c.windows, tests, s.outputs))
             if c.importance is not None:
                 parts = {"importance": c.importance}
                 if c.importance_decay is not None:
@@ -652,6 +661,9 @@ def _assemble(s: _Setup, results: list[_Pass], kept: np.ndarray, seconds: float,
         escalated=sum(p.escalated for p in results),
         seconds=seconds, decay_split=s.split_ok, partial=partial, notes=(*notes, *_tolerance_notes(s, results)),
         regression=s.test_y.is_floating_point(),
+        units=s.fine.frame(s.groups.frame()) if s.fine is not None else None,
+        unit_components=_combine(fine_frames, ["step_lo", "unit_id", "test", "output"], one) if s.fine is not None
+        else None,
     )
 
 
@@ -752,6 +764,18 @@ def _components_frame(windows: list[_Window], labels: list[str], tests: np.ndarr
         pl.Series("step_hi", hi[frame["window"].to_numpy()]),
         pl.Series(column, labels, dtype=pl.String).gather(frame["group"]),
         "test", "output", "value", "decay")
+
+
+def _units_frame(windows: list[_Window], tests: np.ndarray, outputs: int) -> pl.DataFrame:
+    value = np.stack([w.fine_value for w in windows])  # (W, U, n, O)
+    decay = np.stack([w.fine_decay for w in windows])
+    frame = _grid_frame({"window": np.arange(len(windows)), "unit_id": np.arange(value.shape[1])}, tests, outputs,
+                        {"value": value, "decay": decay})
+    lo = np.array([w.lo for w in windows], dtype=np.int64)
+    hi = np.array([w.hi for w in windows], dtype=np.int64)
+    return frame.select(pl.Series("step_lo", lo[frame["window"].to_numpy()]),
+                        pl.Series("step_hi", hi[frame["window"].to_numpy()]), "unit_id", "test", "output", "value",
+                        "decay")
 
 
 def _data_frame(window: _Window, tests: np.ndarray, outputs: int) -> pl.DataFrame:

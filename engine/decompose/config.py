@@ -41,6 +41,11 @@ class ExplainConfig:
         views: any of ``components``, ``data``, ``importance``; completeness is always computed.
         window: steps per stored window of the components and data views.
         granularity: ``tensor``, ``module`` or ``layer`` groups of the components view.
+        partitions: splits finer than a tensor whose units (heads, neurons, embedding rows,
+            Fourier frequencies, …) the components view also sums (``engine.model.units``):
+            the task's built-in names (``heads``, ``neurons``, ``tokens``, ``embed-fourier``,
+            …; ``all`` for every one) or partition specs (dicts). They need the Jacobians of
+            reverse mode.
         steps: ``(lo, hi)`` — explain steps ``lo ≤ s < hi`` only (default: all).
         subsample: fraction of steps computed, those with the largest |loss change| on their
             batch; the rest count fully as quadrature residual.
@@ -70,6 +75,7 @@ class ExplainConfig:
     views: tuple[str, ...] = ("components",)
     window: int = 1
     granularity: str = "tensor"
+    partitions: tuple[str | dict, ...] = ()
     steps: tuple[int, int] | None = None
     subsample: float = 1.0
     dtype: str = "float32"
@@ -104,6 +110,13 @@ class ExplainConfig:
         parse_quadrature(self.quadrature)
         _positive("window", self.window)
         check_granularity(self.granularity, allow_element=False)
+        if isinstance(self.partitions, str):
+            object.__setattr__(self, "partitions", tuple(u.strip() for u in self.partitions.split(",") if u.strip()))
+        object.__setattr__(self, "partitions", tuple(self.partitions))
+        if any(not isinstance(u, (str, dict)) for u in self.partitions):
+            raise BadInputError("partitions must be names of built-in partitions or partition specs (dicts)")
+        if self.partitions and "components" not in self.views:
+            raise BadInputError("partitions split the components view finer; add 'components' to the views")
         if self.steps is not None:
             lo, hi = (int(v) for v in self.steps)
             if not 0 <= lo < hi:

@@ -34,6 +34,7 @@ from engine.errors import BadInputError, UnsupportedOptimizerError
 from engine.model.groups import GroupMap, ParamLayout
 from engine.model.outputs import Quantity, get_quantity
 from engine.model.task import Task
+from engine.model.units import UnitMap, resolve_partitions
 from engine.run.history import History
 from engine.run.replay import (
     PER_EXAMPLE,
@@ -128,6 +129,7 @@ class _Setup:
     buffer_rows: list[int] = field(default_factory=list)  # the component row of each buffer group
     _fixed: dict[torch.dtype, dict[str, Tensor]] = field(default_factory=dict)
     selections: dict[str, bool] = field(default_factory=dict)  # selections in g: switch points located?
+    fine: UnitMap | None = None  # partitions finer than a tensor (config.partitions)
 
     # -------------------------------------------------------------- functions of flat params and buffers
     def _state(self, flat: Tensor, bufs: Tensor) -> dict[str, Tensor]:
@@ -239,6 +241,8 @@ def _setup(history: History, task: Task, config: ExplainConfig) -> _Setup:
         setup.outputs = int(setup.g_batch(params0, bufs0, test_x[:1], test_y[:1]).shape[1])
     if needs_train:
         _training_side(setup, rebuilt)
+    if config.partitions:
+        setup.fine = UnitMap(layout, resolve_partitions(config.partitions, task.partitions(layout), layout), device)
     setup.engine = _choose_engine(setup, params0, bufs0)
     if setup.engine == "jvp":  # a direction on tensors g does not use needs no evaluation
         setup.live_tensors = _live_tensors(setup, params0, bufs0)
@@ -337,15 +341,16 @@ def _choose_engine(setup: _Setup, params0: Tensor, bufs0: Tensor) -> str:
 
     Directions: Δ_s and ψ_s(reg) on each group, ρ_s, and for the data view ψ_s(k) of up to
     every training example; a JVP direction costs about ``1 / JVP_PER_ROW`` of a Jacobian row.
-    The importance view needs the Jacobians themselves.
+    The importance view and partitions finer than a tensor need the Jacobians themselves.
     """
     config = setup.config
     setup.forward_ad = _jvp_works(setup, params0, bufs0)
     if not setup.forward_ad:
         setup.notes.append("forward-mode AD unsupported by the model: reverse mode used for all derivatives")
-    if "importance" in config.views:
+    if "importance" in config.views or config.partitions:
+        what = "the importance view" if "importance" in config.views else "partitions finer than a tensor"
         if config.engine == "jvp":
-            raise BadInputError("the importance view needs full Jacobians; use engine='vjp' or 'auto'")
+            raise BadInputError(f"{what} needs full Jacobians; use engine='vjp' or 'auto'")
         return "vjp"
     directions = _direction_count(setup)
     wanted = config.engine if config.engine != "auto" else (

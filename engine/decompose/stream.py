@@ -5,7 +5,8 @@ quadrature rule of every (step, example) — fixed, or adaptive with cuts at the
 ReLU-like operations and the switch points of selections (``engine.decompose.quadrature``) —
 evaluates ``φ̂`` contracted with the directions the views need (``_Evaluator``, with ψ_s(reg),
 ρ_s and ψ_s(k) from ``_TrainSide``) and adds the step to the chunk's accumulators: component and
-data windows, per-element importance (signed ``Σ_s φ̂ ⊙ Δ`` and its weight-decay part ``Σ_s φ̂ ⊙ ψ_s(reg)``) and
+data windows, the units of partitions finer than a tensor (reverse mode, from φ̂ itself),
+per-element importance (signed ``Σ_s φ̂ ⊙ Δ`` and its weight-decay part ``Σ_s φ̂ ⊙ ψ_s(reg)``) and
 the per-step completeness rows.
 
 Buffers (MATH.md §6). Step s is integrated along ``(θ_s + tΔ_s, b_s)``; the buffers then move
@@ -57,6 +58,8 @@ class _Window:
     decay: np.ndarray | None = None      # (G, n, O)
     data: np.ndarray | None = None       # (1 + A, n, O) over `train`
     train: np.ndarray | None = None      # (1 + A,) train ids, the regularizer (−1) first
+    fine_value: np.ndarray | None = None  # (U, n, O) units of the partitions
+    fine_decay: np.ndarray | None = None  # (U, n, O)
 
 
 @dataclass
@@ -74,6 +77,8 @@ class _Chunk:
     data_reg: Tensor | None = None               # (n, O)
     importance: Tensor | None = None             # (n, O, D) float64 signed Σ_s φ̂ ⊙ Δ
     importance_decay: Tensor | None = None       # (n, O, D) float64 signed Σ_s φ̂ ⊙ ψ_s(reg) (decay split)
+    fine_value: Tensor | None = None             # (U, n, O) float64 window accumulators of the units
+    fine_decay: Tensor | None = None
     rows: dict[str, list[Tensor]] = field(default_factory=dict)  # completeness per step
     windows: list[_Window] = field(default_factory=list)
     window_lo: int = 0                           # first step of the open window
@@ -171,6 +176,9 @@ class _Pass:
                 c.importance = torch.zeros(n, o, setup.layout.total, **f64)
                 if rule is not None:
                     c.importance_decay = torch.zeros(n, o, setup.layout.total, **f64)
+            if setup.fine is not None:
+                c.fine_value = torch.zeros(setup.fine.count, n, o, **f64)
+                c.fine_decay = torch.zeros(setup.fine.count, n, o, **f64)
             self.chunks.append(c)
         if self.rtol is not None:
             self._budgets()
@@ -785,11 +793,14 @@ class _Pass:
                 c.data.index_add_(0, terms.active, out[first:first + len(terms.active)].double())
         else:
             prod, prod_decay, value, decay, opt = self._reverse_terms(phi, block.deltas[b], terms)
+            fine = self._fine_terms(phi, block.deltas[b], terms)
             wide = (rules.wide[j] >= 0).nonzero().squeeze(1) if rules.wide is not None else []
             if len(wide):  # units computed in float64 replace their rows
                 phi_wide = rules.phi_wide[rules.wide[j, wide]]
                 prod_wide, prod_decay_wide, value[:, wide], decay_wide, opt_wide = self._reverse_terms(
                     phi_wide, block.wide[1][b], terms)
+                if fine is not None:
+                    fine[0][:, wide], fine[1][:, wide] = self._fine_terms(phi_wide, block.wide[1][b], terms)
                 prod = prod.double()
                 prod[wide] = prod_wide
                 if prod_decay is not None:
@@ -804,6 +815,9 @@ class _Pass:
                 c.importance += prod.double()
             if c.importance_decay is not None:
                 c.importance_decay += prod_decay.double()
+            if fine is not None:
+                c.fine_value += fine[0]
+                c.fine_decay += fine[1]
             if c.data is not None and terms.active is not None:
                 self._data_step(c, phi, terms)
         recon = value.sum(0) + buffer_term
@@ -828,6 +842,16 @@ class _Pass:
             if self.train.residual:
                 opt = (phi @ terms.rho.to(phi.dtype)).double()
         return prod, prod_decay, value, decay, opt
+
+    def _fine_terms(self, phi: Tensor, delta: Tensor, terms: _StepTerms) -> tuple[Tensor, Tensor] | None:
+        """The units of the partitions from φ̂ ``(n, O, D)``: value ``(U, n, O)`` and its decay split
+        (zeros without one), in float64; None when no partition was asked for."""
+        fine = self.s.fine
+        if fine is None:
+            return None
+        value = fine.sums(phi, delta)
+        decay = fine.sums(phi, terms.psi_reg) if self.train is not None else torch.zeros_like(value)
+        return value, decay
 
     def _group_sums(self, prod: Tensor) -> Tensor:
         """``(n, O, D) → (G, n, O)``: sums over each group's elements (tensor slices, then groups)."""
@@ -859,6 +883,10 @@ class _Pass:
         window = _Window(c.window_lo, hi, c.value.cpu().numpy().copy(), c.decay.cpu().numpy().copy())
         c.value.zero_()
         c.decay.zero_()
+        if c.fine_value is not None:
+            window.fine_value, window.fine_decay = c.fine_value.cpu().numpy().copy(), c.fine_decay.cpu().numpy().copy()
+            c.fine_value.zero_()
+            c.fine_decay.zero_()
         if c.data is not None:
             ids = c.window_active.cpu().numpy() if c.window_active is not None else np.zeros(0, dtype=np.int64)
             window.data = np.concatenate([c.data_reg.cpu().numpy()[None],

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.errors import BadInputError
+from engine.model.groups import ParamLayout
+from engine.model.units import Partition
 
 SPLITS = ("train", "val")
 
@@ -157,6 +159,7 @@ class Task(ABC):
 
     name: ClassVar[str]
     config_cls: ClassVar[type]
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}  # named configuration overrides (``train --preset``)
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -180,6 +183,15 @@ class Task(ABC):
     def layer_of(self, tensor_name: str) -> str:
         """The layer a parameter tensor belongs to, for grouping attributions."""
         return default_layer(tensor_name)
+
+    def partitions(self, layout: ParamLayout) -> dict[str, Partition]:
+        """The model's built-in groups finer than a tensor (heads, neurons, embedding rows,
+        bases), by name (``engine.model.units``); none unless the task knows its model."""
+        return {}
+
+    def token_embedding(self) -> str | None:
+        """The tensor whose rows embed the input tokens, if the model has one."""
+        return None
 
     @staticmethod
     def check_split(split: str) -> None:

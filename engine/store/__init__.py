@@ -23,7 +23,7 @@ from engine.store.schema import (
     run_path,
     validate_run_name,
 )
-from engine.store.writer import add_pruning, write_run
+from engine.store.writer import add_progress, add_pruning, write_run
 
 __all__ = [
     "ALL_TESTS",
@@ -40,6 +40,7 @@ __all__ = [
     "RunDB",
     "RunMeta",
     "TestSelector",
+    "add_progress",
     "add_pruning",
     "info",
     "list_runs",

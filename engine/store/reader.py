@@ -7,6 +7,11 @@ removed, cancellation between the tensors of a group is kept); ``share`` is a gr
 absolute divided by the absolute of all groups in the same window. ``decay`` gets the same
 treatment as ``value``; its share is divided by the total absolute of ``value``. Step ranges
 ``steps=(lo, hi)`` select the stored windows (or steps) with ``lo <= step_lo < hi``.
+
+Units of partitions finer than a tensor (heads, neurons, frequencies) are read from
+``unit_summary``, stored for all, correctly and incorrectly predicted test examples; other
+selectors raise ``BadInputError``. Their ``absolute`` measure is the sum of |cell value| of
+each unit, the units summed into ``other`` adding their absolutes.
 """
 
 from __future__ import annotations
@@ -45,7 +50,10 @@ from engine.store.schema import (
     TestSelector,
     as_int,
     first_line,
+    required_tables,
 )
+
+UNIT_SELECTORS = ("all", "correct", "incorrect")  # the test selectors unit summaries are stored for
 
 
 def _translate(path: Path, exc: duckdb.Error) -> StoreError:
@@ -118,8 +126,10 @@ class RunDB:
         self._lock = threading.Lock()
         self.schema_version = self._check_schema()
         self._meta = {k: json.loads(v) for k, v in self._rows("SELECT key, value FROM meta ORDER BY key")}
-        counts = ", ".join(f"(SELECT COUNT(*) FROM {name})" for name in VIEW_TABLES)  # fixed table names
-        self._views = dict(zip(VIEW_TABLES, self._rows(f"SELECT {counts}")[0], strict=True))
+        present = [name for name in VIEW_TABLES if name in required_tables(self.schema_version)]
+        counts = ", ".join(f"(SELECT COUNT(*) FROM {name})" for name in present)  # fixed table names
+        self._views = dict.fromkeys(VIEW_TABLES, 0) | dict(zip(present, self._rows(f"SELECT {counts}")[0],
+                                                               strict=True))
         self._class_parts = {label: (lo, hi) for label, lo, hi in self._rows(
             "SELECT label, MIN(part), MAX(part) FROM test_parts WHERE grain = 'class' GROUP BY label")}
 
@@ -187,14 +197,14 @@ class RunDB:
         found = versions[0][0] if len(versions) == 1 else None
         if found not in READABLE_VERSIONS:
             shown = found if found is not None else f"{len(versions)} version rows"
+            readable = " and ".join(map(str, READABLE_VERSIONS))
             raise StoreSchemaError(
-                f"{self.path} has run database schema version {shown}; this release reads versions "
-                f"{', '.join(map(str, READABLE_VERSIONS))}. Use a matching ExPLAIND Studio or re-create it with "
-                "`python -m engine explain`"
+                f"{self.path} has run database schema version {shown}; this release reads versions {readable}. "
+                "Use a matching ExPLAIND Studio or re-create it with `python -m engine explain`"
             )
-        missing = [t for t in REQUIRED_TABLES if t not in tables]
+        missing = [t for t in required_tables(found) if t not in tables]
         if missing:
-            raise StoreSchemaError(f"{self.path} lacks tables {missing} of run database schema {SCHEMA_VERSION}; "
+            raise StoreSchemaError(f"{self.path} lacks tables {missing} of run database schema {found}; "
                                    "re-create it with `python -m engine explain`")
         return found
 
@@ -250,10 +260,18 @@ class RunDB:
                FROM examples WHERE split = $split ORDER BY example""", {"split": split})
 
     def windows(self, view: str = "components") -> pl.DataFrame:
-        """Stored step windows [step_lo, step_hi) of the components or data view."""
-        view = _check_choice(view, ("components", "data"), "view")
+        """Stored step windows [step_lo, step_hi) of the components view, the data view (its own
+        windows: all, correct and incorrect test examples) or ``data_tests`` (the windows of
+        single test examples and classes; the data view's own in a version 1 file)."""
+        view = _check_choice(view, ("components", "data", "data_tests"), "view")
+        if view == "data_tests" and self.schema_version < 2:
+            view = "data"
         return self._frame("SELECT step_lo::BIGINT AS step_lo, step_hi::BIGINT AS step_hi FROM windows "
                            "WHERE view = $view ORDER BY step_lo", {"view": view})
+
+    def data_windows(self, tests: TestSelector = ALL_TESTS) -> pl.DataFrame:
+        """The windows at which the data view of ``tests`` is stored."""
+        return self.windows("data" if _check_selector(tests).kind in UNIT_SELECTORS else "data_tests")
 
     def importance(self, tensor: str | None = None) -> pl.DataFrame:
         """tensor, index, importance, gradient, decay, balance, taylor, magnitude (of one tensor, or all in
@@ -398,12 +416,13 @@ class RunDB:
         tests = _check_selector(tests)
         train = as_int(train, "train example id")
         source, params = self._data_source(None, tests)
+        view = "data" if tests.kind in UNIT_SELECTORS or self.schema_version < 2 else "data_tests"
         return self._frame(f"""
             WITH src AS ({source}),
                  a AS (SELECT step_lo, SUM(value) AS value FROM src WHERE train = $train GROUP BY step_lo)
             SELECT w.step_lo::BIGINT AS step_lo, w.step_hi::BIGINT AS step_hi, COALESCE(a.value, 0.0) AS value
             FROM windows w LEFT JOIN a USING (step_lo)
-            WHERE w.view = 'data' ORDER BY w.step_lo""", {**params, "train": train})
+            WHERE w.view = $view ORDER BY w.step_lo""", {**params, "train": train, "view": view})
 
     def data_distribution(
         self, tests: TestSelector = ALL_TESTS, steps: tuple[int, int] | None = None
@@ -415,6 +434,129 @@ class RunDB:
             WITH src AS ({source})
             SELECT train::BIGINT AS train, SUM(value) AS value FROM src WHERE train <> {REGULARIZER}
             GROUP BY train ORDER BY train""", params)
+
+    # -- units of partitions finer than a tensor -----------------------------------------------
+
+    def units(self) -> pl.DataFrame:
+        """unit_id, partition, kind, unit, label, position, layer, module, tensors, size by unit_id
+        (empty for a version 1 file)."""
+        if self.schema_version < 2:
+            return pl.DataFrame(schema={"unit_id": pl.Int64, "partition": pl.String, "kind": pl.String,
+                                        "unit": pl.String, "label": pl.Int64, "position": pl.Int64,
+                                        "layer": pl.String, "module": pl.String, "tensors": pl.String,
+                                        "size": pl.Int64})
+        return self._frame("""SELECT unit_id::BIGINT AS unit_id, partition, kind, unit, label::BIGINT AS label,
+                                     position::BIGINT AS position, layer, module, tensors, size
+                              FROM units ORDER BY unit_id""")
+
+    def partitions(self) -> pl.DataFrame:
+        """partition, kind, layer, module, tensors, units (count) — in the order they were computed."""
+        units = self.units()
+        return units.group_by("partition", maintain_order=True).agg(
+            pl.col("kind", "layer", "module", "tensors").first(), pl.len().cast(pl.Int64).alias("units"))
+
+    def _unit_range(self, partition: str) -> tuple[int, int]:
+        rows = self._rows("SELECT MIN(unit_id), MAX(unit_id) FROM units WHERE partition = $p",
+                          {"p": str(partition)}) if self.schema_version >= 2 else [(None, None)]
+        if rows[0][0] is None:
+            known = ", ".join(self.partitions()["partition"].to_list()) or "no partitions"
+            raise BadInputError(f"unknown partition {partition!r}; this run has {known}")
+        return rows[0]
+
+    def _unit_source(self, partition: str, steps: tuple[int, int] | None, tests: TestSelector) -> tuple[str, dict]:
+        tests = _check_selector(tests)
+        if tests.kind not in UNIT_SELECTORS:
+            raise BadInputError(f"units are stored summed over all, correct or incorrect test examples, not per "
+                                f"{tests.kind}; choose one of {', '.join(UNIT_SELECTORS)}")
+        first, last = self._unit_range(partition)
+        step_sql, params = _step_filter(steps, "s.step_lo")
+        part_sql, part_params = self._part_filter(tests, "s.part")
+        sql = f"""SELECT s.step_lo, s.step_hi, s.unit_id, s.value, s.decay, s.abs_value, s.abs_decay
+                  FROM unit_summary s WHERE s.unit_id BETWEEN $first AND $last{part_sql}{step_sql}"""
+        return sql, {**params, **part_params, "first": first, "last": last}
+
+    def unit_matrix(
+        self,
+        partition: str,
+        window: int | None = None,
+        steps: tuple[int, int] | None = None,
+        tests: TestSelector = ALL_TESTS,
+        measure: str = "signed",
+        top: int | None = None,
+    ) -> pl.DataFrame:
+        """step_lo, step_hi, unit, label, value, decay per window and unit of one partition.
+
+        With ``top`` only the ``top`` units of largest absolute influence over the selected
+        steps keep their rows; the others are summed into one unit ``other (N units)``
+        (label null). ``share`` divides by the partition's absolute total in each window.
+        """
+        measure = _check_choice(measure, MEASURES, "measure")
+        source, params = self._unit_source(partition, steps, tests)
+        win, win_params = _window_expr(window)
+        keep = self._top_param(top)
+        value, decay = {
+            "signed": ("c.value", "c.decay"),
+            "absolute": ("c.abs_value", "c.abs_decay"),
+            "share": ("COALESCE(c.abs_value / NULLIF(SUM(c.abs_value) OVER w, 0), 0.0)",
+                      "COALESCE(c.abs_decay / NULLIF(SUM(c.abs_value) OVER w, 0), 0.0)"),
+        }[measure]
+        return self._frame(f"""
+            WITH src AS ({source}),
+                 ranked AS (SELECT unit_id, ROW_NUMBER() OVER (ORDER BY SUM(abs_value) DESC, unit_id) AS r,
+                                   COUNT(*) OVER () AS n
+                            FROM src GROUP BY unit_id),
+                 named AS (SELECT s.*, CASE WHEN k.r <= $keep THEN u.unit
+                                            ELSE 'other (' || (k.n - $keep) || ' units)' END AS name,
+                                  CASE WHEN k.r <= $keep THEN u.position ELSE 2147483647 END AS position,
+                                  CASE WHEN k.r <= $keep THEN u.label END AS label
+                           FROM src s JOIN ranked k USING (unit_id) JOIN units u USING (unit_id)),
+                 c AS (SELECT {win} AS win, name, MIN(position) AS position, ANY_VALUE(label) AS label,
+                              MIN(step_lo) AS lo, MAX(step_hi) AS hi, SUM(value) AS value, SUM(decay) AS decay,
+                              SUM(abs_value) AS abs_value, SUM(abs_decay) AS abs_decay
+                       FROM named GROUP BY win, name)
+            SELECT (MIN(c.lo) OVER w)::BIGINT AS step_lo, (MAX(c.hi) OVER w)::BIGINT AS step_hi, c.name AS unit,
+                   c.label::BIGINT AS label, {value} AS value, {decay} AS decay
+            FROM c WINDOW w AS (PARTITION BY c.win)
+            ORDER BY step_lo, c.position""", {**params, **win_params, "keep": keep})
+
+    def unit_totals(
+        self, partition: str, steps: tuple[int, int] | None = None, tests: TestSelector = ALL_TESTS
+    ) -> pl.DataFrame:
+        """unit, label, value, decay, absolute, share of every unit of one partition, summed over
+        the selected steps, in the partition's order."""
+        source, params = self._unit_source(partition, steps, tests)
+        return self._frame(f"""
+            WITH src AS ({source}),
+                 c AS (SELECT unit_id, SUM(value) AS value, SUM(decay) AS decay, SUM(abs_value) AS absolute
+                       FROM src GROUP BY unit_id)
+            SELECT u.unit, u.label::BIGINT AS label, c.value, c.decay, c.absolute,
+                   COALESCE(c.absolute / NULLIF(SUM(c.absolute) OVER (), 0), 0.0) AS share
+            FROM c JOIN units u USING (unit_id) ORDER BY u.position""", params)
+
+    @staticmethod
+    def _top_param(top: int | None) -> int:
+        if top is None:
+            return 2147483647
+        top = as_int(top, "top")
+        if top < 1:
+            raise BadInputError(f"top must be at least 1, got {top}")
+        return top
+
+    # -- progress measures -------------------------------------------------------------------
+
+    def progress(self) -> pl.DataFrame:
+        """measure, step, value of the stored progress measures (empty when none were computed)."""
+        if self.schema_version < 2:
+            return pl.DataFrame(schema={"measure": pl.String, "step": pl.Int64, "value": pl.Float64})
+        return self._frame("SELECT measure, step::BIGINT AS step, value FROM progress ORDER BY measure, step")
+
+    def frequency_norms(self) -> pl.DataFrame:
+        """tensor, frequency, norm, key: the Fourier norms of the final token embedding."""
+        if self.schema_version < 2:
+            return pl.DataFrame(schema={"tensor": pl.String, "frequency": pl.Int64, "norm": pl.Float64,
+                                        "key": pl.Boolean})
+        return self._frame("""SELECT tensor, frequency::BIGINT AS frequency, norm, key FROM frequency_norms
+                              ORDER BY tensor, frequency""")
 
     # -- completeness ------------------------------------------------------------------------
 

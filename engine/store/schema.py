@@ -4,13 +4,21 @@ One DuckDB file holds one explained run. ``engine.store`` is the only package th
 SQL: the schema here, bulk writes and atomic publish in ``writer``, the dashboard's read
 queries (polars frames back) in ``reader``.
 
-Schema (version 2). Names are stored once (``groups``, ENUM types); the large tables carry
-integer keys. Rows are inserted sorted by the columns queries filter on, so DuckDB's zone
-maps skip row groups. Test examples fall into *parts*: 0 = all tests, 1 = correctly and
-2 = incorrectly predicted, 3 = without a prediction, 4… = one per (label, correct), in label
+Schema (version 2; version 1 files, which lack the tables marked *v2*, stay readable).
+Names are stored once (``groups``, ``units``, ENUM types); the large tables carry integer
+keys. Rows are inserted sorted by the columns queries filter on, so DuckDB's zone maps skip
+row groups. Test examples fall into *parts*: 0 = all tests, 1 = correctly and 2 =
+incorrectly predicted, 3 = without a prediction, 4… = one per (label, correct), in label
 order. The ``*_summary`` tables hold the large tables summed within each part, so every test
 selector but a single example reads a few contiguous rows of a summary; the large tables are
 sorted by test and serve single examples.
+
+Resolutions. The data view may be stored at two: its own windows (``windows`` view
+``data``) for the parts 0–3, and windows of ``RunBundle.data_test_window`` steps (view
+``data_tests``) for the per-test ``data`` rows and the per-class parts, so that a fine time
+resolution costs rows per part, not per test. Units of partitions finer than a tensor
+(heads, neurons, embedding rows, Fourier frequencies; ``engine.model.units``) are stored
+summed within the parts 0–3 only (``unit_summary``), at the components' windows.
 
 | table | one row per | columns | sorted by |
 |---|---|---|---|
@@ -20,7 +28,7 @@ sorted by test and serve single examples.
 | groups | parameter tensor (hierarchy tensor → module → layer) | tensor_id INTEGER, tensor VARCHAR, module_id INTEGER, module VARCHAR, layer_id INTEGER, layer VARCHAR, size BIGINT, position INTEGER | tensor_id (= model order) |
 | examples | train or test example | split ENUM(train, test), example INTEGER, label INTEGER (null for floating-point targets, rendered in text), text VARCHAR, predicted INTEGER, correct BOOLEAN, part INTEGER (test: its (label, correct) part) | split, example |
 | test_parts | part of the test split | part INTEGER, grain ENUM(all, correct, class), label INTEGER, correct BOOLEAN, tests INTEGER | part |
-| windows | stored step window of a view | view ENUM(components, data), step_lo INTEGER, step_hi INTEGER | view, step_lo |
+| windows | stored step window of a view | view ENUM(components, data, data_tests), step_lo INTEGER, step_hi INTEGER | view, step_lo |
 | components | window × tensor × test × output | test, tensor_id, step_lo, step_hi, output INTEGER, value, decay DOUBLE | test |
 | component_summary | level × part × window × group | level ENUM(tensor, module, layer), part, step_lo, step_hi, group_id INTEGER, value, decay, abs_value, abs_decay DOUBLE | level, part, step_lo, group_id |
 | data | window × test × train × output | test, step_lo, step_hi, train, output INTEGER, value DOUBLE | test |
@@ -32,10 +40,15 @@ sorted by test and serve single examples.
 | predictions | test × output | test, output INTEGER, initial, true_final, reconstructed_final DOUBLE | test, output |
 | exactness | quadrature rule compared | quadrature VARCHAR, agreement, kl DOUBLE, gradient_evaluations BIGINT, max_rel_residual DOUBLE | quadrature |
 | pruning | method × scope × seed × sparsity | method, scope VARCHAR, sparsity DOUBLE, seed BIGINT, agreement, accuracy, kl, achieved_sparsity DOUBLE | method, scope, seed, sparsity |
+| units (v2) | unit of a partition finer than a tensor | unit_id INTEGER, partition, kind (groups, basis), unit VARCHAR, label INTEGER, position INTEGER, layer, module, tensors VARCHAR, size BIGINT | unit_id |
+| unit_summary (v2) | part (0–3) × unit × window | part, step_lo, step_hi, unit_id INTEGER, value, decay, abs_value, abs_decay DOUBLE | part, unit_id, step_lo |
+| progress (v2) | measure × logged step | measure VARCHAR, step INTEGER, value DOUBLE | measure, step |
+| frequency_norms (v2) | frequency of the final token embedding | tensor VARCHAR, frequency INTEGER, norm DOUBLE, key BOOLEAN | frequency |
 
 Versions. Version 2 added the importance table's ``gradient``, ``decay``, ``balance`` and
-``taylor`` columns; readers open version 1 files too, their importance rows reading null
-in these columns. Every other table is the same in both.
+``taylor`` columns, the tables marked *v2* and the ``data_tests`` window kind; readers open
+version 1 files too: their importance rows read null in these columns and their new views
+are empty.
 """  # noqa: E501
 
 from __future__ import annotations
@@ -57,7 +70,8 @@ DEFAULT_THREADS = 2
 LEVELS = ("tensor", "module", "layer")
 MEASURES = ("signed", "absolute", "share")
 SELECTOR_KINDS = ("all", "correct", "incorrect", "class", "example")
-VIEW_TABLES = ("components", "data", "importance", "completeness", "predictions", "exactness", "pruning")
+VIEW_TABLES = ("components", "data", "importance", "completeness", "predictions", "exactness", "pruning",
+               "unit_summary", "progress")
 REGULARIZER = -1  # train id of the weight-decay pseudo-example in the data view
 
 _ALIAS = "run"  # name of the attached database inside a reader's connection
@@ -68,7 +82,7 @@ _LEVEL_COLUMNS = {"tensor": ("tensor_id", "tensor"), "module": ("module_id", "mo
 _DDL = """
 CREATE TYPE split_kind AS ENUM ('train', 'test');
 CREATE TYPE level_kind AS ENUM ('tensor', 'module', 'layer');
-CREATE TYPE view_kind AS ENUM ('components', 'data');
+CREATE TYPE view_kind AS ENUM ('components', 'data', 'data_tests');
 CREATE TYPE grain_kind AS ENUM ('all', 'correct', 'class');
 CREATE TABLE schema_version (version INTEGER NOT NULL, created_by VARCHAR NOT NULL);
 CREATE TABLE meta (key VARCHAR NOT NULL, value JSON NOT NULL);
@@ -109,13 +123,29 @@ CREATE TABLE exactness (quadrature VARCHAR NOT NULL, agreement DOUBLE NOT NULL, 
 CREATE TABLE pruning (method VARCHAR NOT NULL, scope VARCHAR NOT NULL, sparsity DOUBLE NOT NULL,
     seed BIGINT NOT NULL, agreement DOUBLE NOT NULL, accuracy DOUBLE NOT NULL, kl DOUBLE NOT NULL,
     achieved_sparsity DOUBLE NOT NULL);
+CREATE TABLE units (unit_id INTEGER NOT NULL, partition VARCHAR NOT NULL, kind VARCHAR NOT NULL,
+    unit VARCHAR NOT NULL, label INTEGER, position INTEGER NOT NULL, layer VARCHAR, module VARCHAR,
+    tensors VARCHAR NOT NULL, size BIGINT NOT NULL);
+CREATE TABLE unit_summary (part INTEGER NOT NULL, step_lo INTEGER NOT NULL, step_hi INTEGER NOT NULL,
+    unit_id INTEGER NOT NULL, value DOUBLE NOT NULL, decay DOUBLE NOT NULL, abs_value DOUBLE NOT NULL,
+    abs_decay DOUBLE NOT NULL);
+CREATE TABLE progress (measure VARCHAR NOT NULL, step INTEGER NOT NULL, value DOUBLE NOT NULL);
+CREATE TABLE frequency_norms (tensor VARCHAR NOT NULL, frequency INTEGER NOT NULL, norm DOUBLE NOT NULL,
+    key BOOLEAN NOT NULL);
 """
 
 REQUIRED_TABLES = (
     "schema_version", "meta", "steps", "groups", "examples", "test_parts", "windows", "components",
     "component_summary", "data", "data_summary", "importance", "completeness", "completeness_summary",
-    "completeness_totals", "predictions", "exactness", "pruning",
+    "completeness_totals", "predictions", "exactness", "pruning", "units", "unit_summary", "progress",
+    "frequency_norms",
 )  # fmt: skip
+TABLES_SINCE = {"units": 2, "unit_summary": 2, "progress": 2, "frequency_norms": 2}  # tables newer than version 1
+
+
+def required_tables(version: int) -> tuple[str, ...]:
+    """The tables a file of schema ``version`` has."""
+    return tuple(t for t in REQUIRED_TABLES if TABLES_SINCE.get(t, 1) <= version)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,6 +194,14 @@ _FRAMES: dict[str, tuple[_Col, ...]] = {
         "method:str scope:str sparsity:float seed:int agreement:float accuracy:float kl:float "
         "achieved_sparsity:float"
     ),
+    "units": _cols("unit_id:int partition:str kind:str unit:str label:int? position:int layer:str? module:str? "
+                   "tensors:str size:int"),
+    "unit_components": _cols("step_lo:int step_hi:int unit_id:int test:int output:int value:float decay:float"),
+}
+# frames that analyses add to a written run (``add_progress``), not part of a bundle
+_ANALYSIS_FRAMES: dict[str, tuple[_Col, ...]] = {
+    "progress": _cols("measure:str step:int value:float"),
+    "frequency_norms": _cols("tensor:str frequency:int norm:float key:bool"),
 }
 _REQUIRED_FRAMES = ("steps", "groups", "examples", "completeness")
 _META_TYPES: dict[str, tuple[type, ...]] = {
@@ -190,6 +228,12 @@ class RunBundle:
     and ``data_split`` (str or null), and ``buffer_groups`` (list of str): the ``groups`` rows
     named ``<module>.<buffers>`` that hold buffer terms rather than parameter tensors. Component, data and
     completeness rows are one per (window or step, tensor/train, test, output).
+
+    ``units`` lists the units of partitions finer than a tensor and ``unit_components`` their
+    values per (window, unit, test, output); only their sums within the parts 0–3 are
+    stored. ``data_test_window`` (a multiple of the data view's window) stores the per-test
+    data rows and the per-class parts in windows of that many steps (None: the data view's
+    own windows).
     """
 
     meta: dict
@@ -203,6 +247,9 @@ class RunBundle:
     predictions: pl.DataFrame | None  # (test, output)
     exactness: pl.DataFrame | None  # (quadrature rule,)
     pruning: pl.DataFrame | None  # (method, scope, seed, sparsity)
+    units: pl.DataFrame | None = None  # (unit,)
+    unit_components: pl.DataFrame | None = None  # (window, unit, test, output)
+    data_test_window: int | None = None
 
 
 @dataclass(frozen=True)

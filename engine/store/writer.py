@@ -25,6 +25,7 @@ import polars as pl
 from engine.errors import BadInputError, StoreError
 from engine.store.reader import RunDB
 from engine.store.schema import (
+    _ANALYSIS_FRAMES,
     _DDL,
     _FRAMES,
     _LEVEL_COLUMNS,
@@ -113,10 +114,11 @@ def _check_frame(name: str, frame: Any, required: bool) -> None:
         return
     if not isinstance(frame, pl.DataFrame):
         raise BadInputError(f"RunBundle.{name} must be a polars DataFrame, got {type(frame).__name__}")
-    missing = [c.name for c in _FRAMES[name] if c.name not in frame.columns]
+    columns = {**_FRAMES, **_ANALYSIS_FRAMES}[name]
+    missing = [c.name for c in columns if c.name not in frame.columns]
     if missing:
         raise BadInputError(f"RunBundle.{name} lacks columns {missing}; it has {frame.columns}")
-    for col in _FRAMES[name]:
+    for col in columns:
         dtype = frame.schema[col.name]
         if not _kind_ok(dtype, col.kind, col.nullable):
             raise BadInputError(f"RunBundle.{name}.{col.name} must hold {col.kind} values, got {dtype}")
@@ -153,6 +155,13 @@ def _check_bundle(bundle: RunBundle) -> list[tuple[str, str]]:
         raise BadInputError(f"write_run needs a RunBundle, got {type(bundle).__name__}")
     for name in _FRAMES:
         _check_frame(name, getattr(bundle, name), name in _REQUIRED_FRAMES)
+    if (bundle.units is None) != (bundle.unit_components is None):
+        raise BadInputError("RunBundle.units and RunBundle.unit_components come together: give both or neither")
+    if bundle.data_test_window is not None:
+        window = as_int(bundle.data_test_window, "RunBundle.data_test_window")
+        if window < 1 or bundle.data is None:
+            raise BadInputError(f"RunBundle.data_test_window must be a positive number of steps with a data view, "
+                                f"got {window}")
     return _check_meta(bundle.meta)
 
 
@@ -198,8 +207,10 @@ class _Writer:
         self._examples(bundle.examples)
         if bundle.components is not None:
             self._components(bundle.components)
+        if bundle.units is not None:
+            self._units(bundle.units, bundle.unit_components)
         if bundle.data is not None:
-            self._data(bundle.data)
+            self._data(bundle.data, bundle.data_test_window)
         if bundle.importance is not None:
             self._importance(bundle.importance)
         self._completeness(bundle.completeness)
@@ -322,33 +333,92 @@ class _Writer:
             FROM ({cells}) cell JOIN examples e ON e.split = 'test' AND e.example = cell.test
             GROUP BY e.part, cell.step_lo, cell.group_id""", f"component cells ({level})", {"level": level})
 
-    def _data(self, frame: pl.DataFrame) -> None:
+    def _data(self, frame: pl.DataFrame, test_window: int | None) -> None:
+        """Per-test rows and the per-class parts in windows of ``test_window`` steps (merged from
+        the frame's windows, counted from its first), the parts 0–3 at the frame's own windows."""
+        self.run("""CREATE TEMP TABLE cells (test INTEGER, step_lo INTEGER, step_hi INTEGER, train INTEGER,
+                    output INTEGER, value DOUBLE)""", "temp")
         self.load(frame, """
-            INSERT INTO data SELECT test::INTEGER, step_lo::INTEGER, step_hi::INTEGER, train::INTEGER,
-                                    output::INTEGER, value::DOUBLE
-            FROM src ORDER BY 1""", "RunBundle.data")
+            INSERT INTO cells SELECT test::INTEGER, step_lo::INTEGER, step_hi::INTEGER, train::INTEGER,
+                                     output::INTEGER, value::DOUBLE
+            FROM src""", "RunBundle.data")
+        self.refuse("SELECT step_lo FROM cells WHERE step_hi <= step_lo ORDER BY 1 LIMIT 5",
+                    "RunBundle.data has empty windows (step_hi <= step_lo) starting at")
+        self.refuse("SELECT step_lo FROM cells GROUP BY step_lo HAVING COUNT(DISTINCT step_hi) > 1 ORDER BY 1 LIMIT 5",
+                    "RunBundle.data has windows with several step_hi")
+        ((first, width),) = self.run("SELECT MIN(step_lo), MAX(step_hi - step_lo) FROM cells", "data windows")
+        merge = test_window or width or 1
+        if width and merge % width:
+            raise BadInputError(f"RunBundle.data_test_window {merge} is not a multiple of the data view's window "
+                                f"of {width} steps")
+        # the start of each row's merged window (its own start when nothing is merged)
+        coarse = "($first + (c.step_lo - $first) // $merge * $merge)" if test_window else "c.step_lo"
+        merging = {"first": first or 0, "merge": merge} if test_window else {}
+        self.run(f"""
+            INSERT INTO data
+            SELECT c.test, {coarse} AS lo, MAX(c.step_hi), c.train, c.output, SUM(c.value)
+            FROM cells c GROUP BY c.test, lo, c.train, c.output ORDER BY c.test, lo, c.train, c.output""",
+                 "data rows", merging)
         self._refuse_unknown_tests("data", "data")
         self.run("""
             CREATE TEMP TABLE fine AS
-            SELECT e.part, d.train, d.step_lo, MAX(d.step_hi) AS step_hi, SUM(d.value) AS value
-            FROM data d JOIN examples e ON e.split = 'test' AND e.example = d.test
-            GROUP BY e.part, d.train, d.step_lo""", "data cells")
-        self.run("""
+            SELECT e.part, c.train, c.step_lo, MAX(c.step_hi) AS step_hi, SUM(c.value) AS value
+            FROM cells c JOIN examples e ON e.split = 'test' AND e.example = c.test
+            GROUP BY e.part, c.train, c.step_lo""", "data cells")
+        self.run(f"""
             INSERT INTO data_summary
-            SELECT * FROM fine
+            SELECT c.part, c.train, {coarse} AS lo, MAX(c.step_hi), SUM(c.value)
+            FROM fine c GROUP BY c.part, c.train, lo
             UNION ALL
             SELECT r.coarse, f.train, f.step_lo, MAX(f.step_hi), SUM(f.value)
             FROM fine f JOIN rollup r ON r.fine = f.part GROUP BY r.coarse, f.train, f.step_lo
-            ORDER BY part, train, step_lo""", "data summary")
+            ORDER BY 1, 2, 3""", "data summary", merging)
         self.run("DROP TABLE fine", "temp")
+        self.run("DROP TABLE cells", "temp")
         self.refuse(f"""SELECT DISTINCT s.train FROM data_summary s ANTI JOIN examples e
                         ON e.split = 'train' AND e.example = s.train
                         WHERE s.part = {PART_ALL} AND s.train <> {REGULARIZER} ORDER BY 1 LIMIT 5""",
                     f"RunBundle.data has train ids missing from the train examples (other than {REGULARIZER})")
         self.run(f"""INSERT INTO windows SELECT DISTINCT 'data', step_lo, step_hi FROM data_summary
                      WHERE part = {PART_ALL} ORDER BY step_lo""", "data windows")
-        self.refuse("SELECT step_lo FROM windows WHERE view = 'data' GROUP BY step_lo HAVING COUNT(*) > 1 "
-                    "ORDER BY 1 LIMIT 5", "RunBundle.data has windows with several step_hi")
+        self.run("""INSERT INTO windows SELECT DISTINCT 'data_tests', step_lo, step_hi FROM data
+                    ORDER BY step_lo""", "per-test data windows")
+        self.refuse("SELECT view::VARCHAR || ' ' || step_lo FROM windows WHERE view IN ('data', 'data_tests') "
+                    "GROUP BY view, step_lo HAVING COUNT(*) > 1 ORDER BY 1 LIMIT 5",
+                    "RunBundle.data has windows with several step_hi")
+
+    def _units(self, units: pl.DataFrame, values: pl.DataFrame) -> None:
+        """The units of the partitions, and their values summed within the parts 0–3."""
+        self.load(units, """
+            INSERT INTO units SELECT unit_id::INTEGER, partition::VARCHAR, kind::VARCHAR, unit::VARCHAR,
+                                     label::INTEGER, position::INTEGER, layer::VARCHAR, module::VARCHAR,
+                                     tensors::VARCHAR, size::BIGINT
+            FROM src ORDER BY 1""", "RunBundle.units")
+        self.refuse("SELECT unit_id FROM units GROUP BY unit_id HAVING COUNT(*) > 1 ORDER BY 1 LIMIT 5",
+                    "RunBundle.units lists unit ids more than once")
+        self.refuse("SELECT partition || ' ' || unit FROM units GROUP BY partition, unit HAVING COUNT(*) > 1 "
+                    "ORDER BY 1 LIMIT 5", "RunBundle.units names a unit twice in one partition")
+        self.load(values, """
+            CREATE TEMP TABLE fine AS
+            SELECT e.part, c.step_lo::INTEGER AS step_lo, MAX(c.step_hi)::INTEGER AS step_hi,
+                   c.unit_id::INTEGER AS unit_id, SUM(c.value) AS value, SUM(c.decay) AS decay,
+                   SUM(ABS(c.value)) AS abs_value, SUM(ABS(c.decay)) AS abs_decay,
+                   COUNT(*) FILTER (WHERE e.example IS NULL) AS unknown
+            FROM src c LEFT JOIN examples e ON e.split = 'test' AND e.example = c.test
+            GROUP BY e.part, c.step_lo, c.unit_id""", "RunBundle.unit_components")
+        self.refuse("SELECT step_lo FROM fine WHERE step_hi <= step_lo ORDER BY 1 LIMIT 5",
+                    "RunBundle.unit_components has empty windows (step_hi <= step_lo) starting at")
+        self.refuse("SELECT DISTINCT unit_id FROM fine WHERE unknown > 0 ORDER BY 1 LIMIT 5",
+                    "RunBundle.unit_components has test ids missing from the test examples, for units")
+        self.refuse("SELECT DISTINCT f.unit_id FROM fine f ANTI JOIN units u USING (unit_id) ORDER BY 1 LIMIT 5",
+                    "RunBundle.unit_components names units missing from RunBundle.units")
+        self.run("""
+            INSERT INTO unit_summary
+            SELECT r.coarse, f.step_lo, MAX(f.step_hi), f.unit_id, SUM(f.value), SUM(f.decay), SUM(f.abs_value),
+                   SUM(f.abs_decay)
+            FROM fine f JOIN rollup r ON r.fine = f.part GROUP BY r.coarse, f.step_lo, f.unit_id
+            ORDER BY 1, 4, 2""", "unit summary")
+        self.run("DROP TABLE fine", "temp")
 
     def _importance(self, frame: pl.DataFrame) -> None:
         try:
@@ -461,5 +531,32 @@ def add_pruning(db_path: str | os.PathLike, frame: pl.DataFrame, *, threads: int
         con.execute("BEGIN TRANSACTION")
         con.execute("DELETE FROM pruning")
         _Writer(con).load(frame, _PRUNING_INSERT, "pruning frame")
+        con.execute("COMMIT")
+    return target
+
+
+def add_progress(db_path: str | os.PathLike, progress: pl.DataFrame, norms: pl.DataFrame | None = None, *,
+                 threads: int = DEFAULT_THREADS) -> Path:
+    """Replace the progress measures (``measure, step, value``) and the final embedding's Fourier
+    norms (``tensor, frequency, norm, key``) of an existing run database atomically."""
+    target = Path(db_path)
+    _check_frame("progress", progress, required=True)
+    _check_frame("frequency_norms", norms, required=False)
+    with RunDB.open(target, threads=threads) as db:  # refuses missing, corrupt or foreign files untouched
+        if db.schema_version < 2:
+            raise BadInputError(f"{target} has run database schema version {db.schema_version}, which has no "
+                                "progress table; re-create it with `python -m engine explain`")
+    with _publishing(target, "adding progress measures to", threads, copy_of=target) as con:
+        con.execute("BEGIN TRANSACTION")
+        con.execute("DELETE FROM progress")
+        con.execute("DELETE FROM frequency_norms")
+        writer = _Writer(con)
+        writer.load(progress, "INSERT INTO progress SELECT measure::VARCHAR, step::INTEGER, value::DOUBLE FROM src "
+                    "ORDER BY 1, 2", "progress frame")
+        writer.refuse("SELECT measure || ' ' || step FROM progress GROUP BY measure, step HAVING COUNT(*) > 1 "
+                      "ORDER BY 1 LIMIT 5", "progress frame lists a (measure, step) more than once")
+        if norms is not None:
+            writer.load(norms, "INSERT INTO frequency_norms SELECT tensor::VARCHAR, frequency::INTEGER, norm::DOUBLE, "
+                        "key::BOOLEAN FROM src ORDER BY 1, 2", "frequency norms frame")
         con.execute("COMMIT")
     return target
