@@ -12,19 +12,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import multiprocessing
 import shutil
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import polars as pl
-import torch
 
 from engine.analysis.prune import PruneConfig, run_prune
-from engine.decompose import ExplainConfig, Explanation, explain_history, merge_tests
+from engine.decompose import ExplainConfig
 from engine.errors import BadInputError
+from engine.parallel import Parallel, explain_all, remove_shards
 from engine.run.history import History
 from engine.run.verify import verify
 from engine.store import write_run
@@ -75,46 +73,12 @@ SAMPLES: dict[str, SampleRecipe] = {
 }
 
 
-def _explain_pass(run_dir: Path, config: ExplainConfig, threads: int | None, progress: bool) -> Explanation:
-    if threads is not None:
-        torch.set_num_threads(threads)
-    history = History.open(run_dir)
-    return explain_history(history, get_task(history.model_spec), config, progress=progress)
-
-
-def _explain_all(run_dir: Path, configs: list[ExplainConfig], jobs: int, progress: bool) -> list[Explanation]:
-    """Every pass of a sample, one after the other.
-
-    With ``jobs > 1`` the passes run in that many processes of one thread each (only the
-    first shows a progress bar), the first pass split into ``jobs + 1`` disjoint sets of test
-    examples (merged again) so that the processes stay busy until the end. Passes with the
-    data view start first: their per-example gradients of every step make them the longest.
-    """
-    if jobs == 1:
-        return [_explain_pass(run_dir, c, None, progress) for c in configs]
-    task = get_task(History.open(run_dir).model_spec)
-    ids = list(configs[0].test_ids_in(len(task.dataset(configs[0].test_split))))
-    parts = [replace(configs[0], test_ids=tuple(part)) for part in _split(ids, jobs + 1)]
-    work = parts + configs[1:]
-    order = sorted(range(len(work)), key=lambda i: "data" not in work[i].views)
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {i: pool.submit(_explain_pass, run_dir, work[i], 1, progress and rank == 0)
-                   for rank, i in enumerate(order)}
-        results = [futures[i].result() for i in range(len(work))]
-    return [merge_tests(results[:len(parts)]), *results[len(parts):]]
-
-
-def _split(ids: list[int], count: int) -> list[list[int]]:
-    size = -(-len(ids) // count)
-    return [ids[a:a + size] for a in range(0, len(ids), size)]
-
-
 def build_sample(sample: str | SampleRecipe, out_dir: Path = Path("sample_runs"), work_dir: Path = Path("runs"),
-                 progress: bool = True, jobs: int = 1) -> dict[str, Any]:
+                 progress: bool = True, parallel: Parallel | None = None) -> dict[str, Any]:
     """Train, verify, explain, measure exactness and prune one sample run; publish its database.
 
-    ``jobs`` > 1 runs the explain passes (main, data view, one per exactness rule) in that
-    many single-threaded processes.
+    With ``parallel`` the explain passes (main, data view, one per exactness rule) run together
+    as tasks on Ray (``engine.parallel``).
     """
     if isinstance(sample, str) and sample not in SAMPLES:
         raise BadInputError(f"unknown sample run {sample!r}; choose one of {', '.join(SAMPLES)}")
@@ -131,7 +95,8 @@ def build_sample(sample: str | SampleRecipe, out_dir: Path = Path("sample_runs")
     configs = [ExplainConfig(**recipe.components), ExplainConfig(**recipe.data)] + [
         ExplainConfig(test_size=recipe.exactness_tests, quantity="logits", quadrature=q, views=())
         for q in recipe.exactness]
-    main, data, *rest = _explain_all(run_dir, configs, jobs, progress)
+    shards = work_dir / f"{name}.shards"
+    (main, data, *rest), _ = explain_all(history, task, configs, parallel, shards, progress)
     checks = [e.exactness() for e in rest]
     bundle = main.to_bundle(history, task, exactness=pl.concat(checks))
     meta = {**bundle.meta, "recipe": recipe.to_json(), "replay_max_rel_error": replay.max_rel_error,
@@ -139,6 +104,7 @@ def build_sample(sample: str | SampleRecipe, out_dir: Path = Path("sample_runs")
             "data_tests": len(data.test_ids)}
     bundle = dataclasses.replace(bundle, meta=meta, data=data.data)
     target = write_run(out_dir / f"{name}.duckdb", bundle)
+    remove_shards(shards)
     _, pruning = run_prune(target, PruneConfig(**recipe.prune), progress=progress)
     return {
         "sample": name,

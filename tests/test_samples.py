@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from polars.testing import assert_frame_equal
 
+from engine.parallel import Parallel
 from engine.samples import SAMPLES, SampleRecipe, build_sample
 from engine.store import RunDB, info
 
@@ -48,11 +49,11 @@ TINY = SampleRecipe(
 
 
 @pytest.mark.slow
-def test_sample_pipeline_is_deterministic_in_one_or_several_processes(tmp_path):
-    """The same command gives the same numbers; several processes (the main pass split by test
-    examples) agree with one to float32 round-off, batches of other sizes summing differently."""
-    results = [build_sample(TINY, tmp_path / f"out{i}", tmp_path / f"work{i}", progress=False, jobs=jobs)
-               for i, jobs in enumerate((1, 1, 2))]
+def test_sample_pipeline_is_deterministic_in_one_or_several_processes(tmp_path, ray_cluster):
+    """The same command gives the same numbers; Ray workers (the passes split by test examples)
+    agree with one process to float32 round-off, batches of other sizes summing differently."""
+    results = [build_sample(TINY, tmp_path / f"out{i}", tmp_path / f"work{i}", progress=False, parallel=parallel)
+               for i, parallel in enumerate((None, None, Parallel(workers=2)))]
     assert results[0]["exactness"] == results[1]["exactness"] == results[2]["exactness"]
     frames = []
     for i in range(3):
