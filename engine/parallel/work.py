@@ -35,6 +35,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,9 @@ class WorkUnit:
     chunk: int                     # test chunk index within that explanation
     segment: int                   # step segment index within that chunk
     allow_incomplete: bool = False
+    # what computes the unit: any picklable module-level function of the unit (e.g. one interval
+    # of a checkpoint series); ``explain_unit`` by default
+    compute: Callable[[WorkUnit], Explanation] | None = None
 
     @property
     def attempts_folder(self) -> Path:
@@ -79,12 +83,12 @@ def segmentable(config: ExplainConfig) -> bool:
 
 
 def plan_units(history: History, config: ExplainConfig, test_ids: tuple[int, ...], slots: int, folder: Path,
-               pass_index: int, allow_incomplete: bool = False) -> list[WorkUnit]:
-    """About two units per slot (so that slots stay busy until the end): two step segments of
-    ``slots`` test chunks where the configuration allows it, else ``2·slots`` test chunks."""
+               pass_index: int, allow_incomplete: bool = False, segments: int = 2) -> list[WorkUnit]:
+    """About two units per slot (so that slots stay busy until the end): ``segments`` step segments
+    (window-aligned) of test chunks where the configuration allows it, else ``2·slots`` test chunks."""
     lo, hi = config.steps or (0, history.num_steps)
     windows = -(-(hi - lo) // config.window)
-    segments = min(2, windows) if segmentable(config) else 1
+    segments = min(segments, windows) if segmentable(config) else 1
     chunks = min(len(test_ids), max(1, -(-2 * slots // segments)))
     size = -(-len(test_ids) // chunks)
     parts = [test_ids[a:a + size] for a in range(0, len(test_ids), size)]
@@ -120,10 +124,15 @@ def run_unit(unit: WorkUnit) -> dict[str, Any]:
         return _report(unit, 0.0, reused=True)
     attempts.mkdir(parents=True, exist_ok=True)
     (attempts / str(os.getpid())).touch()
-    history = History.open(unit.run_dir, allow_incomplete=unit.allow_incomplete)
-    explanation = explain_history(history, get_task(history.model_spec), unit.config, progress=False)
+    explanation = (unit.compute or explain_unit)(unit)
     write_shards(explanation, Path(unit.folder))
     return _report(unit, time.perf_counter() - started, reused=False)
+
+
+def explain_unit(unit: WorkUnit) -> Explanation:
+    """``explain`` of the unit's test examples and steps of a recorded run."""
+    history = History.open(unit.run_dir, allow_incomplete=unit.allow_incomplete)
+    return explain_history(history, get_task(history.model_spec), unit.config, progress=False)
 
 
 def _report(unit: WorkUnit, seconds: float, reused: bool) -> dict[str, Any]:
@@ -150,7 +159,12 @@ def write_shards(explanation: Explanation, folder: Path) -> None:
         elif field.name != "config":
             manifest[field.name] = list(value) if isinstance(value, tuple) else value
     (temp / "manifest.json").write_text(json.dumps(manifest))
-    os.replace(temp, folder)
+    try:
+        os.replace(temp, folder)
+    except OSError:
+        if not (folder / "manifest.json").exists():
+            raise
+        shutil.rmtree(temp)  # another attempt of the same unit finished first
 
 
 def read_shards(unit: WorkUnit) -> Explanation:
