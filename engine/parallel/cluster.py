@@ -103,14 +103,17 @@ def explain_all(history: History, task: Task, configs: list[ExplainConfig], para
     with Ray also a report: worker slots, start-up and merge seconds, and each task's timing and retries."""
     if parallel is None:
         return [explain_history(history, task, c, progress) for c in configs], None
+    ids = [c.test_ids_in(len(task.dataset(c.test_split))) for c in configs]  # bad ids fail before Ray starts
     started = time.perf_counter()
     with ray_session(parallel) as ray:
         resources = ray.cluster_resources()
         kind = "GPU" if parallel.gpus_per_task else "CPU"
-        slots = max(1, int(resources.get(kind, 1) / (parallel.gpus_per_task or 1)))
+        if resources.get(kind, 0) < (parallel.gpus_per_task or 1):
+            raise BadInputError(f"the Ray cluster has {resources.get(kind, 0):g} {kind}s; a task needs "
+                                f"{parallel.gpus_per_task or 1:g} (--gpus-per-task)")
+        slots = max(1, int(resources[kind] / (parallel.gpus_per_task or 1)))
         startup = time.perf_counter() - started
         folder = shards / content_key(history, configs, slots)
-        ids = [c.test_ids_in(len(task.dataset(c.test_split))) for c in configs]
         units = [u for i, (c, t) in enumerate(zip(configs, ids, strict=True))
                  for u in plan_units(history, c, t, slots, folder, i, allow_incomplete)]
         reports = _run_units(ray, units, parallel, progress)
