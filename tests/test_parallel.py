@@ -18,6 +18,7 @@ from polars.testing import assert_frame_equal
 
 from engine.cli import main
 from engine.decompose import ExplainConfig, explain_history
+from engine.errors import BadInputError
 from engine.model.task import get_task
 from engine.parallel import Parallel, explain_all
 from engine.run.history import History
@@ -141,3 +142,11 @@ def test_bad_parallel_flags_are_one_error_line(run, tmp_path, capsys, flags, mes
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_more_gpus_per_task_than_the_cluster_has_is_an_error(ray_cluster, run, tmp_path):
+    history = History.open(run)
+    with pytest.raises(BadInputError, match="has 0 GPUs; a task needs 1"):
+        explain_all(history, get_task(history.model_spec), list(CONFIGS), Parallel(workers=2, gpus_per_task=1),
+                    tmp_path / "shards", progress=False)
+    assert not (tmp_path / "shards").exists()

@@ -55,10 +55,12 @@ class Parallel:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``--workers``, ``--ray-address`` and ``--gpus-per-task`` on a command."""
     group = parser.add_argument_group("parallel (Ray; pip install '.[ray]')")
-    group.add_argument("--workers", type=int, default=None,
+    group.add_argument("--workers", type=int, default=None, metavar="N",
                        help="run the explanation as tasks on a local Ray instance of N worker slots")
-    group.add_argument("--ray-address", default=None, help="run the tasks on the Ray cluster at ADDR (host:port)")
-    group.add_argument("--gpus-per-task", type=float, default=0.0, help="GPUs each task reserves (default 0)")
+    group.add_argument("--ray-address", default=None, metavar="ADDR",
+                       help="run the tasks on the Ray cluster at ADDR (host:port)")
+    group.add_argument("--gpus-per-task", type=float, default=0.0, metavar="G",
+                       help="GPUs each task reserves (default 0)")
 
 
 def from_arguments(args: argparse.Namespace) -> Parallel | None:
