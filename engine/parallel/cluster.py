@@ -137,7 +137,7 @@ def _run_units(ray: Any, units: list[WorkUnit], parallel: Parallel, progress: bo
                                           retry_exceptions=False)
     reports: dict[str, dict[str, Any]] = {}
     pending = {}
-    for unit in units:
+    for unit in sorted(units, key=lambda u: "data" not in u.config.views):  # the longest (data view) first
         if unit.done():
             reports[unit.folder] = run_unit(unit)  # reads nothing but the folder: reuse is instant
         else:
