@@ -54,7 +54,13 @@ def test_sample_pipeline_is_deterministic_in_one_or_several_processes(tmp_path, 
     agree with one process to float32 round-off, batches of other sizes summing differently."""
     results = [build_sample(TINY, tmp_path / f"out{i}", tmp_path / f"work{i}", progress=False, parallel=parallel)
                for i, parallel in enumerate((None, None, Parallel(workers=2)))]
-    assert results[0]["exactness"] == results[1]["exactness"] == results[2]["exactness"]
+    assert results[0]["exactness"] == results[1]["exactness"]
+    for alone, parallel in zip(results[0]["exactness"], results[2]["exactness"], strict=True):
+        assert alone["quadrature"] == parallel["quadrature"] and alone["agreement"] == parallel["agreement"]
+        assert parallel["kl"] == pytest.approx(alone["kl"], rel=1e-4)
+        assert parallel["max_rel_residual"] == pytest.approx(alone["max_rel_residual"], rel=1e-4)
+        # step segments after the first replay the optimizer from step 0 (batch gradients)
+        assert parallel["gradient_evaluations"] >= alone["gradient_evaluations"]
     frames = []
     for i in range(3):
         with RunDB.open(tmp_path / f"out{i}" / "tiny.duckdb") as db:
