@@ -91,8 +91,9 @@ def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_explain(args: argparse.Namespace) -> dict[str, Any]:
-    from engine.decompose import ExplainConfig, explain_history, parse_test
+    from engine.decompose import ExplainConfig, parse_test
     from engine.model.outputs import imported_quantity
+    from engine.parallel import explain_all, from_arguments, remove_shards
     from engine.run.history import History
     from engine.store import validate_run_name, write_run
     from engine.tasks import get_task
@@ -110,16 +111,19 @@ def cmd_explain(args: argparse.Namespace) -> dict[str, Any]:
     config = ExplainConfig(**common, quantity=quantity, quadrature=args.quadrature, views=args.views,
                            window=args.window, rtol=args.rtol, decay_split=not args.no_decay_split,
                            partitions=(*_split(args.partitions), *_partition_specs(args.partition_spec)))
-    explanation = explain_history(history, task, config, progress=not args.json)
-    exactness = [explanation.exactness()] if explanation.exactness() is not None else []
-    for quadrature in _split(args.exactness):
-        # prediction-level exactness (agreement, KL) needs every logit reconstructed
-        check = ExplainConfig(**common, quantity="logits", quadrature=quadrature, views=())
-        exactness.append(explain_history(history, task, check, progress=not args.json).exactness())
+    # prediction-level exactness (agreement, KL) needs every logit reconstructed
+    checks = [ExplainConfig(**common, quantity="logits", quadrature=q, views=()) for q in _split(args.exactness)]
+    shards = out.with_name(out.name + ".shards")
+    (explanation, *checked), parallel = explain_all(history, task, [config, *checks], from_arguments(args), shards,
+                                                    progress=not args.json, allow_incomplete=args.allow_incomplete)
+    exactness = [e.exactness() for e in (explanation, *checked) if e.exactness() is not None]
     table = pl.concat(exactness).unique("quadrature", keep="first", maintain_order=True) if exactness else None
     write_run(out, explanation.to_bundle(history, task, exactness=table))
+    remove_shards(shards)
     summary = explanation.summary()
     summary["out"] = str(out)
+    if parallel is not None:
+        summary["parallel"] = parallel
     if table is not None:
         summary["exactness"] = table.to_dicts()
     return summary
@@ -184,9 +188,11 @@ def cmd_import_explaind(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
+    from engine.parallel import from_arguments
     from engine.samples import build_sample
 
-    return build_sample(args.name, Path(args.out), Path(args.work), progress=not args.json, jobs=args.jobs)
+    return build_sample(args.name, Path(args.out), Path(args.work), progress=not args.json,
+                        parallel=from_arguments(args))
 
 
 def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
@@ -272,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     explain.add_argument("--allow-incomplete", action="store_true", help="explain the steps of an unfinished run")
     explain.add_argument("--json", action="store_true", help="print one JSON object")
+    from engine.parallel import add_arguments as parallel_arguments
+
+    parallel_arguments(explain)
 
     series = sub.add_parser("explain-checkpoints", help=COMMANDS["explain-checkpoints"][1])
     series.add_argument("source", nargs="+", help="a folder of checkpoint-<step> folders, or checkpoints (state-dict "
@@ -321,8 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("name", choices=sorted(SAMPLES), help="which sample run")
     sample.add_argument("--out", default="sample_runs", help="folder of the published database (default %(default)s)")
     sample.add_argument("--work", default="runs", help="folder of the recorded run directory (default %(default)s)")
-    sample.add_argument("--jobs", type=_positive_int, default=1,
-                        help="explain passes run in this many single-threaded processes (default %(default)s)")
+    parallel_arguments(sample)
     sample.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 

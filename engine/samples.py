@@ -16,21 +16,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import multiprocessing
 import shutil
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import polars as pl
-import torch
 
 from engine.analysis.progress import progress_measures
 from engine.analysis.prune import SCOPES, PruneConfig, run_prune
-from engine.decompose import ExplainConfig, Explanation, explain_history, merge_tests
+from engine.decompose import ExplainConfig
 from engine.decompose.checkpoints import checkpoint_config, explain_checkpoints, saved_interval, work_folder
 from engine.errors import BadInputError
+from engine.parallel import Parallel, explain_all, remove_shards
+from engine.parallel.cluster import MAX_RETRIES, ray_session
 from engine.run.history import History
 from engine.run.series import SeriesSource, open_series
 from engine.run.verify import verify
@@ -116,52 +115,18 @@ SAMPLES: dict[str, SampleRecipe | SeriesRecipe] = {
 }
 
 
-def _explain_pass(run_dir: Path, config: ExplainConfig, threads: int | None, progress: bool) -> Explanation:
-    if threads is not None:
-        torch.set_num_threads(threads)
-    history = History.open(run_dir)
-    return explain_history(history, get_task(history.model_spec), config, progress=progress)
-
-
-def _explain_all(run_dir: Path, configs: list[ExplainConfig], jobs: int, progress: bool) -> list[Explanation]:
-    """Every pass of a sample, one after the other.
-
-    With ``jobs > 1`` the passes run in that many processes of one thread each (only the
-    first shows a progress bar), the first pass split into ``jobs + 1`` disjoint sets of test
-    examples (merged again) so that the processes stay busy until the end. Passes with the
-    data view start first: their per-example gradients of every step make them the longest.
-    """
-    if jobs == 1:
-        return [_explain_pass(run_dir, c, None, progress) for c in configs]
-    task = get_task(History.open(run_dir).model_spec)
-    ids = list(configs[0].test_ids_in(len(task.dataset(configs[0].test_split))))
-    parts = [replace(configs[0], test_ids=tuple(part)) for part in _split(ids, jobs + 1)]
-    work = parts + configs[1:]
-    order = sorted(range(len(work)), key=lambda i: "data" not in work[i].views)
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {i: pool.submit(_explain_pass, run_dir, work[i], 1, progress and rank == 0)
-                   for rank, i in enumerate(order)}
-        results = [futures[i].result() for i in range(len(work))]
-    return [merge_tests(results[:len(parts)]), *results[len(parts):]]
-
-
-def _split(ids: list[int], count: int) -> list[list[int]]:
-    size = -(-len(ids) // count)
-    return [ids[a:a + size] for a in range(0, len(ids), size)]
-
-
 def build_sample(sample: str | SampleRecipe, out_dir: Path = Path("sample_runs"), work_dir: Path = Path("runs"),
-                 progress: bool = True, jobs: int = 1) -> dict[str, Any]:
+                 progress: bool = True, parallel: Parallel | None = None) -> dict[str, Any]:
     """Train, verify, explain, measure exactness and prune one sample run; publish its database.
 
-    ``jobs`` > 1 runs the explain passes (main, data view, one per exactness rule) in that
-    many single-threaded processes.
+    With ``parallel`` the explain passes (main, data view, one per exactness rule) run together
+    as tasks on Ray (``engine.parallel``).
     """
     if isinstance(sample, str) and sample not in SAMPLES:
         raise BadInputError(f"unknown sample run {sample!r}; choose one of {', '.join(SAMPLES)}")
     recipe = SAMPLES[sample] if isinstance(sample, str) else sample
     if isinstance(recipe, SeriesRecipe):
-        return build_series_sample(recipe, out_dir, work_dir, progress, jobs)
+        return build_series_sample(recipe, out_dir, work_dir, progress, parallel)
     name = recipe.name
     run_dir = work_dir / name
     if run_dir.exists():
@@ -174,7 +139,8 @@ def build_sample(sample: str | SampleRecipe, out_dir: Path = Path("sample_runs")
     configs = [ExplainConfig(**recipe.components), ExplainConfig(**recipe.data)] + [
         ExplainConfig(test_size=recipe.exactness_tests, quantity="logits", quadrature=q, views=())
         for q in recipe.exactness]
-    main, data, *rest = _explain_all(run_dir, configs, jobs, progress)
+    shards = work_dir / f"{name}.shards"
+    (main, data, *rest), _ = explain_all(history, task, configs, parallel, shards, progress)
     checks = [e.exactness() for e in rest]
     bundle = main.to_bundle(history, task, exactness=pl.concat(checks))
     meta = {**bundle.meta, "recipe": recipe.to_json(), "replay_max_rel_error": replay.max_rel_error,
@@ -182,6 +148,7 @@ def build_sample(sample: str | SampleRecipe, out_dir: Path = Path("sample_runs")
             "data_test_window": recipe.data_test_window, "data_tests": len(data.test_ids)}
     bundle = dataclasses.replace(bundle, meta=meta, data=data.data, data_test_window=recipe.data_test_window)
     target = write_run(out_dir / f"{name}.duckdb", bundle)
+    remove_shards(shards)
     pruning = pl.concat([run_prune(target, PruneConfig(**recipe.prune, scope=scope), progress=progress)[1]
                          for scope in recipe.prune_scopes])
     if recipe.progress:
@@ -199,28 +166,28 @@ def build_sample(sample: str | SampleRecipe, out_dir: Path = Path("sample_runs")
 
 
 def _series_interval(source: SeriesSource, explain: dict[str, Any], work: Path, k: int) -> None:
-    """Explain and save interval ``k`` in a process of one thread."""
-    torch.set_num_threads(1)
+    """Explain and save interval ``k`` (a Ray task of one core)."""
     opened = open_series(source)
     saved_interval(opened, checkpoint_config(opened, **explain), work, k)
 
 
 def build_series_sample(recipe: SeriesRecipe, out_dir: Path, work_dir: Path, progress: bool = True,
-                        jobs: int = 1) -> dict[str, Any]:
+                        parallel: Parallel | None = None) -> dict[str, Any]:
     """Train the tiny language model (saving checkpoints), explain its held-out text over them, publish.
 
-    With ``jobs > 1`` the intervals are explained in that many single-threaded processes first
-    (each a unit of its own, saved where the explanation then reads them back)."""
+    With ``parallel`` the intervals are explained first as tasks on Ray, one per interval, each
+    saved where the explanation then reads it back (a task whose worker dies is retried)."""
     run_dir = tiny_lm.train(tiny_lm.TinyLMConfig(**recipe.train), work_dir / recipe.name, progress=progress)
     source = SeriesSource((str(run_dir),), str(run_dir / tiny_lm.HELDOUT))
     opened = open_series(source)
     config = checkpoint_config(opened, **recipe.explain)
     target = out_dir / f"{recipe.name}.duckdb"
-    if jobs > 1:
+    if parallel is not None:
         work = work_folder(target, opened, config)
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            list(pool.map(_series_interval, *zip(*[(source, recipe.explain, work, k)
-                                                   for k in range(opened.series.num_steps)], strict=True)))
+        with ray_session(parallel) as ray:
+            task = ray.remote(_series_interval).options(num_cpus=0 if parallel.gpus_per_task else 1,
+                                                        num_gpus=parallel.gpus_per_task, max_retries=MAX_RETRIES)
+            ray.get([task.remote(source, recipe.explain, work, k) for k in range(opened.series.num_steps)])
     explanation = explain_checkpoints(opened, config, target, progress=progress, meta={"recipe": recipe.to_json()})
     summary = explanation.summary()
     return {"sample": recipe.name, "database": str(target), "run": str(run_dir),

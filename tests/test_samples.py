@@ -10,6 +10,7 @@ from polars.testing import assert_frame_equal
 
 from engine.analysis.prune import METHODS, SCOPES, PruneConfig
 from engine.decompose import ExplainConfig
+from engine.parallel import Parallel
 from engine.samples import SAMPLES, SampleRecipe, SeriesRecipe, build_sample
 from engine.store import RunDB, info
 
@@ -90,12 +91,18 @@ TINY = SampleRecipe(
 
 
 @pytest.mark.slow
-def test_sample_pipeline_is_deterministic_in_one_or_several_processes(tmp_path):
-    """The same command gives the same numbers; several processes (the main pass split by test
-    examples) agree with one to float32 round-off, batches of other sizes summing differently."""
-    results = [build_sample(TINY, tmp_path / f"out{i}", tmp_path / f"work{i}", progress=False, jobs=jobs)
-               for i, jobs in enumerate((1, 1, 2))]
-    assert results[0]["exactness"] == results[1]["exactness"] == results[2]["exactness"]
+def test_sample_pipeline_is_deterministic_in_one_or_several_processes(tmp_path, ray_cluster):
+    """The same command gives the same numbers; Ray workers (the passes split by test examples)
+    agree with one process to float32 round-off, batches of other sizes summing differently."""
+    results = [build_sample(TINY, tmp_path / f"out{i}", tmp_path / f"work{i}", progress=False, parallel=parallel)
+               for i, parallel in enumerate((None, None, Parallel(workers=2)))]
+    assert results[0]["exactness"] == results[1]["exactness"]
+    for alone, parallel in zip(results[0]["exactness"], results[2]["exactness"], strict=True):
+        assert alone["quadrature"] == parallel["quadrature"] and alone["agreement"] == parallel["agreement"]
+        assert parallel["kl"] == pytest.approx(alone["kl"], rel=1e-4)
+        assert parallel["max_rel_residual"] == pytest.approx(alone["max_rel_residual"], rel=1e-4)
+        # step segments after the first replay the optimizer from step 0 (batch gradients)
+        assert parallel["gradient_evaluations"] >= alone["gradient_evaluations"]
     frames = []
     for i in range(3):
         with RunDB.open(tmp_path / f"out{i}" / "tiny.duckdb") as db:
@@ -119,16 +126,17 @@ TINY_LM = SeriesRecipe(
 
 
 @pytest.mark.slow
-def test_checkpoint_sample_pipeline_is_the_same_in_one_or_several_processes(tmp_path):
-    """Intervals explained in separate processes (each a unit of its own) give the same numbers, to
-    float32 round-off (a process of one thread sums in another order)."""
+def test_checkpoint_sample_pipeline_is_the_same_in_one_process_or_on_ray_workers(tmp_path, ray_cluster):
+    """Intervals explained as Ray tasks (each a unit of its own) give the same numbers as one process,
+    to float32 round-off (a worker of one thread sums in another order)."""
     pytest.importorskip("transformers")
-    results = [build_sample(TINY_LM, tmp_path / f"out{jobs}", tmp_path / f"work{jobs}", progress=False, jobs=jobs)
-               for jobs in (1, 2)]
+    modes = {"one": None, "ray": Parallel(workers=2)}
+    results = [build_sample(TINY_LM, tmp_path / f"out-{mode}", tmp_path / f"work-{mode}", progress=False,
+                            parallel=parallel) for mode, parallel in modes.items()]
     assert all(r["max_rel_residual_interval"] <= 1e-5 for r in results)
     frames = []
-    for jobs in (1, 2):
-        with RunDB.open(tmp_path / f"out{jobs}" / "tiny-lm-test.duckdb") as db:
+    for mode in modes:
+        with RunDB.open(tmp_path / f"out-{mode}" / "tiny-lm-test.duckdb") as db:
             frames.append((db.component_totals("tensor"), db.completeness(), db.steps().drop("train_loss")))
             assert db.meta()["recipe"] == TINY_LM.to_json()
     for one, two in zip(*frames, strict=True):

@@ -1,0 +1,9 @@
+"""Explanations beyond one process: tasks on Ray, shards merged into one run database.
+
+``engine.parallel.work`` holds the unit of work (no Ray), ``engine.parallel.cluster`` the Ray
+driver; ``explain_all`` runs a list of configurations either way.
+"""
+
+from engine.parallel.cluster import Parallel, add_arguments, explain_all, from_arguments, remove_shards
+
+__all__ = ["Parallel", "add_arguments", "explain_all", "from_arguments", "remove_shards"]
