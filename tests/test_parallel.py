@@ -26,11 +26,13 @@ from engine.store import RunDB, write_run
 from tests.helpers import record_tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
-FRAMES = ("components", "data", "importance", "completeness", "predictions", "step_stats")
-# components split over test chunks × step segments; the rest over test chunks only
+FRAMES = ("components", "data", "importance", "completeness", "predictions", "step_stats", "units",
+          "unit_components")
+HALVES = {"name": "halves", "units": {"first rows": {"hidden.weight": "0:3"}, "last rows": {"hidden.weight": "3:"}}}
+# components split over test chunks × step segments; the rest (and partitions) over test chunks only
 CONFIGS = (ExplainConfig(test_size=8, dtype="float64", window=3, views=("components",)),
            ExplainConfig(test_size=8, dtype="float64", window=4, quantity="logprob",
-                         views=("components", "importance", "data")))
+                         views=("components", "importance", "data"), partitions=(HALVES,)))
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +73,7 @@ def test_workers_equal_one_process(ray_cluster, run, single, tmp_path):
     units = {r["unit"] for r in report["tasks"]}
     assert "pass0-chunk001-seg01" in units  # the components pass is split both ways
     assert "pass1-chunk003-seg00" in units and not any(u.startswith("pass1") and "seg01" in u for u in units)
+    assert parallel[1].unit_components is not None and parallel[1].unit_components.height
     assert report["reused"] == report["retries"] == 0
     assert_same(single, parallel)
 

@@ -49,7 +49,7 @@ from engine.model.outputs import get_quantity
 from engine.model.task import get_task
 from engine.run.history import History
 
-FRAMES = ("components", "data", "importance", "completeness", "predictions", "step_stats")
+FRAMES = ("components", "data", "importance", "completeness", "predictions", "step_stats", "units", "unit_components")
 TUPLES = ("test_ids", "steps", "notes")
 
 
@@ -79,7 +79,7 @@ class WorkUnit:
 def segmentable(config: ExplainConfig) -> bool:
     """Whether ``config`` may be split over step segments (see the module docstring)."""
     return (set(config.views) <= {"components"} and config.quantity_name == "logits"
-            and config.subsample >= 1.0 and config.rtol is None)
+            and config.subsample >= 1.0 and config.rtol is None and not config.partitions)
 
 
 def plan_units(history: History, config: ExplainConfig, test_ids: tuple[int, ...], slots: int, folder: Path,
