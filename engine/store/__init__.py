@@ -22,7 +22,7 @@ from engine.store.schema import (
     run_path,
     validate_run_name,
 )
-from engine.store.writer import add_pruning, write_run
+from engine.store.writer import add_pruning, check_target, write_run, writer_lock
 
 __all__ = [
     "ALL_TESTS",
@@ -39,9 +39,11 @@ __all__ = [
     "RunMeta",
     "TestSelector",
     "add_pruning",
+    "check_target",
     "info",
     "list_runs",
     "run_path",
     "validate_run_name",
     "write_run",
+    "writer_lock",
 ]
