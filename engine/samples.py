@@ -13,7 +13,6 @@ import dataclasses
 import json
 import logging
 import multiprocessing
-import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,9 +25,10 @@ from engine.analysis.prune import PruneConfig, run_prune
 from engine.decompose import ExplainConfig, Explanation, explain_history, merge_tests
 from engine.errors import BadInputError
 from engine.run.history import History
+from engine.run.record import check_run_target
 from engine.run.verify import verify
-from engine.store import write_run
-from engine.tasks import get_task, train_task
+from engine.store import check_target, write_run
+from engine.tasks import train_task
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def _explain_pass(run_dir: Path, config: ExplainConfig, threads: int | None, pro
     if threads is not None:
         torch.set_num_threads(threads)
     history = History.open(run_dir)
-    return explain_history(history, get_task(history.model_spec), config, progress=progress)
+    return explain_history(history, history.task(), config, progress=progress)
 
 
 def _explain_all(run_dir: Path, configs: list[ExplainConfig], jobs: int, progress: bool) -> list[Explanation]:
@@ -92,7 +92,7 @@ def _explain_all(run_dir: Path, configs: list[ExplainConfig], jobs: int, progres
     """
     if jobs == 1:
         return [_explain_pass(run_dir, c, None, progress) for c in configs]
-    task = get_task(History.open(run_dir).model_spec)
+    task = History.open(run_dir).task()
     ids = list(configs[0].test_ids_in(len(task.dataset(configs[0].test_split))))
     parts = [replace(configs[0], test_ids=tuple(part)) for part in _split(ids, jobs + 1)]
     work = parts + configs[1:]
@@ -114,19 +114,21 @@ def build_sample(sample: str | SampleRecipe, out_dir: Path = Path("sample_runs")
     """Train, verify, explain, measure exactness and prune one sample run; publish its database.
 
     ``jobs`` > 1 runs the explain passes (main, data view, one per exactness rule) in that
-    many single-threaded processes.
+    many single-threaded processes. Both outputs are checked before any work: the database
+    must be publishable (``engine.store.check_target``) and ``work_dir/NAME`` new, empty or a
+    run directory, which is replaced.
     """
     if isinstance(sample, str) and sample not in SAMPLES:
         raise BadInputError(f"unknown sample run {sample!r}; choose one of {', '.join(SAMPLES)}")
     recipe = SAMPLES[sample] if isinstance(sample, str) else sample
     name = recipe.name
     run_dir = work_dir / name
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    train_task(recipe.task, run_dir, dict(recipe.train), progress=progress)
+    target = check_target(out_dir / f"{name}.duckdb", protect=(run_dir,))
+    check_run_target(run_dir, overwrite=True)   # replaces only a run directory, before any work
+    train_task(recipe.task, run_dir, dict(recipe.train), progress=progress, overwrite=True)
     replay = verify(run_dir, progress=progress)
     history = History.open(run_dir)
-    task = get_task(history.model_spec)
+    task = history.task()
 
     configs = [ExplainConfig(**recipe.components), ExplainConfig(**recipe.data)] + [
         ExplainConfig(test_size=recipe.exactness_tests, quantity="logits", quadrature=q, views=())
@@ -138,7 +140,7 @@ def build_sample(sample: str | SampleRecipe, out_dir: Path = Path("sample_runs")
             "views": sorted({*bundle.meta["views"], "data"}), "data_window": recipe.data["window"],
             "data_tests": len(data.test_ids)}
     bundle = dataclasses.replace(bundle, meta=meta, data=data.data)
-    target = write_run(out_dir / f"{name}.duckdb", bundle)
+    target = write_run(target, bundle)
     _, pruning = run_prune(target, PruneConfig(**recipe.prune), progress=progress)
     return {
         "sample": name,

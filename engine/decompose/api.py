@@ -68,7 +68,7 @@ from engine.decompose.setup import _Setup, _setup
 from engine.decompose.stream import REGULARIZER, _Pass, _Window
 from engine.errors import BadInputError, ExplaindError, UnsupportedOptimizerError
 from engine.model.groups import GroupMap, ParamLayout
-from engine.model.task import Task, get_task
+from engine.model.task import Task
 from engine.run.history import History, StepRecord
 from engine.run.updates import UpdateRule, initial_buffer, rule_for
 from engine.run.verify import check_model_matches
@@ -96,6 +96,8 @@ __all__ = [
 # ============================================================================ results
 class ExplainInterrupted(ExplaindError):
     """Ctrl-C during ``explain``; ``partial`` is the Explanation of the finished steps."""
+
+    signum = signal.SIGINT  # the command line reports it as the interruption it is
 
     def __init__(self, message: str, partial: Explanation) -> None:
         super().__init__(message)
@@ -360,10 +362,13 @@ def _examples_frame(task: Task, model: nn.Module, final: dict[str, Tensor], test
 
 # ============================================================================ driver
 def explain(run_dir: str | Path, config: ExplainConfig | None = None, progress: bool = True,
-            allow_incomplete: bool = False) -> Explanation:
-    """Decompose a recorded run (see the module docstring); ``python -m engine explain`` calls this."""
+            allow_incomplete: bool = False, trust_run: bool = False) -> Explanation:
+    """Decompose a recorded run (see the module docstring); ``python -m engine explain`` calls this.
+
+    The run's model and data code is imported only for a built-in task or with ``trust_run``.
+    """
     history = History.open(run_dir, allow_incomplete=allow_incomplete)
-    return explain_history(history, get_task(history.model_spec), config or ExplainConfig(), progress)
+    return explain_history(history, history.task(trust_run), config or ExplainConfig(), progress)
 
 
 @retained_heap()
@@ -628,14 +633,14 @@ def _empty_completeness() -> pl.DataFrame:
 
 # ============================================================================ other entry points
 def element_influence(run: str | Path | History, config: ExplainConfig | None = None,
-                      progress: bool = False) -> tuple[tuple[int, ...], dict[str, Tensor]]:
+                      progress: bool = False, trust_run: bool = False) -> tuple[tuple[int, ...], dict[str, Tensor]]:
     """Signed ``Σ_s φ̂_s(x)[j, i] Δ_s[i]`` per test example, output and parameter element.
 
     Returns ``(test_ids, {tensor name: (test, out, *shape) float64})`` over the configured
-    step range; memory is ``tests × O × D`` doubles.
+    step range; memory is ``tests × O × D`` doubles. ``trust_run`` as for ``explain``.
     """
     history = run if isinstance(run, History) else History.open(run)
-    task = get_task(history.model_spec)
+    task = history.task(trust_run)
     config = replace(config or ExplainConfig(), views=("importance",))
     s = _setup(history, task, config)
     rule = _rule_for(s)
@@ -650,10 +655,11 @@ def element_influence(run: str | Path | History, config: ExplainConfig | None = 
 
 def compare_quadratures(run: str | Path | History, quadratures: tuple[str, ...] = ("midpoint:10", "midpoint:100",
                         "gauss:2", "adaptive"), config: ExplainConfig | None = None,
-                        progress: bool = False) -> pl.DataFrame:
-    """The ``exactness`` table: reconstruction of the final logits under several quadrature rules."""
+                        progress: bool = False, trust_run: bool = False) -> pl.DataFrame:
+    """The ``exactness`` table: reconstruction of the final logits under several quadrature rules
+    (``trust_run`` as for ``explain``)."""
     history = run if isinstance(run, History) else History.open(run)
-    task = get_task(history.model_spec)
+    task = history.task(trust_run)
     base = replace(config or ExplainConfig(), views=(), quantity="logits", optimizer_residual=False)
     rows = [explain_history(history, task, replace(base, quadrature=q), progress).exactness() for q in quadratures]
     return pl.concat(rows)

@@ -15,6 +15,12 @@ Two errors are reported per step, both relative to ``‖Δ_s‖₂``:
   clipping scale shows up as an error of the size of the mistake.
 
 ``max_rel_error`` is the largest ``grid`` error over the steps.
+
+Before replaying, ``verify`` reads every file of the run and cross-checks it: the manifest
+against the chunks (steps, tensor names, dtypes, shapes), every value (finite, in range,
+batch ids within the training set, one hyper-parameter row per step and group), the
+metrics, the optimizer state carried in, and the final parameters against the end of the
+last chunk. Any disagreement raises ``CorruptRunError`` naming the file.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from torch.func import functional_call, grad
 from tqdm import tqdm
 
 from engine.errors import CorruptRunError
-from engine.model.task import Task, get_task
+from engine.model.task import Task
 from engine.run.history import History, Params
 from engine.run.updates import initial_buffer, replay, rule_for
 
@@ -75,6 +81,11 @@ def check_model_matches(history: History, task: Task) -> torch.nn.Module:
 def check_data_matches(history: History, task: Task):
     """The rebuilt training set, checked against the recorded fingerprint."""
     train = task.dataset("train")
+    if len(train) != history.n_train:
+        raise CorruptRunError(
+            f"{history.path}/manifest.json records {history.n_train} training examples, but the task rebuilds "
+            f"{len(train)}; the batch ids of the record do not index this data set"
+        )
     if train.fingerprint() != history.manifest["data"]["fingerprint"]:
         raise CorruptRunError(
             f"{history.path}: the training data rebuilt from the spec differs from the data recorded "
@@ -107,11 +118,30 @@ def _grid_excess(delta_hat: Params, record_before: Params, record_update: Params
     return raw_sq, excess_sq, norm_sq
 
 
-def verify(run: str | Path, allow_incomplete: bool = False, progress: bool = True) -> VerifyReport:
-    """Replay every recorded step; see the module docstring for the error measures."""
+def check_files(history: History) -> None:
+    """Read every file of the run beyond the chunks' tensors and batches, cross-checking what repeats."""
+    history.metrics()
+    history.hparams_table()
+    if history.complete:
+        end = history.params(history.num_steps)
+        for name, value in history.final_params().items():
+            if not torch.equal(value, end[name]):
+                raise CorruptRunError(
+                    f"{history.path}/final.safetensors: tensor {name!r} differs from the parameters that end the "
+                    "last chunk; one of the two files was replaced or damaged"
+                )
+
+
+def verify(run: str | Path, allow_incomplete: bool = False, progress: bool = True,
+           trust_run: bool = False) -> VerifyReport:
+    """Replay every recorded step; see the module docstring for the checks and the error measures.
+
+    The run's model and data code is imported only for a built-in task or with ``trust_run``.
+    """
     history = History.open(run, allow_incomplete=allow_incomplete)
+    check_files(history)
     rule = rule_for(history)
-    task = get_task(history.model_spec)
+    task = history.task(trust_run)
     dtype = getattr(torch, history.manifest["dtype"])
     model = check_model_matches(history, task).to(dtype)
     train = check_data_matches(history, task)
