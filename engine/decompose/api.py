@@ -382,10 +382,10 @@ def explain_history(history: History, task: Task, config: ExplainConfig | None =
     kept = _kept_steps(s)
     passes = _passes(s)
     start = 0 if rule else s.lo
-    bar = tqdm(total=(s.hi - start) * len(passes), desc="explain", unit="step", disable=not progress,
-               dynamic_ncols=True)
     results: list[_Pass] = []
-    with _deferred_interrupt() as stop, bar:
+    # the bar opens once Ctrl-C is deferred, so that an interruption always finds it to close
+    with _deferred_interrupt() as stop, tqdm(total=(s.hi - start) * len(passes), desc="explain", unit="step",
+                                              disable=not progress, dynamic_ncols=True) as bar:
         for tests in passes:
             current = _Pass(s, tests, kept, _rule_for(s) if rule else None)  # rules are stateful: one per pass
             results.append(current)
