@@ -49,6 +49,7 @@ def _run(argv: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
                           env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_a_foreign_run_is_not_imported_without_trust(foreign_run, tmp_path):
     """The import is refused with what the run names and how to allow it; with --trust-run it runs."""
     done = _run(["verify", str(foreign_run), "--json"], tmp_path)
