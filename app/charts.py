@@ -4,9 +4,10 @@ Every builder is a pure function: frames and options in, a ``plotly`` figure (or
 small polars table) out, with titled axes and units. Nothing here touches
 streamlit or the database, so each builder is unit-tested on hand-made frames.
 
-Figures are assembled as plain trace and layout dicts and validated once by
-``go.Figure`` (with a slim template): incremental ``update_*``/``add_vrect`` calls and the
-stock templates cost tens of milliseconds each, which a dashboard rerun cannot afford.
+Figures are assembled as plain trace and layout dicts and wrapped in ``go.Figure`` without
+validation (with a slim template): incremental ``update_*``/``add_vrect`` calls, the stock
+templates and validation cost tens of milliseconds per figure, which a dashboard rerun
+cannot afford. The tests validate every builder's output instead.
 
 Colours are fixed: a group (layer, module or tensor) gets its colour from its
 position in model order (``group_colors``), so a layer has the same colour on
@@ -18,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 import plotly.graph_objects as go
@@ -32,7 +34,19 @@ PALETTE = (
 )  # fmt: skip
 SPLIT_COLORS = {"train": "#4E79A7", "val": "#E15759"}
 SIDE_COLORS = {"proponent": "#59A14F", "opponent": "#E15759"}
+# Pruning methods: how each is named and drawn. A method not listed (a new importance
+# variant) is named by ``method_label`` and drawn with the next unused colour and mark.
+METHOD_LABELS = {
+    "dense": "dense model",
+    "kernel": "kernel importance Ψ̄",
+    "magnitude": "magnitude |θ|",
+    "random": "random",
+}
 METHOD_COLORS = {"kernel": "#4E79A7", "magnitude": "#F28E2B", "random": "#7F7F7F"}
+METHOD_MARKS = {"kernel": ("circle", "solid"), "magnitude": ("square", "dash"), "random": ("diamond", "dot")}
+EXTRA_MARKS = (("triangle-up", "dashdot"), ("x", "longdash"), ("star", "solid"), ("cross", "dash"),
+               ("triangle-down", "dot"), ("hexagon", "longdashdot"))  # fmt: skip
+DENSE = "dense"
 PHASE_COLORS = {"memorization": "#F28E2B", "circuit formation": "#4E79A7", "clean-up": "#59A14F"}
 RUN_DASHES = ("solid", "dash")
 MEASURE_TITLES = {
@@ -42,22 +56,27 @@ MEASURE_TITLES = {
 }
 MISSING = "—"
 LOG_COUNTS_FROM = 100
-LOG_TICKS = (1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001, 3e-4, 1e-4)  # kept-fraction ticks, half a decade apart
+SPARSITY_TICKS = (0.1, 0.3, 0.5, 0.7, 0.9, 0.99, 0.999, 0.9999)
+MOST_TICKS = 6  # most labelled ticks on an axis whose ticks this module places itself
 
 
-def _template(background: str, text: str, grid: str) -> dict:
+@cache
+def _template(background: str, text: str, grid: str, font_size: int) -> dict:
+    """A slim template. Tick labels stand off their axes (x: below the lower half of the lowest
+    y label; y: a few pixels left), so the first x label and the lowest y label never touch."""
     axis = {"gridcolor": grid, "linecolor": grid, "zerolinecolor": grid, "automargin": True, "ticks": ""}
     return {
         "layout": {
             "paper_bgcolor": background, "plot_bgcolor": background, "font": {"color": text},
-            "colorway": list(PALETTE), "xaxis": axis, "yaxis": axis, "hoverlabel": {"align": "left"},
+            "colorway": list(PALETTE), "xaxis": {**axis, "ticklabelstandoff": round(0.7 * font_size)},
+            "yaxis": {**axis, "ticklabelstandoff": 6}, "hoverlabel": {"align": "left"},
             "legend": {"bgcolor": "rgba(0,0,0,0)"},
         }
     }  # fmt: skip
 
 
-LIGHT = _template("white", "#1F2933", "#E5E9F0")
-DARK = _template("#0E1117", "#FAFAFA", "#31333F")
+LIGHT = ("white", "#1F2933", "#E5E9F0")
+DARK = ("#0E1117", "#FAFAFA", "#31333F")
 
 
 @dataclass(frozen=True)
@@ -69,11 +88,15 @@ class Style:
 
     @property
     def template(self) -> dict:
-        return DARK if self.dark and not self.presentation else LIGHT
+        return _template(*(DARK if self.dark and not self.presentation else LIGHT), self.font_size)
 
     @property
     def font_size(self) -> int:
         return 20 if self.presentation else 13
+
+    @property
+    def marker_size(self) -> int:
+        return 12 if self.presentation else 8
 
     @property
     def line_width(self) -> float:
@@ -160,7 +183,7 @@ def grid(
         for col in range(1, cols + 1):
             k = (row - 1) * cols + col
             left = (col - 1) * (width + h_space)
-            xaxis = {"domain": [left, left + width], "anchor": f"y{_axis_id(k)}"}
+            xaxis = {"domain": [left, min(left + width, 1.0)], "anchor": f"y{_axis_id(k)}"}
             if shared_x and k > 1:
                 xaxis["matches"] = "x"
             if shared_x and row < rows:
@@ -188,20 +211,71 @@ def _subplot_titles(g: Grid, titles: Sequence[str], style: Style) -> list[dict]:
 
 
 def _figure(
-    traces: list[dict], layout: dict, style: Style, title: str, height: int, legend: bool = True
+    traces: list[dict], layout: dict, style: Style, title: str, height: int, legend: bool = True,
+    notes: bool = False,
 ) -> go.Figure:
-    """Validate the assembled dicts once, with the style's template, fonts and title."""
+    """The assembled dicts as a figure, with the style's template, fonts and title.
+
+    The title is aligned with the plotting area (not the figure edge). The top margin
+    stacks, without overlap: the title, a one-line subtitle (the run and slice), the
+    legend row and, with ``notes``, a row for labels drawn just above the plotting area
+    (phase names, panel titles).
+    """
+    size = style.font_size
+    header = 10 + 1.5 * (size + 4) + 1.5 * size  # title and subtitle, in pixels
+    top = round(header + (1.8 * size if legend else 0) + (1.6 * size if notes else 0)) + 8
     full = {
         "template": style.template,
-        "title": {"text": title, "x": 0.0, "xanchor": "left", "font": {"size": style.font_size + 4}},
-        "font": {"size": style.font_size},
+        "title": {"text": title, "x": 0.0, "xref": "paper", "xanchor": "left", "y": 1.0, "yref": "container",
+                  "yanchor": "top", "pad": {"t": 10}, "font": {"size": size + 4}},
+        "font": {"size": size},
         "height": style.height(height),
-        "margin": {"l": 70, "r": 30, "t": 90, "b": 60},
+        "margin": {"l": 70, "r": 30, "t": top, "b": 60},
         "showlegend": legend,
-        "legend": {"orientation": "h", "yanchor": "bottom", "y": 1.02, "xanchor": "right", "x": 1.0},
+        "legend": {"orientation": "h", "yref": "container", "yanchor": "top", "y": 1 - header / style.height(height),
+                   "xanchor": "left", "x": 0.0},
         **layout,
-    }
-    return go.Figure(data=traces, layout=full)
+    }  # fmt: skip
+    return go.Figure(data=traces, layout=full, _validate=False)
+
+
+def log_ticks(values: Iterable[float], most: int = MOST_TICKS) -> dict:
+    """``tickvals``/``ticktext`` for a log axis over ``values`` that never crowd.
+
+    Plotly's own log ticks label the digits 2…9 of a short range ("1 9 8 7 …" on top of
+    each other); here: whole decades (every n-th, at most ``most``), else 1-2-5 steps,
+    else, on a range shorter than a factor 2.5, evenly spaced round numbers.
+    """
+    v = np.asarray([x for x in values if x is not None], dtype=float)
+    v = v[np.isfinite(v) & (v > 0)]
+    if v.size == 0:
+        return {}
+    lo, hi = float(v.min()), float(v.max())
+    decades = [10.0**k for k in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)]
+    inside = [t for t in decades if lo / 1.0001 <= t <= hi * 1.0001]
+    if len(inside) >= 3:
+        stride = math.ceil(len(inside) / most)
+        ticks = inside[::-1][::stride][::-1]
+    else:
+        ticks = [m * d for d in decades for m in (1, 2, 5) if lo / 1.0001 <= m * d <= hi * 1.0001]
+        if len(ticks) < 2:
+            step = _nice_step((hi - lo) / 3) if hi > lo else abs(lo) or 1.0
+            ticks = [t for t in np.arange(math.ceil(lo / step) * step, hi * 1.0001, step) if t > 0] or [lo]
+    return {"tickvals": ticks, "ticktext": [_short_number(t) for t in ticks]}
+
+
+def _nice_step(raw: float) -> float:
+    """The 1-2-5 number nearest above ``raw``."""
+    power = 10.0 ** math.floor(math.log10(raw))
+    return next(m * power for m in (1, 2, 5, 10) if m * power >= raw * 0.9999)
+
+
+def _short_number(value: float) -> str:
+    """A tick label: plain between 0.01 and 10 000, else mantissa and power of ten (``2e-5``)."""
+    if 0.01 <= abs(value) < 10_000:
+        return f"{value:.4g}"
+    mantissa, exponent = f"{value:.2e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
 
 
 def _series(frame: pl.DataFrame, x: str, y: str) -> tuple[np.ndarray, np.ndarray]:
@@ -259,33 +333,45 @@ def training_curves(steps: pl.DataFrame, phases: Sequence[Phase], style: Style, 
             x, y = _series(steps, "step", f"{split}_{metric}")
             traces.append(_line(x, y, _split_name(split), SPLIT_COLORS[split], style, legendgroup=split,
                                 showlegend=row == 1, **g.refs(row)))  # fmt: skip
-    g.y(1).update(_title("loss (nats)"), type="log")
+    losses = [y for t in traces[:2] for y in t["y"]]
+    g.y(1).update(_title("loss (nats)"), type="log", **log_ticks(losses))
     g.y(2).update(_title("accuracy"), range=[0, 1.02], tickformat=".0%")
     _step_axis(g, log_x)
     shapes, notes = _phase_shapes(g, phases, log_x, style)
     layout = {**g.layout, "shapes": shapes, "annotations": notes, "hovermode": "x unified"}
-    return _figure(traces, layout, style, "Training curves", 560)
+    return _figure(traces, layout, style, "Training curves", 560, notes=True)
+
+
+def constant_value(steps: pl.DataFrame, column: str) -> float | None:
+    """The value of ``column`` when it is logged and the same at every logged step, else ``None``."""
+    _, y = _series(steps, "step", column)
+    return float(y[0]) if y.size and (y == y[0]).all() else None
 
 
 def optimizer_curves(steps: pl.DataFrame, phases: Sequence[Phase], style: Style, log_x: bool = False) -> go.Figure:
-    """Parameter norm, update norm and learning rate over steps, phases shaded."""
-    rows = (
+    """Parameter norm, update norm and learning rate over steps, phases shaded.
+
+    A constant learning rate gets no panel: the title states it.
+    """
+    lr = constant_value(steps, "lr")
+    rows = [
         ("param_norm", "‖θ‖ (L2)", "parameter norm", "linear"),
         ("update_norm", "‖Δθ‖ (L2)", "update norm", "log"),
-        ("lr", "learning rate", "learning rate", "linear"),
-    )
-    g = grid(3, shared_x=True, v_space=0.06)
+        *([("lr", "learning rate", "learning rate", "linear")] if lr is None else []),
+    ]
+    g = grid(len(rows), shared_x=True, v_space=0.06 if len(rows) == 3 else 0.08)
     traces = []
     for row, (column, axis_title, name, y_type) in enumerate(rows, start=1):
         x, y = _series(steps, "step", column)
         traces.append(_line(x, y, name, PALETTE[row + 3], style, **g.refs(row)))
         g.y(row).update(_title(axis_title), type=y_type, exponentformat="e")
-        if y_type == "linear" and y.size and y.min() == y.max() > 0:  # a constant: show it against zero
-            g.y(row)["range"] = [0, 1.25 * float(y.max())]
+        if y_type == "log":
+            g.y(row).update(log_ticks(y))
     _step_axis(g, log_x)
     shapes, notes = _phase_shapes(g, phases, log_x, style)
     layout = {**g.layout, "shapes": shapes, "annotations": notes, "hovermode": "x unified"}
-    return _figure(traces, layout, style, "Parameters and optimizer", 620, legend=False)
+    title = "Parameters and optimizer" + ("" if lr is None else f" · learning rate {lr:g} at every step")
+    return _figure(traces, layout, style, title, 620 if lr is None else 480, legend=False, notes=True)
 
 
 # ── components ──────────────────────────────────────────────────────────────────────
@@ -433,13 +519,14 @@ def influence_histogram(dist: pl.DataFrame, quantity: str, style: Style, bins: i
     shapes = [{"type": "line", "xref": "x", "yref": "paper", "x0": v, "x1": v, "y0": 0, "y1": 1,
                "line": {"dash": "dash", "color": "#555555"}} for v in regularizer]  # fmt: skip
     notes = [{"x": v, "xref": "x", "y": 1, "yref": "paper", "yanchor": "bottom", "text": "weight decay",
-              "showarrow": False} for v in regularizer]  # fmt: skip
-    yaxis = {**_title("training examples (count, log scale)"), "type": "log"} if log_counts else {
+              "showarrow": False, "font": {"size": style.font_size}} for v in regularizer]  # fmt: skip
+    yaxis = {**_title("training examples (count, log scale)"), "type": "log",
+             **log_ticks(traces[0]["y"])} if log_counts else {
         **_title("training examples (count)"), "rangemode": "tozero"}  # fmt: skip
     layout = {"yaxis": yaxis, "xaxis": _title(f"influence (Δ {quantity})"), "bargap": 0.02, "shapes": shapes,
               "annotations": notes}  # fmt: skip
     title = f"Distribution of influences ({examples.size:,} training examples)"
-    return _figure(traces, layout, style, title, 420, legend=False)
+    return _figure(traces, layout, style, title, 420, legend=False, notes=bool(regularizer))
 
 
 # ── reconstruction ──────────────────────────────────────────────────────────────────
@@ -464,19 +551,20 @@ def reconstruction_change(comp: pl.DataFrame, quantity: str, style: Style) -> go
 
 
 def residual_figure(comp: pl.DataFrame, quantity: str, style: Style) -> go.Figure:
-    """|quadrature residual| and |optimizer residual| per step (log scale), and nodes used."""
+    """|quadrature residual| and |data-split residual| per step (log scale), and nodes used."""
     rows = comp.sort("step")
     x = rows["step"].to_numpy()
     g = grid(2, shared_x=True, v_space=0.1, row_heights=[0.65, 0.35])
     traces = []
-    for i, (column, name) in enumerate((("quadrature_residual", "quadrature"), ("optimizer_residual", "optimizer"))):
+    for i, (column, name) in enumerate((("quadrature_residual", "quadrature"), ("optimizer_residual", "data-split"))):
         if column not in rows.columns:
             continue
         positive = rows[column].cast(pl.Float64).abs().to_numpy().astype(float)
         positive[~(positive > 0)] = np.nan  # zeros and missing values have no place on a log axis
         traces.append(_line(x, positive, f"{name} residual", PALETTE[2 + 2 * i], style, **g.refs(1)))
     traces.append(_line(x, rows["nodes"].to_numpy(), "nodes", PALETTE[6], style, line={"shape": "hv"}, **g.refs(2)))
-    g.y(1).update(_title(f"|residual| (Δ {quantity})"), type="log", exponentformat="e")
+    residuals = [y for t in traces[:-1] for y in t["y"]]
+    g.y(1).update(_title(f"|residual| (Δ {quantity})"), type="log", exponentformat="e", **log_ticks(residuals))
     g.y(2).update(_title("quadrature nodes"), rangemode="tozero")
     g.x(2).update(_title("training step"))
     layout = {**g.layout, "hovermode": "x unified"}
@@ -502,56 +590,156 @@ def exactness_figure(exactness: pl.DataFrame, style: Style) -> go.Figure:
     g.x(1, 2).update(_title("quadrature rule"))
     notes = _subplot_titles(g, ("agreement with true predictions", "KL(true ‖ reconstructed)"), style)
     layout = {**g.layout, "annotations": notes}
-    return _figure(traces, layout, style, "Exactness of the reconstruction", 420, legend=False)
+    return _figure(traces, layout, style, "Exactness of the reconstruction", 420, legend=False, notes=True)
 
 
 # ── pruning and comparison ──────────────────────────────────────────────────────────
 
 
+def method_label(method: str) -> str:
+    """How a pruning method is named in legends and tables."""
+    return METHOD_LABELS.get(method, method.replace("_", " ").replace("-", " "))
+
+
+def _method_order(present: Iterable[str]) -> list[str]:
+    """Known methods first (in ``METHOD_LABELS`` order), the others sorted; the dense reference left out."""
+    names = set(present) - {DENSE}
+    return [m for m in METHOD_LABELS if m in names] + sorted(names - set(METHOD_LABELS))
+
+
+def _method_marks(methods: Sequence[str]) -> dict[str, tuple[str, str, str]]:
+    """(colour, marker symbol, line dash) per method, distinct for every method of a run."""
+    out, extra = {}, 0
+    for method in methods:
+        if method in METHOD_MARKS:
+            out[method] = (METHOD_COLORS[method], *METHOD_MARKS[method])
+        else:
+            symbol, dash = EXTRA_MARKS[extra % len(EXTRA_MARKS)]
+            out[method] = (PALETTE[(4 + extra) % len(PALETTE)], symbol, dash)
+            extra += 1
+    return out
+
+
+def sparsity_position(sparsity) -> np.ndarray:
+    """Where a sparsity sits on the pruning charts' x axis: log10(s / (1 − s)).
+
+    10 %, 50 % and 90 % sit symmetrically and 90 %, 99 %, 99.9 % one unit apart.
+    """
+    s = np.asarray(sparsity, dtype=float)
+    return np.log10(s / (1 - s))
+
+
+def _sparsity_ticks(sparsities: np.ndarray) -> dict:
+    """Tick positions and ``%`` labels within the run's sparsities, at least a sixth of the range apart."""
+    lo, hi = float(sparsity_position(sparsities.min())), float(sparsity_position(sparsities.max()))
+    gap = max(hi - lo, 1.0) / 6
+    ticks: list[float] = []
+    for s in sorted(SPARSITY_TICKS, reverse=True):  # from the sparse end, where the interesting points are
+        x = float(sparsity_position(s))
+        if lo - 0.05 <= x <= hi + 0.05 and all(abs(x - t) >= gap for t in ticks):
+            ticks.append(x)
+    ticks.sort()
+    labels = [f"{100 / (1 + 10 ** -x):.4g}%" for x in ticks]
+    return {"tickvals": ticks, "ticktext": labels}
+
+
+def pruning_stats(pruning: pl.DataFrame, metric: str) -> pl.DataFrame:
+    """Per method and sparsity: mean, min and max of ``metric`` over seeds, and the number of seeds."""
+    return (
+        pruning.group_by("method", "sparsity")
+        .agg(mean=pl.col(metric).mean(), lo=pl.col(metric).min(), hi=pl.col(metric).max(), seeds=pl.len())
+        .sort("method", "sparsity")
+    )
+
+
 def pruning_figure(pruning: pl.DataFrame, style: Style) -> go.Figure:
     """Agreement, accuracy and KL vs sparsity per method (mean over seeds, band = min–max).
 
-    The x axis is the kept fraction ``1 − sparsity`` on a reversed log axis, so that 90 %,
-    99 % and 99.9 % sparsity are evenly spaced, sparser to the right.
+    The x axis places sparsity ``s`` at log10(s / (1 − s)) (``sparsity_position``). The
+    dense model (the ``dense`` row, sparsity 0) is a dotted reference line in each panel;
+    without that row, agreement 100 % and KL 0 hold by definition and are drawn alone.
+    Every method gets its own colour, mark and dash; bands are drawn first and the
+    kernel curve last, so no curve hides another.
     """
-    panels = (("agreement", "agreement", ".0%"), ("accuracy", "accuracy", ".0%"), ("kl", "KL (nats)", None))
-    present = pruning.get_column("method").unique().to_list()
-    methods = [m for m in METHOD_COLORS if m in present] + sorted(set(present) - set(METHOD_COLORS))
-    g = grid(1, 3, h_space=0.08)
-    kept_all = 1 - pruning.get_column("sparsity")
-    # half-decade ticks: automatic log ticks label every minor tick and overlap in narrow panels
-    ticks = [v for v in LOG_TICKS if kept_all.min() * 0.99 <= v <= kept_all.max() * 1.01]
-    traces = []
-    for col, (metric, title, fmt) in enumerate(panels, start=1):
-        for i, method in enumerate(methods):
-            color = METHOD_COLORS.get(method, PALETTE[(i + 4) % len(PALETTE)])
-            stats = (
-                pruning.filter(pl.col("method") == method)
-                .group_by("sparsity")
-                .agg(mean=pl.col(metric).mean(), lo=pl.col(metric).min(), hi=pl.col(metric).max())
-                .sort("sparsity")
-            )
-            kept = (1 - stats["sparsity"]).to_numpy()
-            if (stats["hi"] - stats["lo"]).abs().max() > 0:
-                traces.append({
-                    "type": "scatter", "x": np.concatenate([kept, kept[::-1]]),
-                    "y": np.concatenate([stats["hi"].to_numpy(), stats["lo"].to_numpy()[::-1]]), "fill": "toself",
-                    "fillcolor": color, "opacity": 0.15, "line": {"width": 0}, "hoverinfo": "skip",
-                    "showlegend": False, "legendgroup": method, **g.refs(1, col),
+    panels = (("agreement", "agreement", ".0%", "agreement with the dense model"),
+              ("accuracy", "accuracy", ".0%", "accuracy on held-out examples"),
+              ("kl", "KL (nats)", None, "KL(dense ‖ pruned)"))  # fmt: skip
+    swept = pruning.filter(pl.col("method") != DENSE)
+    dense = pruning.filter(pl.col("method") == DENSE)
+    methods = _method_order(swept.get_column("method").unique().to_list())
+    marks = _method_marks(methods)
+    g = grid(1, 3, h_space=0.09)
+    sparsities = swept.get_column("sparsity").to_numpy()
+    ticks = _sparsity_ticks(sparsities) if sparsities.size else {}
+    span = [float(sparsity_position(sparsities.min())), float(sparsity_position(sparsities.max()))] if ticks else [0, 1]
+    pad = 0.06 * max(span[1] - span[0], 1.0)
+    bands, lines, refs = [], [], []
+    for col, (metric, title, fmt, _) in enumerate(panels, start=1):
+        stats = pruning_stats(swept, metric)
+        for method in methods:
+            color, symbol, dash = marks[method]
+            rows = stats.filter(pl.col("method") == method)
+            x = sparsity_position(rows["sparsity"].to_numpy())
+            if rows.height and (rows["hi"] - rows["lo"]).abs().max() > 0:
+                bands.append({
+                    "type": "scatter", "mode": "lines", "x": np.concatenate([x, x[::-1]]),
+                    "y": np.concatenate([rows["hi"].to_numpy(), rows["lo"].to_numpy()[::-1]]), "fill": "toself",
+                    "fillcolor": _rgba(color, 0.28), "line": {"width": 0.5, "color": _rgba(color, 0.6)},
+                    "hoverinfo": "skip", "showlegend": False, "legendgroup": method, **g.refs(1, col),
                 })  # fmt: skip
-            traces.append(_line(
-                kept, stats["mean"].to_numpy(), method, color, style, mode="lines+markers", legendgroup=method,
-                showlegend=col == 1, customdata=[f"{v:.3g}" for v in stats["sparsity"].to_list()],
-                hovertemplate=f"{method}, sparsity %{{customdata}}: %{{y:.4g}}<extra></extra>", **g.refs(1, col),
+            seeds = int(rows["seeds"].max()) if rows.height else 1
+            legend = method_label(method) + (f" (mean of {seeds} seeds, band = min–max)" if seeds > 1 else "")
+            lines.append(_line(
+                x, rows["mean"].to_numpy(), legend, color, style, mode="lines+markers",
+                line={"dash": dash}, marker={"symbol": symbol, "size": style.marker_size, "color": color},
+                legendgroup=method, showlegend=col == 1, legendrank=10 + methods.index(method),
+                customdata=np.stack([rows["sparsity"].to_numpy() * 100, rows["seeds"].to_numpy()], axis=-1),
+                hovertemplate=f"{method_label(method)}<br>sparsity %{{customdata[0]:.4g}}%: %{{y:.4g}}"
+                              "<br>%{customdata[1]} seed(s)<extra></extra>",
+                **g.refs(1, col),
             ))  # fmt: skip
-        g.y(1, col).update(_title(title), **({"tickformat": fmt} if fmt else {}))
-        g.x(1, col).update(_title("kept fraction (1 − sparsity)"), type="log", autorange="reversed",
-                           tickvals=ticks, ticktext=[f"{100 * v:g}%" for v in ticks])
-    layout = {**g.layout, "annotations": _subplot_titles(g, [p[1] for p in panels], style),
-              "margin": {"l": 70, "r": 30, "t": 120, "b": 60}}  # fmt: skip
-    fig = _figure(traces, layout, style, "Pruning by kernel importance vs magnitude vs random", 480)
-    fig.layout.legend.y = 1.14
+        reference = float(dense[metric].mean()) if dense.height else {"agreement": 1.0, "kl": 0.0}.get(metric)
+        if reference is not None:
+            refs.append(_line(
+                [span[0] - pad, span[1] + pad], [reference, reference], "dense model (nothing pruned)", "#222222",
+                style,
+                line={"dash": "dot", "width": style.line_width / 2}, legendgroup=DENSE, showlegend=col == 1,
+                legendrank=1, hovertemplate="dense model: %{y:.4g}<extra></extra>", **g.refs(1, col),
+            ))  # fmt: skip
+        g.y(1, col).update(_title(title), **({"tickformat": fmt} if fmt else {"rangemode": "tozero"}))
+        g.x(1, col).update(_title("sparsity (share of weights zeroed)"), range=[span[0] - pad, span[1] + pad],
+                           zeroline=False, **ticks)
+    order = {m: i for i, m in enumerate(methods)}
+    lines.sort(key=lambda t: -order.get(t["legendgroup"], 0))  # the first-listed method drawn last, on top
+    layout = {**g.layout, "annotations": _subplot_titles(g, [p[3] for p in panels], style), "showlegend": True,
+              "legend": {"orientation": "h", "yref": "container", "y": 0.0, "yanchor": "bottom", "xanchor": "left",
+                         "x": 0.0}}  # fmt: skip
+    names = ", ".join(method_label(m) for m in methods)
+    fig = _figure([*bands, *refs, *lines], layout, style, f"Pruning the final model: {names}", 540, legend=False,
+                  notes=True)
+    fig.layout.margin.b = 60 + (2 * style.font_size + 10) * math.ceil((len(methods) + 1) / 2)
     return fig
+
+
+def _rgba(hex_color: str, alpha: float) -> str:
+    r, g, b = (int(hex_color[i : i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+def pruning_table(pruning: pl.DataFrame) -> pl.DataFrame:
+    """One row per method and sparsity: means over seeds and the number of seeds (no seed column)."""
+    measures = ("agreement", "accuracy", "kl", "achieved_sparsity")
+    summary = (
+        pruning.group_by("method", "sparsity")
+        .agg(*[pl.col(m).mean() for m in measures], seeds=pl.len())
+    )
+    rank = {m: i for i, m in enumerate([DENSE, *_method_order(summary["method"].unique().to_list())])}
+    return (
+        summary.with_columns(order=pl.col("method").replace_strict(rank, return_dtype=pl.Int64))
+        .sort("order", "sparsity")
+        .select(method=pl.col("method").map_elements(method_label, return_dtype=pl.String), sparsity="sparsity",
+                seeds="seeds", **{m: m for m in measures})
+    )
 
 
 def compare_curves(runs: Sequence[tuple[str, pl.DataFrame]], style: Style, log_x: bool = False) -> go.Figure:
@@ -567,7 +755,8 @@ def compare_curves(runs: Sequence[tuple[str, pl.DataFrame]], style: Style, log_x
                     line={"dash": RUN_DASHES[r % len(RUN_DASHES)]}, legendgroup=f"{r}{split}", showlegend=row == 1,
                     **g.refs(row),
                 ))  # fmt: skip
-    g.y(1).update(_title("loss (nats)"), type="log")
+    losses = [y for t in traces if t["yaxis"] == "y" for y in t["y"]]
+    g.y(1).update(_title("loss (nats)"), type="log", **log_ticks(losses))
     g.y(2).update(_title("accuracy"), range=[0, 1.02], tickformat=".0%")
     _step_axis(g, log_x)
     return _figure(traces, {**g.layout, "hovermode": "x unified"}, style, "Training curves", 600)
@@ -624,33 +813,59 @@ def _seconds(value) -> str:
     return f"{value:.1f} s" if value < 120 else f"{value / 60:.1f} min"
 
 
+TRAINING_KEYS = ("steps", "seed", "eval_every", "batch_size", "train_frac", "val_frac", "schedule")
+OPTIMIZER_KEYS = ("lr", "betas", "eps", "weight_decay", "momentum", "nesterov", "dampening", "amsgrad")
+
+
 def run_card(meta: dict) -> pl.DataFrame:
-    """The run's facts as a two-column table (``field``, ``value``) for the Overview page."""
+    """The run's facts as a two-column table (``field``, ``value``) for the Overview page.
+
+    The task's configuration is split three ways: the model's own settings, the training
+    loop's (``TRAINING_KEYS``) and the optimizer's (``OPTIMIZER_KEYS``, shown with the
+    optimizer's recorded hyper-parameters, which are what the decomposition used).
+    """
     spec = meta.get("model_spec") or {}
     summary = meta.get("model_summary") or {}
     optimizer = meta.get("optimizer") or {}
     groups = optimizer.get("groups") or []
     first_group = groups[0] if groups else {}
     hparams = {k: v for k, v in first_group.items() if v is not None and k not in {"params", "param_names"}}
-    config = spec.get("config") if isinstance(spec, dict) else None
+    config = (spec.get("config") if isinstance(spec, dict) else None) or {}
+    model = {k: v for k, v in config.items() if k not in TRAINING_KEYS and k not in OPTIMIZER_KEYS}
+    training = {k: v for k, v in config.items() if k in TRAINING_KEYS}
     if summary.get("parameters") is not None:
         size = f"{_fmt_number(summary.get('parameters'))} parameters in {_fmt_number(summary.get('tensors'))} tensors"
     else:
         size = MISSING
     rows = [
         ("task", str(meta.get("task") or spec.get("task") or spec.get("model") or MISSING)),
-        ("model config", _fmt_mapping(config) if config else MISSING),
+        ("model config", _fmt_mapping(model) if model else MISSING),
         ("model size", size),
+        ("training config", _fmt_mapping(training) if training else MISSING),
         ("optimizer", f"{optimizer.get('class', MISSING)} ({optimizer.get('family', MISSING)} family)"),
-        ("hyper-parameters", _fmt_mapping(hparams) if hparams else MISSING),
+        ("optimizer hyper-parameters", _fmt_mapping(hparams) if hparams else MISSING),
         ("parameter groups", _fmt_number(len(groups)) if groups else MISSING),
+        ("loss", str(spec.get("loss") or ("cross_entropy" if spec.get("task") else MISSING))),
+        ("targets", {"float": "floating-point (regression)", "class": "class ids"}.get(meta.get("targets"), MISSING)),
         ("steps", _fmt_number(meta.get("steps"))),
         ("explained quantity", _fmt_mapping(meta.get("quantity"))),
         ("quadrature", _fmt_mapping(meta.get("quadrature"))),
         ("max relative residual", _fmt_number(meta.get("max_rel_residual"))),
         ("max absolute residual", _fmt_number(meta.get("max_abs_residual"))),
+        ("data-split residual (relative)", _fmt_number(meta.get("max_rel_split_residual"))),
+        ("data split", str(meta.get("data_split") or MISSING)),
         ("gradient evaluations", _fmt_number(meta.get("gradient_evaluations"))),
         ("compute time", _seconds(meta.get("seconds"))),
-        ("data fingerprint", str(meta.get("data_fingerprint") or MISSING)[:16]),
+        ("data fingerprint", str(meta.get("data_fingerprint") or MISSING)),
     ]
     return pl.DataFrame({"field": [r[0] for r in rows], "value": [r[1] for r in rows]})
+
+
+def phase_table(phases: Sequence[Phase]) -> pl.DataFrame:
+    """One row per phase with its first and last step, both included (``Phase`` intervals
+    share their boundary step, which belongs to the later phase)."""
+    last = [p.end if i == len(phases) - 1 else p.end - 1 for i, p in enumerate(phases)]
+    return pl.DataFrame({
+        "phase": [p.name for p in phases], "first step": [p.start for p in phases], "last step": last,
+        "steps": [b - p.start + 1 for p, b in zip(phases, last, strict=True)],
+    })  # fmt: skip

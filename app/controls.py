@@ -33,11 +33,28 @@ def example_text(text: str | None, caption: str) -> None:
 
 def test_subset(run: Run) -> TestSelector:
     """Which test examples to aggregate over: all, correct, incorrect, one class or one example."""
+    tests = _choose_tests(run)
+    state.note_tests(tests, describe_tests(tests), test_token(tests))
+    return tests
+
+
+def test_token(tests: TestSelector) -> str:
+    """The selected test examples in a file name."""
+    if tests.kind == "class":
+        return f"class{tests.value}"
+    if tests.kind == "example":
+        return f"test{tests.value}"
+    return {"all": "all-tests", "correct": "correct"}.get(tests.kind, "misclassified")
+
+
+def _choose_tests(run: Run) -> TestSelector:
     examples = run.examples("test")
     if examples.height == 0:
         return ALL_TESTS
     has_predictions = examples.get_column("correct").null_count() < examples.height
-    kinds = ["all", *(("correct", "incorrect") if has_predictions else ()), "class", "example"]
+    has_labels = examples.get_column("label").null_count() < examples.height  # none with floating-point targets
+    kinds = ["all", *(("correct", "incorrect") if has_predictions else ()), *(("class",) if has_labels else ()),
+             "example"]
     kind = state.url_widget(
         "subset", state.choice(kinds), "all",
         lambda key: st.selectbox("Test examples", kinds, key=key, format_func=SUBSET_LABELS.__getitem__),
@@ -72,7 +89,8 @@ def describe_tests(tests: TestSelector) -> str:
 
 
 def describe_example(run: Run, tests: TestSelector) -> None:
-    """For a single test example: its rendering, label and the final model's prediction."""
+    """For a single test example: its rendering, label and the final model's prediction (with
+    floating-point targets, the rendering shows the target and the final output)."""
     if tests.kind != "example":
         return
     row = run.examples("test").filter(pl.col("example") == tests.value)
@@ -80,6 +98,9 @@ def describe_example(run: Run, tests: TestSelector) -> None:
         st.warning(f"Test example {tests.value} is not in this run's test split.", icon="⚠️")
         return
     r = row.row(0, named=True)
+    if r["label"] is None:
+        example_text(r["text"], f"test #{r['example']}")
+        return
     verdict = "" if r["correct"] is None else (" ✓ correct" if r["correct"] else " ✗ wrong")
     predicted = "—" if r["predicted"] is None else r["predicted"]
     example_text(r["text"], f"test #{r['example']} · label {r['label']} · predicted {predicted}{verdict}")
@@ -89,13 +110,15 @@ def step_range(run: Run, label: str = "Steps") -> tuple[int, int]:
     """A step interval ``[lo, hi)`` within ``0 … N`` (URL ``steps=lo-hi``)."""
     n = state.num_steps(run)
     if n < 2:
-        return 0, max(n, 1)
-    value = state.url_widget(
-        "steps", state.interval(0, n), (0, n),
-        lambda key: st.slider(label, min_value=0, max_value=n, key=key, help="Steps from ≤ step < to"),
-    )  # fmt: skip
-    lo, hi = value
-    return (lo, hi) if hi > lo else (lo, min(lo + 1, n))
+        steps = (0, max(n, 1))
+    else:
+        lo, hi = state.url_widget(
+            "steps", state.interval(0, n), (0, n),
+            lambda key: st.slider(label, min_value=0, max_value=n, key=key, help="Steps from ≤ step < to"),
+        )  # fmt: skip
+        steps = (lo, hi) if hi > lo else (lo, min(lo + 1, n))
+    state.note_steps(steps)
+    return steps
 
 
 def steps_and_tests(run: Run, step_column, test_column) -> tuple[tuple[int, int], TestSelector]:
@@ -125,28 +148,34 @@ def window_size(run: Run, base: int) -> int:
     """Width of the step windows the component view is summed into (URL ``window``)."""
     n = state.num_steps(run)
     options = window_options(base, n)
-    return state.url_widget(
+    window = state.url_widget(
         "window", state.integer_choice(options), default_window(options, n),
         lambda key: st.select_slider("Window (steps)", options=options, key=key,
                                      help="Stored windows are merged into windows of this many steps."),
     )  # fmt: skip
+    state.note_slice(f"windows of {window} steps", f"w{window}")
+    return window
 
 
 def level(default: str = "layer") -> str:
-    return state.url_widget(
+    value = state.url_widget(
         "level", state.choice(LEVELS), default,
         lambda key: st.segmented_control("Level", LEVELS, required=True, key=key),
     )  # fmt: skip
+    state.note_slice(f"per {value}", value)
+    return value
 
 
 def measure() -> str:
-    return state.url_widget(
+    value = state.url_widget(
         "measure", state.choice(MEASURES), "signed",
         lambda key: st.segmented_control(
             "Measure", MEASURES, required=True, key=key,
             help="signed influence; absolute influence; share of the total absolute influence in each window",
         ),
     )  # fmt: skip
+    state.note_slice(f"{value} influence" if value != "share" else "share of |influence|", value)
+    return value
 
 
 def toggle(name: str, label: str, default: bool = False, help: str | None = None) -> bool:

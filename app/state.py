@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,13 +26,16 @@ import plotly.graph_objects as go
 import polars as pl
 import streamlit as st
 
+from app import export
 from app.charts import Style
 from engine.errors import RunNotFoundError
-from engine.store import RunDB, TestSelector, list_runs
+from engine.store import ALL_TESTS, RunDB, TestSelector, list_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_RUNS = ROOT / "sample_runs"
 ENV_RUNS = "EXPLAIND_RUNS"
+ENV_ROOTS = "EXPLAIND_ROOTS"
+SHOWN_CHARS = 60  # longest outside value repeated in a message
 
 T = TypeVar("T")
 _SAVED = "_url_saved"  # name -> last formatted value of each URL control in this session
@@ -42,16 +46,26 @@ _RUN = "_current_run"
 _CHOICES = "_run_choices"
 _STYLE = "_style"
 _IMAGE_FORMAT = "_image_format"
+_SLICE = "_slice"  # (words, token) of each slice control drawn so far in this script run
+_FIGURES = "_figures"  # figures drawn so far in this script run, for the slide export
+_STEPS = "_slice_steps"  # the page's step interval, when it has one
+_TESTS = "_slice_tests"  # the page's test selection and its words, when it has one
 
 
 # ── runs ────────────────────────────────────────────────────────────────────────────
 
 
-def runs_dir_from_args(argv: Sequence[str]) -> Path | None:
-    """The ``--runs DIR`` script argument, if given (unknown arguments are ignored)."""
+def _script_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parser.add_argument("--runs", default=None)
+    parser.add_argument("--root", action="append", default=[])
     known, _ = parser.parse_known_args(list(argv))
+    return known
+
+
+def runs_dir_from_args(argv: Sequence[str]) -> Path | None:
+    """The ``--runs DIR`` script argument, if given (unknown arguments are ignored)."""
+    known = _script_args(argv)
     return Path(known.runs).expanduser() if known.runs else None
 
 
@@ -65,6 +79,29 @@ def default_runs_dir(argv: Sequence[str] | None = None, environ: dict[str, str] 
     if environ.get(ENV_RUNS):
         return Path(environ[ENV_RUNS]).expanduser()
     return SAMPLE_RUNS
+
+
+def allowed_roots(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> list[Path]:
+    """Directories a link's ``dir=`` may point into: the launch runs directory, every
+    ``--root DIR`` script argument and the entries of ``$EXPLAIND_ROOTS`` (``os.pathsep``-separated)."""
+    argv = sys.argv[1:] if argv is None else argv
+    environ = dict(os.environ) if environ is None else environ
+    extra = [*_script_args(argv).root, *environ.get(ENV_ROOTS, "").split(os.pathsep)]
+    roots = [default_runs_dir(argv, environ), *(Path(r).expanduser() for r in extra if r.strip())]
+    return list(dict.fromkeys(r.resolve() for r in roots))
+
+
+def check_directory(raw: str, roots: Sequence[Path]) -> Path:
+    """The directory ``raw`` names, if it exists and lies under one of ``roots``; else ``ValueError`` saying why."""
+    directory = Path(raw.strip()).expanduser().resolve()
+    if not any(directory.is_relative_to(root) for root in roots):
+        raise ValueError(
+            "the dashboard opens only directories under the ones it was started with "
+            "(start it with --root DIR to allow another)"
+        )
+    if not directory.is_dir():
+        raise ValueError("it is not a directory")
+    return directory
 
 
 def find_runs(directory: Path) -> list[Path]:
@@ -165,10 +202,42 @@ def text() -> Codec[str]:
     return Codec(lambda raw: raw, str)
 
 
-def _warn_param(name: str, raw: str, reason: str, default: Any, fmt: Callable[[Any], str]) -> None:
-    shown = raw if len(raw) <= 60 else raw[:57] + "…"
+_INVISIBLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff]")
+_PUNCTUATION = re.compile(r"([!-/:-@\[-`{-~])")  # every ASCII punctuation character
+
+
+def _visible(text: str, limit: int) -> str:
+    """Cut to ``limit``; invisible characters, and the slash of streamlit's icon syntax
+    ``:material/`` (which it rewrites anywhere, even in code), as ``U+XXXX``."""
+    cut = text if len(text) <= limit else text[: limit - 1] + "…"
+    return _INVISIBLE.sub(lambda m: f"U+{ord(m.group()):04X}", cut).replace(":material/", ":materialU+002F")
+
+
+def inert(text: str, limit: int = SHOWN_CHARS) -> str:
+    """``text`` from outside (a link) as a markdown code span that shows exactly its characters.
+
+    Cut to ``limit`` characters, control, bidirectional-override and invisible characters
+    shown as ``U+XXXX`` (``_visible``). Inside a code span nothing is markup: no emphasis, link, autolink,
+    HTML, directive, icon or formula. The fence is one backtick longer than the longest run
+    of backticks in the text.
+    """
+    shown = _visible(text, limit) or "(empty)"
+    fence = "`" * (max((len(run) for run in re.findall("`+", shown)), default=0) + 1)
+    pad = " " if shown.startswith("`") or shown.endswith("`") else ""
+    return f"{fence}{pad}{shown}{pad}{fence}"
+
+
+def escaped(text: str, limit: int = 200) -> str:
+    """A name from the machine (a run's file name) as markdown text: every ASCII punctuation
+    character backslash-escaped, invisible characters shown as ``U+XXXX``."""
+    return _PUNCTUATION.sub(r"\\\1", _visible(text, limit))
+
+
+def warn_param(name: str, raw: str, reason: str, default_text: str) -> None:
+    """Say that the link's ``name=raw`` was ignored, and why; every outside value is made inert."""
     st.warning(
-        f"The link's `{name}={shown}` was ignored because {reason}; showing `{fmt(default)}` instead.",
+        f"The link's {inert(f'{name}={raw}')} was ignored because {escaped(reason, limit=400)}; "
+        f"showing {inert(default_text)} instead.",
         icon="⚠️",
     )
 
@@ -212,7 +281,7 @@ def _initial(name: str, codec: Codec[T], default: T, saved: dict[str, str]) -> T
         try:
             return codec.parse(raw)
         except ValueError as exc:
-            _warn_param(name, raw, str(exc), default, codec.fmt)
+            warn_param(name, raw, str(exc), codec.fmt(default) or "the default")
     return default
 
 
@@ -231,6 +300,8 @@ def begin_url_run(page: str) -> None:
     """Start a script run of ``page``: no URL control is drawn yet."""
     st.session_state[_PAGE] = page
     st.session_state[_USED] = set()
+    for key in (_SLICE, _FIGURES, _STEPS, _TESTS):
+        st.session_state.pop(key, None)
 
 
 def finish_url_run() -> None:
@@ -359,6 +430,11 @@ def num_steps(run: Run) -> int:
     return int(steps["step"].max()) + 1 if steps.height else 1
 
 
+def regression(meta: dict) -> bool:
+    """The run's targets are floating-point numbers (no classes, no correct or incorrect)."""
+    return meta.get("targets") == "float"
+
+
 def quantity_label(meta: dict) -> str:
     """Short name of the explained quantity for axis titles."""
     quantity = meta.get("quantity")
@@ -389,33 +465,192 @@ def hint(body: str) -> None:
         st.caption(body)
 
 
-def _file_stem(name: str) -> str:
+# ── the slice, figures and exports ──────────────────────────────────────────────────
+
+
+def note_slice(words: str, token: str, *, extra: bool = True) -> None:
+    """Record a slice control's value: ``words`` for captions, ``token`` for file names.
+
+    ``extra``: a control beyond the steps and tests (level, measure, …), which a slide
+    caption lists after them.
+    """
+    st.session_state.setdefault(_SLICE, []).append((words, token, extra))
+
+
+def note_steps(steps: tuple[int, int]) -> None:
+    """Record the page's step interval ``[lo, hi)``."""
+    st.session_state[_STEPS] = steps
+    note_slice(f"steps {steps[0]}–{steps[1] - 1}", f"steps{steps[0]}-{steps[1] - 1}", extra=False)
+
+
+def note_tests(tests: TestSelector, words: str, token: str) -> None:
+    """Record the page's test selection."""
+    st.session_state[_TESTS] = (tests, words)
+    note_slice(words, token, extra=False)
+
+
+def page_name() -> str:
+    """The page of this script run as in its URL (the default page is the Overview)."""
+    return st.session_state.get(_PAGE) or "overview"
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+STEM_CHARS = 160
+
+
+def file_stem(name: str) -> str:
+    """``run-page-figure-slice…``: what a downloaded file shows, in its name (safe characters only)."""
     run = current_run()
-    return f"{run.name}-{name}" if run is not None else name
+    tokens = [token for _, token, _ in st.session_state.get(_SLICE, [])]
+    parts = [run.name if run is not None else "", page_name(), name, *tokens]
+    return _UNSAFE.sub("_", "-".join(p for p in parts if p))[:STEM_CHARS].strip("-_")
+
+
+def slice_caption() -> str:
+    """The run and the slice in words, as a figure's subtitle: ``run grokking · steps 0–999 · …``."""
+    run = current_run()
+    words = [w for w, _, _ in st.session_state.get(_SLICE, [])]
+    return " · ".join([f"run {run.name}" if run is not None else "", *words]).strip(" ·")
+
+
+@dataclass(frozen=True)
+class SlideSlice:
+    """What a slide caption states about the page: its steps, tests and other controls in words."""
+
+    steps: tuple[int, int] | None
+    tests: TestSelector
+    tests_words: str
+    extra: tuple[str, ...]
+
+    @classmethod
+    def current(cls) -> SlideSlice:
+        tests, words = st.session_state.get(_TESTS, (ALL_TESTS, "all test examples"))
+        extra = tuple(w for w, _, more in st.session_state.get(_SLICE, []) if more)
+        return cls(st.session_state.get(_STEPS), tests, words, extra)
+
+
+def slide_caption(run: Run, where: SlideSlice) -> str:
+    """A slide's caption: run, steps, test examples, explained quantity and reconstruction error.
+
+    Steps and tests are the page's slice, or the whole run where the page has none; the error
+    is Σ true change − Σ reconstructed change over that slice (the completeness view).
+    """
+    n = num_steps(run)
+    steps = where.steps or (0, n)
+    comp = run.completeness(steps, where.tests)
+    if comp.height:
+        true = float(comp["true_change"].sum())
+        error = f"reconstruction error {true - float(comp['reconstructed'].sum()):.2e} (true Δ {true:.4g})"
+    else:
+        error = "no completeness rows in this slice"
+    parts = [
+        f"Run {run.name}", f"steps {steps[0]}–{steps[1] - 1} of {n}",
+        f"{where.tests_words} ({selected_tests(run, where.tests):,} test examples)",
+        f"explaining {quantity_label(run.meta())}", error, *where.extra,
+    ]  # fmt: skip
+    return " · ".join(parts)
+
+
+def selected_tests(run: Run, tests: TestSelector) -> int:
+    """How many of the run's test examples ``tests`` selects."""
+    examples = run.examples("test")
+    if tests.kind == "correct":
+        return examples.filter(pl.col("correct")).height
+    if tests.kind == "incorrect":
+        return examples.filter(~pl.col("correct")).height
+    if tests.kind == "class":
+        return examples.filter(pl.col("label") == tests.value).height
+    if tests.kind == "example":
+        return examples.filter(pl.col("example") == tests.value).height
+    return examples.height
+
+
+def _download(label: str, make: Callable[[], bytes | str], stem: str, kind: str, key: str,
+              disabled: str | None = None) -> None:
+    st.download_button(
+        label, data=make, file_name=f"{stem}.{kind}", mime=export.MIME[kind], on_click="ignore",
+        key=key, disabled=disabled is not None, help=disabled, use_container_width=True,
+    )  # fmt: skip
 
 
 def show_figure(fig: go.Figure, name: str) -> None:
-    """Draw a figure with a toolbar image export (PNG/SVG) and an interactive-HTML download."""
-    stem = _file_stem(name)
+    """Draw a figure, subtitled with the run and slice, with its downloads.
+
+    Downloads: interactive HTML with plotly.js embedded (opens offline), and PNG, SVG and
+    PDF rendered server-side by Chromium (``app.export``); every file is named
+    ``run-page-figure-slice``. The chart toolbar's camera saves the same view too.
+    """
+    stem = file_stem(name)
+    fig.layout.title.subtitle = {"text": slice_caption(), "font": {"color": "#5F6B7A", "size": style().font_size}}
+    st.session_state.setdefault(_FIGURES, []).append((name, fig))
     st.plotly_chart(fig, theme=None, config=style().image_config(stem, st.session_state.get(_IMAGE_FORMAT, "png")))
-    st.download_button(
-        "Download interactive HTML",
-        data=lambda: fig.to_html(include_plotlyjs="cdn", full_html=True),
-        file_name=f"{stem}.html",
-        mime="text/html",
-        on_click="ignore",
-        icon=":material/download:",
-        key=f"html:{name}",
+    missing = export.unavailable()
+    with st.popover("Download", icon=":material/download:"):
+        _download("Download interactive HTML", lambda: export.standalone_html(fig), stem, "html", f"html:{name}")
+        for fmt in export.IMAGE_FORMATS:
+            _download(f"Download {fmt.upper()}", lambda f=fmt: export.render([fig], f)[0], stem, fmt,
+                      f"{fmt}:{name}", missing)  # fmt: skip
+
+
+def page_figures() -> list[tuple[str, go.Figure]]:
+    """(name, figure) of every figure drawn so far in this script run."""
+    return list(st.session_state.get(_FIGURES, []))
+
+
+def slides_panel(run: Run) -> None:
+    """Choose figures of this page and download them as PowerPoint slides (one per figure)."""
+    figures = page_figures()
+    if not figures:
+        return
+    titles = [f"{fig.layout.title.text}" for _, fig in figures]
+    chosen = st.multiselect(
+        "Figures", list(range(len(figures))), default=list(range(len(figures))), format_func=titles.__getitem__,
+        key=f"slides:{page_name()}", help="One slide per figure, for the run and slice shown on this page.",
+    )  # fmt: skip
+    where = SlideSlice.current()
+
+    def deck() -> bytes:
+        caption = slide_caption(run, where)
+        return export.slides([export.Slide(titles[i], figures[i][1], caption) for i in chosen])
+
+    missing = export.unavailable() if chosen else "choose at least one figure"
+    _download("Export slides (.pptx)", deck, file_stem("slides"), "pptx", f"slides-pptx:{page_name()}", missing)
+
+
+TABLE_ROWS = 40  # most rows of a table shown as text (presentation mode)
+
+
+def _readable(frame: pl.DataFrame) -> pl.DataFrame:
+    """A table as text cells (which streamlit reads as markdown): floats to 4 significant
+    digits, text escaped and on one line."""
+    floats = [c for c, t in frame.schema.items() if t.is_float()]
+    texts = [c for c, t in frame.schema.items() if t == pl.String]
+    return frame.with_columns(
+        *(pl.col(c).map_elements(lambda v: f"{v:.4g}", return_dtype=pl.String, skip_nulls=True) for c in floats),
+        *(pl.col(c).map_elements(lambda v: escaped(v.replace("\n", " / ")), return_dtype=pl.String, skip_nulls=True)
+          for c in texts),
     )
 
 
-def show_table(frame: pl.DataFrame, name: str, column_config: dict | None = None, height: int | str = "auto") -> None:
-    """Draw a table with a CSV download of exactly the rows shown."""
-    st.dataframe(frame, hide_index=True, column_config=column_config, height=height)
+def show_table(
+    frame: pl.DataFrame, name: str, column_config: dict | None = None, height: int | str = "auto",
+    wrap: bool = False,
+) -> None:
+    """Draw a table with a CSV download of all its rows.
+
+    ``wrap`` (and presentation mode) draws it as text that wraps and scales with the page
+    (at most ``TABLE_ROWS`` rows); otherwise as a scrollable, sortable grid.
+    """
+    if wrap or presenting():
+        st.table(_readable(frame.head(TABLE_ROWS)))
+        if frame.height > TABLE_ROWS:
+            st.caption(f"First {TABLE_ROWS} of {frame.height:,} rows; the CSV has all of them.")
+    else:
+        st.dataframe(frame, hide_index=True, column_config=column_config, height=height)
     st.download_button(
         "Download CSV",
         data=lambda: frame.write_csv(),
-        file_name=f"{_file_stem(name)}.csv",
+        file_name=f"{file_stem(name)}.csv",
         mime="text/csv",
         on_click="ignore",
         icon=":material/table:",

@@ -1,10 +1,13 @@
-"""CPU against CUDA on the same explanation; writes ``bench/results/device.md``.
+"""CPU against CUDA on the same explanation, and one checkpoint interval of a ~100M-parameter LM.
 
 Usage::
 
-    python bench/bench_device.py                  # on a machine with a CUDA device
+    python bench/bench_device.py                  # on a machine with a CUDA device: both parts
     python bench/bench_device.py --steps 100 --tests 50
+    python bench/bench_device.py --part checkpoints                 # the interval only
+    python bench/bench_device.py --part checkpoints --device cpu --lm-layers 2 --lm-width 64   # a dry run
 
+Part ``explain`` writes ``bench/results/device.md``:
 Workload: the grokking sample's task (modular addition, p = 97, one-layer transformer,
 full-batch AdamW), trained for ``--steps`` steps; explained over every step for the first
 ``--tests`` validation examples, the log-probability of the true class, with the components
@@ -13,6 +16,15 @@ Each configuration runs on the CPU with one thread, on the CPU with every core, 
 CUDA device (after a one-step warm-up on each). The table gives wall time, the ratio to one
 CPU thread, the largest relative residual and the largest difference of a component value
 from the one-thread CPU result.
+
+Part ``checkpoints`` writes ``bench/results/device_checkpoints.md``: a GPT-2 built from its
+config (``--lm-layers`` 12 × ``--lm-width`` 768, vocabulary 50 257: GPT-2 small, 124M
+parameters), two checkpoints ten AdamW steps apart (on random tokens, from the seeded
+initialisation), ``--lm-inputs`` random sequences of ``--lm-length`` tokens; the interval is
+explained by ``explain-checkpoints`` (mean next-token loss per sequence, float32 with ``rtol``
+1e-5 and float64) after a one-input warm-up. The table gives the interval's wall time, the
+time per token, gradient evaluations and the residual, and scales the time to the paper's
+37 checkpoints of a 1.7B-parameter model for the same tokens (time ∝ parameters × tokens).
 """
 
 from __future__ import annotations
@@ -36,6 +48,8 @@ from engine.decompose import ExplainConfig, explain  # noqa: E402
 from engine.tasks import train_task  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "device.md"
+CHECKPOINT_RESULTS = ROOT / "bench" / "results" / "device_checkpoints.md"
+PAPER = {"parameters": 1.7e9, "intervals": 36}  # 37 public checkpoints of a 1.7B-parameter LLM
 
 
 def timed(run: Path, config: ExplainConfig) -> tuple[float, object]:
@@ -49,13 +63,7 @@ def timed(run: Path, config: ExplainConfig) -> tuple[float, object]:
     return time.perf_counter() - start, e
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=50, help="training steps, all explained (default 50)")
-    parser.add_argument("--tests", type=int, default=20, help="validation examples explained (default 20)")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench_device.py compares CPU with CUDA: torch sees no CUDA device here")
+def explain_part(args: argparse.Namespace) -> None:
     cores = os.cpu_count() or 1
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,6 +103,110 @@ def main() -> None:
                      f"| {r['diff']:.1e} | {r['nodes']:.1f} | {r['escalated']} |")
     RESULTS.write_text("\n".join(lines) + "\n")
     print(f"wrote {RESULTS}")
+
+
+def write_checkpoints(folder: Path, layers: int, width: int, device: str) -> Path:
+    """``checkpoint-0`` (the seeded initialisation) and ``checkpoint-10`` (ten AdamW steps later)."""
+    import transformers
+
+    config = transformers.GPT2Config(n_layer=layers, n_embd=width, n_head=max(1, width // 64), n_positions=1024,
+                                     use_cache=False)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).to(device)
+    model.save_pretrained(folder / "checkpoint-0")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(10):
+        batch = torch.randint(config.vocab_size, (8, 128), generator=g).to(device)
+        logits = model(input_ids=batch).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(folder / "checkpoint-10")
+    return folder
+
+
+def checkpoints_part(args: argparse.Namespace) -> None:
+    from engine.decompose.checkpoints import checkpoint_config, explain_interval
+    from engine.run.series import SeriesSource, open_series
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        run = write_checkpoints(Path(tmp), args.lm_layers, args.lm_width, args.device)
+        tokens = np.random.default_rng(2).integers(0, 50257, (args.lm_inputs, args.lm_length))
+        np.save(Path(tmp) / "inputs.npy", tokens)
+        for dtype, rtol in (("float32", 1e-5), ("float64", None)):
+            settings = {"dtype": dtype, "rtol": rtol, "device": args.device, "memory_mb": args.memory_mb}
+            warm = open_series(SeriesSource((str(run),), str(Path(tmp) / "inputs.npy"), max_inputs=1))
+            explain_interval(warm.series, warm.task, checkpoint_config(warm, **settings), 0)
+            opened = open_series(SeriesSource((str(run),), str(Path(tmp) / "inputs.npy")))
+            config = checkpoint_config(opened, **settings)
+            opened.series.params(0), opened.series.params(1)  # reading the checkpoints is not the interval's work
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            result = explain_interval(opened.series, opened.task, config, 0)
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+            predicted = args.lm_inputs * (args.lm_length - 1)
+            parameters = opened.series.num_parameters()
+            cuda = args.device.startswith("cuda")
+            rows.append({"dtype": dtype if rtol is None else f"{dtype}, rtol {rtol:g}", "seconds": seconds,
+                         "ms_token": 1e3 * seconds / predicted, "evaluations": result.numbers["gradient_evaluations"],
+                         "nodes": float(result.completeness["nodes"].mean()), "escalated": result.numbers["escalated"],
+                         "max_rel": result.numbers["max_rel_residual"], "engine": result.numbers["engine"],
+                         "memory": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+                         "paper_h": seconds * PAPER["parameters"] / parameters * PAPER["intervals"] / 3600})
+            print(rows[-1], flush=True)
+    threads = f"CPU ({torch.get_num_threads()} threads)"
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else threads
+    lines = [
+        "# One checkpoint interval of a GPT-2 built from its config",
+        "",
+        f"Generated by `python bench/bench_device.py --part checkpoints --lm-layers {args.lm_layers} --lm-width "
+        f"{args.lm_width} --lm-inputs {args.lm_inputs} --lm-length {args.lm_length} --memory-mb {args.memory_mb}` "
+        f"on {device}, torch {torch.__version__}.",
+        "",
+        f"Workload: GPT-2 {args.lm_layers} layers × width {args.lm_width} ({parameters:,} parameters), checkpoints "
+        f"ten AdamW steps apart; {args.lm_inputs} random sequences of {args.lm_length} tokens, the mean next-token "
+        "loss of each. The last column scales the interval time to the paper's 36 intervals of a 1.7B-parameter "
+        "model on the same tokens (time ∝ parameters).",
+        "",
+        "| dtype | engine | interval s | ms/token | gradient evals | nodes/input | units in float64 "
+        "| max rel. residual | peak GiB | 36 intervals of 1.7B, h |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        memory = "—" if r["memory"] is None else f"{r['memory']:.1f}"
+        lines.append(f"| {r['dtype']} | {r['engine']} | {r['seconds']:.1f} | {r['ms_token']:.2f} | "
+                     f"{r['evaluations']:,} | {r['nodes']:.0f} | {r['escalated']} | {r['max_rel']:.1e} | {memory} "
+                     f"| {r['paper_h']:.1f} |")
+    CHECKPOINT_RESULTS.write_text("\n".join(lines) + "\n")
+    print(f"wrote {CHECKPOINT_RESULTS}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("explain", "checkpoints", "all"), default="all")
+    parser.add_argument("--steps", type=int, default=50, help="training steps, all explained (default 50)")
+    parser.add_argument("--tests", type=int, default=20, help="validation examples explained (default 20)")
+    parser.add_argument("--device", default="cuda", help="device of the checkpoint interval (default cuda)")
+    parser.add_argument("--lm-layers", type=int, default=12, help="GPT-2 layers (default 12: GPT-2 small)")
+    parser.add_argument("--lm-width", type=int, default=768, help="GPT-2 width (default 768)")
+    parser.add_argument("--lm-inputs", type=int, default=8, help="sequences explained (default 8)")
+    parser.add_argument("--lm-length", type=int, default=128, help="tokens per sequence (default 128)")
+    parser.add_argument("--memory-mb", type=int, default=16384, help="the engine's memory budget (default 16384)")
+    args = parser.parse_args()
+    if (args.part != "checkpoints" or args.device.startswith("cuda")) and not torch.cuda.is_available():
+        sys.exit("bench_device.py measures a CUDA device: torch sees none here (a dry run of the interval: "
+                 "--part checkpoints --device cpu)")
+    if args.part in ("explain", "all"):
+        explain_part(args)
+    if args.part in ("checkpoints", "all"):
+        checkpoints_part(args)
 
 
 if __name__ == "__main__":

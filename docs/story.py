@@ -1,4 +1,4 @@
-"""Print the numbers behind the README's sample-run sections as Markdown tables.
+"""Print the numbers behind the sample-run sections of docs/samples.md as Markdown tables.
 
     .venv/bin/python docs/story.py sample_runs/grokking.duckdb
 

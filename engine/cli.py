@@ -28,7 +28,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, get_args, get_type_hints
 
-from engine.errors import ExplaindError
+from engine.errors import BadInputError, ExplaindError
 
 Handler = Callable[[argparse.Namespace], dict[str, Any]]
 TRUST_HELP = "import the model and data code the run names (needed unless it is a built-in task)"
@@ -108,19 +108,25 @@ def cmd_explain(args: argparse.Namespace) -> dict[str, Any]:
     import polars as pl
 
     from engine.decompose import ExplainConfig, explain_history, parse_test
+    from engine.model.outputs import imported_quantity
     from engine.run.history import History
     from engine.store import check_target, validate_run_name, write_run
 
     out = Path(args.out)
     validate_run_name(out.stem)
     check_target(out, protect=(args.run,))
+    # an import path on the command line is the user's own choice of code to run (no --trust-run)
+    quantity = imported_quantity(args.quantity) if ":" in args.quantity else args.quantity
     common = {**parse_test(args.test), "dtype": args.dtype, "device": args.device, "subsample": args.subsample}
-    config = ExplainConfig(**common, quantity=args.quantity, quadrature=args.quadrature, views=args.views,
+    config = ExplainConfig(**common, quantity=quantity, quadrature=args.quadrature, views=args.views,
                            window=args.window, rtol=args.rtol, decay_split=not args.no_decay_split)
     # prediction-level exactness (agreement, KL) needs every logit reconstructed
     checks = [ExplainConfig(**common, quantity="logits", quadrature=q, views=()) for q in _split(args.exactness)]
     history = History.open(args.run, allow_incomplete=args.allow_incomplete)
     task = history.task(args.trust_run)
+    if checks and task.dataset("train").regression:
+        raise BadInputError(f"--exactness compares predicted classes (agreement, KL); {history.path} has "
+                            "floating-point targets")
     explanation = explain_history(history, task, config, progress=not args.json)
     exactness = [explanation.exactness()] if explanation.exactness() is not None else []
     exactness += [explain_history(history, task, check, progress=not args.json).exactness() for check in checks]
@@ -131,6 +137,25 @@ def cmd_explain(args: argparse.Namespace) -> dict[str, Any]:
     if table is not None:
         summary["exactness"] = table.to_dicts()
     return summary
+
+
+def cmd_explain_checkpoints(args: argparse.Namespace) -> dict[str, Any]:
+    from engine.decompose.checkpoints import checkpoint_config, explain_checkpoints
+    from engine.run.series import SeriesSource, open_series
+    from engine.store import check_target, validate_run_name
+
+    out = Path(args.out)
+    validate_run_name(out.stem)
+    inputs = [*args.source, args.inputs, *(p for p in (args.model, args.tokenizer) if p and not p.startswith("{"))]
+    check_target(out, protect=inputs)
+    # the model is the user's own --model or a Hugging Face config.json (data that names no code):
+    # no --trust-run is asked for
+    opened = open_series(SeriesSource(tuple(args.source), args.inputs, args.model, args.steps, args.tokenizer,
+                                      args.max_inputs))
+    config = checkpoint_config(opened, args.quantity, quadrature=args.quadrature, dtype=args.dtype, rtol=args.rtol,
+                               device=args.device)
+    summary = explain_checkpoints(opened, config, out, progress=not args.json).summary()
+    return {**summary, "out": str(out)}
 
 
 def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
@@ -161,7 +186,10 @@ COMMANDS: dict[str, tuple[Handler, str]] = {
     "train": (cmd_train, "train a built-in task and record it"),
     "verify": (cmd_verify, "replay every recorded update from the record (MATH.md §3)"),
     "explain": (cmd_explain, "decompose a recorded run into influences and write a run database"),
-    "prune": (cmd_prune, "prune the final model by kernel importance vs magnitude and random (MATH.md §5)"),
+    "explain-checkpoints": (cmd_explain_checkpoints, "decompose the changes between consecutive checkpoints "
+                            "(MATH.md §7) and write a run database"),
+    "prune": (cmd_prune, "prune the final model by kernel importance and its variants vs Taylor, magnitude and "
+              "random (MATH.md §5)"),
     "info": (cmd_info, "summarize a run database"),
     "import-explaind": (cmd_import_explaind, "convert a run recorded with the published explaind package"),
     "sample": (cmd_sample, "rebuild a shipped sample run from scratch (train, verify, explain, prune)"),
@@ -169,6 +197,7 @@ COMMANDS: dict[str, tuple[Handler, str]] = {
 # what each command writes: a run database (published atomically) or a run directory (recorded chunk by chunk)
 _DATABASE_OUT: dict[str, Callable[[argparse.Namespace], Path]] = {
     "explain": lambda args: Path(args.out),
+    "explain-checkpoints": lambda args: Path(args.out),
     "prune": lambda args: Path(args.db),
     "sample": lambda args: Path(args.out) / f"{args.name}.duckdb",
 }
@@ -209,6 +238,7 @@ def _left_behind(args: argparse.Namespace | None, before: tuple[int, int] | None
 
 @functools.cache
 def build_parser() -> argparse.ArgumentParser:
+    from engine.decompose.checkpoints import QUADRATURE as SERIES_QUADRATURE
     from engine.tasks import TASKS
 
     parser = argparse.ArgumentParser(prog="python -m engine",
@@ -241,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--views", default="components", help="comma-separated from components,data,importance; "
                          "completeness is always computed (default %(default)s)")
     explain.add_argument("--quantity", default="logits",
-                         help="logits, true-logit, logprob, loss or margin (default %(default)s)")
+                         help="logits, true-logit, logprob, loss (the run's training loss), margin, or the import "
+                         "path package.module:function of fn(output, labels) -> (batch,) or (batch, out) "
+                         "(default %(default)s)")
     explain.add_argument("--quadrature", default="adaptive",
                          help="adaptive, adaptive:N, gauss:N or midpoint:N (default %(default)s)")
     explain.add_argument("--window", type=int, default=1, help="steps per stored window (default %(default)s)")
@@ -260,6 +292,32 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--allow-incomplete", action="store_true", help="explain the steps of an unfinished run")
     explain.add_argument("--trust-run", action="store_true", help=TRUST_HELP)
     explain.add_argument("--json", action="store_true", help="print one JSON object")
+
+    series = sub.add_parser("explain-checkpoints", help=COMMANDS["explain-checkpoints"][1])
+    series.add_argument("source", nargs="+", help="a folder of checkpoint-<step> folders, or checkpoints (state-dict "
+                        "files or save_pretrained folders) in training order")
+    series.add_argument("--inputs", required=True, help="explained inputs: token ids (.npy, .parquet, .jsonl) or texts "
+                        "(.txt, .jsonl/.parquet 'text') for a language model; a split (val, val:16, val:ids=3,7) for "
+                        "a task's model")
+    series.add_argument("--out", required=True, help="run database to write (.duckdb), replaced atomically")
+    series.add_argument("--model", default=None, help="model spec as JSON or a .json file: a Hugging Face config, "
+                        "{\"task\": ...} or {\"model\": \"pkg.mod:Class\", \"model_kwargs\": {...}} "
+                        "(default: the checkpoints' config.json)")
+    series.add_argument("--steps", type=_tuple_parser(int), default=None, help="training step of each checkpoint, "
+                        "comma-separated (default: from the names)")
+    series.add_argument("--tokenizer", default=None, help="tokenizer folder for text inputs (default: the "
+                        "checkpoints')")
+    series.add_argument("--max-inputs", type=_positive_int, default=None, help="explain the first N sequences only")
+    series.add_argument("--quantity", default="loss", help="language models: loss (per sequence), token-loss, "
+                        "next-logprob; classifiers: logits, true-logit, logprob, loss, margin (default %(default)s)")
+    series.add_argument("--quadrature", default=SERIES_QUADRATURE, help="adaptive:N (Gauss rules up to N nodes per "
+                        "interval and input, as each needs), gauss:N or midpoint:N (default %(default)s)")
+    series.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    series.add_argument("--rtol", type=float, default=None,
+                        help="error budget per interval and input, relative to its change; float32 units that "
+                        "cannot meet it are recomputed in float64 (default: every interval to round-off)")
+    series.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    series.add_argument("--json", action="store_true", help="print one JSON object")
 
     from engine.analysis.prune import add_arguments as prune_arguments
 

@@ -2,9 +2,14 @@
 
 ``python -m engine sample digits`` trains the task, checks the record by replay,
 decomposes it, measures prediction-level exactness for several quadratures, runs the
-pruning study and publishes ``sample_runs/digits.duckdb``. Everything is seeded, so the
-same command reproduces the same numbers; the recipe is stored in the database's metadata
-(key ``recipe``) so a test can check that a shipped file matches its command.
+``python -m engine sample digits`` trains the task, checks the record by replay,
+decomposes it, measures prediction-level exactness for several quadratures, runs the
+pruning study (every method the importance view ranks by, 10 %–99.9 % sparsity, global and
+per-tensor scope) and publishes ``sample_runs/digits.duckdb``. ``python -m engine sample
+tiny-lm`` trains the tiny language model, which saves ``checkpoint-<step>`` folders instead
+of a recording, and explains that checkpoint series on its held-out text. Everything is
+seeded, so the same command reproduces the same numbers; the recipe is stored in the
+database's metadata (key ``recipe``) so a test can check that a shipped file matches its command.
 """
 
 from __future__ import annotations
@@ -21,16 +26,22 @@ from typing import Any
 import polars as pl
 import torch
 
-from engine.analysis.prune import PruneConfig, run_prune
+from engine.analysis.prune import SCOPES, PruneConfig, run_prune
 from engine.decompose import ExplainConfig, Explanation, explain_history, merge_tests
+from engine.decompose.checkpoints import checkpoint_config, explain_checkpoints, saved_interval, work_folder
 from engine.errors import BadInputError
 from engine.run.history import History
 from engine.run.record import check_run_target
+from engine.run.series import SeriesSource, open_series
 from engine.run.verify import verify
 from engine.store import check_target, write_run
-from engine.tasks import train_task
+from engine.tasks import tiny_lm, train_task
 
 log = logging.getLogger(__name__)
+
+# sparsities of the samples' pruning curves: from light pruning, where a good ranking keeps the model
+# intact, to 99.9 %, where every ranking has destroyed it
+PRUNE_SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)
 
 
 @dataclass(frozen=True)
@@ -44,14 +55,28 @@ class SampleRecipe:
     data: dict[str, Any] = field(default_factory=dict)            # ExplainConfig of the data-view pass
     exactness: tuple[str, ...] = ("adaptive", "midpoint:100", "midpoint:10")
     exactness_tests: int = 100
-    prune: dict[str, Any] = field(default_factory=dict)           # PruneConfig overrides
+    prune: dict[str, Any] = field(default_factory=dict)           # PruneConfig overrides but the scope …
+    prune_scopes: tuple[str, ...] = SCOPES                         # … which takes each of these in turn
 
     def to_json(self) -> dict[str, Any]:
         """The recipe as it reads back from the database's JSON metadata."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
-SAMPLES: dict[str, SampleRecipe] = {
+@dataclass(frozen=True)
+class SeriesRecipe:
+    """A sample explained from saved checkpoints: the tiny language model's training (``train``,
+    ``TinyLMConfig`` overrides) and the ``explain-checkpoints`` settings of its held-out text."""
+
+    name: str
+    train: dict[str, Any] = field(default_factory=dict)
+    explain: dict[str, Any] = field(default_factory=dict)   # quantity, dtype, rtol, quadrature
+
+    def to_json(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+SAMPLES: dict[str, SampleRecipe | SeriesRecipe] = {
     recipe.name: recipe
     for recipe in (
         SampleRecipe(
@@ -62,6 +87,7 @@ SAMPLES: dict[str, SampleRecipe] = {
                         "window": 5, "dtype": "float64"},
             data={"test_size": 10, "quantity": "logprob", "views": ("data",), "window": 20, "dtype": "float64"},
             exactness_tests=30,
+            prune={"sparsities": PRUNE_SPARSITIES},
         ),
         SampleRecipe(
             name="grokking",
@@ -70,6 +96,11 @@ SAMPLES: dict[str, SampleRecipe] = {
                         "window": 20, "rtol": 1e-5},
             data={"test_size": 20, "quantity": "logprob", "views": ("data",), "window": 200, "rtol": 1e-5},
             exactness_tests=10,
+            prune={"sparsities": PRUNE_SPARSITIES},
+        ),
+        SeriesRecipe(
+            name="tiny-lm",
+            explain={"quantity": "loss", "dtype": "float32", "rtol": 1e-5},
         ),
     )
 }
@@ -121,6 +152,8 @@ def build_sample(sample: str | SampleRecipe, out_dir: Path = Path("sample_runs")
     if isinstance(sample, str) and sample not in SAMPLES:
         raise BadInputError(f"unknown sample run {sample!r}; choose one of {', '.join(SAMPLES)}")
     recipe = SAMPLES[sample] if isinstance(sample, str) else sample
+    if isinstance(recipe, SeriesRecipe):
+        return build_series_sample(recipe, out_dir, work_dir, progress, jobs)
     name = recipe.name
     run_dir = work_dir / name
     target = check_target(out_dir / f"{name}.duckdb", protect=(run_dir,))
@@ -141,7 +174,8 @@ def build_sample(sample: str | SampleRecipe, out_dir: Path = Path("sample_runs")
             "data_tests": len(data.test_ids)}
     bundle = dataclasses.replace(bundle, meta=meta, data=data.data)
     target = write_run(target, bundle)
-    _, pruning = run_prune(target, PruneConfig(**recipe.prune), progress=progress)
+    pruning = pl.concat([run_prune(target, PruneConfig(**recipe.prune, scope=scope), progress=progress)[1]
+                         for scope in recipe.prune_scopes])
     return {
         "sample": name,
         "database": str(target),
@@ -151,3 +185,33 @@ def build_sample(sample: str | SampleRecipe, out_dir: Path = Path("sample_runs")
         "exactness": pl.concat(checks).to_dicts(),
         "pruning_rows": pruning.height,
     }
+
+
+def _series_interval(source: SeriesSource, explain: dict[str, Any], work: Path, k: int) -> None:
+    """Explain and save interval ``k`` in a process of one thread."""
+    torch.set_num_threads(1)
+    opened = open_series(source)
+    saved_interval(opened, checkpoint_config(opened, **explain), work, k)
+
+
+def build_series_sample(recipe: SeriesRecipe, out_dir: Path, work_dir: Path, progress: bool = True,
+                        jobs: int = 1) -> dict[str, Any]:
+    """Train the tiny language model (saving checkpoints), explain its held-out text over them, publish.
+
+    With ``jobs > 1`` the intervals are explained in that many single-threaded processes first
+    (each a unit of its own, saved where the explanation then reads them back)."""
+    target = check_target(out_dir / f"{recipe.name}.duckdb", protect=(work_dir / recipe.name,))
+    run_dir = tiny_lm.train(tiny_lm.TinyLMConfig(**recipe.train), work_dir / recipe.name, progress=progress)
+    source = SeriesSource((str(run_dir),), str(run_dir / tiny_lm.HELDOUT))
+    opened = open_series(source)
+    config = checkpoint_config(opened, **recipe.explain)
+    if jobs > 1:
+        work = work_folder(target, opened, config)
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(_series_interval, *zip(*[(source, recipe.explain, work, k)
+                                                   for k in range(opened.series.num_steps)], strict=True)))
+    explanation = explain_checkpoints(opened, config, target, progress=progress, meta={"recipe": recipe.to_json()})
+    summary = explanation.summary()
+    return {"sample": recipe.name, "database": str(target), "run": str(run_dir),
+            "max_rel_residual": summary["max_rel_residual"],
+            "max_rel_residual_interval": summary["max_rel_residual_interval"], "seconds": summary["seconds"]}

@@ -4,7 +4,8 @@ Every case damages one thing in a copy of the pristine files: a manifest key dro
 the wrong type, a file truncated, emptied, replaced by random bytes or deleted, a tensor
 dropped, retyped, reshaped or filled with NaN, a Parquet column dropped, retyped, emptied or
 set out of range, a database table or column dropped or retyped, a metadata value removed,
-mistyped or malformed. The cases walk whatever keys, files, tensors, columns and tables the
+mistyped or malformed. One recording is of a model with a BatchNorm buffer and dropout, so
+that buffers and random states are damaged too. The cases walk whatever keys, files, tensors, columns and tables the
 real files contain, so a format that grows is covered without a change here; which manifest
 keys and metadata keys may be absent comes from the format declarations
 (``engine.run.schema``, ``engine.store.schema``).
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from engine.cli import main
 from engine.model.task import get_task
@@ -46,16 +48,35 @@ Damage = Callable[[Path], None]
 ADAM_SPEC = {"task": "modular-addition", "config": {"p": 5, "d_model": 4, "n_heads": 1, "d_mlp": 4,
                                                     "train_frac": 0.6, "steps": 5}}
 SGD_SPEC = {"task": "digits-cnn", "config": {"channels": [2, 2], "hidden": 4, "steps": 5, "batch_size": 8}}
+# The test suite's own model (so every command takes --trust-run): its recording holds buffers
+# (buffers.safetensors, buffer/ and buffer_end/ chunk tensors, final buffers) and random states.
+NOISY_SPEC = {"model": "tests.corpus:NoisyNormMLP", "model_kwargs": {}, "data": "tests.fidelity_models:vectors",
+              "data_kwargs": {}, "loss": "cross_entropy"}
 STEPS = 5
 CHUNK_STEPS = 2          # three chunks: steps 0-1, 2-3, 4
 
 
+class NoisyNormMLP(nn.Module):
+    """Linear → BatchNorm → ReLU → dropout → Linear: a buffer that changes every step and a random forward."""
+
+    def __init__(self, n_in: int = 6, hidden: int = 8, n_out: int = 3, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc = nn.Linear(n_in, hidden)
+        self.norm = nn.BatchNorm1d(hidden)
+        self.drop = nn.Dropout(0.25)
+        self.head = nn.Linear(hidden, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(torch.relu(self.norm(self.fc(x)))))
+
+
 def record(spec: dict, out: Path, steps: int = STEPS) -> Path:
-    """Record ``steps`` steps of a built-in task (AdamW for modular addition, SGD with momentum for digits)."""
+    """Record ``steps`` steps of a task (AdamW for modular addition, SGD with momentum otherwise)."""
     task = get_task(spec)
     model = task.build_model()
     train = task.dataset("train")
-    if spec["task"] == "modular-addition":
+    if spec.get("task") == "modular-addition":
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.98), weight_decay=1.0)
     else:
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
@@ -280,9 +301,25 @@ def run_directory_cases(run: Path, verify: tuple[str, ...], explain: tuple[str, 
         "an unknown optimizer family": _set(("optimizer", "family"), "rmsprop"),
         "an unknown status": _set(("status",), "finished"),
         "a non-finite learning rate": _set(("optimizer", "groups", 0, "lr"), float("nan")),
-        "an unknown built-in task": _set(("model", "task"), "no-such-task"),
-        "a non-finite task setting": _set(("model", "config", "seed"), float("inf")),
     }
+    if "task" in manifest["model"]:
+        inconsistent.update({
+            "an unknown built-in task": _set(("model", "task"), "no-such-task"),
+            "a non-finite task setting": _set(("model", "config", "seed"), float("inf")),
+        })
+    else:
+        inconsistent.update({
+            "a model import path that does not exist": _set(("model", "model"), "tests.nowhere:Model"),
+            "a loss that is not a function": _set(("model", "loss"), "tests.corpus:STEPS"),
+        })
+    if manifest.get("buffers"):
+        first_buffer = manifest["buffers"][0]
+        inconsistent.update({
+            "a buffer shape unlike its tensors": _set(("buffers", 0, "shape"), [*first_buffer["shape"], 1]),
+            "a buffer listed twice": lambda m: m["buffers"].append(dict(m["buffers"][0])),
+            "a chunk listing a buffer the manifest does not": _set(("chunks", 0, "buffers"), ["nowhere.buffer"]),
+            "a chunk listing no changed buffer": _set(("chunks", 0, "buffers"), []),
+        })
     for name, change in inconsistent.items():
         add("manifest inconsistent", name, edit_manifest(change))
 
@@ -292,7 +329,16 @@ def run_directory_cases(run: Path, verify: tuple[str, ...], explain: tuple[str, 
             add(f"file {how}", rel, edit_file(rel, change))
 
     chunk = f"chunks/{manifest['chunks'][0]['stem']}"
-    for rel in (f"{chunk}.safetensors", "final.safetensors"):
+    count = manifest["chunks"][0]["last_step"] - manifest["chunks"][0]["first_step"] + 1
+    declared_tensors = {
+        f"{chunk}.safetensors": run_schema.expected_tensors(run_schema.CHUNK_TENSORS, manifest, count,
+                                                            manifest["chunks"][0].get("buffers", [])),
+        "final.safetensors": run_schema.expected_tensors(run_schema.FINAL_TENSORS, manifest),
+        "buffers.safetensors": run_schema.expected_tensors(run_schema.BUFFER_TENSORS, manifest),
+    }
+    for rel, declared_here in declared_tensors.items():
+        if not (run / rel).exists():
+            continue
         with safe_open(str(run / rel), "pt") as handle:
             names = list(handle.keys())
         for name in names:
@@ -303,7 +349,9 @@ def run_directory_cases(run: Path, verify: tuple[str, ...], explain: tuple[str, 
                 edit_tensors(rel, lambda t, n=name: t.update({n: t[n].reshape(-1)[:-1]})))
             with safe_open(str(run / rel), "pt") as handle:
                 floating = handle.get_slice(name).get_dtype().startswith("F")
-            bad_values = (float("nan"), float("inf")) if floating else (7.0,)
+            ranged = name in declared_here and declared_here[name].rule.maximum is not None
+            # a generator state may hold any bytes: only its layout can be wrong
+            bad_values = (float("nan"), float("inf")) if floating else (7.0,) if ranged else ()
             for bad in bad_values:
                 add("tensor value out of range", f"{rel}:{name} = {bad}",
                     edit_tensors(rel, lambda t, n=name, b=bad: t.update({n: _first_set(b)(t[n])})))

@@ -186,8 +186,12 @@ def synthetic_bundle(
             "tensor": names.gather(np.repeat(np.arange(n_tensors), sizes)),
             "index": np.concatenate([np.arange(n) for n in sizes]).astype(np.int64),
             "importance": rng.exponential(1.0, int(sizes.sum())),
+            "gradient": rng.exponential(1.0, int(sizes.sum())),
+            "decay": rng.exponential(1.0, int(sizes.sum())),
+            "taylor": rng.exponential(1.0, int(sizes.sum())),
             "magnitude": np.abs(rng.standard_normal(int(sizes.sum()))),
-        })
+        }).with_columns(balance=pl.col("gradient") - pl.col("decay")).select(
+            "tensor", "index", "importance", "gradient", "decay", "balance", "taylor", "magnitude")
 
     predictions = None
     if outputs == classes:

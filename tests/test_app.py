@@ -2,6 +2,8 @@
 
 import base64
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -102,24 +104,29 @@ def test_every_page_renders_its_figures_and_downloads(runs, page, charts, tables
         axes = [v for k, v in spec["layout"].items() if k.startswith(("xaxis", "yaxis"))]
         assert any(axis.get("title", {}).get("text") for axis in axes)
     buttons = [b.proto for b in at.get("download_button")]
-    assert sum(b.label == "Download interactive HTML" for b in buttons) == charts
+    for label in ("Download interactive HTML", "Download PNG", "Download SVG", "Download PDF"):
+        assert sum(b.label == label for b in buttons) == charts, label
     assert sum(b.label == "Download CSV" for b in buttons) == tables
+    assert sum(b.label == "Export slides (.pptx)" for b in buttons) == 1
     assert all(b.ignore_rerun for b in buttons)
-    assert len(at.dataframe) == tables
+    assert len(at.dataframe) + len(at.table) == tables
     configs = [json.loads(c.proto.config) for c in at.get("plotly_chart")]
     assert all(c["toImageButtonOptions"]["format"] == "png" for c in configs)
-    assert all(c["toImageButtonOptions"]["filename"].startswith("demo-seed1-") for c in configs)
+    assert all(c["toImageButtonOptions"]["filename"].startswith(f"demo-seed1-{page}-") for c in configs)
+    # every figure says which run and slice it shows
+    assert all(spec["layout"]["title"]["subtitle"]["text"].startswith("run demo-seed1") for spec in specs)
 
 
 def test_app_opens_on_the_first_run_and_writes_the_view_to_the_url(runs):
     at = app().run()
     no_errors(at)
     assert at.selectbox(key="url:run").value == "demo-seed1"  # file names sort "demo-seed1" before "demo."
-    assert titles(at) == ["Overview · demo-seed1"]
+    assert titles(at) == [f"Overview · {state.escaped('demo-seed1')}"]
     assert at.query_params == {"run": "demo-seed1", "present": "0", "img": "png", "logx": "0"}
 
 
-def test_run_selector_switches_runs_and_other_runs_directory(runs, tmp_path):
+def test_run_selector_switches_runs_and_other_runs_directory(runs, tmp_path, monkeypatch):
+    monkeypatch.setenv(state.ENV_ROOTS, str(tmp_path))
     at = app().run()
     at.selectbox(key="url:run").select("demo").run()
     no_errors(at)
@@ -163,7 +170,7 @@ def test_a_directory_without_grokking_opens_its_first_run(tmp_path, monkeypatch)
     monkeypatch.setenv(state.ENV_RUNS, str(tmp_path))
     at = app().run()
     no_errors(at)
-    assert titles(at) == ["Overview · a-run"]
+    assert titles(at) == [f"Overview · {state.escaped('a-run')}"]
 
 
 def test_foreign_and_broken_files_show_the_store_message(tmp_path, monkeypatch):
@@ -251,7 +258,7 @@ def test_overview_log_axis_and_presentation_mode_via_url(runs):
     config = json.loads(at.get("plotly_chart")[0].proto.config)
     assert config["toImageButtonOptions"]["format"] == "svg" and config["toImageButtonOptions"]["scale"] == 3
     assert not at.caption  # hints are hidden while presenting
-    assert any("font-size: 20px" in h.proto.body for h in at.get("html"))
+    assert any("font-size: 22px" in h.proto.body for h in at.get("html"))
     at.toggle(key="url:present").set_value(False).run()
     assert figures(at)[0]["layout"]["font"]["size"] == 13 and at.caption
 
@@ -277,7 +284,7 @@ def test_invalid_parameters_warn_and_fall_back_to_defaults(runs, page, query, in
     no_errors(at)
     text = warnings(at)
     for name in invalid:
-        assert f"`{name}={query[name]}` was ignored" in text
+        assert f"{state.inert(f'{name}={query[name]}')} was ignored" in text
         assert at.query_params[name] != query[name]  # the URL now holds the default
     assert len(at.warning) == len(invalid)
     assert figures(at)  # the page still draws
@@ -317,6 +324,28 @@ def test_missing_views_are_explained_not_failed(bare_run):
         assert any(message in i.value for i in at.info), page
     at.switch_page("views/components.py").run()
     assert at.selectbox(key="url:subset").options == ["all test examples", "one class", "one example"]
+
+
+def test_a_checkpoint_series_renders_and_says_it_has_no_data_axis(tmp_path, monkeypatch):
+    """A series run: one steps row per checkpoint (no learning rate, no update after the last one),
+    no data view, no importance; every page draws and the Data page says how to get a data axis."""
+    bundle = synthetic_bundle(with_data=False, with_importance=False, marker="series")
+    checkpoints = bundle.steps.filter(pl.col("step") % 5 == 0).with_columns(
+        lr=pl.lit(None, pl.Float64), weight_decay=pl.lit(None, pl.Float64), train_loss=pl.lit(None, pl.Float64),
+        update_norm=pl.when(pl.col("step") < pl.col("step").max()).then(pl.col("update_norm")))
+    examples = bundle.examples.filter(pl.col("split") == "test").with_columns(
+        predicted=pl.lit(None, pl.Int64), correct=pl.lit(None, pl.Boolean))
+    series = type(bundle)(**{**bundle.__dict__, "steps": checkpoints, "examples": examples, "pruning": None,
+                             "meta": {**bundle.meta, "kind": "checkpoints"}})
+    write_run(tmp_path / "series.duckdb", series)
+    monkeypatch.setenv(state.ENV_RUNS, str(tmp_path))
+    for page in ("overview", "components", "reconstruction"):
+        at = on_page(page)
+        no_errors(at)
+        assert figures(at), page
+    at = on_page("data")
+    no_errors(at)
+    assert any("series of checkpoints" in i.value and "Recorder" in i.value for i in at.info)
 
 
 def test_component_totals_table_matches_the_store(runs):
@@ -362,3 +391,80 @@ def test_a_run_file_removed_after_listing_is_reported(tmp_path):
     assert gone.mtime_ns == 0 and gone.name == "gone"
     with pytest.raises(RunNotFoundError, match="does not exist"):
         gone.open()
+
+
+# ── values from outside ─────────────────────────────────────────────────────────────
+
+HOSTILE = [
+    "`**bold**` [click](https://evil.example)", "``x``` `", "<img src=x onerror=alert(1)>", "\u202egnp.exe\u200b",
+    ":red[x] :material/home: $x^2$ www.evil.example", "a\n# heading", "x" * 5000, "",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("raw", HOSTILE)
+def test_inert_values_are_one_code_span_of_visible_characters(raw):
+    shown = state.inert(raw)
+    fence = re.match("`+", shown).group()
+    body = shown[len(fence) : -len(fence)]
+    assert shown.endswith(fence) and f"`{fence}" not in body and f"{fence}`" not in body.strip()
+    assert fence not in body  # the fence cannot close early: no equally long backtick run inside
+    assert not re.search("[\u0000-\u001f\u200b-\u200f\u202a-\u202e\u2066-\u2069]", body)
+    assert len(body) <= state.SHOWN_CHARS + 2
+    visible = re.sub(r"U\+([0-9A-F]{4})", lambda m: chr(int(m.group(1), 16)), body.strip())
+    assert visible == (raw[: state.SHOWN_CHARS - 1] + "…" if len(raw) > state.SHOWN_CHARS else raw) or raw == ""
+
+
+def test_escaped_names_have_no_active_markdown():
+    assert state.escaped("a-run_[x](y)") == r"a\-run\_\[x\]\(y\)"
+
+
+def test_dir_accepts_only_directories_under_the_roots(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (root / "escape").symlink_to(outside)
+    roots = [root.resolve()]
+    assert state.check_directory(str(root / "sub"), roots) == (root / "sub").resolve()
+    for raw in (str(outside), str(root / "sub" / ".." / ".." / "outside"), str(root / "escape"), "/etc"):
+        with pytest.raises(ValueError, match="started with"):
+            state.check_directory(raw, roots)
+    with pytest.raises(ValueError, match="not a directory"):
+        state.check_directory(str(root / "missing"), roots)
+    env = {state.ENV_ROOTS: f"{outside}{os.pathsep}"}
+    assert state.allowed_roots(["--runs", str(root), "--root", "/srv"], env) == [
+        root.resolve(), Path("/srv").resolve(), outside.resolve()]  # fmt: skip
+
+
+def test_a_link_to_a_directory_outside_the_roots_is_refused(runs):
+    at = app({"dir": "/etc"}).run()
+    no_errors(at)
+    assert "only directories under the ones it was started with" in warnings(at)
+    assert titles(at) == [f"Overview · {state.escaped('demo-seed1')}"]  # the launch directory's runs
+
+
+# ── compare ─────────────────────────────────────────────────────────────────────────
+
+
+def test_compare_defaults_to_a_run_of_the_same_task(tmp_path, monkeypatch):
+    write_run(tmp_path / "a-grok.duckdb", make_demo_bundle())
+    shutil.copy(state.SAMPLE_RUNS / "digits.duckdb", tmp_path / "b-digits.duckdb")
+    write_run(tmp_path / "c-grok.duckdb", make_demo_bundle(seed=1))
+    monkeypatch.setenv(state.ENV_RUNS, str(tmp_path))
+    at = on_page("compare", {"run": "a-grok"})
+    no_errors(at)
+    assert at.selectbox(key="url:other").value == "c-grok"  # not the first file, the first of the same task
+    assert at.selectbox(key="url:other").options[1].startswith("c-grok")
+    assert not at.warning
+    at.selectbox(key="url:other").select("b-digits").run()
+    no_errors(at)
+    assert "share no layer" in warnings(at) and state.escaped("digits-cnn") in warnings(at)
+
+
+def test_compare_asks_when_no_run_has_the_same_task(tmp_path, monkeypatch):
+    write_run(tmp_path / "a-grok.duckdb", make_demo_bundle())
+    shutil.copy(state.SAMPLE_RUNS / "digits.duckdb", tmp_path / "b-digits.duckdb")
+    monkeypatch.setenv(state.ENV_RUNS, str(tmp_path))
+    at = on_page("compare", {"run": "a-grok"})
+    no_errors(at)
+    assert at.selectbox(key="url:other").value == ""
+    assert "No other run here is of the task" in at.info[0].value and not figures(at)

@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import plotly.graph_objects as go
 import polars as pl
 import pytest
 
@@ -11,6 +12,20 @@ from app.charts import Style
 from app.phases import Phase, find_phases, reach_and_hold
 
 STYLE = Style()
+
+
+@pytest.fixture(autouse=True)
+def _validated_figures(monkeypatch):
+    """The dashboard builds figures without plotly's validation (for speed); here every
+    figure a builder returns is validated, so a misspelt property fails its test."""
+    build = charts._figure
+
+    def validated(*args, **kwargs):
+        fig = build(*args, **kwargs)
+        go.Figure(fig.to_plotly_json())  # raises ValueError on an invalid property or value
+        return fig
+
+    monkeypatch.setattr(charts, "_figure", validated)
 
 
 def steps_frame(n: int = 100, fit: int = 20, grok: int = 70) -> pl.DataFrame:
@@ -123,7 +138,10 @@ def test_group_order_uses_position_and_deduplicates():
 def test_presentation_style_is_larger_and_light():
     normal, present = Style(dark=True), Style(presentation=True, dark=True)
     assert present.font_size > normal.font_size and present.height(500) > normal.height(500)
-    assert normal.template is charts.DARK and present.template is charts.LIGHT
+    assert normal.template["layout"]["paper_bgcolor"] == "#0E1117"
+    assert present.template["layout"]["paper_bgcolor"] == "white"
+    # x tick labels stand below the lowest y label's lower half at either font size
+    assert present.template["layout"]["xaxis"]["ticklabelstandoff"] > present.font_size / 2
     config = present.image_config("run-curves", "svg")
     assert config["toImageButtonOptions"] == {"format": "svg", "filename": "run-curves", "scale": 3}
     fig = charts.training_curves(steps_frame(), [], present)
@@ -158,12 +176,38 @@ def test_training_curves_drop_unlogged_values_and_support_log_steps():
 
 
 def test_optimizer_curves_rows():
-    fig = charts.optimizer_curves(steps_frame(), [], STYLE)
+    steps = steps_frame().with_columns(lr=np.linspace(0, 1e-3, 100), update_norm=np.geomspace(0.3, 0.05, 100))
+    fig = charts.optimizer_curves(steps, [], STYLE)
     assert [t.name for t in fig.data] == ["parameter norm", "update norm", "learning rate"]
     assert fig.layout.yaxis.title.text == "‖θ‖ (L2)" and fig.layout.yaxis2.type == "log"
     assert fig.layout.yaxis3.title.text == "learning rate"
-    assert tuple(fig.layout.yaxis3.range) == pytest.approx((0, 1.25e-3))  # constant rate shown against zero
     assert fig.data[0].y[-1] == pytest.approx(10 + 99 / 10)
+    # less than a decade of ‖Δθ‖: labelled at 1-2-5 steps, not at every digit
+    assert list(fig.layout.yaxis2.tickvals) == pytest.approx([0.05, 0.1, 0.2])
+
+
+def test_a_constant_learning_rate_is_stated_not_drawn():
+    fig = charts.optimizer_curves(steps_frame(), [], STYLE)
+    assert [t.name for t in fig.data] == ["parameter norm", "update norm"]
+    assert "learning rate 0.001 at every step" in fig.layout.title.text
+    assert charts.constant_value(steps_frame(), "lr") == 1e-3
+    assert charts.constant_value(steps_frame(), "param_norm") is None
+
+
+@pytest.mark.parametrize(
+    ("values", "ticks"),
+    [
+        ([0.012, 0.5], [0.02, 0.05, 0.1, 0.2, 0.5]),      # under two decades: 1-2-5
+        ([3e-9, 2e-4], [1e-8, 1e-7, 1e-6, 1e-5, 1e-4]),   # decades
+        ([1e-12, 1.0], [1e-12, 1e-9, 1e-6, 1e-3, 1.0]),   # every third decade: at most 6 ticks
+        ([0.31, 0.42], [0.35, 0.4]),                      # inside one 1-2-5 step: round numbers
+    ],
+)  # fmt: skip
+def test_log_ticks_never_crowd(values, ticks):
+    out = charts.log_ticks(values)
+    assert out["tickvals"] == pytest.approx(ticks)
+    assert len(out["ticktext"]) == len(ticks) <= charts.MOST_TICKS
+    assert charts.log_ticks([0.0, -1.0, float("nan")]) == {}
 
 
 def test_run_card_formats_meta_and_marks_missing_fields():
@@ -182,12 +226,30 @@ def test_run_card_formats_meta_and_marks_missing_fields():
     assert card["task"] == "modular-addition"
     assert card["model size"] == "226,560 parameters in 12 tensors"
     assert card["optimizer"] == "AdamW (adam family)"
-    assert card["hyper-parameters"] == "lr 0.001, betas (0.9, 0.98)"
+    assert card["optimizer hyper-parameters"] == "lr 0.001, betas (0.9, 0.98)"
     assert card["quadrature"] == "rule gauss-legendre, nodes 4"
     assert card["max relative residual"] == "3.2e-07"
     assert card["compute time"] == "5.0 min"
     assert card["gradient evaluations"] == charts.MISSING
+    assert card["loss"] == "cross_entropy" and card["targets"] == charts.MISSING
+    regression = dict(charts.run_card({"model_spec": {"model": "m:M", "loss": "mse"}, "targets": "float"}).iter_rows())
+    assert regression["loss"] == "mse" and regression["targets"] == "floating-point (regression)"
     assert charts.run_card({})["value"].to_list().count(charts.MISSING) >= 10
+
+
+def test_run_card_keeps_optimizer_and_training_settings_out_of_the_model_config():
+    config = {"p": 97, "d_model": 64, "betas": [0.9, 0.98], "lr": 0.01, "weight_decay": 1.0, "steps": 1000, "seed": 0}
+    card = dict(charts.run_card({"model_spec": {"config": config}, "data_fingerprint": "f" * 64}).iter_rows())
+    assert card["model config"] == "p 97, d_model 64"
+    assert card["training config"] == "steps 1,000, seed 0"
+    assert card["data fingerprint"] == "f" * 64  # whole, not cut
+
+
+def test_phase_table_bounds_are_inclusive_and_disjoint():
+    phases = [Phase("memorization", 0, 20), Phase("circuit formation", 20, 70), Phase("clean-up", 70, 99)]
+    table = charts.phase_table(phases)
+    assert table["first step"].to_list() == [0, 20, 70] and table["last step"].to_list() == [19, 69, 99]
+    assert table["steps"].sum() == 100  # every logged step 0…99 in exactly one phase
 
 
 # ── components ──────────────────────────────────────────────────────────────────────
@@ -340,28 +402,55 @@ def test_exactness_figure_one_bar_per_quadrature():
 # ── pruning and comparison ──────────────────────────────────────────────────────────
 
 
-def test_pruning_figure_means_over_seeds_with_band_only_for_varying_methods():
-    rows = []
-    for sparsity in (0.7, 0.9):
-        rows.append(("kernel", sparsity, 0, 0.95 - sparsity / 10))
-        rows.append(("magnitude", sparsity, 0, 0.9 - sparsity / 10))
-        rows += [("random", sparsity, seed, 0.2 + 0.1 * seed) for seed in range(3)]
-    pruning = pl.DataFrame(rows, schema=["method", "sparsity", "seed", "agreement"], orient="row").with_columns(
-        scope=pl.lit("all"), accuracy=pl.col("agreement"), kl=1 - pl.col("agreement"),
+def pruning_rows(methods=("kernel", "magnitude", "random"), sparsities=(0.1, 0.5, 0.9, 0.99, 0.999)) -> pl.DataFrame:
+    rows = [("dense", 0.0, -1, 1.0)]
+    for sparsity in sparsities:
+        for k, method in enumerate(methods):
+            seeds = range(3) if method == "random" else (-1,)
+            rows += [(method, sparsity, seed, 0.9 - sparsity / 2 - k / 10 + 0.05 * max(seed, 0)) for seed in seeds]
+    return pl.DataFrame(rows, schema=["method", "sparsity", "seed", "agreement"], orient="row").with_columns(
+        scope=pl.lit("global"), accuracy=pl.col("agreement") * 0.9, kl=1 - pl.col("agreement"),
         achieved_sparsity=pl.col("sparsity"),
     )  # fmt: skip
-    fig = charts.pruning_figure(pruning, STYLE)
+
+
+def test_pruning_figure_means_over_seeds_with_band_only_for_varying_methods():
+    fig = charts.pruning_figure(pruning_rows(), STYLE)
     lines = [t for t in fig.data if t.mode == "lines+markers"]
     bands = [t for t in fig.data if t.fill == "toself"]
     assert len(lines) == 9 and len(bands) == 3  # 3 panels × 3 methods; a band for random only
-    random_agreement = next(t for t in lines if t.name == "random" and t.xaxis == "x")
-    assert random_agreement.y == pytest.approx([0.3, 0.3])
-    assert random_agreement.x == pytest.approx([0.3, 0.1])  # kept fraction, sorted by sparsity
-    assert list(random_agreement.customdata) == ["0.7", "0.9"]
-    assert [t.name for t in lines[:3]] == ["kernel", "magnitude", "random"]
+    assert fig.data.index(bands[0]) < fig.data.index(lines[0])  # bands under every curve
+    random_agreement = next(t for t in lines if t.legendgroup == "random" and t.xaxis == "x")
+    assert random_agreement.y == pytest.approx([0.9 - s / 2 - 0.2 + 0.05 for s in (0.1, 0.5, 0.9, 0.99, 0.999)])
+    assert random_agreement.x == pytest.approx(charts.sparsity_position([0.1, 0.5, 0.9, 0.99, 0.999]))
+    assert random_agreement.name.startswith("random (mean of 3 seeds")
+    first_panel = [t.legendgroup for t in lines if t.xaxis == "x"]
+    assert first_panel == ["random", "magnitude", "kernel"]  # kernel drawn last, on top
+    assert len({(t.marker.symbol, t.line.dash) for t in lines}) == 3  # distinct marks
+    dense = [t for t in fig.data if t.legendgroup == "dense"]
+    assert [list(t.y) for t in dense] == [[1.0, 1.0], [0.9, 0.9], [0.0, 0.0]]  # the reference in every panel
+    assert list(fig.layout.xaxis.ticktext) == ["10%", "50%", "90%", "99%", "99.9%"]
     assert fig.layout.yaxis3.title.text == "KL (nats)"
-    assert fig.layout.xaxis.type == "log" and fig.layout.xaxis.autorange == "reversed"
-    assert list(fig.layout.xaxis.tickvals) == [0.3, 0.1] and list(fig.layout.xaxis3.ticktext) == ["30%", "10%"]
+
+
+def test_pruning_figure_is_generic_over_methods():
+    methods = ("kernel", "kernel_abs", "fisher", "random")
+    fig = charts.pruning_figure(pruning_rows(methods).filter(pl.col("method") != "dense"), STYLE)
+    lines = [t for t in fig.data if t.mode == "lines+markers" and t.xaxis == "x"]
+    assert {t.legendgroup for t in lines} == set(methods)
+    assert len({(t.marker.symbol, t.line.dash, t.line.color) for t in lines}) == 4
+    assert any(t.name == "kernel abs" for t in lines)
+    # no dense row stored: agreement 100 % and KL 0 hold by definition; accuracy is unknown
+    dense = [t for t in fig.data if t.legendgroup == "dense"]
+    assert [(t.xaxis, list(t.y)) for t in dense] == [("x", [1.0, 1.0]), ("x3", [0.0, 0.0])]
+
+
+def test_pruning_table_means_without_sentinels():
+    table = charts.pruning_table(pruning_rows())
+    assert "seed" not in table.columns and -1 not in table["seeds"].to_list()
+    assert table["method"].to_list()[:2] == ["dense model", "kernel importance Ψ̄"]
+    random = table.filter(pl.col("method") == "random", pl.col("sparsity") == 0.5).row(0, named=True)
+    assert random["seeds"] == 3 and random["agreement"] == pytest.approx(0.9 - 0.25 - 0.2 + 0.05)
 
 
 def test_compare_curves_overlay_runs_with_dashes():

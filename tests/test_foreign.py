@@ -118,3 +118,32 @@ def test_the_dashboard_imports_nothing_that_rebuilds_a_run():
             elif isinstance(node, ast.Import):
                 found |= {a.name for a in node.names if a.name.startswith("engine")}
     assert found and found <= {"engine.store", "engine.errors"}, found
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    ({"loss": "marking:per_example_loss"}, "loss 'marking:per_example_loss'"),
+    ({"model": "engine.model.hf:causal_lm", "model_kwargs": {"config": {"model_type": "gpt2"}}},
+     "model 'engine.model.hf:causal_lm'"),
+], ids=["loss", "hugging-face"])
+def test_every_import_path_of_a_run_spec_asks_for_trust(foreign_run, tmp_path, monkeypatch, capsys, change, named):
+    """A loss named by import path and a Hugging Face model spec are code the run names, like its model."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    manifest = json.loads((foreign_run / "manifest.json").read_text())
+    manifest["model"].update(change)
+    (foreign_run / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["verify", str(foreign_run), "--json"]) == 2
+    assert named in capsys.readouterr().err
+    assert not (tmp_path / "imported.txt").exists()
+
+
+def test_a_quantity_named_on_the_command_line_needs_no_trust(tmp_path, monkeypatch, capsys):
+    """``--quantity pkg.mod:fn`` is the user's own choice of code: a built-in run explains with it as is."""
+    run = record(ADAM_SPEC, tmp_path / "run")
+    (tmp_path / "quantities.py").write_text("def top(output, labels):\n    return output.max(dim=1).values\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "top.duckdb"
+    assert main(["explain", str(run), "--out", str(out), "--test", "val:2", "--quantity", "quantities:top",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["out"] == str(out)
+    with store.RunDB.open(out) as db:
+        assert db.meta()["quantity"] == "quantities:top"

@@ -15,6 +15,7 @@ from engine.run import schema as run_schema
 from engine.store import schema as store_schema
 from tests.corpus import (
     ADAM_SPEC,
+    NOISY_SPEC,
     SGD_SPEC,
     database_cases,
     database_folder,
@@ -28,6 +29,8 @@ VERIFY = ("verify", "{run}", "--json")
 EXPLAIN = ("explain", "{run}", "--out", "{db}", "--test", "val:2", "--views", "components,data", "--json")
 INFO = ("info", "{db}", "--json")
 PRUNE = ("prune", "{db}", "--sparsities", "0.5", "--seeds", "1", "--min-eval", "1", "--json")
+# the model with buffers and dropout is the test suite's own code: its commands trust the run
+TRUSTED = {"noisy": ((*VERIFY, "--trust-run"), (*EXPLAIN, "--trust-run"))}
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +44,11 @@ def sgd(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def noisy(tmp_path_factory) -> Path:
+    return recorded_folder(tmp_path_factory.mktemp("noisy"), NOISY_SPEC)
+
+
+@pytest.fixture(scope="module")
 def database(tmp_path_factory, adam) -> Path:
     return database_folder(tmp_path_factory.mktemp("db"), adam / "run")
 
@@ -50,10 +58,10 @@ def _report(problems: list[str], total: int) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("folder", ["adam", "sgd"])
+@pytest.mark.parametrize("folder", ["adam", "sgd", "noisy"])
 def test_every_damaged_recording_is_refused(folder, request, tmp_path):
     pristine = request.getfixturevalue(folder)
-    cases = run_directory_cases(pristine / "run", VERIFY, EXPLAIN)
+    cases = run_directory_cases(pristine / "run", *TRUSTED.get(folder, (VERIFY, EXPLAIN)))
     problems = [p for i, case in enumerate(cases) for p in outcome(case, pristine, tmp_path / f"case{i}")]
     assert not problems, _report(problems, len(cases))
 
@@ -65,12 +73,13 @@ def test_every_damaged_database_is_refused(database, tmp_path):
     assert not problems, _report(problems, len(cases))
 
 
-def test_the_corpus_walks_every_part_of_the_formats(adam, sgd, database):
+def test_the_corpus_walks_every_part_of_the_formats(adam, sgd, noisy, database):
     """Every kind of damage is generated, and the declarations cover everything a real recording
     and database hold: a key, tensor, column or metadata key added to a format without its
     declaration fails here."""
-    kinds = Counter(case.name.split(":")[0] for folder in (adam, sgd)
-                    for case in run_directory_cases(folder / "run", VERIFY, EXPLAIN))
+    names = [case.name for folder in (adam, sgd, noisy)
+             for case in run_directory_cases(folder / "run", VERIFY, EXPLAIN)]
+    kinds = Counter(name.split(":")[0] for name in names)
     kinds.update(case.name.split(":")[0] for case in database_cases(database / "run.duckdb", (INFO,)))
     for kind in ("manifest key dropped", "manifest value mistyped", "manifest inconsistent", "file truncated",
                  "tensor retyped", "tensor reshaped", "tensor value out of range", "column dropped", "column retyped",
@@ -79,15 +88,25 @@ def test_the_corpus_walks_every_part_of_the_formats(adam, sgd, database):
         assert kinds[kind] > 0, kind
     assert sum(kinds.values()) > 1000
 
-    for folder in (adam, sgd):
+    for part in ("buffers.safetensors", ":buffer/", ":buffer_end/", ":random", ":rng_cpu", "a chunk listing"):
+        assert any(part in name for name in names), part
+
+    for folder in (adam, sgd, noisy):
         run = folder / "run"
         manifest = json.loads((run / "manifest.json").read_text())
         undeclared = [p for p, _ in walk(manifest) if p[0] not in ("model", "import")
                       and run_schema.declared(p) is None]
         assert not undeclared, f"manifest keys without a declaration in engine/run/schema.py: {undeclared}"
-        expected = run_schema.expected_tensors(run_schema.CHUNK_TENSORS, manifest, 2)
-        with safe_open(str(run / "chunks" / f"{manifest['chunks'][0]['stem']}.safetensors"), "pt") as handle:
-            assert set(handle.keys()) == set(expected)
+        first = manifest["chunks"][0]
+        expected = run_schema.expected_tensors(run_schema.CHUNK_TENSORS, manifest, 2, first["buffers"])
+        required = {name for name, spec in expected.items() if spec.rule.required}
+        with safe_open(str(run / "chunks" / f"{first['stem']}.safetensors"), "pt") as handle:
+            assert required <= set(handle.keys()) <= set(expected)
+        for file, rules in (("final.safetensors", run_schema.FINAL_TENSORS),
+                            ("buffers.safetensors", run_schema.BUFFER_TENSORS)):
+            if (run / file).exists():
+                with safe_open(str(run / file), "pt") as handle:
+                    assert set(handle.keys()) == set(run_schema.expected_tensors(rules, manifest)), file
         for suffix, columns in run_schema.TABLES.items():
             frame = pl.read_parquet(run / "chunks" / f"{manifest['chunks'][0]['stem']}.{suffix}.parquet")
             assert set(frame.columns) == set(columns), suffix

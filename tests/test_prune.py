@@ -18,7 +18,10 @@ from torch.func import functional_call
 from engine import store
 from engine.analysis.prune import (
     COLUMNS,
+    DENSE,
+    METHODS,
     NO_SEED,
+    STORED_SCORES,
     PruneConfig,
     add_arguments,
     cmd_prune,
@@ -38,6 +41,7 @@ from tests.helpers import TinyMLP, tiny_data
 
 N_VAL = 40
 RANKING = tuple(range(8))  # validation ids the importance view is "explained" on
+OTHER_SCORES = ("gradient", "decay", "balance", "taylor")  # importance columns besides Ψ̄ and the magnitude
 
 
 def tiny_spec_val(n_val: int = N_VAL) -> dict:
@@ -65,8 +69,9 @@ def record(out: Path, lr: float = 0.3, steps: int = 8, init=None) -> Path:
 
 
 def bundle(run: Path, importance: dict[str, np.ndarray] | None, ranking=RANKING, split: str = "val",
-           run_dir: str | None = None) -> store.RunBundle:
-    """A minimal run database for ``run``: its tensors, the ranking examples and an importance view."""
+           run_dir: str | None = None, scores: dict[str, dict[str, np.ndarray]] | None = None) -> store.RunBundle:
+    """A minimal run database for ``run``: its tensors, the ranking examples and an importance view whose
+    Ψ̄ is ``importance`` and whose other score columns are ``scores`` (column → tensor → values) or null."""
     history = History.open(run)
     task = get_task(history.model_spec)
     final = history.params(history.num_steps)
@@ -92,10 +97,14 @@ def bundle(run: Path, importance: dict[str, np.ndarray] | None, ranking=RANKING,
         pl.lit(None, dtype=pl.Float64).alias("optimizer_residual"))
     imp = None
     if importance is not None:
+        scores = scores or {}
         imp = pl.concat([pl.DataFrame({"tensor": t, "index": np.arange(final[t].numel(), dtype=np.int64),
                                        "importance": np.asarray(v, dtype=np.float64).ravel(),
-                                       "magnitude": final[t].abs().double().numpy().ravel()})
-                         for t, v in importance.items()])
+                                       **{c: (np.asarray(scores[c][t], dtype=np.float64).ravel() if c in scores
+                                              else np.full(final[t].numel(), None)) for c in OTHER_SCORES},
+                                       "magnitude": final[t].abs().double().numpy().ravel()},
+                                      schema_overrides={c: pl.Float64 for c in OTHER_SCORES})
+                         for t, v in importance.items()]).with_columns(pl.col(*OTHER_SCORES).fill_nan(None))
     meta = {"task": "imported", "steps": n, "quantity": "logits", "quadrature": "gauss:4",
             "data_fingerprint": history.manifest["data"]["fingerprint"], "test_split": split,
             "run_dir": str(run) if run_dir is None else run_dir, "model_spec": history.model_spec}
@@ -165,12 +174,13 @@ def test_pruned_model_has_requested_zeros_and_untouched_output_layer(trained, sc
 
 
 def test_frame_reports_achieved_sparsity_overall_and_per_layer(trained):
-    frame = prune(trained[1], sparsities=(0.5, 0.9), baselines=("magnitude",), scope="per-tensor",
+    frame = prune(trained[1], sparsities=(0.5, 0.9), methods=("kernel", "magnitude"), scope="per-tensor",
                   write=False, trust_run=True)
     assert frame.columns[: len(COLUMNS)] == list(COLUMNS)
     setup = load_setup(trained[1], trust_run=True)
     for row in frame.iter_rows(named=True):
-        pruned = setup.pruned(row["method"], row["sparsity"], "per-tensor")
+        dense = row["method"] == DENSE
+        pruned = setup.params if dense else setup.pruned(row["method"], row["sparsity"], "per-tensor")
         zeros = sum(int((pruned[n] == 0).sum()) for n in setup.prunable)
         assert row["achieved_sparsity"] == pytest.approx(zeros / 30)
         assert json.loads(row["layer_sparsity"]) == {"hidden": pytest.approx(zeros / 30)}
@@ -194,7 +204,7 @@ def test_random_seeds_differ_and_reported_mean_is_mean_of_seeds(trained):
     setup = load_setup(trained[1], trust_run=True)
     masks = [setup.pruned("random", 0.7, "global", seed=s)["hidden.weight"] != 0 for s in range(3)]
     assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
-    frame = prune(trained[1], sparsities=(0.7,), baselines=("random",), seeds=3, write=False, trust_run=True)
+    frame = prune(trained[1], sparsities=(0.7,), methods=("kernel", "random"), seeds=3, write=False, trust_run=True)
     rows = frame.filter(pl.col("method") == "random").sort("seed")
     assert rows["seed"].to_list() == [0, 1, 2]
     assert frame.filter(pl.col("method") == "kernel")["seed"].to_list() == [NO_SEED]
@@ -254,6 +264,10 @@ def test_kl_is_nonnegative_and_zero_when_nothing_is_pruned(trained):
     tiny = frame.filter(pl.col("sparsity") == 1e-6)
     assert (tiny["kl"] == 0).all() and (tiny["agreement"] == 1).all() and (tiny["achieved_sparsity"] == 0).all()
     assert frame.filter(pl.col("sparsity") == 0.999)["kl"].min() > 0
+    # the dense reference row: the unpruned model, evaluated as the sweep's rows are
+    dense = frame.filter(pl.col("method") == DENSE).row(0, named=True)
+    assert (dense["sparsity"], dense["seed"], dense["agreement"], dense["kl"]) == (0.0, NO_SEED, 1.0, 0.0)
+    assert tiny["accuracy"].to_list() == [dense["accuracy"]] * tiny.height  # nothing pruned at 1e-6 either
 
 
 def test_compare_matches_definitions():
@@ -273,18 +287,18 @@ def test_add_pruning_round_trip_keeps_other_scopes(trained, tmp_path):
         stored = reader.pruning()
     expected = first.select(COLUMNS).sort("method", "scope", "seed", "sparsity")
     assert stored.select(COLUMNS).equals(expected)
-    second = prune(db, sparsities=(0.8,), baselines=("magnitude",), scope="per-tensor", trust_run=True)
+    second = prune(db, sparsities=(0.8,), methods=("kernel", "magnitude"), scope="per-tensor", trust_run=True)
     with store.RunDB.open(db) as reader:
         stored = reader.pruning()
         assert reader.views()["importance"] == 30 + 21  # the rest of the database is intact
     assert stored.height == first.height + second.height
     assert set(stored["scope"].to_list()) == {"global", "per-tensor"}
     # replaces global kernel rows only
-    again = prune(db, sparsities=(0.5,), baselines=(), scope="global", trust_run=True)
+    again = prune(db, sparsities=(0.5,), methods=("kernel",), scope="global", trust_run=True)
     with store.RunDB.open(db) as reader:
         stored = reader.pruning()
     kernel_global = stored.filter((pl.col("method") == "kernel") & (pl.col("scope") == "global"))
-    assert kernel_global["sparsity"].to_list() == [0.5] and again.height == 1
+    assert kernel_global["sparsity"].to_list() == [0.5] and again["method"].to_list() == [DENSE, "kernel"]
     assert stored.filter(pl.col("method") == "random").height == 4
 
 
@@ -302,8 +316,10 @@ def test_sparsities_outside_open_unit_interval_are_refused(trained, sparsities):
 
 
 def test_bad_options_are_refused():
-    with pytest.raises(BadInputError, match="baseline"):
-        PruneConfig(baselines=("gradient",))
+    with pytest.raises(BadInputError, match="unknown pruning method"):
+        PruneConfig(methods=("gradient",))
+    with pytest.raises(BadInputError, match="unknown pruning method"):
+        PruneConfig(methods=())
     with pytest.raises(BadInputError, match="scope"):
         PruneConfig(scope="layer")
     with pytest.raises(BadInputError, match="seeds"):
@@ -316,7 +332,8 @@ def test_missing_run_directory_is_named(trained, tmp_path):
                                                           run_dir=str(gone)))
     with pytest.raises(RunNotFoundError, match="moved-away"):
         prune(db, write=False, trust_run=True)
-    assert prune(db, sparsities=(0.5,), baselines=(), run_dir=trained[0], write=False, trust_run=True).height == 1
+    frame = prune(db, sparsities=(0.5,), methods=("kernel",), run_dir=trained[0], write=False, trust_run=True)
+    assert frame["method"].to_list() == ["dense", "kernel"]
 
 
 def test_relative_run_directory_resolves_beside_the_database(trained, tmp_path):
@@ -415,10 +432,10 @@ def test_cmd_prune_arguments_and_json(trained, tmp_path):
     db = store.write_run(tmp_path / "cli.duckdb", bundle(trained[0], random_importance(trained[0])))
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args([str(db), "--sparsities", "0.5,0.9", "--baselines", "magnitude,random", "--seeds",
+    args = parser.parse_args([str(db), "--sparsities", "0.5,0.9", "--methods", "kernel,magnitude,random", "--seeds",
                               "2", "--scope", "per-tensor", "--trust-run", "--json"])
     result = json.loads(json.dumps(cmd_prune(args)))
-    assert result["rows"] == 2 * (1 + 1 + 2) and result["eval_examples"] == N_VAL - len(RANKING)
+    assert result["rows"] == 1 + 2 * (1 + 1 + 2) and result["eval_examples"] == N_VAL - len(RANKING)
     assert result["output_layer"] == ["out.weight", "out.bias"] and result["prunable_parameters"] == 30
     assert result["curves"]["random @ 0.5"]["seeds"] == 2
     with store.RunDB.open(db) as reader:
@@ -426,7 +443,11 @@ def test_cmd_prune_arguments_and_json(trained, tmp_path):
     with pytest.raises(BadInputError, match="sparsities"):
         cmd_prune(parser.parse_args([str(db), "--sparsities", "0.5,most"]))
     defaults = parser.parse_args([str(db)])
-    assert defaults.sparsities == "0.7,0.8,0.9,0.95,0.99,0.999" and defaults.seeds == 3 and defaults.scope == "global"
+    assert defaults.sparsities == "0.1,0.3,0.5,0.7,0.8,0.9,0.95,0.99,0.999" and defaults.seeds == 3
+    assert defaults.scope == "global" and defaults.methods == "all"
+    everything = json.loads(json.dumps(cmd_prune(parser.parse_args([str(db), "--sparsities", "0.5", "--trust-run",
+                                                                       "--json"]))))
+    assert sorted({key.split(" @ ")[0] for key in everything["curves"]}) == ["dense", "kernel", "magnitude", "random"]
 
 
 def test_prune_with_importance_from_explain(trained, tmp_path):
@@ -440,14 +461,63 @@ def test_prune_with_importance_from_explain(trained, tmp_path):
                          explanation.to_bundle(history, get_task(history.model_spec)))
     setup = load_setup(db, trust_run=True)
     assert setup.ranking_ids.tolist() == list(RANKING)
+    assert setup.methods == METHODS  # explain stores every score
     with store.RunDB.open(db) as reader:
-        stored = reader.importance("hidden.weight")["importance"].to_numpy()
-    assert np.array_equal(setup.importance["hidden.weight"].flatten().numpy(), stored)
+        stored = reader.importance("hidden.weight")
+    for method, column in STORED_SCORES.items():
+        assert np.array_equal(setup.scores(method)["hidden.weight"].flatten().numpy(), stored[column].to_numpy())
     kept = setup.pruned("kernel", 0.7, "global")
-    scores = torch.cat([setup.importance[n].flatten() for n in setup.prunable])
+    scores = torch.cat([setup.scores("kernel")[n].flatten() for n in setup.prunable])
     alive = torch.cat([(kept[n] != 0).flatten() for n in setup.prunable])
     assert scores[alive].min() >= scores[~alive].max()
     frame = prune(db, sparsities=(0.7,), write=False, trust_run=True)
+    assert set(frame["method"]) == {DENSE, *METHODS}
     reference = log_probs(setup.model, setup.params, setup.eval_inputs, 16)
     assert frame.filter(pl.col("method") == "kernel")["agreement"].item() == compare(
         reference, log_probs(setup.model, kept, setup.eval_inputs, 16), setup.eval_labels)["agreement"]
+
+
+# ---------------------------------------------------------------------------- importance variants
+def variant_scores(run: Path) -> dict[str, dict[str, np.ndarray]]:
+    """Distinct random scores for every column besides Ψ̄."""
+    return {c: random_importance(run, seed=i + 1) for i, c in enumerate(OTHER_SCORES)}
+
+
+def test_every_stored_variant_ranks_by_its_own_column(trained, tmp_path):
+    run = trained[0]
+    scores = variant_scores(run)
+    db = store.write_run(tmp_path / "variants.duckdb", bundle(run, random_importance(run), scores=scores))
+    setup = load_setup(db, trust_run=True)
+    assert setup.methods == METHODS
+    for method, column in STORED_SCORES.items():
+        if column == "importance":
+            continue
+        for n in setup.prunable:
+            np.testing.assert_array_equal(setup.scores(method)[n].numpy(), scores[column][n].reshape(
+                setup.params[n].shape))
+    frame = prune(db, sparsities=(0.3, 0.9), seeds=2, write=False, trust_run=True)
+    assert frame.group_by("method").len().sort("method").rows() == sorted(
+        [(DENSE, 1), *[(m, 2) for m in METHODS if m != "random"], ("random", 4)])
+    masks = {m: setup.pruned(m, 0.3, "global")["hidden.weight"] != 0 for m in STORED_SCORES}
+    assert len({tuple(mask.flatten().tolist()) for mask in masks.values()}) == len(STORED_SCORES)
+
+
+def test_database_without_variant_scores_prunes_by_the_others_and_names_the_missing(trained, tmp_path):
+    run = trained[0]
+    db = store.write_run(tmp_path / "kernel-only.duckdb", bundle(run, random_importance(run)))
+    assert load_setup(db, trust_run=True).methods == ("kernel", "magnitude", "random")
+    frame = prune(db, sparsities=(0.5,), write=False, trust_run=True)
+    assert set(frame["method"]) == {DENSE, "kernel", "magnitude", "random"}
+    before = db.read_bytes()
+    with pytest.raises(BadInputError, match=r"no taylor scores: .*`python -m engine explain .* --views importance"):
+        prune(db, sparsities=(0.5,), methods=("kernel", "taylor"), trust_run=True)
+    assert db.read_bytes() == before
+
+
+def test_importance_view_with_scores_for_some_elements_only_is_refused(trained, tmp_path):
+    run = trained[0]
+    scores = variant_scores(run)
+    scores["taylor"]["hidden.bias"] = np.full(6, None)
+    db = store.write_run(tmp_path / "partial-taylor.duckdb", bundle(run, random_importance(run), scores=scores))
+    with pytest.raises(CorruptRunError, match="taylor scores for some elements only"):
+        load_setup(db, trust_run=True)

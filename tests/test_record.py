@@ -160,12 +160,12 @@ MEMORY_SCRIPT = textwrap.dedent("""
     import resource, sys, torch, torch.nn.functional as F
     sys.path.insert(0, {repo!r})
     from engine.run.record import Recorder
-    from tests.helpers import tiny_data, tiny_spec
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 512), torch.nn.Tanh(), torch.nn.Linear(512, 3))
+    from tests.helpers import TinyMLP, tiny_data, tiny_spec
+    model = TinyMLP(hidden=512)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x, y = tiny_data()["train"]
-    with Recorder(model, opt, sys.argv[1], model_spec=tiny_spec(), train_data=(x, y), chunk_steps=16) as rec:
+    with Recorder(model, opt, sys.argv[1], model_spec=tiny_spec(hidden=512), train_data=(x, y),
+                  chunk_steps=16) as rec:
         for step in range(int(sys.argv[2])):
             opt.zero_grad(); F.cross_entropy(model(x), y).backward()
             rec.batch(torch.arange(len(y))); opt.step()
@@ -283,3 +283,128 @@ def test_step_without_batch_and_existing_directory(tmp_path):
     with pytest.raises(BadInputError, match=r"without rec.batch\(ids\)"):
         opt.step()
     rec.close()
+
+
+# ------------------------------------------------------------------ buffers, random state, the spec
+def _fidelity_loop(out: Path, name: str, data: str, steps: int = 6, chunk_steps: int | None = None,
+                   forwards: int = 1, permute: bool = False) -> tuple[list[dict], list[torch.Tensor]]:
+    """Train a model of tests.fidelity_models; return the floating buffers after each step (and
+    before the first) and the training forward's output of each step."""
+    from engine.model.task import get_task
+    from tests.fidelity_models import spec
+
+    task = get_task(spec(name, data))
+    model = task.build_model()
+    x, y = task.dataset("train").inputs, task.dataset("train").labels
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    g = torch.Generator().manual_seed(1)
+    buffers = [{n: b.clone() for n, b in model.named_buffers() if b.is_floating_point()}]
+    outputs = []
+    with Recorder(model, opt, out, model_spec=spec(name, data), train_data=(x, y), chunk_steps=chunk_steps) as rec:
+        for _ in range(steps):
+            ids = torch.randperm(len(y), generator=g)[:8]
+            opt.zero_grad()
+            rows = ids.flip(0) if permute else ids
+            for _ in range(forwards):
+                output = model(x[rows])
+                F.cross_entropy(output, y[rows]).div(forwards).backward()
+            outputs.append(output.detach())
+            rec.batch(ids)
+            opt.step()
+            buffers.append({n: b.clone() for n, b in model.named_buffers() if b.is_floating_point()})
+    return buffers, outputs
+
+
+def test_buffers_are_recorded_at_every_step(tmp_path):
+    """b_s read back equals the live buffers after step s − 1, across chunks; integers are not recorded."""
+    live, _ = _fidelity_loop(tmp_path / "bn", "BatchNormCNN", "images", steps=7, chunk_steps=3)
+    h = History.open(tmp_path / "bn")
+    assert h.changing_buffers == ["bn1.running_mean", "bn1.running_var", "bn2.running_mean", "bn2.running_var"]
+    assert "bn1.num_batches_tracked" not in h.buffer_shapes
+    for step in range(8):
+        for name, value in h.buffers(step).items():
+            assert torch.equal(value, live[step][name]), (step, name)
+    for record in h.iter_steps():
+        assert all(torch.equal(record.buffers[n], live[record.step][n]) for n in h.buffer_shapes)
+        assert all(torch.equal(record.buffers_after[n], live[record.step + 1][n]) for n in h.buffer_shapes)
+        assert record.rng is None  # BatchNorm draws no random numbers
+    from safetensors.torch import load_file
+
+    final = load_file(str(tmp_path / "bn" / "final.safetensors"))
+    assert torch.equal(final["bn2.running_var"], live[-1]["bn2.running_var"])
+
+
+def test_a_buffer_that_never_changes_is_stored_once(tmp_path):
+    run = record_tiny_run(tmp_path / "r", adamw, steps=3)
+    h = History.open(run)
+    assert h.buffer_shapes == {} and h.changing_buffers == []
+    assert h.training_forward["random"] is False and h.training_forward["irregular"] is None
+
+
+def test_the_random_state_of_each_training_forward_is_recorded(tmp_path):
+    """Restoring a step's recorded generator state reproduces that step's dropout masks exactly."""
+    from engine.model.task import get_task
+
+    _, outputs = _fidelity_loop(tmp_path / "drop", "DropoutMLP", "vectors")
+    h = History.open(tmp_path / "drop")
+    assert h.training_forward["random"] is True
+    model = get_task(h.model_spec).build_model()
+    x = get_task(h.model_spec).dataset("train").inputs
+    for record in h.iter_steps():
+        assert record.rng is not None
+        model.load_state_dict(record.params, strict=False)
+        torch.set_rng_state(record.rng.cpu.clone())
+        with torch.no_grad():
+            assert torch.equal(model(x[record.batch_ids]), outputs[record.step])
+
+
+@pytest.mark.parametrize(("forwards", "permute", "reason"), [(2, False, "ran 2 forwards"),
+                                                             (1, True, "row by row")])
+def test_a_training_forward_the_replay_cannot_reproduce_is_named(tmp_path, forwards, permute, reason):
+    _fidelity_loop(tmp_path / "r", "DropoutMLP", "vectors", steps=2, forwards=forwards, permute=permute)
+    assert reason in History.open(tmp_path / "r").training_forward["irregular"]
+
+
+class TinyMLPRelu(TinyMLP):
+    """TinyMLP's parameters with another activation: a spec naming TinyMLP does not describe it."""
+
+    def forward(self, x):
+        return self.out(torch.relu(self.hidden(x)))
+
+
+@pytest.mark.parametrize(("live", "spec", "message"), [
+    (TinyMLP(hidden=7), tiny_spec(), r"'hidden.weight' has shape \(7, 4\) in the live model but \(6, 4\)"),
+    (TinyMLP(), {**tiny_spec(), "data_kwargs": {"seed": 3}}, "training data rebuilt from the model spec"),
+    (TinyMLPRelu(), tiny_spec(), "computes other outputs than the live model"),
+    (TinyMLP(), {**tiny_spec(), "model": "tests.helpers:NoSuchModel"}, "cannot rebuild the model spec"),
+    (TinyMLP(), tiny_spec(width=3), "cannot rebuild the model spec.*rejected model_kwargs"),
+])
+def test_a_spec_that_does_not_describe_the_live_model_is_refused_before_training(tmp_path, live, spec, message):
+    with pytest.raises(BadInputError, match=message):
+        Recorder(live, adamw(live), tmp_path / "r", model_spec=spec, train_data=tiny_data()["train"])
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_second_recorder_on_the_same_optimizer_is_refused(tmp_path):
+    model = TinyMLP()
+    opt = adamw(model)
+    first = Recorder(model, opt, tmp_path / "a", model_spec=tiny_spec(), train_data=tiny_data()["train"])
+    with pytest.raises(BadInputError, match=r"already has a Recorder writing .*a \(at step 0\)"):
+        Recorder(model, opt, tmp_path / "b", model_spec=tiny_spec(), train_data=tiny_data()["train"])
+    first.close()
+    Recorder(model, opt, tmp_path / "b", model_spec=tiny_spec(), train_data=tiny_data()["train"]).close()
+
+
+def test_a_run_of_schema_version_1_still_opens(tmp_path):
+    """Runs recorded before buffers and the training forward were kept read as runs without them."""
+    run = _record_ok(tmp_path)
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["schema_version"] = 1
+    del manifest["buffers"], manifest["training_forward"]
+    for chunk in manifest["chunks"]:
+        del chunk["buffers"]
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    h = History.open(run)
+    assert h.training_forward is None and h.buffer_shapes == {} and h.changing_buffers == []
+    record = h.record(2)
+    assert record.buffers == {} and record.rng is None

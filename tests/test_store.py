@@ -84,7 +84,8 @@ def hand_bundle(marker: str = "hand") -> RunBundle:
                                 orient="row"),
         data=pl.DataFrame(data, schema=["step_lo", "step_hi", "train", "test", "output", "value"], orient="row"),
         importance=pl.DataFrame({"tensor": ["c.w", "a.w", "a.w"], "index": [0, 1, 0], "importance": [3.0, 2.0, 1.0],
-                                 "magnitude": [0.3, 0.2, 0.1]}),
+                                 "gradient": [4.0, 2.5, 1.5], "decay": [1.0, 0.5, 0.5], "balance": [3.0, 2.0, 1.0],
+                                 "taylor": [0.7, None, 0.9], "magnitude": [0.3, 0.2, 0.1]}),
         completeness=pl.DataFrame(done, schema={"step": pl.Int64, "test": pl.Int64, "output": pl.Int64,
                                                 "true_change": pl.Float64, "reconstructed": pl.Float64,
                                                 "quadrature_residual": pl.Float64, "optimizer_residual": pl.Float64,
@@ -195,8 +196,10 @@ def test_info_by_hand(hand_db):
 
 def test_small_tables_by_hand(hand_db):
     assert rows(hand_db.groups()) == [("a.w", "a", "L1", 4, 0), ("a.b", "a", "L1", 2, 1), ("c.w", "c", "L2", 1, 2)]
-    assert rows(hand_db.importance()) == [("a.w", 0, 1.0, 0.1), ("a.w", 1, 2.0, 0.2), ("c.w", 0, 3.0, 0.3)]
-    assert rows(hand_db.importance("c.w")) == [("c.w", 0, 3.0, 0.3)]
+    assert rows(hand_db.importance()) == [("a.w", 0, 1.0, 1.5, 0.5, 1.0, 0.9, 0.1),
+                                         ("a.w", 1, 2.0, 2.5, 0.5, 2.0, None, 0.2),
+                                         ("c.w", 0, 3.0, 4.0, 1.0, 3.0, 0.7, 0.3)]
+    assert rows(hand_db.importance("c.w")) == [("c.w", 0, 3.0, 4.0, 1.0, 3.0, 0.7, 0.3)]
     assert hand_db.predictions().is_empty() and hand_db.pruning().is_empty()
     meta = hand_db.run_meta()
     assert (meta.task, meta.steps, meta.quantity, meta.quadrature, meta.data_fingerprint) == (
@@ -498,7 +501,7 @@ def copy_and_edit(source: Path, target: Path, *statements: str) -> Path:
 def test_newer_schema_version_is_refused(tmp_path, hand_db):
     path = copy_and_edit(hand_db.path, tmp_path / "future.duckdb", "UPDATE schema_version SET version = 7")
     before = snapshot(tmp_path)
-    with pytest.raises(StoreSchemaError, match="schema version 7; this release reads version 1") as excinfo:
+    with pytest.raises(StoreSchemaError, match="schema version 7; this release reads versions 1, 2") as excinfo:
         RunDB.open(path)
     assert_clean_error(excinfo.value)
     with pytest.raises(StoreSchemaError):
@@ -506,6 +509,21 @@ def test_newer_schema_version_is_refused(tmp_path, hand_db):
     with pytest.raises(StoreSchemaError):
         add_pruning(path, make_demo_bundle().pruning)
     assert snapshot(tmp_path) == before
+
+
+def test_version_1_files_open_with_null_importance_scores(tmp_path, hand_db):
+    """Version 1 had only Ψ̄ and the magnitude in the importance table; everything else is the same."""
+    drops = [f"ALTER TABLE importance DROP COLUMN {c}" for c in ("gradient", "decay", "balance", "taylor")]
+    old = copy_and_edit(hand_db.path, tmp_path / "v1.duckdb", "UPDATE schema_version SET version = 1", *drops)
+    with RunDB.open(old) as db:
+        assert db.schema_version == 1
+        assert rows(db.importance("c.w")) == [("c.w", 0, 3.0, None, None, None, None, 0.3)]
+        assert db.importance().columns == hand_db.importance().columns
+        assert_frame_equal(db.component_totals("tensor"), hand_db.component_totals("tensor"))
+    assert info(old)["schema_version"] == 1 and info(old)["views"] == info(hand_db.path)["views"]
+    add_pruning(old, make_demo_bundle().pruning)  # the pruning table is the same in both versions
+    with RunDB.open(old) as db:
+        assert db.schema_version == 1 and db.pruning().height == make_demo_bundle().pruning.height
 
 
 def test_missing_tables_are_named(tmp_path, hand_db):

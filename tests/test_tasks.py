@@ -102,8 +102,11 @@ def test_render_digit_image():
 
 
 def test_dataset_rejects_bad_labels():
-    with pytest.raises(BadInputError, match="int64"):
-        Dataset(inputs=torch.zeros(2, 3), labels=torch.zeros(2), kind="generic")
+    with pytest.raises(BadInputError, match="int64 class ids or floating-point targets"):
+        Dataset(inputs=torch.zeros(2, 3), labels=torch.zeros(2, dtype=torch.int32), kind="generic")
+    with pytest.raises(BadInputError, match="int64 class ids"):
+        Dataset(inputs=torch.zeros(2, 3), labels=torch.zeros(2, 2, dtype=torch.int64), kind="generic")
+    assert Dataset(inputs=torch.zeros(2, 3), labels=torch.zeros(2), kind="generic").regression
     with pytest.raises(BadInputError, match="2 inputs but 3 labels"):
         Dataset(inputs=torch.zeros(2, 3), labels=torch.zeros(3, dtype=torch.int64), kind="generic")
 
@@ -133,6 +136,8 @@ def test_default_layer_is_the_top_level_module():
     assert task.layer_of("blocks.3.attn.q.weight") == "blocks.3"
     assert task.layer_of("0.weight") == "0"
     assert task.layer_of("scale") == "scale"
+    assert task.layer_of("transformer.h.1.attn.c_attn.weight") == "transformer.h.1"
+    assert task.layer_of("transformer.wte.weight") == "transformer"
 
 
 def test_attention_projections_are_separate_tensors():
@@ -198,7 +203,7 @@ def test_import_spec_builds_the_users_model_and_data():
         ({**tiny_spec(), "model": "tests.nowhere:TinyMLP"}, "cannot import module 'tests.nowhere'"),
         ({**tiny_spec(), "model": "tests.helpers:Missing"}, "no attribute 'Missing'.*tests.helpers:Missing"),
         ({**tiny_spec(), "data": "not a path"}, "'not a path' is not an import path"),
-        ({**tiny_spec(), "loss": "mse"}, "loss 'mse' is not supported"),
+        ({**tiny_spec(), "loss": "hinge"}, "loss 'hinge' is not supported"),
         ({**tiny_spec(), "optimizer": "adam"}, "unknown: optimizer"),
     ],
 )

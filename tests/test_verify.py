@@ -123,3 +123,89 @@ def test_verify_cross_checks_the_final_parameters_against_the_last_chunk(tmp_pat
     History.open(run).params(4)   # readable: the per-file checks pass
     with pytest.raises(CorruptRunError, match=r"final\.safetensors: tensor 'out\.bias' differs from the parameters"):
         verify(run, progress=False, trust_run=True)
+
+
+def _record_fidelity(out, name: str, data: str, dtype=torch.float32, steps: int = 8):
+    import torch.nn.functional as F
+
+    from engine.model.task import get_task
+    from engine.run.record import Recorder
+    from tests.fidelity_models import spec
+
+    task = get_task(spec(name, data))
+    model = task.build_model().to(dtype)
+    x, y = task.dataset("train").inputs, task.dataset("train").labels
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    g = torch.Generator().manual_seed(1)
+    with Recorder(model, opt, out, model_spec=spec(name, data), train_data=(x, y), dtype=dtype) as rec:
+        for _ in range(steps):
+            ids = torch.randperm(len(y), generator=g)[:8]
+            opt.zero_grad()
+            F.cross_entropy(model(x[ids].to(dtype)), y[ids]).backward()
+            rec.batch(ids)
+            opt.step()
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize(("name", "data"), [("BatchNormCNN", "images"), ("DropoutMLP", "vectors")])
+def test_replay_of_batchnorm_and_dropout_runs(tmp_path, name, data, dtype):
+    """The training forward is replayed with its batch statistics and its dropout masks."""
+    run = _record_fidelity(tmp_path / "r", name, data, dtype)
+    report = verify(run, progress=False, trust_run=True)
+    assert report.max_rel_error <= 1e-6, report
+    if dtype == torch.float64:
+        assert report.max_rel_error_raw <= 1e-10, report
+    assert "replayed with the recorded buffers and random state" in report.notes[0]
+
+
+def test_replay_without_the_random_state_says_so(tmp_path):
+    """A dropout run recorded without its random state (schema 1) cannot be replayed: it is named."""
+    run = _record_fidelity(tmp_path / "r", "DropoutMLP", "vectors")
+    from safetensors.torch import load_file, save_file
+
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["schema_version"] = 1
+    del manifest["training_forward"]
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    chunk = run / "chunks" / "chunk-00000000.safetensors"
+    save_file({k: v for k, v in load_file(str(chunk)).items() if k not in ("random", "rng_cpu")}, str(chunk))
+    report = verify(run, progress=False, trust_run=True)
+    assert report.max_rel_error > 1e-3
+    assert any("records no random state" in note for note in report.notes)
+
+
+VERIFY_SCRIPT = """
+import json, sys, torch
+torch.set_num_threads(int(sys.argv[2]))
+from engine.run.verify import verify
+print(json.dumps(verify(sys.argv[1], progress=False, trust_run=True).to_json()))
+"""
+
+
+def test_the_figure_does_not_depend_on_the_thread_count(tmp_path):
+    """verify in fresh processes with 1 and 8 threads gives the same figures to the last bit. (Unpinned,
+    8 threads round this run's float32 gradients differently, and Adam amplifies the difference.)"""
+    import subprocess
+    import sys
+
+    import torch.nn.functional as F
+
+    from engine.run.record import Recorder
+    from tests.helpers import TinyMLP, tiny_data
+
+    spec = {"model": "tests.helpers:TinyMLP", "model_kwargs": {"n_in": 48, "hidden": 64, "n_out": 50},
+            "data": "tests.helpers:tiny_data", "data_kwargs": {"n_train": 512, "n_in": 48, "n_out": 50}}
+    model = TinyMLP(48, 64, 50)
+    x, y = tiny_data(512, 8, 48, 50)["train"]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    with Recorder(model, opt, tmp_path / "r", model_spec=spec, train_data=(x, y)) as rec:
+        for _ in range(6):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            rec.batch(torch.arange(len(y)))
+            opt.step()
+    figures = [json.loads(subprocess.run([sys.executable, "-c", VERIFY_SCRIPT, str(tmp_path / "r"), threads],
+                                         capture_output=True, text=True, check=True).stdout)
+               for threads in ("1", "8")]
+    assert figures[0] == figures[1]

@@ -9,7 +9,7 @@ style = state.style()
 meta = run.meta()
 quantity = state.quantity_label(meta)
 
-st.title(f"Components · {run.name}")
+st.title(f"Components · {state.escaped(run.name)}")
 if run.views()["components"] == 0:
     st.info(
         "This run has no component view. Explain the run again with it: "
@@ -52,5 +52,9 @@ else:
         )
         state.show_figure(charts.decay_balance(totals, colors, order, quantity, style), "decay-balance")
         state.hint("Gradient part: what the training data moved; weight-decay part: what the decay term moved.")
+        if meta.get("buffer_groups"):
+            state.hint("Tensors named `<module>.<buffers>` are buffer terms: the exact change of the prediction "
+                       "when that module's running statistics moved during training (at module and layer level "
+                       "they join their module).")
         st.subheader(f"Totals per {level}")
         state.show_table(totals, f"component-totals-{level}")

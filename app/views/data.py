@@ -11,8 +11,17 @@ run = state.current_run()
 style = state.style()
 quantity = state.quantity_label(run.meta())
 
-st.title(f"Data · {run.name}")
-if run.views()["data"] == 0:
+st.title(f"Data · {state.escaped(run.name)}")
+if run.views()["data"] == 0 and run.meta().get("kind") == "checkpoints":
+    st.info(
+        "This run explains a series of checkpoints: it has no data axis. Between two checkpoints the change of a "
+        "prediction splits exactly into components, but splitting it by training example needs every step's batch "
+        "and optimizer state, which checkpoints do not keep. To get one, record the training loop with "
+        "`engine.run.record.Recorder` and explain the recording: "
+        "`python -m engine explain RUN_DIR --out RUN.duckdb --views components,data`.",
+        icon="ℹ️",
+    )
+elif run.views()["data"] == 0:
     st.info(
         "This run has no data view (influence of single training examples). Explain the run again with it: "
         "`python -m engine explain RUN_DIR --out RUN.duckdb --views components,data` "
@@ -27,6 +36,7 @@ else:
             "k", state.integer(1, 50), 10,
             lambda key: st.number_input("Examples per side", min_value=1, max_value=50, step=1, key=key),
         )  # fmt: skip
+        state.note_slice(f"top {k} per side", f"k{k}")
     controls.describe_example(run, tests)
 
     with st.spinner("Ranking training examples…"):
@@ -48,8 +58,11 @@ else:
                     for column, row in zip(st.columns(RENDER_COLUMNS), chunk, strict=False):
                         with column:
                             controls.example_text(row["text"], f"#{row['train']} · {row['value']:+.3g}")
+        columns = ["side", "rank", "train", "value", "label", "text"]
+        if top.get_column("label").null_count() == top.height:  # floating-point targets: shown in the text
+            columns.remove("label")
         state.show_table(
-            top.select("side", "rank", "train", "value", "label", "text"), "top-examples",
+            top.select(columns), "top-examples",
             column_config={"text": st.column_config.TextColumn("example", width="large"),
                            "value": st.column_config.NumberColumn(f"influence (Δ {quantity})", format="%.4g")},
         )  # fmt: skip
@@ -66,7 +79,8 @@ else:
     if train >= 0:
         row = run.examples("train").filter(pl.col("example") == train)
         if row.height:
-            controls.example_text(row["text"][0], f"training #{train} · label {row['label'][0]}")
+            label = row["label"][0]
+            controls.example_text(row["text"][0], f"training #{train}" + ("" if label is None else f" · label {label}"))
     with st.spinner("Reading its influence…"):
         over_time = run.train_example_over_time(int(train), tests)
     state.show_figure(charts.example_over_time(over_time, int(train), quantity, style), "example-over-time")

@@ -1,6 +1,5 @@
 """Overview: training curves with phases, parameter and optimizer curves, the run card."""
 
-import polars as pl
 import streamlit as st
 
 from app import charts, controls, state
@@ -11,19 +10,17 @@ style = state.style()
 meta = run.meta()
 steps = run.steps()
 
-st.title(f"Overview · {run.name}")
+st.title(f"Overview · {state.escaped(run.name)}")
 state.hint(f"{meta.get('task', 'run')} · {state.num_steps(run):,} steps · explaining {state.quantity_label(meta)}")
 log_x = controls.toggle("logx", "Log step axis", help="Logarithmic step axis (step 0 is not drawn).")
 
 phases = find_phases(steps)
 last = steps.sort("step").tail(1).to_dicts()[0] if steps.height else {}
 tiles = st.columns(4)
-for tile, label, column in (
-    (tiles[0], "final train accuracy", "train_acc"),
-    (tiles[1], "final validation accuracy", "val_acc"),
-):
-    value = last.get(column)
-    tile.metric(label, "—" if value is None else f"{value:.1%}")
+measure, column, form = ("loss", "loss", "{:.4g}") if state.regression(meta) else ("accuracy", "acc", "{:.1%}")
+for tile, split, prefix in ((tiles[0], "train", "train"), (tiles[1], "validation", "val")):
+    value = last.get(f"{prefix}_{column}")
+    tile.metric(f"final {split} {measure}", "—" if value is None else form.format(value))
 tiles[2].metric("steps", f"{state.num_steps(run):,}")
 residual = meta.get("max_rel_residual")
 tiles[3].metric("max relative residual", "—" if residual is None else f"{residual:.2e}")
@@ -33,11 +30,7 @@ with left:
     state.show_figure(charts.training_curves(steps, phases, style, log_x=log_x), "training-curves")
 with right:
     st.subheader("Run card")
-    state.show_table(
-        charts.run_card(meta), "run-card", height="content",
-        column_config={"field": st.column_config.TextColumn(width="medium"),
-                       "value": st.column_config.TextColumn(width="large")},
-    )  # fmt: skip
+    state.show_table(charts.run_card(meta), "run-card", wrap=True)
     with st.expander("All metadata"):
         st.json(meta, expanded=False)
 
@@ -45,13 +38,11 @@ state.show_figure(charts.optimizer_curves(steps, phases, style, log_x=log_x), "o
 
 st.subheader("Training phases")
 if phases:
-    table = pl.DataFrame(
-        {"phase": [p.name for p in phases], "from step": [p.start for p in phases], "to step": [p.end for p in phases]}
-    )
-    state.show_table(table, "phases")
+    state.show_table(charts.phase_table(phases), "phases", wrap=True)
 else:
     st.info("No phases: this run logged no train and validation accuracy.", icon="ℹ️")
 state.hint(
+    "Each phase runs from its first step to its last step, both included; the next phase starts one step later. "
     f"Rule: memorization lasts until train accuracy reaches {TRAIN_FIT:.0%} and holds it; circuit formation "
     f"until validation accuracy reaches {VAL_FIT:.0%} and holds it; clean-up after. *Holds* means the "
     f"accuracy stays at or above the threshold in at least {HOLD:.0%} of the later logged steps."

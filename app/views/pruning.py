@@ -8,7 +8,7 @@ from app import charts, state
 run = state.current_run()
 style = state.style()
 
-st.title(f"Pruning · {run.name}")
+st.title(f"Pruning · {state.escaped(run.name)}")
 pruning = run.pruning()
 if pruning.height == 0:
     st.info(
@@ -24,10 +24,19 @@ else:
         lambda key: st.segmented_control("Scope", scopes, required=True, key=key,
                                          help="Which parameters were candidates for pruning."),
     )  # fmt: skip
+    state.note_slice(f"{scope} pruning", scope)
     selected = pruning.filter(pl.col("scope") == scope)
-    state.show_figure(charts.pruning_figure(selected, style), f"pruning-{scope}")
+    state.show_figure(charts.pruning_figure(selected, style), "curves")
     state.hint(
         "Parameters outside the kept top fraction are zeroed without retraining; agreement is with the unpruned "
-        "model's predictions, KL is KL(unpruned ‖ pruned). Random pruning: mean over seeds, band = min–max."
+        "(dense) model's predictions, KL is KL(dense ‖ pruned). Methods with several seeds: mean over seeds, "
+        "band = min–max."
     )
-    state.show_table(selected, f"pruning-{scope}")
+    state.show_table(
+        charts.pruning_table(selected), "means",
+        column_config={"sparsity": st.column_config.NumberColumn(format="percent"),
+                       "achieved_sparsity": st.column_config.NumberColumn("achieved sparsity", format="percent"),
+                       "agreement": st.column_config.NumberColumn(format="%.4f"),
+                       "accuracy": st.column_config.NumberColumn(format="%.4f"),
+                       "kl": st.column_config.NumberColumn("KL (nats)", format="%.4g")},
+    )  # fmt: skip

@@ -2,9 +2,16 @@
 
 The final parameters θ_N of a recorded run are ranked by a score, the top fraction of
 each ranking is kept, the rest is set to zero and the model is evaluated without
-retraining. Scores: ``kernel`` is the absolute importance Ψ̄ that ``explain`` stored in
-the run database; the baselines are ``magnitude`` (|θ_N|) and ``random`` (uniform
-scores, one ranking per seed). The output layer is never pruned.
+retraining. The output layer is never pruned. Methods (``METHODS``), by their score:
+
+- ``kernel``: the kernel importance Ψ̄ = Σ_x Σ_j |Ψ| of the signed net influence Ψ of each
+  element along the whole path, as ``explain`` stored it in the run database;
+- ``kernel-gradient`` and ``kernel-decay``: the same absolute sum of the gradient part and of the
+  weight-decay part of Ψ alone (Ψ = Ψ_grad + Ψ_reg, summed per example and output before the
+  absolute value); ``kernel-balance``: their balance D = Ψ̄_grad − Ψ̄_reg (stored with the decay split);
+- ``taylor``: Σ_x Σ_j |θ_N ⊙ ∇g(x; θ_N)|, the first-order estimate of zeroing each element, which
+  needs no path (stored by ``explain`` beside Ψ̄);
+- ``magnitude`` (|θ_N|) and ``random`` (uniform scores, one ranking per seed).
 
 Rules shared by every method:
 
@@ -19,6 +26,9 @@ Rules shared by every method:
   Pruned models are evaluated on the validation examples that are *not* in the ranking set.
 - *Seeds*. ``random`` writes one row per seed (``seed`` = 0, 1, …) and readers average
   over seeds; deterministic methods write ``seed = -1``.
+- *Reference*. Every sweep also writes the unpruned model as method ``dense`` at sparsity 0
+  (agreement 1 and KL 0 by definition; its accuracy on the same held-out examples), the
+  point every curve starts from.
 
 Measures per row: ``agreement`` (arg-max equal to the unpruned model's), ``accuracy``
 (arg-max equal to the label), ``kl`` = mean over examples of KL(unpruned ‖ pruned) of the
@@ -53,10 +63,13 @@ from engine.run.history import History
 
 log = logging.getLogger(__name__)
 
-METHODS = ("kernel", "magnitude", "random")
-BASELINES = ("magnitude", "random")
+# method → column of the importance view holding its score (magnitude and random come from θ_N and a seed)
+STORED_SCORES = {"kernel": "importance", "kernel-gradient": "gradient", "kernel-decay": "decay",
+                 "kernel-balance": "balance", "taylor": "taylor"}
+METHODS = (*STORED_SCORES, "magnitude", "random")
 SCOPES = ("global", "per-tensor")
-DEFAULT_SPARSITIES = (0.7, 0.8, 0.9, 0.95, 0.99, 0.999)
+DEFAULT_SPARSITIES = (0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)
+DENSE = "dense"  # method name of the unpruned reference row
 NO_SEED = -1  # seed of the deterministic methods
 COLUMNS = ("method", "scope", "sparsity", "seed", "agreement", "accuracy", "kl", "achieved_sparsity")
 
@@ -65,10 +78,13 @@ Params = dict[str, Tensor]
 
 @dataclass(frozen=True)
 class PruneConfig:
-    """What to prune and how; validated on construction (``BadInputError``)."""
+    """What to prune and how; validated on construction (``BadInputError``).
+
+    ``methods=None`` prunes by every method whose scores the database holds.
+    """
 
     sparsities: tuple[float, ...] = DEFAULT_SPARSITIES
-    baselines: tuple[str, ...] = BASELINES
+    methods: tuple[str, ...] | None = None
     scope: str = "global"
     seeds: int = 3
     min_eval: int = 20         # fewest held-out validation examples accepted
@@ -84,21 +100,19 @@ class PruneConfig:
                     f"sparsity {s!r} is not a fraction strictly between 0 and 1; use e.g. 0.9 for 90 % zeros"
                 )
         object.__setattr__(self, "sparsities", tuple(sorted({float(s) for s in sparsities})))
-        baselines = tuple(dict.fromkeys(self.baselines))
-        unknown = [b for b in baselines if b not in BASELINES]
-        if unknown:
-            raise BadInputError(f"unknown baseline(s) {unknown}; choose from {', '.join(BASELINES)}")
-        object.__setattr__(self, "baselines", baselines)
+        if self.methods is not None:
+            methods = tuple(dict.fromkeys(self.methods))
+            unknown = [m for m in methods if m not in METHODS]
+            if unknown or not methods:
+                raise BadInputError(f"unknown pruning method(s) {unknown or 'none given'}; choose from "
+                                    f"{', '.join(METHODS)}")
+            object.__setattr__(self, "methods", methods)
         if self.scope not in SCOPES:
             raise BadInputError(f"unknown scope {self.scope!r}; choose one of {', '.join(SCOPES)}")
         for name in ("seeds", "min_eval", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise BadInputError(f"{name} must be a positive integer, got {value!r}")
-
-    @property
-    def methods(self) -> tuple[str, ...]:
-        return ("kernel", *self.baselines)
 
 
 @dataclass(frozen=True)
@@ -113,8 +127,7 @@ class PruneSetup:
     prunable: tuple[str, ...]      # recorded tensors outside the output layer, model order
     output: tuple[str, ...]        # output-layer tensors, never pruned
     layer: dict[str, str]          # tensor -> layer label
-    importance: Params             # Ψ̄ per prunable tensor, shaped like the tensor (float64)
-    magnitude: Params              # |θ_N| per prunable tensor (float64)
+    ranked: dict[str, Params]      # method → score per prunable tensor, shaped like it (float64); not random
     ranking_ids: Tensor            # (rank,) ids Ψ̄ was summed over, in the database's test split
     eval_ids: Tensor               # (eval,) validation ids not in the ranking set
     eval_inputs: Tensor            # (eval, ...) model inputs
@@ -122,10 +135,8 @@ class PruneSetup:
 
     def scores(self, method: str, seed: int = NO_SEED) -> Params:
         """The ranking score of every prunable element under ``method`` (higher = kept first)."""
-        if method == "kernel":
-            return self.importance
-        if method == "magnitude":
-            return self.magnitude
+        if method in self.ranked:
+            return self.ranked[method]
         if method == "random":
             if seed < 0:
                 raise BadInputError(f"random pruning needs a seed >= 0, got {seed}")
@@ -134,7 +145,20 @@ class PruneSetup:
             flat = torch.rand(sum(sizes), generator=generator, dtype=torch.float64)  # (prunable,)
             return {n: part.reshape(self.params[n].shape)
                     for n, part in zip(self.prunable, flat.split(sizes), strict=True)}
+        if method in STORED_SCORES:
+            why = ("its importance view was written by an older release" if method == "taylor" else
+                   "it was explained without the weight-decay split (turned off, or an optimizer it does not "
+                   "support) or by an older release")
+            raise BadInputError(
+                f"{self.db_path} holds no {method} scores: {why}; re-run `python -m engine explain {self.run_dir} "
+                f"--views importance --out {self.db_path}` to compute them, or prune by {', '.join(self.methods)}"
+            )
         raise BadInputError(f"unknown pruning method {method!r}; choose from {', '.join(METHODS)}")
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The methods this database can rank by, in ``METHODS`` order."""
+        return tuple(m for m in METHODS if m in self.ranked or m == "random")
 
     def pruned(self, method: str, sparsity: float, scope: str, seed: int = NO_SEED) -> Params:
         """θ_N with the lowest-scoring fraction ``sparsity`` of the prunable elements set to zero."""
@@ -266,25 +290,46 @@ def _resolve_run_dir(db_path: Path, meta: dict, run_dir: str | os.PathLike | Non
     )
 
 
-def _dense(frame: pl.DataFrame, name: str, shape: tuple[int, ...], db_path: Path) -> Tensor:
-    """One tensor's Ψ̄ from importance rows (tensor, index, importance), checked to cover every element."""
+def _stored_columns(importance: pl.DataFrame, db_path: Path) -> tuple[str, ...]:
+    """The score columns of the importance view with a value in every row; all-null ones were not
+    computed, partly null ones make the view corrupt."""
+    present = []
+    for column in STORED_SCORES.values():
+        nulls = importance.get_column(column).null_count()
+        if 0 < nulls < importance.height:
+            raise CorruptRunError(
+                f"the importance view of {db_path} has {column} scores for some elements only; re-run "
+                "`python -m engine explain` with --views importance"
+            )
+        if nulls == 0:
+            present.append(column)
+    return tuple(present)
+
+
+def _dense(frame: pl.DataFrame, name: str, shape: tuple[int, ...], columns: Sequence[str],
+           db_path: Path) -> dict[str, Tensor]:
+    """One tensor's scores from importance rows (tensor, index, *columns), each shaped like the tensor;
+    the rows are checked to cover every element once."""
     numel = math.prod(shape)
     index = frame.get_column("index").to_numpy()
-    values = frame.get_column("importance").to_numpy().astype(np.float64)
     if len(index) != numel or (len(index) and (index.min() < 0 or index.max() >= numel)) \
             or len(np.unique(index)) != numel:
         raise CorruptRunError(
             f"the importance view of {db_path} has {len(index)} rows for tensor {name!r} but it has {numel} "
             "elements (each index once); re-run `python -m engine explain` with --views importance"
         )
-    if not np.isfinite(values).all():
-        raise CorruptRunError(
-            f"the importance view of {db_path} has non-finite importance values for tensor {name!r}; "
-            "re-run `python -m engine explain` with --views importance"
-        )
-    dense = np.empty(numel, dtype=np.float64)
-    dense[index] = values
-    return torch.from_numpy(dense).reshape(shape)
+    out = {}
+    for column in columns:
+        values = frame.get_column(column).to_numpy().astype(np.float64)
+        if not np.isfinite(values).all():
+            raise CorruptRunError(
+                f"the importance view of {db_path} has non-finite {column} values for tensor {name!r}; "
+                "re-run `python -m engine explain` with --views importance"
+            )
+        dense = np.empty(numel, dtype=np.float64)
+        dense[index] = values
+        out[column] = torch.from_numpy(dense).reshape(shape)
+    return out
 
 
 def _read_database(db_path: Path) -> tuple[dict, pl.DataFrame, pl.DataFrame, pl.DataFrame]:
@@ -365,10 +410,16 @@ def load_setup(db_path: str | os.PathLike, run_dir: str | os.PathLike | None = N
     history = History.open(run_path)
     _check_same_run(db_path, meta, history)
     task = history.task(trust_run)
+    if task.dataset("val").regression:
+        raise BadInputError(f"{run_path} has floating-point targets: the pruning check compares predicted classes "
+                            "(agreement, accuracy, KL)")
     params = history.params(history.num_steps)
     recorded = list(history.param_names)
     dtype = params[recorded[0]].dtype
     model = task.build_model().to(dtype).eval()
+    with torch.no_grad():  # the buffers the training left (running statistics), not the initial ones
+        for name, value in history.buffers(history.num_steps).items():
+            model.get_buffer(name).copy_(value)
     known = dict(model.named_parameters())
     foreign = [n for n in recorded if n not in known or tuple(known[n].shape) != tuple(params[n].shape)]
     if foreign:
@@ -394,12 +445,15 @@ def load_setup(db_path: str | os.PathLike, run_dir: str | os.PathLike | None = N
             f"the importance view of {db_path} lacks the tensors {missing[:5]}; re-run "
             f"`python -m engine explain {run_path} --views importance`"
         )
+    columns = _stored_columns(importance, db_path)
+    stored = {n: _dense(by_tensor[n], n, tuple(params[n].shape), columns, db_path) for n in prunable}
+    ranked = {method: {n: stored[n][column] for n in prunable}
+              for method, column in STORED_SCORES.items() if column in columns}
+    ranked["magnitude"] = {n: params[n].double().abs() for n in prunable}
     return PruneSetup(
         db_path=db_path, run_dir=run_path, task=task, model=model, params=params, prunable=prunable,
-        output=output, layer=layer,
-        importance={n: _dense(by_tensor[n], n, tuple(params[n].shape), db_path) for n in prunable},
-        magnitude={n: params[n].double().abs() for n in prunable},
-        ranking_ids=ranking_ids, eval_ids=eval_ids, eval_inputs=eval_inputs, eval_labels=val.labels[eval_ids],
+        output=output, layer=layer, ranked=ranked, ranking_ids=ranking_ids, eval_ids=eval_ids,
+        eval_inputs=eval_inputs, eval_labels=val.labels[eval_ids],
     )
 
 
@@ -428,9 +482,18 @@ def compare(reference: Tensor, pruned: Tensor, labels: Tensor) -> dict[str, floa
 # ------------------------------------------------------------------------------ sweep
 def sweep(setup: PruneSetup, config: PruneConfig, progress: bool = False) -> pl.DataFrame:
     """Evaluate every (method, seed, sparsity) of ``config`` on the held-out examples."""
+    methods = config.methods or setup.methods
+    for method in methods:
+        if method not in setup.methods:
+            setup.scores(method)  # raises: names the scores the database lacks
     reference = log_probs(setup.model, setup.params, setup.eval_inputs, config.batch_size)
-    runs = [(m, s) for m in config.methods for s in (range(config.seeds) if m == "random" else (NO_SEED,))]
-    rows = []
+    runs = [(m, s) for m in methods for s in (range(config.seeds) if m == "random" else (NO_SEED,))]
+    rows = [{
+        "method": DENSE, "scope": config.scope, "sparsity": 0.0, "seed": NO_SEED,
+        **compare(reference, reference, setup.eval_labels),
+        "achieved_sparsity": achieved_sparsity(setup.params, setup.prunable),
+        "layer_sparsity": json.dumps(layer_sparsity(setup.params, setup.prunable, setup.layer)),
+    }]
     with tqdm(total=len(runs) * len(config.sparsities), desc="pruning", disable=not progress) as bar:
         for method, seed in runs:
             scores = setup.scores(method, seed)
@@ -471,7 +534,7 @@ def run_prune(db_path: str | os.PathLike, config: PruneConfig, *, run_dir: str |
 def prune(
     db_path: str | os.PathLike,
     sparsities: Sequence[float] = DEFAULT_SPARSITIES,
-    baselines: Sequence[str] = BASELINES,
+    methods: Sequence[str] | None = None,
     scope: str = "global",
     seeds: int = 3,
     *,
@@ -481,7 +544,8 @@ def prune(
     progress: bool = False,
     trust_run: bool = False,
 ) -> pl.DataFrame:
-    """Prune the final model of the run behind ``db_path`` by Ψ̄ and the baselines (MATH.md §5).
+    """Prune the final model of the run behind ``db_path`` by ``methods`` (default: every method
+    the database holds scores for; MATH.md §5).
 
     Returns one row per (method, seed, sparsity) in the pruning-frame columns plus
     ``layer_sparsity`` (JSON). With ``write`` the rows go into the database's pruning
@@ -489,8 +553,8 @@ def prune(
     others. ``run_dir`` overrides the run directory recorded in the database; ``trust_run``
     allows importing the model and data code a run names (built-in tasks need no trust).
     """
-    config = PruneConfig(sparsities=tuple(sparsities), baselines=tuple(baselines), scope=scope, seeds=seeds,
-                         min_eval=min_eval)
+    config = PruneConfig(sparsities=tuple(sparsities), methods=None if methods is None else tuple(methods),
+                         scope=scope, seeds=seeds, min_eval=min_eval)
     return run_prune(db_path, config, run_dir=run_dir, write=write, progress=progress, trust_run=trust_run)[1]
 
 
@@ -508,8 +572,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("db", help="run database (.duckdb) with an importance view")
     parser.add_argument("--sparsities", default=",".join(f"{s:g}" for s in DEFAULT_SPARSITIES),
                         help="comma-separated fractions of zeros in (0, 1) (default %(default)s)")
-    parser.add_argument("--baselines", default=",".join(BASELINES),
-                        help="comma-separated baselines from magnitude,random; empty for none (default %(default)s)")
+    parser.add_argument("--methods", default="all",
+                        help=f"comma-separated from {','.join(METHODS)}, or all: every method the database holds "
+                             "scores for (default %(default)s)")
     parser.add_argument("--scope", choices=SCOPES, default="global",
                         help="one threshold over all prunable elements, or the same fraction per tensor")
     parser.add_argument("--seeds", type=int, default=3, help="random-pruning seeds (default %(default)s)")
@@ -535,8 +600,9 @@ def _parse_sparsities(text: str) -> list[float]:
 
 def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     """``python -m engine prune``: run the sweep, store it, summarize it."""
-    config = PruneConfig(sparsities=tuple(_parse_sparsities(args.sparsities)), baselines=tuple(_split(args.baselines)),
-                         scope=args.scope, seeds=args.seeds, min_eval=args.min_eval)
+    methods = None if args.methods.strip() == "all" else tuple(_split(args.methods))
+    config = PruneConfig(sparsities=tuple(_parse_sparsities(args.sparsities)), methods=methods, scope=args.scope,
+                         seeds=args.seeds, min_eval=args.min_eval)
     setup, frame = run_prune(args.db, config, run_dir=args.run, progress=not args.json, trust_run=args.trust_run)
     curves = {
         f"{row['method']} @ {row['sparsity']:g}": {k: row[k] for k in ("agreement", "accuracy", "kl",

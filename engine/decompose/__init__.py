@@ -12,6 +12,7 @@ process heap setting every command runs under.
 from engine.decompose.api import (
     DTYPES,
     ENGINES,
+    IMPORTANCE_SCORES,
     REGULARIZER,
     SPLITS,
     VIEWS,
@@ -31,6 +32,7 @@ from engine.decompose.api import (
 __all__ = [
     "DTYPES",
     "ENGINES",
+    "IMPORTANCE_SCORES",
     "REGULARIZER",
     "SPLITS",
     "VIEWS",

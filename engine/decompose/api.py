@@ -8,7 +8,13 @@ quadrature and contracts it, never materialising the ``N·D·M·O`` influence te
   is ``Δ_s`` itself, so no per-example training gradient is needed.
 - **data** — ``Γ = φ̂_s·ψ_s(k)`` per training example ``k`` (and the regularizer, id −1),
   from per-example gradients and per-example optimizer buffers carried forward.
-- **importance** — ``Ψ̄(θ_i) = Σ_x Σ_j |Σ_s φ_s(x)[j,i] Δ_s[i]|`` per parameter element.
+- **importance** — per parameter element, scores that rank it (``IMPORTANCE_SCORES``): the
+  kernel importance ``Ψ̄(θ_i) = Σ_x Σ_j |Ψ|`` of the signed net influence
+  ``Ψ = Σ_s φ_s(x)[j,i] Δ_s[i]``, and from its split ``Ψ = Ψ_grad + Ψ_reg`` (decay part
+  ``Ψ_reg = Σ_s φ_s(x)[j,i] ψ_s(reg)[i]``, gradient part everything else) the gradient and
+  decay parts' own absolute sums and their balance ``D = Ψ̄_grad − Ψ̄_reg``; beside them the
+  first-order Taylor score ``Σ_x Σ_j |θ_hi[i] ∂g_j(x; θ_hi)/∂θ_i|`` at the last point, which
+  needs no path, and the magnitude ``|θ_hi[i]|``.
 - **completeness** (always) — per step, test example and output: the true change
   ``g(θ_{s+1}) − g(θ_s)``, the reconstruction ``φ̂_s·Δ_s``, the quadrature residual and the
   optimizer residual ``φ̂_s·ρ_s`` with ``ρ_s = Δ_s − (Σ_k ψ_s(k) + ψ_s(reg))``. Optimizer
@@ -63,19 +69,21 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from engine.decompose.config import DTYPES, ENGINES, SPLITS, VIEWS, ExplainConfig, parse_test, resolve_device
+from engine.decompose.evaluator import _Evaluator
 from engine.decompose.heap import retained_heap
-from engine.decompose.setup import _Setup, _setup
+from engine.decompose.setup import BufferGroup, _math_attention, _Setup, _setup, buffer_groups
 from engine.decompose.stream import REGULARIZER, _Pass, _Window
 from engine.errors import BadInputError, ExplaindError, UnsupportedOptimizerError
 from engine.model.groups import GroupMap, ParamLayout
-from engine.model.task import Task
+from engine.model.task import Task, short_numbers
 from engine.run.history import History, StepRecord
+from engine.run.spec import check_model_matches
 from engine.run.updates import UpdateRule, initial_buffer, rule_for
-from engine.run.verify import check_model_matches
 
 __all__ = [
     "DTYPES",
     "ENGINES",
+    "IMPORTANCE_SCORES",
     "REGULARIZER",
     "SPLITS",
     "VIEWS",
@@ -91,6 +99,12 @@ __all__ = [
     "prediction_agreement",
     "resolve_device",
 ]
+
+
+SPLIT_NOTE_THRESHOLD = 1e-3  # a data view missing more than this, relative, is named in the notes
+# Columns of the importance frame that rank elements (higher = more important), besides ``magnitude``;
+# ``gradient``, ``decay`` and ``balance`` need the decay split (null without it).
+IMPORTANCE_SCORES = ("importance", "gradient", "decay", "balance", "taylor")
 
 
 # ============================================================================ results
@@ -113,6 +127,12 @@ class Explanation:
     ``|g(θ_lo)| + |g(θ_hi)|``); ``max_rel_residual_output`` is the same ratio for the worst single
     output, which is large when one logit barely moves. ``max_abs_residual`` is the largest
     ``|Σ_s r_s|`` of one output; skipped steps (subsampling) count fully as residual.
+
+    The data view's own error, the *split residual* ``Σ_s φ̂_s·ρ_s`` (what the per-example sum
+    misses of each update), is ``max_optimizer_residual`` (largest of one output) and
+    ``max_rel_split_residual`` (the same ratio as ``max_rel_residual``), with its likely cause in
+    ``split_residual_cause``; ``data_split`` says how batch gradients were split into examples.
+    The buffer terms (MATH.md §6) are exact components, part of ``reconstructed``; no residual.
     """
 
     config: ExplainConfig
@@ -138,8 +158,12 @@ class Explanation:
     seconds: float
     decay_split: bool
     escalated: int = 0  # (step, example) units recomputed in float64 to meet ``config.rtol``
+    regression: bool = False  # the run's targets are floating-point numbers, not classes
     partial: bool = False
     notes: tuple[str, ...] = ()
+    max_rel_split_residual: float | None = None
+    split_residual_cause: str | None = None
+    data_split: str | None = None  # "batched" or "per-example" (None: the update was not split)
 
     def summary(self) -> dict[str, Any]:
         """JSON-able summary (the CLI prints it)."""
@@ -162,6 +186,9 @@ class Explanation:
             "max_rel_residual_output": self.max_rel_residual_output,
             "max_abs_residual": self.max_abs_residual,
             "max_optimizer_residual": self.max_optimizer_residual,
+            "max_rel_split_residual": self.max_rel_split_residual,
+            "split_residual_cause": self.split_residual_cause,
+            "data_split": self.data_split,
             "gradient_evaluations": self.gradient_evaluations,
             "mean_nodes": float(computed.mean()) if computed.len() else 0.0,
             "max_nodes": int(computed.max()) if computed.len() else 0,
@@ -171,8 +198,9 @@ class Explanation:
         }
 
     def exactness(self) -> pl.DataFrame | None:
-        """One ``exactness`` row (agreement and KL of reconstructed vs true final logits)."""
-        if self.predictions is None:
+        """One ``exactness`` row (agreement and KL of reconstructed vs true final logits); None
+        without class predictions (another quantity, or floating-point targets)."""
+        if self.predictions is None or self.regression:
             return None
         return pl.DataFrame([{
             "quadrature": self.quadrature, **prediction_agreement(self.predictions),
@@ -188,12 +216,17 @@ class Explanation:
             raise BadInputError("the run database stores components per tensor; explain with granularity='tensor'")
         model = check_model_matches(history, task)
         final = {n: t.to(torch.float32) for n, t in history.params(history.num_steps).items()}
+        final.update({n: b.to(torch.float32) for n, b in history.buffers(history.num_steps).items()})
         groups = GroupMap.build(ParamLayout(tuple(history.param_names),
                                             tuple(history.param_shapes[n] for n in history.param_names)),
                                 layer_of=task.layer_of)
+        changing = history.changing_buffers
+        buffers = buffer_groups(ParamLayout(tuple(changing), tuple(history.buffer_shapes[n] for n in changing)),
+                                groups, task.layer_of)
         optimizer = history.manifest["optimizer"]
         meta = {
             "task": str(history.model_spec.get("task", "imported")),
+            "targets": "float" if self.regression else "class",
             "model_spec": history.model_spec,
             "model_summary": {"parameters": history.num_parameters(), "tensors": len(history.param_names)},
             "optimizer": {"class": optimizer["class"], "family": optimizer["family"],
@@ -223,6 +256,11 @@ class Explanation:
             "max_abs_residual": _finite(self.max_abs_residual),
             "max_optimizer_residual": None if self.max_optimizer_residual is None
             else _finite(self.max_optimizer_residual),
+            "max_rel_split_residual": None if self.max_rel_split_residual is None
+            else _finite(self.max_rel_split_residual),
+            "split_residual_cause": self.split_residual_cause,
+            "data_split": self.data_split,
+            "buffer_groups": [group.label for group in buffers],
             "partial": self.partial,
             "notes": list(self.notes),
         }
@@ -234,7 +272,7 @@ class Explanation:
         return RunBundle(
             meta=meta,
             steps=_steps_frame(history, self.step_stats),
-            groups=groups.frame(),
+            groups=_groups_frame(groups, buffers),
             examples=_examples_frame(task, model, final, self.test_split, self.test_ids),
             components=self.components,
             data=self.data,
@@ -263,9 +301,11 @@ def merge_tests(parts: list[Explanation]) -> Explanation:
         return None if frames[0] is None else pl.concat(frames, rechunk=True)
 
     importance = first.importance
-    if importance is not None:
-        importance = importance.with_columns(importance=sum(p.importance["importance"] for p in parts))
+    if importance is not None:  # sums over test examples; the magnitude is the same in every part
+        importance = importance.with_columns(**{name: sum(p.importance[name] for p in parts)
+                                                for name in IMPORTANCE_SCORES})
     optimizer = [p.max_optimizer_residual for p in parts if p.max_optimizer_residual is not None]
+    split = [p.max_rel_split_residual for p in parts if p.max_rel_split_residual is not None]
     return replace(
         first, config=replace(first.config, test_ids=test_ids), test_ids=test_ids,
         components=cat("components"), data=cat("data"), importance=importance, completeness=cat("completeness"),
@@ -274,10 +314,27 @@ def merge_tests(parts: list[Explanation]) -> Explanation:
         max_rel_residual_output=max(p.max_rel_residual_output for p in parts),
         max_abs_residual=max(p.max_abs_residual for p in parts),
         max_optimizer_residual=max(optimizer) if optimizer else None,
+        max_rel_split_residual=max(split) if split else None,
         gradient_evaluations=sum(p.gradient_evaluations for p in parts), seconds=sum(p.seconds for p in parts),
         escalated=sum(p.escalated for p in parts),
         partial=any(p.partial for p in parts), notes=tuple(dict.fromkeys(n for p in parts for n in p.notes)),
     )
+
+
+def _groups_frame(groups: GroupMap, buffers: list[BufferGroup]) -> pl.DataFrame:
+    """The store's ``groups`` rows: every parameter tensor and, after the last tensor of its module,
+    each module's buffer term (``bn1.<buffers>``, size = its buffer elements), positions in that order."""
+    rows = groups.frame().drop("position").to_dicts()
+    last = {module: i for i, module in enumerate(groups.modules)}
+    after: dict[int, list[dict[str, Any]]] = {}
+    for group in buffers:
+        row = {"tensor": group.label, "module": group.module or group.label, "layer": group.layer,
+               "size": group.size}
+        after.setdefault(last.get(group.module, len(rows) - 1), []).append(row)
+    ordered = [r for i, row in enumerate(rows) for r in (row, *after.get(i, []))]
+    return pl.DataFrame(ordered, schema={"tensor": pl.String, "module": pl.String, "layer": pl.String,
+                                         "size": pl.Int64}).with_row_index("position").with_columns(
+        pl.col("position").cast(pl.Int32)).select("tensor", "module", "layer", "size", "position")
 
 
 def _finite(value: float) -> float:
@@ -338,7 +395,11 @@ def _norms(history: History, steps: list[int]) -> list[tuple[float, float]]:
 
 def _examples_frame(task: Task, model: nn.Module, final: dict[str, Tensor], test_split: str,
                     test_ids: tuple[int, ...]) -> pl.DataFrame:
-    """Train examples and the explained test examples with the final model's predictions."""
+    """Train examples and the explained test examples with the final model's predictions (``final``: its
+    parameters and buffers).
+
+    With floating-point targets there is no class: label, prediction and correctness are null,
+    and the text of a test example ends with the final model's output beside its target."""
     model = model.to(torch.float32).eval()
     rows = []
     for split, data, ids in (("train", task.dataset("train"), None), ("test", task.dataset(test_split), test_ids)):
@@ -346,18 +407,21 @@ def _examples_frame(task: Task, model: nn.Module, final: dict[str, Tensor], test
         inputs = data.inputs[index]
         inputs = inputs.float() if inputs.is_floating_point() else inputs
         with torch.no_grad():
-            predicted = functional_call(model, {**final, **dict(model.named_buffers())}, (inputs,)).argmax(-1)
-        labels = data.labels[index]
-        rows.append(pl.DataFrame({
-            "split": split,
-            "example": index.numpy().astype(np.int64),
-            "label": labels.numpy().astype(np.int64),
-            "text": [data.render(int(i)) for i in index],
-            "predicted": predicted.numpy().astype(np.int64),
-            "correct": (predicted == labels).numpy(),
-        }))
+            output = functional_call(model, {**dict(model.named_buffers()), **final}, (inputs,))
+        text = [data.render(int(i)) for i in index]
+        if data.regression:
+            if split == "test":
+                text = [f"{t} · final output {short_numbers(o)}" for t, o in zip(text, output, strict=True)]
+            empty = [None] * len(index)
+            label, predicted, correct = (pl.Series(empty, dtype=pl.Int64), pl.Series(empty, dtype=pl.Int64),
+                                         pl.Series(empty, dtype=pl.Boolean))
+        else:
+            labels, classes = data.labels[index], output.argmax(-1)
+            label, predicted, correct = (labels.numpy().astype(np.int64), classes.numpy().astype(np.int64),
+                                         (classes == labels).numpy())
+        rows.append(pl.DataFrame({"split": split, "example": index.numpy().astype(np.int64), "label": label,
+                                  "text": text, "predicted": predicted, "correct": correct}))
     return pl.concat(rows)
-
 
 
 # ============================================================================ driver
@@ -389,8 +453,8 @@ def explain_history(history: History, task: Task, config: ExplainConfig | None =
         for tests in passes:
             current = _Pass(s, tests, kept, _rule_for(s) if rule else None)  # rules are stateful: one per pass
             results.append(current)
-            for record, theta, theta_next in _segments(s, start):
-                current.step(record, theta, theta_next)
+            for segment in _segments(s, start):
+                current.step(*segment)
                 bar.update(1)
                 if stop.is_set():
                     break
@@ -398,7 +462,8 @@ def explain_history(history: History, task: Task, config: ExplainConfig | None =
                 current.flush_all()
                 break
     interrupted = stop.is_set()
-    explanation = _assemble(s, results, kept, time.perf_counter() - started, interrupted)
+    taylor = _taylor(s) if "importance" in s.config.views else None
+    explanation = _assemble(s, results, kept, time.perf_counter() - started, interrupted, taylor)
     if interrupted:
         raise ExplainInterrupted(
             f"explain of {history.path} was interrupted after step {results[-1].done - 1}; nothing was written "
@@ -440,17 +505,19 @@ def _rule_for(s: _Setup) -> UpdateRule | None:
     return rule
 
 
-def _segments(s: _Setup, start: int) -> Iterator[tuple[StepRecord, Tensor, Tensor]]:
-    """(record, θ_s, θ_{s+1}) for steps start..hi−1, θ from the stored parameters (exact path)."""
+def _segments(s: _Setup, start: int) -> Iterator[tuple[StepRecord, Tensor, Tensor, Tensor, Tensor]]:
+    """(record, θ_s, θ_{s+1}, b_s, b_{s+1}) for steps start..hi−1, from the stored parameters and
+    buffers (exact path; ``b`` flat over the buffers that change)."""
     previous: StepRecord | None = None
     theta_prev: Tensor | None = None
     for record in s.history.iter_steps(start, s.hi):
         theta = s.flat(record.params)
         if previous is not None:
-            yield previous, theta_prev, theta
+            yield previous, theta_prev, theta, s.flat_buffers(previous.buffers), s.flat_buffers(previous.buffers_after)
         previous, theta_prev = record, theta
     if previous is not None:
-        yield previous, theta_prev, s.flat(s.history.params(s.hi))
+        yield (previous, theta_prev, s.flat(s.history.params(s.hi)), s.flat_buffers(previous.buffers),
+               s.flat_buffers(previous.buffers_after))
 
 
 def _kept_steps(s: _Setup) -> np.ndarray:
@@ -460,11 +527,12 @@ def _kept_steps(s: _Setup) -> np.ndarray:
         return np.ones(count, dtype=bool)
     changes = np.zeros(count)
     with torch.no_grad():
-        for record, theta, theta_next in _segments(s, start=s.lo):
+        for record, theta, theta_next, bufs, bufs_next in _segments(s, start=s.lo):
             ids = record.batch_ids.to(s.device)
             w = record.batch_weights.to(device=s.device, dtype=s.dtype)
             x, y = s.train_x[ids], s.train_y[ids]
-            changes[record.step - s.lo] = float(s.loss_weighted(theta_next, x, y, w) - s.loss_weighted(theta, x, y, w))
+            changes[record.step - s.lo] = float(s.loss_weighted(theta_next, bufs_next, x, y, w)
+                                                - s.loss_weighted(theta, bufs, x, y, w))
     keep = max(1, math.ceil(s.config.subsample * count))
     kept = np.zeros(count, dtype=bool)
     kept[np.argsort(-np.abs(changes), kind="stable")[:keep]] = True
@@ -478,26 +546,30 @@ def _passes(s: _Setup) -> list[slice]:
 
     One pass normally; the data view in reverse mode takes one test chunk per pass (its
     per-example buffers advance with the steps), and the importance view as many tests as its per-element
-    accumulators allow in ``memory_mb``.
+    accumulators (the signed influence, and its decay part with the decay split) allow in ``memory_mb``.
     """
     n = len(s.test_ids)
     size = n
     if "data" in s.config.views and s.engine == "vjp":
         size = s.test_chunk
     if "importance" in s.config.views:
-        size = min(size, max(1, s.config.memory_mb * 2**20 // (8 * s.outputs * s.layout.total)))
+        accumulators = 2 if s.split_ok else 1
+        size = min(size, max(1, s.config.memory_mb * 2**20 // (accumulators * 8 * s.outputs * s.layout.total)))
     if size < n:
         s.notes.append(f"{math.ceil(n / size)} passes over the steps, {size} test examples each")
     return [slice(a, min(a + size, n)) for a in range(0, n, size)]
 
 
 # ============================================================================ frames
-def _assemble(s: _Setup, results: list[_Pass], kept: np.ndarray, seconds: float, partial: bool) -> Explanation:
+def _assemble(s: _Setup, results: list[_Pass], kept: np.ndarray, seconds: float, partial: bool,
+              taylor: Tensor | None = None) -> Explanation:
     test_ids = np.asarray(s.test_ids, dtype=np.int64)
     group_col = s.config.granularity
-    comp_frames, data_frames, compl_frames, pred_frames, imp = [], [], [], [], None
+    comp_frames, data_frames, compl_frames, pred_frames = [], [], [], []
+    scores: dict[str, Tensor] = {}  # absolute sums over test examples and outputs, (D,) float64
     max_rel = max_rel_output = max_abs = 0.0
     max_opt: float | None = None
+    max_split: float | None = None
     offset = 0
     for p in results:
         for c in p.chunks:
@@ -518,35 +590,36 @@ def _assemble(s: _Setup, results: list[_Pass], kept: np.ndarray, seconds: float,
                  "optimizer_residual": opt}, extra={"nodes": np.broadcast_to(nodes[:, :, None], true.shape)}))
             total_true, total_resid = true.sum(0), resid.sum(0)
             g_first = c.g_first.double().cpu().numpy()
-            floor = torch.finfo(s.dtype).eps * (np.abs(g_first) + np.abs(g_first + total_true))
+            # (an output that is identically 0, as a padded position, has no round-off either: tiny keeps 0/0 out)
+            floor = np.maximum(torch.finfo(s.dtype).eps * (np.abs(g_first) + np.abs(g_first + total_true)),
+                               np.finfo(np.float64).tiny)
             max_abs = max(max_abs, float(np.abs(total_resid).max()))
             max_rel_output = max(max_rel_output, float(
                 (np.abs(total_resid) / np.maximum(np.abs(total_true), floor)).max()))
             norm_true = np.maximum(np.linalg.norm(total_true, axis=1), np.linalg.norm(floor, axis=1))
             max_rel = max(max_rel, float((np.linalg.norm(total_resid, axis=1) / norm_true).max()))
             if not np.isnan(opt).all():
-                value = float(np.nanmax(np.abs(np.nansum(opt, axis=0))))
+                split = np.nansum(opt, axis=0)  # (n, O): what the data view misses over the steps
+                value = float(np.nanmax(np.abs(split)))
                 max_opt = value if max_opt is None else max(max_opt, value)
+                relative = float((np.linalg.norm(split, axis=1) / norm_true).max())
+                max_split = relative if max_split is None else max(max_split, relative)
             if s.config.quantity_name == "logits":
                 pred_frames.append(_grid_frame({}, tests, s.outputs, {
                     "initial": g_first, "true_final": g_first + total_true,
                     "reconstructed_final": g_first + recon.sum(0)}))
             if "components" in s.config.views and c.windows:
-                comp_frames.append(_components_frame(c.windows, s.group_labels, tests, s.outputs, group_col))
+                comp_frames.append(_components_frame(c.windows, s.component_labels, tests, s.outputs, group_col))
             if "data" in s.config.views and c.windows:
                 data_frames.extend(_data_frame(w, tests, s.outputs) for w in c.windows)
             if c.importance is not None:
-                part = c.importance.abs().sum(dim=(0, 1))
-                imp = part if imp is None else imp + part
-    importance = None
-    if imp is not None:
-        final = s.layout.flatten(s.history.params(s.hi), dtype=torch.float64).abs().numpy()
-        importance = pl.DataFrame({
-            "tensor": np.repeat(np.array(s.layout.names, dtype=object), s.layout.sizes).astype(str),
-            "index": np.concatenate([np.arange(n) for n in s.layout.sizes]).astype(np.int64),
-            "importance": imp.cpu().numpy(),
-            "magnitude": final,
-        })
+                parts = {"importance": c.importance}
+                if c.importance_decay is not None:
+                    parts |= {"gradient": c.importance - c.importance_decay, "decay": c.importance_decay}
+                for name, signed in parts.items():
+                    scores[name] = scores.get(name, 0) + signed.abs().sum(dim=(0, 1))
+    importance = _importance_frame(s, scores, taylor) if scores else None
+    taylor_rows = len(s.test_ids) * s.outputs if taylor is not None else 0  # one Jacobian row each
     stats = pl.DataFrame(results[0].stats if results else [],
                          schema={"step": pl.Int64, "update_norm": pl.Float64, "param_norm": pl.Float64,
                                  "lr": pl.Float64, "weight_decay": pl.Float64})
@@ -557,9 +630,14 @@ def _assemble(s: _Setup, results: list[_Pass], kept: np.ndarray, seconds: float,
         pl.Series("kept", kept[: stats.height]))
     # one chunk builds every frame in its documented order; several chunks interleave tests
     one = sum(len(p.chunks) for p in results) == 1
-    order = {label: i for i, label in enumerate(s.group_labels)}
+    order = {label: i for i, label in enumerate(s.component_labels)}
     completeness = _combine(compl_frames, ["step", "test", "output"], one) if compl_frames \
         else _empty_completeness()
+    cause = _split_cause(s) if max_split is not None else None
+    notes = list(s.notes)
+    if max_split is not None and max_split > SPLIT_NOTE_THRESHOLD:
+        notes.append(f"the data view misses the change by {max_split:.2g} relative (split residual, more than "
+                     f"{SPLIT_NOTE_THRESHOLD:g}): {cause}")
     return Explanation(
         config=s.config, quantity=s.config.quantity_name, quadrature=str(s.config.quadrature_spec),
         test_split=s.config.test_split, test_ids=s.test_ids, steps=(s.lo, s.hi), outputs=s.outputs,
@@ -573,10 +651,80 @@ def _assemble(s: _Setup, results: list[_Pass], kept: np.ndarray, seconds: float,
         predictions=_combine(pred_frames, ["test", "output"], one) if pred_frames else None,
         step_stats=stats,
         max_rel_residual=max_rel, max_rel_residual_output=max_rel_output, max_abs_residual=max_abs,
-        max_optimizer_residual=max_opt,
-        gradient_evaluations=sum(p.evaluations for p in results), escalated=sum(p.escalated for p in results),
-        seconds=seconds, decay_split=s.split_ok, partial=partial, notes=tuple(s.notes),
+        max_optimizer_residual=max_opt, max_rel_split_residual=max_split, split_residual_cause=cause,
+        data_split=s.split.mode if s.split is not None else None,
+        gradient_evaluations=sum(p.evaluations for p in results) + taylor_rows,
+        escalated=sum(p.escalated for p in results),
+        seconds=seconds, decay_split=s.split_ok, partial=partial, notes=(*notes, *_tolerance_notes(s, results)),
+        regression=s.test_y.is_floating_point(),
     )
+
+
+NOTE_STEPS = 10  # steps named in a note
+
+
+def _tolerance_notes(s: _Setup, results: list[_Pass]) -> list[str]:
+    """Where the adaptive rule's top rule missed its tolerance, and the selections whose switch
+    points are not located (the likely cause)."""
+    above: dict[int, int] = {}
+    for p in results:
+        for step, units in p.above.items():
+            above[step] = above.get(step, 0) + units
+    unlocated = sorted(name for name, located in s.selections.items() if not located)
+    cause = f"the switch points of {', '.join(unlocated)} are not located" if unlocated else ""
+    if not above:
+        return [f"{cause}; every step met the adaptive rule's tolerance"] if cause else []
+    steps = sorted(above)
+    named = ", ".join(map(str, steps[:NOTE_STEPS])) + (", …" if len(steps) > NOTE_STEPS else "")
+    tolerance = f"its error budget (rtol {s.config.rtol:g})" if s.config.rtol is not None else "round-off"
+    quadrature = s.config.quadrature_spec
+    return [f"the residual of {sum(above.values())} (step, test example) pairs stays above {tolerance} with "
+            f"{quadrature.n} Gauss nodes per piece ({quadrature}), in steps {named} ({len(steps)} of {s.hi - s.lo}): "
+            + (cause if cause else "no selection without located switch points was found; a rule with more "
+               "nodes (adaptive:N) may reach it")]
+
+
+def _split_cause(s: _Setup) -> str:
+    """What the split residual ``ρ_s`` is made of, as far as the record tells."""
+    if s.split is not None and s.split.unreplayed is not None:
+        return f"unreplayed training forward: {s.split.unreplayed}"
+    replayed = str(s.train_forward.dtype if s.train_forward else s.dtype).removeprefix("torch.")
+    return (f"float rounding of the recorded update (parameters stored in {s.history.manifest['dtype']}, "
+            f"the batch gradient recomputed in {replayed})")
+
+
+def _importance_frame(s: _Setup, scores: dict[str, Tensor], taylor: Tensor | None) -> pl.DataFrame:
+    """One row per parameter element in layout order: every score of ``IMPORTANCE_SCORES`` (null
+    where not computed) and the magnitude ``|θ_hi|``."""
+    final = s.layout.flatten(s.history.params(s.hi), dtype=torch.float64)
+    columns = {**scores, "taylor": taylor}
+    if "gradient" in scores:
+        columns["balance"] = scores["gradient"] - scores["decay"]
+    rows = pl.DataFrame({
+        "tensor": np.repeat(np.array(s.layout.names, dtype=object), s.layout.sizes).astype(str),
+        "index": np.concatenate([np.arange(n) for n in s.layout.sizes]).astype(np.int64),
+    })
+    return rows.with_columns(
+        *[pl.Series(name, columns[name].cpu().numpy()) if columns.get(name) is not None
+          else pl.lit(None, dtype=pl.Float64).alias(name) for name in IMPORTANCE_SCORES],
+        pl.Series("magnitude", final.abs().numpy()))
+
+
+def _taylor(s: _Setup) -> Tensor:
+    """``Σ_x Σ_j |θ_hi ⊙ ∇g_j(x; θ_hi)|`` per element ``(D,)`` float64: the first-order Taylor estimate of
+    zeroing each element at the last explained point, summed over the test examples and outputs."""
+    ev = _Evaluator(s)
+    theta = s.flat(s.history.params(s.hi))  # (D,)
+    bufs = s.flat_buffers(s.history.buffers(s.hi))  # (Db,)
+    node, weight = torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    total = torch.zeros(s.layout.total, dtype=torch.float64, device=s.device)
+    with _math_attention():
+        for a in range(0, len(s.test_ids), s.test_chunk):
+            x, y = s.test_x[a:a + s.test_chunk], s.test_y[a:a + s.test_chunk]
+            jacobian = ev.phi_shared(theta[None], torch.zeros_like(theta)[None], bufs[None], node, weight, x,
+                                      y)[0]  # (n, O, D)
+            total += (jacobian.double() * theta.double()).abs().sum(dim=(0, 1))
+    return total
 
 
 def _grid_frame(lead: dict[str, np.ndarray], tests: np.ndarray, outputs: int, values: dict[str, np.ndarray],
@@ -646,9 +794,9 @@ def element_influence(run: str | Path | History, config: ExplainConfig | None = 
     rule = _rule_for(s)
     kept = _kept_steps(s)
     current = _Pass(s, slice(0, len(s.test_ids)), kept, rule)
-    for record, theta, theta_next in tqdm(_segments(s, start=0 if rule else s.lo), disable=not progress,
-                                          total=s.hi - (0 if rule else s.lo), desc="elements", unit="step"):
-        current.step(record, theta, theta_next)
+    for segment in tqdm(_segments(s, start=0 if rule else s.lo), disable=not progress,
+                        total=s.hi - (0 if rule else s.lo), desc="elements", unit="step"):
+        current.step(*segment)
     signed = torch.cat([c.importance for c in current.chunks]).cpu()  # (test, O, D)
     return s.test_ids, s.layout.unflatten(signed)
 
@@ -661,5 +809,8 @@ def compare_quadratures(run: str | Path | History, quadratures: tuple[str, ...] 
     history = run if isinstance(run, History) else History.open(run)
     task = history.task(trust_run)
     base = replace(config or ExplainConfig(), views=(), quantity="logits", optimizer_residual=False)
+    if task.dataset("train").regression:
+        raise BadInputError(f"{history.path} has floating-point targets: the exactness table compares predicted "
+                            "classes (agreement, KL)")
     rows = [explain_history(history, task, replace(base, quadrature=q), progress).exactness() for q in quadratures]
     return pl.concat(rows)

@@ -1,9 +1,10 @@
 """The test side of the decomposition: derivatives of ``g`` along the steps of a block.
 
-``_Evaluator`` evaluates, at points ``θ_s + tΔ_s``, the quantity ``g`` itself, forward-mode
-directional derivatives, reverse-mode ``φ̂`` Jacobians and the switching values of ReLU-like
-operations (for the adaptive rule's kink search), vectorised over steps, quadrature nodes,
-directions and test examples within the ``max_batch`` and ``memory_mb`` budgets.
+``_Evaluator`` evaluates, at points ``θ_s + tΔ_s`` with the step's buffers ``b_s`` (the flat
+vector of the buffers that change, ``(B, Db)`` per block), the quantity ``g`` itself,
+forward-mode directional derivatives, reverse-mode ``φ̂`` Jacobians and the switching values of
+ReLU-like operations (for the adaptive rule's kink search), vectorised over steps, quadrature
+nodes, directions and test examples within the ``max_batch`` and ``memory_mb`` budgets.
 """
 
 from __future__ import annotations
@@ -58,56 +59,59 @@ class _Evaluator:
         self.s = setup
         self.evaluations = 0
 
-        def along_batch(theta: Tensor, delta: Tensor, t: Tensor, v: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        def along_batch(theta: Tensor, delta: Tensor, bufs: Tensor, t: Tensor, v: Tensor, x: Tensor,
+                        y: Tensor) -> Tensor:
             def g(p: Tensor) -> Tensor:
                 with ScalarOps():
-                    return setup.g_batch(p, x, y)
+                    return setup.g_batch(p, bufs, x, y)
             return jvp(g, (theta + t * delta,), (v,))[1]
 
-        def along_one(theta: Tensor, delta: Tensor, t: Tensor, v: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        def along_one(theta: Tensor, delta: Tensor, bufs: Tensor, t: Tensor, v: Tensor, x: Tensor,
+                      y: Tensor) -> Tensor:
             # d/dε g(θ + εv + tΔ) = ∇g(θ + tΔ)·v, the parameters kept at θ (engine.decompose.at_point). Δ and t
             # enter with zero tangents: every term of AtPoint's op(x, W) + t·op(x, ΔW) then has one,
             # and none is combined with a tangent-free operand (see engine.decompose.scalar_ops)
             def g(p: Tensor, d: Tensor, tt: Tensor) -> Tensor:
                 with ScalarOps():
-                    return setup.g_one_at(p, d, tt, x, y)
+                    return setup.g_one_at(p, d, tt, bufs, x, y)
             return jvp(g, (theta, delta, t), (v, torch.zeros_like(delta), torch.zeros_like(t)))[1]
 
-        def phi_one(theta: Tensor, delta: Tensor, t: Tensor, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        def phi_one(theta: Tensor, delta: Tensor, bufs: Tensor, t: Tensor, w: Tensor, x: Tensor,
+                    y: Tensor) -> Tensor:
             # ∇_θ Σ_m w_m g(x; θ + t_m Δ) = Σ_m w_m ∇g(x; θ + t_m Δ) = φ̂: one (O, D) Jacobian for all nodes
             def weighted(th: Tensor) -> Tensor:
-                values = vmap(lambda tm: setup.g_one(th + tm * delta, x, y))(t)  # (M, O)
+                values = vmap(lambda tm: setup.g_one(th + tm * delta, bufs, x, y))(t)  # (M, O)
                 return (w[:, None] * values).sum(0)
             return jacrev(weighted)(theta)
 
-        def switches_one(theta: Tensor, delta: Tensor, t: Tensor, x: Tensor) -> Tensor:
-            with SwitchRecorder(1, setup.live_switches) as recorder:
-                setup._call_at(theta, delta, t, x[None])
+        def switches_one(theta: Tensor, delta: Tensor, bufs: Tensor, t: Tensor, x: Tensor, y: Tensor) -> Tensor:
+            with SwitchRecorder(1, setup.live_switches) as recorder:  # those of the quantity too, as in ``forward``
+                setup.g_one_at(theta, delta, t, bufs, x, y)
             values = recorder.values()
             return values[0] if values is not None else theta.new_zeros(0)
 
-        def forward(theta: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        def forward(theta: Tensor, bufs: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
             with SwitchRecorder(x.shape[0], setup.live_switches) as recorder:
-                g = setup.g_batch(theta, x, y)
+                g = setup.g_batch(theta, bufs, x, y)
             values = recorder.values()
             return g, values if values is not None else g.new_zeros(x.shape[0], 0)
 
-        step_dims = (0, 0, 0, 0, None, None)
-        # steps (B, D), (B, D); nodes (B, M); directions (B, K, D); batch → (B, M, K, n, O)
-        self._jvp_shared = vmap(vmap(vmap(along_batch, in_dims=(None, None, None, 0, None, None)),
-                                     in_dims=(None, None, 0, None, None, None)), in_dims=step_dims)
+        step_dims = (0, 0, 0, 0, 0, None, None)
+        # steps (B, D), (B, D), buffers (B, Db); nodes (B, M); directions (B, K, D); batch → (B, M, K, n, O)
+        self._jvp_shared = vmap(vmap(vmap(along_batch, in_dims=(None, None, None, None, 0, None, None)),
+                                     in_dims=(None, None, None, 0, None, None, None)), in_dims=step_dims)
         # steps; directions (B, K, D); unit nodes (B, U), inputs (B, U, ...) → (B, K, U, O). Units
         # innermost, their parameters unbatched (at θ_b): each direction's weight tangent then meets
         # all units in one matrix product instead of being copied once per unit
-        self._jvp_units = vmap(vmap(vmap(along_one, in_dims=(None, None, 0, None, 0, 0)),
-                                    in_dims=(None, None, None, 0, None, None)), in_dims=(0, 0, 0, 0, 0, 0))
+        self._jvp_units = vmap(vmap(vmap(along_one, in_dims=(None, None, None, 0, None, 0, 0)),
+                                    in_dims=(None, None, None, None, 0, None, None)), in_dims=(0,) * 7)
         # steps; shared nodes (M,) and weights (M,); batch → φ̂ (B, n, O, D)
-        self._phi_shared = vmap(vmap(phi_one, in_dims=(None, None, None, None, 0, 0)),
-                                in_dims=(0, 0, None, None, None, None))
+        self._phi_shared = vmap(vmap(phi_one, in_dims=(None, None, None, None, None, 0, 0)),
+                                in_dims=(0, 0, 0, None, None, None, None))
         self._phi_rows = vmap(phi_one)  # rows with own nodes (R, M), weights, one input each → (R, O, D)
-        self._switches = vmap(vmap(switches_one, in_dims=(None, None, 0, 0)))  # → (B, U, S)
-        self._forward = vmap(forward, in_dims=(0, None, None))      # steps → (B, n, O), (B, n, S)
-        self._g = vmap(setup.g_batch, in_dims=(0, None, None))      # steps → (B, n, O)
+        self._switches = vmap(vmap(switches_one, in_dims=(None, None, None, 0, 0, 0)))  # → (B, U, S)
+        self._forward = vmap(forward, in_dims=(0, 0, None, None))      # steps → (B, n, O), (B, n, S)
+        self._g = vmap(setup.g_batch, in_dims=(0, 0, None, None))      # steps → (B, n, O)
 
     def _batch(self, evaluations: int, vectors: int) -> int:
         """Items per vectorised call when each costs ``evaluations`` of the ``max_batch`` budget
@@ -116,8 +120,9 @@ class _Evaluator:
         memory = config.memory_mb * 2**20 // (vectors * s.layout.total * s.dtype.itemsize)
         return max(1, min(config.max_batch // evaluations, memory))
 
-    def forward(self, thetas: Tensor, x: Tensor, y: Tensor, switches: bool) -> tuple[Tensor, Tensor | None]:
-        """``g`` at each point ``(B, n, O)`` in float64 and, if asked, the switching values
+    def forward(self, thetas: Tensor, bufs: Tensor, x: Tensor, y: Tensor,
+                switches: bool) -> tuple[Tensor, Tensor | None]:
+        """``g`` at each point ``(θ_b, b_b)`` ``(B, n, O)`` in float64 and, if asked, the switching values
         ``(B, n, S)`` in the compute dtype.
 
         These values are the truth every step's reconstruction is checked against, so they are
@@ -126,19 +131,19 @@ class _Evaluator:
         the float32 reconstruction's own error of the change over one step.
         """
         budget = max(1, self.s.config.max_batch // x.shape[0])
-        thetas = thetas.to(torch.float64)
-        x = x.to(torch.float64) if x.is_floating_point() else x
+        thetas, bufs = thetas.to(torch.float64), bufs.to(torch.float64)
+        x, y = (v.to(torch.float64) if v.is_floating_point() else v for v in (x, y))
         outs, sws = [], []
         for a in range(0, len(thetas), budget):
             if switches:
-                g, sw = self._forward(thetas[a:a + budget], x, y)
+                g, sw = self._forward(thetas[a:a + budget], bufs[a:a + budget], x, y)
                 outs.append(g)
                 sws.append(sw.to(self.s.dtype))
             else:
-                outs.append(self._g(thetas[a:a + budget], x, y))
+                outs.append(self._g(thetas[a:a + budget], bufs[a:a + budget], x, y))
         return torch.cat(outs), torch.cat(sws) if switches else None
 
-    def shared(self, thetas: Tensor, deltas: Tensor, t: Tensor, directions: Tensor, x: Tensor,
+    def shared(self, thetas: Tensor, deltas: Tensor, bufs: Tensor, t: Tensor, directions: Tensor, x: Tensor,
                y: Tensor) -> Tensor:
         """Directional derivatives at shared nodes ``t (M,)``: ``(B, M, K, n, O)``."""
         s = self.s
@@ -146,12 +151,12 @@ class _Evaluator:
         per_step = len(t) * k * n
         steps = self._batch(per_step, len(t) * (k + 1))
         nodes = t.to(s.dtype).expand(b_count, -1)
-        out = [self._jvp_shared(thetas[a:a + steps], deltas[a:a + steps], nodes[a:a + steps],
+        out = [self._jvp_shared(thetas[a:a + steps], deltas[a:a + steps], bufs[a:a + steps], nodes[a:a + steps],
                                 directions[a:a + steps], x, y) for a in range(0, b_count, steps)]
         self.evaluations += b_count * per_step
         return torch.cat(out)
 
-    def units(self, thetas: Tensor, deltas: Tensor, step: Tensor, t: Tensor, directions: Tensor,
+    def units(self, thetas: Tensor, deltas: Tensor, bufs: Tensor, step: Tensor, t: Tensor, directions: Tensor,
               x: Tensor, y: Tensor) -> Tensor:
         """Directional derivatives per unit (step ``step[u]``, node ``t[u]``, input ``x[u]``): ``(U, K, O)``."""
         s = self.s
@@ -163,12 +168,13 @@ class _Evaluator:
         rows = self._batch(slot.shape[1] * k, slot.shape[1] * (k + 1))
         for a in range(0, len(row_step), rows):
             b, sl, ok = row_step[a:a + rows], slot[a:a + rows], valid[a:a + rows]
-            value = self._jvp_units(thetas[b], deltas[b], t[sl].to(s.dtype), directions[b], x[sl], y[sl])
+            value = self._jvp_units(thetas[b], deltas[b], bufs[b], t[sl].to(s.dtype), directions[b], x[sl], y[sl])
             out[sl[ok]] = value.transpose(1, 2)[ok]  # value: (rows, K, W, O)
         self.evaluations += len(t) * k
         return out
 
-    def phi_shared(self, thetas: Tensor, deltas: Tensor, t: Tensor, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    def phi_shared(self, thetas: Tensor, deltas: Tensor, bufs: Tensor, t: Tensor, w: Tensor, x: Tensor,
+                   y: Tensor) -> Tensor:
         """φ̂ ``(B, n, O, D)`` of every example under one rule ``t, w (M,)`` shared by all.
 
         Nodes and steps are chunked: the backward pass holds one gradient per node before the sum.
@@ -183,13 +189,13 @@ class _Evaluator:
         tt, ww = t.to(s.dtype), w.to(s.dtype)
         for a in range(0, b_count, steps):
             for m in range(0, len(t), m_chunk):
-                out[a:a + steps] += self._phi_shared(thetas[a:a + steps], deltas[a:a + steps], tt[m:m + m_chunk],
-                                                     ww[m:m + m_chunk], x, y)
+                out[a:a + steps] += self._phi_shared(thetas[a:a + steps], deltas[a:a + steps], bufs[a:a + steps],
+                                                     tt[m:m + m_chunk], ww[m:m + m_chunk], x, y)
         self.evaluations += b_count * len(t) * n * s.outputs
         return out
 
-    def phi_rows(self, thetas: Tensor, deltas: Tensor, step: Tensor, t: Tensor, w: Tensor, count: Tensor,
-                 x: Tensor, y: Tensor) -> Tensor:
+    def phi_rows(self, thetas: Tensor, deltas: Tensor, bufs: Tensor, step: Tensor, t: Tensor, w: Tensor,
+                 count: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """φ̂ ``(R, O, D)`` of rows (step ``step[r]``, input ``x[r]``) with own nodes ``t, w (R, M)``.
 
         Rows are grouped by node count, so padding nodes are never evaluated.
@@ -205,22 +211,23 @@ class _Evaluator:
                 r = rows[a:a + chunk]
                 b = step[r]
                 for k in range(0, m, m_chunk):
-                    out[r] += self._phi_rows(thetas[b], deltas[b], t[r, k:min(k + m_chunk, m)].to(s.dtype),
+                    out[r] += self._phi_rows(thetas[b], deltas[b], bufs[b], t[r, k:min(k + m_chunk, m)].to(s.dtype),
                                              w[r, k:min(k + m_chunk, m)].to(s.dtype), x[r], y[r])
             self.evaluations += len(rows) * m * s.outputs
         return out
 
-    def switches(self, thetas: Tensor, deltas: Tensor, step: Tensor, t: Tensor, x: Tensor) -> Tensor:
+    def switches(self, thetas: Tensor, deltas: Tensor, bufs: Tensor, step: Tensor, t: Tensor, x: Tensor,
+                 y: Tensor) -> Tensor:
         """Switching values per unit at its own point: ``(U, S)`` (points in the compute dtype)."""
         s = self.s
-        thetas, deltas = thetas.to(s.dtype), deltas.to(s.dtype)
-        x = x.to(s.dtype) if x.is_floating_point() else x
+        thetas, deltas, bufs = thetas.to(s.dtype), deltas.to(s.dtype), bufs.to(s.dtype)
+        x, y = (v.to(s.dtype) if v.is_floating_point() else v for v in (x, y))
         row_step, slot, valid = _pack(step, len(thetas))
         rows = self._batch(slot.shape[1], slot.shape[1])
         out = None
         for a in range(0, len(row_step), rows):
             b, sl, ok = row_step[a:a + rows], slot[a:a + rows], valid[a:a + rows]
-            value = self._switches(thetas[b], deltas[b], t[sl].to(s.dtype), x[sl])
+            value = self._switches(thetas[b], deltas[b], bufs[b], t[sl].to(s.dtype), x[sl], y[sl])
             if out is None:
                 out = value.new_zeros(len(t), value.shape[-1])
             out[sl[ok]] = value[ok]

@@ -6,7 +6,8 @@ Specs (strings, as on the command line):
   Error ∝ N⁻² for a smooth integrand.
 - ``gauss:N`` — Gauss–Legendre on [0, 1]; exact for polynomials of degree ``2N − 1``.
 - ``adaptive`` or ``adaptive:N`` — per step and test example: the segment is cut at the
-  kinks of piecewise-linear operations (ReLU, abs, clamp, …; see ``SwitchRecorder``) and each
+  kinks of piecewise-linear operations (ReLU, abs, clamp, …) and at the switch points of
+  selections (max pooling, amax, topk, sort, comparisons, …; see ``SwitchRecorder``) and each
   piece gets Gauss–Legendre with 1 and 2 nodes; until the error estimated from two successive
   rules is at round-off and the measured step residual ``r_s`` is small (see ``accept``), the
   pieces that hold more than their share of the estimated error (see ``unconverged``) go up
@@ -178,6 +179,21 @@ def accept(q: Tensor, q_prev: Tensor | None, residual: Tensor, g_scale: Tensor, 
     return ok | ((residual.norm(dim=-1) <= budget) & (error.norm(dim=-1) <= budget))
 
 
+def above_tolerance(q: Tensor, residual: Tensor, g_scale: Tensor, dtype: torch.dtype,
+                    budget: Tensor | None = None) -> Tensor:
+    """Units whose measured residual is more than round-off: bool of ``q``'s shape without the last axis.
+
+    The norm over outputs of ``r_s`` exceeds ``RESIDUAL_ULPS`` round-offs of the norm of
+    ``|r_s + q| + |q| + g_scale`` (arguments as in ``accept``) — or, with a ``budget``, the
+    unit's budget. ``accept`` asks more: every output's residual within round-off of its own
+    change, so a unit it turns down may still be at round-off here.
+    """
+    norm = residual.norm(dim=-1)
+    if budget is not None:
+        return norm > budget
+    return norm > tolerance(((residual + q).abs() + q.abs() + g_scale).norm(dim=-1), dtype, RESIDUAL_ULPS)
+
+
 def unconverged(error: Tensor, q: Tensor, g_scale: Tensor, valid: Tensor, dtype: torch.dtype,
                 budget: Tensor | None = None) -> Tensor:
     """Pieces of a unit that is not accepted to integrate by the next rule: bool ``(U, P)``.
@@ -236,23 +252,221 @@ def _switch_table() -> dict[Callable, Callable[[tuple, dict], list[Tensor | None
                                           _diff(args[0], argument(args, kwargs, 2, "max"))]
     for fn in (torch.maximum, torch.minimum, torch.fmax, torch.fmin):
         table[fn] = lambda args, kwargs: [_diff(args[0], args[1])]
-    for fn in (torch.max, torch.min, Tensor.max, Tensor.min):
-        table[fn] = lambda args, kwargs: [_diff(args[0], args[1]) if len(args) > 1 and isinstance(args[1], Tensor)
-                                          else None]
+    for fn in (torch.max, torch.min, Tensor.max, Tensor.min):  # of two tensors; along a dimension: a selection
+        table[fn] = lambda args, kwargs: [_diff(args[0], _other(args, kwargs))] if _binary(args, kwargs) else []
     return table
+
+
+def _other(args: tuple, kwargs: dict) -> Any:
+    return args[1] if len(args) > 1 else kwargs.get("other")
+
+
+def _binary(args: tuple, kwargs: dict) -> bool:
+    """``max(a, b)`` of two tensors, as opposed to ``max(a)`` or ``max(a, dim)``."""
+    return isinstance(_other(args, kwargs), Tensor)
 
 
 def _recorded(value: Any, batch: int) -> bool:
     return isinstance(value, Tensor) and value.is_floating_point() and value.dim() >= 1 and value.shape[0] == batch
 
 
+# ---------------------------------------------------------------------------- selections
+# Max pooling, amax/amin, max/min/argmax/argmin along a dimension, topk, sort/argsort, kthvalue
+# and median output order statistics of windows of their input, or where they sit. Along a step
+# such an output is smooth while the order within every window stays the same; where two
+# elements swap it has a kink (a jump, where positions are used as indices). The switching value
+# of element j for "among the r largest of its window" is its margin
+#
+#     m_{j,r} = v_j − (the r-th largest of the other elements of the window),
+#
+# positive exactly while j is among the r largest: its sign changes exactly where j enters or
+# leaves them, at the swap, which the kink search (``crossings``, ``refine_zero``, the
+# hidden-kink grid) then locates like a ReLU's. Elements that are equal wherever they are
+# evaluated (computed alike) get a second margin, against the elements of a different value
+# (see ``margins``). A comparison ``a > b`` switches where ``a − b`` changes sign, ``sign(a)``
+# where ``a`` does.
+
+SELECTION_COLUMNS = 1 << 16  # most switching values per example of one selection of several ranks
+
+
+def margins(window: Tensor, ranks: tuple[int, int]) -> Tensor:
+    """Switching values of ranks ``lo..hi`` (1 = the largest) of each window ``(..., K)``: ``(..., K, 2R)``.
+
+    Entry ``[..., j, i]`` is ``v_j`` minus the ``(lo + i)``-th largest of the other elements of
+    its window. Entry ``[..., j, R + i]`` is the same against the other elements of a different
+    value, for an element equal to another one (0 for the rest): elements computed alike — a
+    constant region under a convolution, zeros after a ReLU — are equal wherever they are
+    evaluated, and every margin among them is 0 on both sides of a switch between two such
+    groups. Ranks from ``K`` on are left out (every element is among the ``K`` largest);
+    padding and masked elements (±∞) give 0, never a sign change.
+    """
+    window = window.contiguous()  # (searchsorted copies anything else)
+    size = window.shape[-1]
+    lo, hi = ranks[0], min(ranks[1], size - 1)
+    ascending = window.sort(dim=-1).values.contiguous()
+    descending = torch.cat([ascending.flip(-1), torch.full_like(ascending[..., :1], float("-inf"))], dim=-1)
+    right = torch.searchsorted(ascending, window, right=True)
+    above = (size - right)[..., None]                                       # (..., K, 1) larger than v_j
+    equal = (right - torch.searchsorted(ascending, window))[..., None]      # (..., K, 1) equal to v_j
+    rank = torch.arange(lo, hi + 1, device=window.device)                   # (R,)
+    before = rank <= above                                                  # the rank-th largest is above v_j
+    margin = window[..., None] - _take(descending, torch.where(before, rank - 1, rank))
+    grouped = window[..., None] - _take(descending, torch.where(before, rank - 1, rank - 1 + equal))
+    value = torch.cat([margin, torch.where(equal > 1, grouped, 0.0)], dim=-1)
+    return torch.nan_to_num(value, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _take(descending: Tensor, position: Tensor) -> Tensor:
+    """``descending (..., K + 1)`` at ``position (..., K, R)`` (clamped to the −∞ at ``K``)."""
+    size = descending.shape[-1] - 1
+    flat = descending.gather(-1, position.clamp(max=size).flatten(-2))
+    return flat.unflatten(-1, position.shape[-2:])
+
+
+def _pool_positions(length: int, out: int, kernel: int, stride: int, padding: int, dilation: int) -> Tensor:
+    """Input positions ``(out, kernel)`` of the max-pooling windows along one axis, −1 outside the input."""
+    position = (torch.arange(out) * stride - padding)[:, None] + dilation * torch.arange(kernel)
+    return torch.where((position >= 0) & (position < length), position, -1)
+
+
+def _adaptive_positions(length: int, out: int) -> Tensor:
+    """Input positions ``(out, widest)`` of the adaptive max-pooling windows along one axis, −1 as padding:
+    window ``o`` covers ``⌊o·L/out⌋ ≤ i < ⌈(o + 1)·L/out⌉``."""
+    o = torch.arange(out)
+    start, end = o * length // out, -(-(o + 1) * length // out)
+    position = start[:, None] + torch.arange(int((end - start).max()))
+    return torch.where(position < end[:, None], position, -1)
+
+
+def _windows(x: Tensor, positions: list[Tensor]) -> Tensor:
+    """``x (..., L_1, …, L_n)`` gathered at ``positions[d] (O_d, K_d)`` along its last ``n`` axes:
+    ``(..., O_1, …, O_n, K_1·…·K_n)``, −∞ where a position is −1."""
+    n = len(positions)
+    first = x.dim() - n
+    for d, position in enumerate(positions):  # axis d becomes (O_d, …) in place and K_d goes last
+        axis, length = first + d, x.shape[first + d]
+        padded = torch.cat([x, torch.full_like(x.narrow(axis, 0, 1), float("-inf"))], dim=axis)
+        index = torch.where(position >= 0, position, length).reshape(-1).to(x.device)
+        x = padded.index_select(axis, index).unflatten(axis, tuple(position.shape)).movedim(axis + 1, -1)
+    return x.flatten(-n)
+
+
+def _sizes(value: Any, n: int) -> tuple[int, ...]:
+    """A pooling argument (one int, or one per axis) as ``n`` ints."""
+    values = tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),)
+    return values * n if len(values) == 1 else values
+
+
+def pooling_windows(n: int, adaptive: bool, args: tuple, kwargs: dict, out: Any) -> Tensor:
+    """The windows ``(..., O_1, …, O_n, K)`` of a call ``max_pool{n}d(*args, **kwargs)`` (or of
+    ``adaptive_max_pool{n}d``) that returned ``out``; −∞ where a window reaches over the edge."""
+    x = argument(args, kwargs, 0, "input")
+    values = out[0] if isinstance(out, tuple) else out
+    lengths, sizes = x.shape[-n:], values.shape[-n:]
+    if adaptive:
+        return _windows(x, [_adaptive_positions(length, size) for length, size in zip(lengths, sizes, strict=True)])
+    kernel = _sizes(argument(args, kwargs, 1, "kernel_size"), n)
+    stride = argument(args, kwargs, 2, "stride")
+    stride = kernel if stride in (None, [], ()) else _sizes(stride, n)  # none given: the kernel size
+    padding = _sizes(argument(args, kwargs, 3, "padding", 0), n)
+    dilation = _sizes(argument(args, kwargs, 4, "dilation", 1), n)
+    return _windows(x, [_pool_positions(*axis) for axis in zip(lengths, sizes, kernel, stride, padding, dilation,
+                                                               strict=True)])
+
+
+def _reduce(args: tuple, kwargs: dict, dim: Any, largest: bool,
+            ranks: Callable[[int], tuple[int, int]] = lambda size: (1, 1)) -> list[Tensor | None]:
+    """Switching values of order statistics ``ranks(K)`` of ``args[0]`` over the axes ``dim`` (windows
+    of ``K`` elements); ``[None]`` where they cannot be recorded per example: a reduction over
+    every axis or over the first (the examples), or a sort whose margins exceed ``SELECTION_COLUMNS``."""
+    x = args[0]
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        return []
+    dims = (dim,) if isinstance(dim, int) else tuple(dim or ())
+    dims = tuple(sorted({d % max(x.dim(), 1) for d in dims}))
+    if not dims or 0 in dims or x.dim() < 2:
+        return [None]
+    window = x.movedim(dims, tuple(range(x.dim() - len(dims), x.dim()))).flatten(-len(dims))
+    lo, hi = ranks(window.shape[-1])
+    if hi > lo and window[0].numel() * (hi - lo + 1) > SELECTION_COLUMNS:
+        return [None]
+    return [margins(window if largest else -window, (lo, hi))]
+
+
+def _kth(k: int) -> tuple[int, int]:
+    """Ranks of the windows' largest whose change moves the k-th largest: the k − 1 and the k largest."""
+    return max(k - 1, 1), k
+
+
+@cache
+def _selection_table() -> dict[Callable, Callable[[tuple, dict, Any], list[Tensor | None]]]:
+    """Selection → ``extract(args, kwargs, output)``: its switching values (``[]`` when the call is
+    none, as ``max`` of two tensors; ``None`` entries where they cannot be recorded)."""
+    F = torch.nn.functional
+    table: dict[Callable, Callable[[tuple, dict, Any], list[Tensor | None]]] = {}
+    for n in (1, 2, 3):
+        for prefix, adaptive in (("max_pool", False), ("adaptive_max_pool", True)):
+            for name in (f"{prefix}{n}d", f"{prefix}{n}d_with_indices"):
+                table[getattr(F, name)] = lambda a, k, out, n=n, adaptive=adaptive: [
+                    margins(pooling_windows(n, adaptive, a, k, out), (1, 1))]
+    for fns, largest in (((torch.amax, Tensor.amax), True), ((torch.amin, Tensor.amin), False)):
+        for fn in fns:
+            table[fn] = lambda a, k, out, largest=largest: _reduce(a, k, argument(a, k, 1, "dim", ()), largest)
+    for fns, largest in (((torch.max, Tensor.max, torch.argmax, Tensor.argmax), True),
+                         ((torch.min, Tensor.min, torch.argmin, Tensor.argmin), False)):
+        for fn in fns:
+            table[fn] = lambda a, k, out, largest=largest: (
+                [] if _binary(a, k) else _reduce(a, k, argument(a, k, 1, "dim"), largest))
+    for fn in (torch.topk, Tensor.topk):
+        table[fn] = lambda a, k, out: _reduce(a, k, argument(a, k, 2, "dim", -1), argument(a, k, 3, "largest", True),
+                                              lambda size: (1, int(argument(a, k, 1, "k"))))
+    for fn in (torch.sort, Tensor.sort, torch.argsort, Tensor.argsort):
+        table[fn] = lambda a, k, out: _reduce(a, k, argument(a, k, 1, "dim", -1), True, lambda size: (1, size - 1))
+    for fn in (torch.kthvalue, Tensor.kthvalue):
+        table[fn] = lambda a, k, out: _reduce(a, k, argument(a, k, 2, "dim", -1), False,
+                                              lambda size: _kth(int(argument(a, k, 1, "k"))))
+    for fn in (torch.median, Tensor.median):  # the lower median: the ⌊(K − 1)/2⌋ + 1-th smallest
+        table[fn] = lambda a, k, out: _reduce(a, k, argument(a, k, 1, "dim"), False,
+                                              lambda size: _kth((size - 1) // 2 + 1))
+    for fn in (torch.gt, torch.lt, torch.ge, torch.le, torch.greater, torch.less, torch.greater_equal,
+               torch.less_equal, Tensor.gt, Tensor.lt, Tensor.ge, Tensor.le, Tensor.greater, Tensor.less,
+               Tensor.greater_equal, Tensor.less_equal, Tensor.__gt__, Tensor.__lt__, Tensor.__ge__, Tensor.__le__):
+        table[fn] = lambda a, k, out: _comparison(a, k)
+    for fn in (torch.sign, Tensor.sign, torch.sgn, Tensor.sgn, torch.heaviside, Tensor.heaviside):
+        table[fn] = lambda a, k, out: [a[0]] if _floating(a[0]) else []
+    return table
+
+
+def _floating(value: Any) -> bool:
+    return isinstance(value, Tensor) and value.is_floating_point()
+
+
+def _comparison(args: tuple, kwargs: dict) -> list[Tensor | None]:
+    """``a − b`` of a comparison ``a > b`` (or ``<``, ``≥``, ``≤``) of floating-point values."""
+    a, b = args[0], _other(args, kwargs)
+    if not _floating(a) or (isinstance(b, Tensor) and b.dtype == torch.bool):
+        return []
+    return [_diff(a, b)]
+
+
+def _selected(select: Callable[[tuple, dict, Any], list[Tensor | None]], args: tuple, kwargs: dict,
+              out: Any) -> list[Tensor | None]:
+    """``select(args, kwargs, out)``; ``[None]`` (not recorded) for a call it cannot read."""
+    try:
+        return select(args, kwargs, out)
+    except (RuntimeError, TypeError, ValueError, IndexError):
+        return [None]
+
+
 class SwitchRecorder(TorchFunctionMode):
-    """Records, during one batched forward, the switching values of piecewise-linear operations.
+    """Records, during one batched forward, the switching values of piecewise-linear operations
+    and selections.
 
     ReLU (and leaky, 6, hard-tanh, threshold), abs, clamp/clip and the element-wise
     maximum/minimum of two tensors are seen whatever way they are called (module, functional
-    or method). Values whose first axis is not the batch axis are ignored. With ``live`` (from
-    ``live_switches``) only the columns that can change the output are kept.
+    or method), and so are the selections of ``_selection_table`` (max pooling, amax, topk,
+    sort, comparisons, …). Values whose first axis is not the batch axis are ignored. With
+    ``live`` (from ``live_switches``) only the columns that can change the output are kept.
     """
 
     def __init__(self, batch: int, live: LiveSwitches | None = None) -> None:
@@ -260,16 +474,24 @@ class SwitchRecorder(TorchFunctionMode):
         self.batch = batch
         self.live = live
         self.table = _switch_table()
+        self.selections = _selection_table()
         self.parts: list[Tensor] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         extract = self.table.get(func)
         if extract is not None:
-            for value in extract(args, kwargs):
-                if _recorded(value, self.batch):
-                    self.parts.append(value.detach().reshape(self.batch, -1).clone())
-        return func(*args, **kwargs)
+            self._add(extract(args, kwargs))
+        out = func(*args, **kwargs)
+        select = self.selections.get(func)
+        if select is not None:
+            self._add(_selected(select, args, kwargs, out))
+        return out
+
+    def _add(self, values: list[Tensor | None]) -> None:
+        for value in values:
+            if _recorded(value, self.batch):
+                self.parts.append(value.detach().reshape(self.batch, -1).clone())
 
     def values(self) -> Tensor | None:
         """``(batch, U)`` the recorded (live) switching values, or None if there were none."""
@@ -307,30 +529,42 @@ class _SwitchProbe(TorchFunctionMode):
     """One forward in which every switching operation becomes the sum of its tensor arguments
     plus a zero probe of its output's shape, so that ``g`` is smooth and each probe's gradient
     is zero only where the operation's output cannot reach ``g`` (a later slice, a mask).
-    Selection operations on values that depend on the parameters make the probe inconclusive.
+    Selections on values that depend on the parameters run as they are and make the probe
+    inconclusive; ``found`` names them, each with whether ``SwitchRecorder`` records its
+    switching values.
     """
 
     def __init__(self, batch: int) -> None:
         super().__init__()
         self.batch = batch
         self.table = _switch_table()
+        self.selections = _selection_table()
         self.probes: list[tuple[Tensor, list[Tensor]]] = []   # (probe, recorded values)
         self.selects = False
+        self.found: dict[str, bool] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
+        depends = any(t.requires_grad for t in tensors)
         name = getattr(func, "__name__", "")
         extract = self.table.get(func)
-        if name in _SELECTIONS and any(t.requires_grad for t in tensors):
-            self.selects = True
+        extracted = extract(args, kwargs) if extract is not None else []
         floating = [t for t in tensors if t.is_floating_point()]
-        if extract is None or not floating:
-            return func(*args, **kwargs)
-        extracted = extract(args, kwargs)
+        if not extracted or not floating:  # no kink: a selection, or any other operation
+            out = func(*args, **kwargs)
+            select = self.selections.get(func)
+            with torch.no_grad():
+                values = _selected(select, args, kwargs, out) if select else [None] if name in _SELECTIONS else []
+            if depends and values:
+                self.selects = True
+                located = all(_recorded(v, self.batch) for v in values)
+                name = name.strip("_")
+                self.found[name] = self.found.get(name, True) and located
+            return out
         values = [v for v in extracted if _recorded(v, self.batch)]
-        if len(values) < len(extracted) and any(t.requires_grad for t in tensors):
-            self.selects = True  # a reduction (max over an axis) or a value not on the batch axis
+        if len(values) < len(extracted) and depends:
+            self.selects = True  # a value not on the batch axis
         out = floating[0]
         for t in floating[1:]:
             out = out + t
@@ -367,6 +601,16 @@ def live_switches(g: Callable[[Tensor], Tensor], params: Tensor, batch: int) -> 
     if bool(live.all()):
         return None
     return LiveSwitches(len(live), live.nonzero().squeeze(1))
+
+
+def selections(g: Callable[[Tensor], Tensor], params: Tensor, batch: int) -> dict[str, bool]:
+    """The selections (max pooling, sorting, comparisons, …) that one forward of ``g(params)
+    (batch, O)`` applies to values depending on the parameters, by name: whether their switch
+    points are located (``SwitchRecorder`` records their switching values) or not."""
+    params = params.detach().requires_grad_()
+    with torch.enable_grad(), _SwitchProbe(batch) as probe:
+        g(params)
+    return probe.found
 
 
 def live_tensors(g: Callable[[dict[str, Tensor]], Tensor], params: dict[str, Tensor],
@@ -431,15 +675,19 @@ def refine_zero(t: Tensor, value: Tensor, history: list[tuple[Tensor, Tensor]]) 
     ``history`` holds earlier ``(t, s(t))`` pairs, starting with both ends ``(0, s₀), (1, s₁)``;
     ``(t, value)`` is the newest. Inverse quadratic interpolation through the newest three
     points, kept only where it falls strictly inside the current sign bracket; elsewhere the
-    secant of the bracket (regula falsi). Appends to ``history``; returns the new ``t``.
+    secant of the bracket (regula falsi); and the bracket's midpoint where the last two steps
+    did not halve the bracket (a secant stalls at a corner or a jump of ``s``). Appends to
+    ``history``; returns the new ``t``.
     """
     history.append((t, value))
     lo_t, lo_s = history[0]
     hi_t, hi_s = history[1]
+    widths = [hi_t - lo_t]
     for ht, hs in history[2:]:
         left = torch.sign(hs) == torch.sign(lo_s)
         lo_t, lo_s = torch.where(left, ht, lo_t), torch.where(left, hs, lo_s)
         hi_t, hi_s = torch.where(left, hi_t, ht), torch.where(left, hi_s, hs)
+        widths.append(hi_t - lo_t)
     (ta, sa), (tb, sb), (tc, sc) = history[-3:]
     with torch.no_grad():
         iqi = (ta * sb * sc / ((sa - sb) * (sa - sc)) + tb * sa * sc / ((sb - sa) * (sb - sc))
@@ -447,6 +695,8 @@ def refine_zero(t: Tensor, value: Tensor, history: list[tuple[Tensor, Tensor]]) 
         secant = lo_t - lo_s * (hi_t - lo_t) / (hi_s - lo_s)
     inside = torch.isfinite(iqi) & (iqi > lo_t) & (iqi < hi_t)
     new = torch.where(inside, iqi, secant)
+    if len(widths) >= 3:
+        new = torch.where(widths[-1] > 0.5 * widths[-3], (lo_t + hi_t) / 2, new)
     return torch.where(torch.isfinite(new), new, t)
 
 

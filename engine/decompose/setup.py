@@ -1,10 +1,13 @@
 """Set-up of one explain call: ``_Setup`` and the choices made from the budgets.
 
 ``_Setup`` holds what stays fixed while the steps stream: the model as functions of the flat
-parameter vector, the test (and, when needed, training) examples on the device, the parameter
-groups, the explained step range and the optimizer split's availability. ``_setup`` builds it
-and picks the engine (forward mode ``jvp`` or reverse mode ``vjp``, by cost), the test examples
-per vectorised call and the steps per block. Also here: the helpers the streaming pass runs
+parameter vector and the flat vector of the buffers that change during training (MATH.md §6:
+each step is evaluated with its own buffers ``b_s``), the test (and, when needed, training)
+examples on the device, the parameter groups and the modules whose buffers change, the
+explained step range, the optimizer split's availability and how the batch gradient is split
+into examples (``engine.run.replay``). ``_setup`` builds it and picks the engine (forward mode
+``jvp`` or reverse mode ``vjp``, by cost), the test examples per vectorised call and the steps
+per block. Also here: the helpers the streaming pass runs
 under, ``_math_attention`` (differentiable, vmap-able attention kernels) and ``_release_memory``.
 """
 
@@ -14,7 +17,7 @@ import contextlib
 import copy
 import ctypes
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -25,20 +28,61 @@ from torch.func import functional_call, jvp
 
 from engine.decompose.at_point import AtPoint
 from engine.decompose.config import DTYPES, ExplainConfig, resolve_device
-from engine.decompose.quadrature import LiveSwitches, live_switches, live_tensors
+from engine.decompose.quadrature import LiveSwitches, live_switches, live_tensors, selections
 from engine.decompose.scalar_ops import ScalarOps
 from engine.errors import BadInputError, UnsupportedOptimizerError
 from engine.model.groups import GroupMap, ParamLayout
 from engine.model.outputs import Quantity, get_quantity
 from engine.model.task import Task
 from engine.run.history import History
-from engine.run.verify import check_data_matches, check_model_matches
+from engine.run.replay import (
+    PER_EXAMPLE,
+    RANDOM_PROBE_EXAMPLES,
+    DataSplit,
+    TrainingForward,
+    choose_split,
+    in_training_modes,
+)
+from engine.run.spec import check_data_matches, check_model_matches
 
 log = logging.getLogger(__name__)
 
 JVP_PER_ROW = 2  # forward-mode directions costing about one reverse-mode Jacobian row (measured 2–3)
 MAX_BLOCK = 32  # most steps per vectorised block
 PROBE_EXAMPLES = 16  # test examples in the forwards that find which switching values and tensors can change g
+
+
+@dataclass(frozen=True)
+class BufferGroup:
+    """The changing buffers of one module: its component label, module, layer and flat columns."""
+
+    label: str
+    module: str
+    layer: str
+    columns: Tensor  # (k,) int64 positions in the flat buffer vector
+    size: int
+
+
+def buffer_label(module: str) -> str:
+    """The component label of a module's buffer term: ``bn1.<buffers>`` (``<buffers>`` for the model's own)."""
+    return f"{module}.<buffers>" if module else "<buffers>"
+
+
+def buffer_groups(layout: ParamLayout, groups: GroupMap, layer_of: Callable[[str], str],
+                  device: torch.device | str = "cpu") -> list[BufferGroup]:
+    """One group per module owning a changing buffer (``layout``), in model order. A buffer belongs to
+    the module its name leads to, and to that module's layer (``layer_of`` of the buffer's name for a
+    module without parameters)."""
+    owners: dict[str, list[int]] = {}
+    first: dict[str, str] = {}
+    for name, offset, size in zip(layout.names, layout.offsets, layout.sizes, strict=True):
+        module = name.rpartition(".")[0]
+        owners.setdefault(module, []).extend(range(offset, offset + size))
+        first.setdefault(module, name)
+    layers = dict(zip(groups.modules, groups.layers, strict=True))
+    return [BufferGroup(buffer_label(m), m, layers.get(m) or layer_of(first[m]),
+                        torch.tensor(cols, dtype=torch.int64, device=device), len(cols))
+            for m, cols in owners.items()]
 
 
 @dataclass
@@ -51,7 +95,8 @@ class _Setup:
     device: torch.device
     dtype: torch.dtype
     model: nn.Module
-    buffers: dict[str, Tensor]
+    buffers: dict[str, Tensor]   # buffers that stay fixed (floating ones at b_0), in the compute dtype
+    buffer_layout: ParamLayout   # the buffers that change during training, as one flat vector
     layout: ParamLayout
     groups: GroupMap
     group_labels: list[str]
@@ -59,7 +104,7 @@ class _Setup:
     quantity: Quantity
     test_ids: tuple[int, ...]
     test_x: Tensor               # (test, ...)
-    test_y: Tensor               # (test,)
+    test_y: Tensor               # (test,) class ids or (test, ...) float targets
     train_x: Tensor | None       # (train, ...)
     train_y: Tensor | None
     outputs: int
@@ -75,37 +120,69 @@ class _Setup:
     loss_changes: np.ndarray | None = None   # (hi − lo,) batch loss change per step (subsampling)
     live_switches: LiveSwitches | None = None  # switching values that can change g (adaptive rule)
     live_tensors: frozenset[str] | None = None  # parameter tensors g is computed from (None: all)
+    split: DataSplit | None = None           # how batch gradients split into examples (training side)
+    train_forward: TrainingForward | None = None  # the replayed training forward (batched split)
+    train_model: nn.Module | None = None     # the model in its training modes (per-example split)
+    buffer_groups: list[BufferGroup] = field(default_factory=list)  # modules whose buffers change
+    component_labels: list[str] = field(default_factory=list)  # component rows: parameter groups, then buffers
+    buffer_rows: list[int] = field(default_factory=list)  # the component row of each buffer group
+    _fixed: dict[torch.dtype, dict[str, Tensor]] = field(default_factory=dict)
+    selections: dict[str, bool] = field(default_factory=dict)  # selections in g: switch points located?
 
-    # -------------------------------------------------------------- functions of flat params
-    def _call(self, flat: Tensor, x: Tensor) -> Tensor:
-        return functional_call(self.model, {**self.layout.unflatten(flat), **self.buffers}, (x,))
+    # -------------------------------------------------------------- functions of flat params and buffers
+    def _state(self, flat: Tensor, bufs: Tensor) -> dict[str, Tensor]:
+        """Parameters and buffers for ``functional_call``; the fixed floating buffers in ``bufs``' dtype."""
+        fixed = self._fixed.get(bufs.dtype)
+        if fixed is None:
+            fixed = {n: b.to(bufs.dtype) if b.is_floating_point() else b for n, b in self.buffers.items()}
+            self._fixed[bufs.dtype] = fixed
+        changing = self.buffer_layout.unflatten(bufs) if self.buffer_layout.names else {}
+        return {**self.layout.unflatten(flat), **fixed, **changing}
 
-    def _call_at(self, flat: Tensor, delta: Tensor, t: Tensor, x: Tensor) -> Tensor:
+    def _call(self, flat: Tensor, bufs: Tensor, x: Tensor) -> Tensor:
+        return functional_call(self.model, self._state(flat, bufs), (x,))
+
+    def _call_at(self, flat: Tensor, delta: Tensor, t: Tensor, bufs: Tensor, x: Tensor) -> Tensor:
         """The model at ``flat + t·delta``, its parameters left at ``flat`` (``engine.decompose.at_point``)."""
-        params = self.layout.unflatten(flat)
-        with AtPoint(list(params.values()), list(self.layout.unflatten(delta).values()), t):
-            return functional_call(self.model, {**params, **self.buffers}, (x,))
+        state = self._state(flat, bufs)
+        params = [state[n] for n in self.layout.names]
+        with AtPoint(params, list(self.layout.unflatten(delta).values()), t):
+            return functional_call(self.model, state, (x,))
 
-    def g_one_at(self, flat: Tensor, delta: Tensor, t: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        """One example at ``flat + t·delta``: ``(D,), (D,), (), (...), () → (O,)``."""
-        return self.quantity(self._call_at(flat, delta, t, x[None]), y[None])[0]
+    def g_one_at(self, flat: Tensor, delta: Tensor, t: Tensor, bufs: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """One example at ``flat + t·delta`` with buffers ``bufs``: ``(D,), (D,), (), (Db,), (...), () → (O,)``."""
+        return self.quantity(self._call_at(flat, delta, t, bufs, x[None]), y[None])[0]
 
-    def g_batch(self, flat: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        """``(D,), (n, ...), (n,) → (n, O)``."""
-        return self.quantity(self._call(flat, x), y)
+    def g_batch(self, flat: Tensor, bufs: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """``(D,), (Db,), (n, ...), (n,) → (n, O)``."""
+        return self.quantity(self._call(flat, bufs, x), y)
 
-    def g_one(self, flat: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        """One example: ``(D,), (...), () → (O,)``."""
-        return self.quantity(self._call(flat, x[None]), y[None])[0]
+    def g_one(self, flat: Tensor, bufs: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """One example: ``(D,), (Db,), (...), () → (O,)``."""
+        return self.quantity(self._call(flat, bufs, x[None]), y[None])[0]
 
-    def loss_one(self, flat: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        return self.task.per_example_loss(self._call(flat, x[None]), y[None])[0]
+    def loss_weighted(self, flat: Tensor, bufs: Tensor, x: Tensor, y: Tensor, w: Tensor) -> Tensor:
+        """The weighted loss of a batch in evaluation mode (ranks steps for subsampling)."""
+        return (self.task.per_example_loss(self._call(flat, bufs, x), y) * w).sum()
 
-    def loss_weighted(self, flat: Tensor, x: Tensor, y: Tensor, w: Tensor) -> Tensor:
-        return (self.task.per_example_loss(self._call(flat, x), y) * w).sum()
+    def train_loss_one(self, flat: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """One example's loss in the training modes (the per-example split, chosen only when no buffer
+        changes, so the fixed buffers are all there is)."""
+        state = self._state(flat, flat.new_zeros(0))
+        return self.task.per_example_loss(functional_call(self.train_model, state, (x[None],)), y[None])[0]
+
+    def train_loss_weighted(self, flat: Tensor, x: Tensor, y: Tensor, w: Tensor) -> Tensor:
+        state = self._state(flat, flat.new_zeros(0))
+        return (self.task.per_example_loss(functional_call(self.train_model, state, (x,)), y) * w).sum()
 
     def flat(self, params: dict[str, Tensor]) -> Tensor:
         return self.layout.flatten(params, dtype=self.dtype, device=self.device)
+
+    def flat_buffers(self, buffers: dict[str, Tensor]) -> Tensor:
+        """The changing buffers of a step as one ``(Db,)`` vector (``(0,)`` when none change)."""
+        if not self.buffer_layout.names:
+            return torch.zeros(0, dtype=self.dtype, device=self.device)
+        return self.buffer_layout.flatten(buffers, dtype=self.dtype, device=self.device)
 
 
 def _data_on(x: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -115,11 +192,15 @@ def _data_on(x: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
 def _setup(history: History, task: Task, config: ExplainConfig) -> _Setup:
     device = resolve_device(config.device)
     dtype = DTYPES[config.dtype]
-    model = check_model_matches(history, task).to(device=device, dtype=dtype).eval()
-    buffers = {n: b.to(device) for n, b in model.named_buffers()}
+    rebuilt = check_model_matches(history, task)
+    model = copy.deepcopy(rebuilt).to(device=device, dtype=dtype).eval()
+    changing = history.changing_buffers
+    initial = history.initial_buffers()
+    buffers = {n: _data_on(initial.get(n, b), dtype, device) for n, b in model.named_buffers() if n not in changing}
+    buffer_layout = ParamLayout(tuple(changing), tuple(history.buffer_shapes[n] for n in changing))
     layout = ParamLayout(tuple(history.param_names), tuple(history.param_shapes[n] for n in history.param_names))
     groups = GroupMap.build(layout, layer_of=task.layer_of)
-    quantity = get_quantity(config.quantity)
+    quantity = get_quantity(config.quantity, loss=task.per_example_loss)
     n_steps = history.num_steps
     lo, hi = config.steps or (0, n_steps)
     if hi > n_steps:
@@ -128,7 +209,7 @@ def _setup(history: History, task: Task, config: ExplainConfig) -> _Setup:
     test = task.dataset(config.test_split)
     test_ids = config.test_ids_in(len(test))
     index = torch.tensor(test_ids, dtype=torch.int64)
-    test_x, test_y = _data_on(test.inputs[index], dtype, device), test.labels[index].to(device)
+    test_x, test_y = _data_on(test.inputs[index], dtype, device), _data_on(test.labels[index], dtype, device)
 
     split_ok, split_reason = history.optimizer_family in ("sgd", "adam"), history.data_axis_reason
     if not split_ok and split_reason is None:
@@ -145,47 +226,88 @@ def _setup(history: History, task: Task, config: ExplainConfig) -> _Setup:
     train_x = train_y = None
     if needs_train:
         train = check_data_matches(history, task)
-        train_x, train_y = _data_on(train.inputs, dtype, device), train.labels.to(device)
+        train_x, train_y = _data_on(train.inputs, dtype, device), _data_on(train.labels, dtype, device)
 
-    params0 = layout.flatten(history.params(lo), dtype=dtype, device=device)
-    with torch.no_grad():
-        out = quantity(functional_call(model, {**layout.unflatten(params0), **buffers}, (test_x[:1],)),
-                       test_y[:1])
-    outputs = int(out.shape[1])
-
-    setup = _Setup(history, task, config, device, dtype, model, buffers, layout, groups,
+    setup = _Setup(history, task, config, device, dtype, model, buffers, buffer_layout, layout, groups,
                    groups.labels(config.granularity), groups.element_index(config.granularity, device),
-                   quantity, test_ids, test_x, test_y, train_x, train_y, outputs, lo, hi,
-                   split_ok, split_reason, engine="jvp", test_chunk=1)
-    setup.engine = _choose_engine(setup, params0)
+                   quantity, test_ids, test_x, test_y, train_x, train_y, 0, lo, hi,
+                   split_ok, split_reason, engine="jvp", test_chunk=1,
+                   buffer_groups=buffer_groups(buffer_layout, groups, task.layer_of, device))
+    setup.component_labels, setup.buffer_rows = _component_rows(setup)
+    params0, bufs0 = setup.flat(history.params(lo)), setup.flat_buffers(history.buffers(lo))
+    with torch.no_grad():
+        setup.outputs = int(setup.g_batch(params0, bufs0, test_x[:1], test_y[:1]).shape[1])
+    if needs_train:
+        _training_side(setup, rebuilt)
+    setup.engine = _choose_engine(setup, params0, bufs0)
     if setup.engine == "jvp":  # a direction on tensors g does not use needs no evaluation
-        setup.live_tensors = _live_tensors(setup, params0)
+        setup.live_tensors = _live_tensors(setup, params0, bufs0)
     if config.quadrature_spec.adaptive:
-        setup.live_switches = _live_switches(setup, params0)
+        setup.live_switches = _live_switches(setup, params0, bufs0)
+        setup.selections = _selections(setup, params0, bufs0)
     setup.test_chunk = _test_chunk(setup)
     setup.block = _block_size(setup)
     return setup
 
 
-def _live_switches(setup: _Setup, params0: Tensor) -> LiveSwitches | None:
+def _component_rows(setup: _Setup) -> tuple[list[str], list[int]]:
+    """The component rows — the parameter groups at the configured granularity, then the label of
+    each buffer term not among them — and the row of each buffer group. At tensor granularity a
+    module's buffer term has a row of its own (``bn1.<buffers>``); coarser, it joins its module or
+    layer."""
+    labels = list(setup.group_labels)
+    rows = []
+    for group in setup.buffer_groups:
+        label = {"tensor": group.label, "module": group.module or group.label,
+                 "layer": group.layer}[setup.config.granularity]
+        if label not in labels:
+            labels.append(label)
+        rows.append(labels.index(label))
+    return labels, rows
+
+
+def _training_side(setup: _Setup, rebuilt: nn.Module) -> None:
+    """How the batch gradient is split into examples (``engine.run.replay``), said in the notes."""
+    setup.split = choose_split(setup.history, rebuilt, setup.device, setup.train_x[:RANDOM_PROBE_EXAMPLES])
+    setup.notes.append(setup.split.note)
+    if setup.split.mode == PER_EXAMPLE:
+        setup.train_model = in_training_modes(setup.history, setup.model)
+    else:
+        setup.train_forward = TrainingForward(setup.history, setup.task, rebuilt, setup.device)
+
+
+def _live_switches(setup: _Setup, params0: Tensor, bufs0: Tensor) -> LiveSwitches | None:
     """The switching values whose kinks can change ``g`` (``quadrature.live_switches``), probed in
     float64 so that no attention weight underflows to an exact zero."""
     wide = setup if setup.dtype == torch.float64 else _widened(setup)
     n = min(len(setup.test_y), PROBE_EXAMPLES)
     try:
         with _math_attention():
-            return live_switches(lambda p: wide.g_batch(p, wide.test_x[:n], setup.test_y[:n]), params0.double(), n)
+            return live_switches(lambda p: wide.g_batch(p, bufs0.double(), wide.test_x[:n], setup.test_y[:n]),
+                                 params0.double(), n)
     except Exception as exc:  # the model's own code on the smoothed network (e.g. a check that a ReLU is ≥ 0)
         setup.notes.append(f"kink probe failed ({type(exc).__name__}: {exc}): every kink is cut at")
         return None
 
 
-def _live_tensors(setup: _Setup, params0: Tensor) -> frozenset[str] | None:
+def _selections(setup: _Setup, params0: Tensor, bufs0: Tensor) -> dict[str, bool]:
+    """The selections ``g`` applies to values that depend on the parameters (``quadrature.selections``)."""
+    n = min(len(setup.test_y), PROBE_EXAMPLES)
+    try:
+        with _math_attention():
+            return selections(lambda p: setup.g_batch(p, bufs0, setup.test_x[:n], setup.test_y[:n]), params0, n)
+    except Exception as exc:  # the model's own code on the smoothed network, as for the kink probe
+        setup.notes.append(f"selection probe failed ({type(exc).__name__}: {exc})")
+        return {}
+
+
+def _live_tensors(setup: _Setup, params0: Tensor, bufs0: Tensor) -> frozenset[str] | None:
     """The parameter tensors ``g`` is computed from (``quadrature.live_tensors``), None for all."""
     n = min(len(setup.test_y), PROBE_EXAMPLES)
+    state = setup._state(params0, bufs0)
 
     def g(params: dict[str, Tensor]) -> Tensor:
-        return setup.quantity(functional_call(setup.model, {**params, **setup.buffers}, (setup.test_x[:n],)),
+        return setup.quantity(functional_call(setup.model, {**state, **params}, (setup.test_x[:n],)),
                               setup.test_y[:n])
     try:
         with _math_attention():
@@ -203,12 +325,14 @@ def _live_tensors(setup: _Setup, params0: Tensor) -> frozenset[str] | None:
 def _widened(setup: _Setup) -> _Setup:
     """The same set-up computing in float64 (for the units the compute dtype cannot resolve)."""
     model = copy.deepcopy(setup.model).to(torch.float64)
-    return replace(setup, dtype=torch.float64, model=model, buffers=dict(model.named_buffers()),
+    return replace(setup, dtype=torch.float64, model=model, _fixed={},
                    test_x=_data_on(setup.test_x, torch.float64, setup.device),
-                   train_x=None if setup.train_x is None else _data_on(setup.train_x, torch.float64, setup.device))
+                   test_y=_data_on(setup.test_y, torch.float64, setup.device),
+                   train_x=None if setup.train_x is None else _data_on(setup.train_x, torch.float64, setup.device),
+                   train_y=None if setup.train_y is None else _data_on(setup.train_y, torch.float64, setup.device))
 
 
-def _choose_engine(setup: _Setup, params0: Tensor) -> str:
+def _choose_engine(setup: _Setup, params0: Tensor, bufs0: Tensor) -> str:
     """Forward mode when the model allows it and the directions cost less than the Jacobian rows.
 
     Directions: Δ_s and ψ_s(reg) on each group, ρ_s, and for the data view ψ_s(k) of up to
@@ -216,7 +340,7 @@ def _choose_engine(setup: _Setup, params0: Tensor) -> str:
     The importance view needs the Jacobians themselves.
     """
     config = setup.config
-    setup.forward_ad = _jvp_works(setup, params0)
+    setup.forward_ad = _jvp_works(setup, params0, bufs0)
     if not setup.forward_ad:
         setup.notes.append("forward-mode AD unsupported by the model: reverse mode used for all derivatives")
     if "importance" in config.views:
@@ -247,10 +371,10 @@ def _direction_count(setup: _Setup) -> int:
     return count
 
 
-def _jvp_works(setup: _Setup, params0: Tensor) -> bool:
+def _jvp_works(setup: _Setup, params0: Tensor, bufs0: Tensor) -> bool:
     try:
         with _math_attention(), ScalarOps():
-            jvp(lambda p: setup.g_batch(p, setup.test_x[:1], setup.test_y[:1]), (params0,), (params0,))
+            jvp(lambda p: setup.g_batch(p, bufs0, setup.test_x[:1], setup.test_y[:1]), (params0,), (params0,))
     except (NotImplementedError, RuntimeError) as exc:
         log.info("forward-mode AD failed (%s); using reverse mode", exc)
         return False

@@ -2,10 +2,16 @@
 
 Steps are queued into blocks; per block and chunk of test examples the pass finds the
 quadrature rule of every (step, example) — fixed, or adaptive with cuts at the kinks of
-ReLU-like operations (``engine.decompose.quadrature``) — evaluates ``φ̂`` contracted with the
-directions the views need (``_Evaluator``, with ψ_s(reg), ρ_s and ψ_s(k) from
-``_TrainSide``) and adds the step to the chunk's accumulators: component and data windows,
-per-element importance and the per-step completeness rows.
+ReLU-like operations and the switch points of selections (``engine.decompose.quadrature``) —
+evaluates ``φ̂`` contracted with the directions the views need (``_Evaluator``, with ψ_s(reg),
+ρ_s and ψ_s(k) from ``_TrainSide``) and adds the step to the chunk's accumulators: component and
+data windows, per-element importance (signed ``Σ_s φ̂ ⊙ Δ`` and its weight-decay part ``Σ_s φ̂ ⊙ ψ_s(reg)``) and
+the per-step completeness rows.
+
+Buffers (MATH.md §6). Step s is integrated along ``(θ_s + tΔ_s, b_s)``; the buffers then move
+from ``b_s`` to ``b_{s+1}`` one module at a time, in model order, and each move's change of
+``g`` (two forwards) is that module's *buffer term*: a component row of its own, so the
+components of a step add up to ``g(θ_{s+1}, b_{s+1}) − g(θ_s, b_s)``.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from torch import Tensor
 from engine.decompose.evaluator import _Evaluator
 from engine.decompose.quadrature import (
     Rule,
+    above_tolerance,
     accept,
     breakpoints,
     composite,
@@ -35,9 +42,10 @@ from engine.decompose.train_side import _StepTerms, _TrainSide
 from engine.run.history import StepRecord
 from engine.run.updates import UpdateRule
 
-KINK_ITERATIONS = 6  # most root-search steps refining each kink position …
+KINK_ITERATIONS = 16  # most root-search steps refining each kink position …
 KINK_TOLERANCE = 1e-13  # … stopping once no position moves more than this
-HIDDEN_GRID = 16  # panels searched for kinks the end points hide, where the top rule failed
+HIDDEN_GRID = 16  # panels of a piece searched for kinks the known ones hide, where the top rule failed …
+HIDDEN_ROUNDS = 8  # … at most this many times, each in the pieces that still fail
 REGULARIZER = -1  # train id of the weight-decay pseudo-example in the data view
 
 
@@ -57,19 +65,30 @@ class _Chunk:
 
     x: Tensor
     y: Tensor
-    g_prev: Tensor | None = None                 # (n, O) g(θ_s) of the next step to process
-    switch_prev: Tensor | None = None            # (n, S) switching values at θ_s (adaptive rule)
-    g_first: Tensor | None = None                # (n, O) g(θ_lo)
-    value: Tensor | None = None                  # (G, n, O) window accumulators, float64
+    g_prev: Tensor | None = None                 # (n, O) g(θ_s, b_s) of the next step to process
+    switch_prev: Tensor | None = None            # (n, S) switching values at (θ_s, b_s) (adaptive rule)
+    g_first: Tensor | None = None                # (n, O) g(θ_lo, b_lo)
+    value: Tensor | None = None                  # (R, n, O) window accumulators per component row, float64
     decay: Tensor | None = None
     data: Tensor | None = None                   # (train, n, O) float64
     data_reg: Tensor | None = None               # (n, O)
     importance: Tensor | None = None             # (n, O, D) float64 signed Σ_s φ̂ ⊙ Δ
+    importance_decay: Tensor | None = None       # (n, O, D) float64 signed Σ_s φ̂ ⊙ ψ_s(reg) (decay split)
     rows: dict[str, list[Tensor]] = field(default_factory=dict)  # completeness per step
     windows: list[_Window] = field(default_factory=list)
     window_lo: int = 0                           # first step of the open window
     window_active: Tensor | None = None          # train ids with ψ ≠ 0 in the open window (data view)
     budget: Tensor | None = None                 # (n,) error budget of each (step, example) unit (rtol)
+
+
+@dataclass
+class _Ends:
+    """What the forwards at the ends of a block's steps give: ``path`` ``(B, n, O)``, the change of
+    ``g`` along each step with the buffers held at ``b_s``, and ``moved`` ``(B, M, n, O)``, the
+    buffer term of each module whose buffers change (None when none do)."""
+
+    path: Tensor
+    moved: Tensor | None
 
 
 @dataclass
@@ -79,6 +98,8 @@ class _Block:
     records: list[StepRecord]
     thetas: Tensor      # (B, D) θ_b
     nexts: Tensor       # (B, D) θ_{b+1}
+    bufs: Tensor        # (B, Db) b_b, the changing buffers along step b's path
+    bufs_next: Tensor   # (B, Db) b_{b+1}
     compute: list[bool]
     gradients: list[Any]
 
@@ -87,10 +108,10 @@ class _Block:
         return self.nexts - self.thetas
 
     @cached_property
-    def wide(self) -> tuple[Tensor, Tensor]:
-        """``(θ_b, Δ_b)`` in float64, for units recomputed in float64."""
+    def wide(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(θ_b, Δ_b, b_b)`` in float64, for units recomputed in float64."""
         thetas = self.thetas.double()
-        return thetas, self.nexts.double() - thetas
+        return thetas, self.nexts.double() - thetas, self.bufs.double()
 
 
 @dataclass
@@ -113,6 +134,7 @@ class _Rules:
     phi: Tensor | None = None   # (B, n, O, D) reverse mode
     wide: Tensor | None = None  # (B, n) int64, −1 where the compute dtype sufficed
     phi_wide: Tensor | None = None  # (E, O, D) float64, reverse mode
+    above: Tensor | None = None  # (B, n) bool: the adaptive rule's top rule did not meet its tolerance
 
 
 class _Pass:
@@ -127,21 +149,28 @@ class _Pass:
         self.rtol = setup.config.rtol
         self.wide = _Evaluator(_widened(setup)) if self.rtol is not None and setup.dtype != torch.float64 else None
         self.escalated = 0
+        self.above: dict[int, int] = {}  # step → (step, example) units whose top rule missed its tolerance
         self.search_reverse = setup.engine == "vjp" and not setup.forward_ad
         f64 = dict(dtype=torch.float64, device=setup.device)
         groups, o = _group_count(setup), setup.outputs
+        # component rows: the parameter groups, then the buffer terms with labels of their own
+        self.rows = setup.component_labels if "components" in self.views else ["all"]
+        self.buffer_rows = (torch.tensor(setup.buffer_rows, dtype=torch.int64, device=setup.device)
+                            if "components" in self.views and setup.buffer_rows else None)
         self.chunks: list[_Chunk] = []
         for a in range(tests.start, tests.stop, setup.test_chunk):
             sel = slice(a, min(a + setup.test_chunk, tests.stop))
             c = _Chunk(setup.test_x[sel], setup.test_y[sel], window_lo=setup.lo)
             n = c.y.shape[0]
-            c.value = torch.zeros(groups, n, o, **f64)
-            c.decay = torch.zeros(groups, n, o, **f64)
+            c.value = torch.zeros(len(self.rows), n, o, **f64)
+            c.decay = torch.zeros(len(self.rows), n, o, **f64)
             if "data" in self.views:
                 c.data = torch.zeros(setup.train_y.shape[0], n, o, **f64)
                 c.data_reg = torch.zeros(n, o, **f64)
             if "importance" in self.views:
                 c.importance = torch.zeros(n, o, setup.layout.total, **f64)
+                if rule is not None:
+                    c.importance_decay = torch.zeros(n, o, setup.layout.total, **f64)
             self.chunks.append(c)
         if self.rtol is not None:
             self._budgets()
@@ -163,7 +192,7 @@ class _Pass:
             dead = ~(self.mask.bool() & live[None]).any(1)
             self.dead_groups = dead if bool(dead.any()) else None
         self.stats: list[dict[str, float]] = []
-        self.pending: list[tuple[StepRecord, Tensor, Tensor]] = []
+        self.pending: list[tuple[StepRecord, Tensor, Tensor, Tensor, Tensor]] = []
         self.done = setup.lo
 
     @property
@@ -172,19 +201,20 @@ class _Pass:
                 + (self.train.evaluations if self.train else 0))
 
     def _budgets(self) -> None:
-        """Each chunk's error budget per unit: ``rtol · ‖g(θ_hi) − g(θ_lo)‖ / (hi − lo)``."""
+        """Each chunk's error budget per unit: ``rtol · ‖g(θ_hi, b_hi) − g(θ_lo, b_lo)‖ / (hi − lo)``."""
         s = self.s
         ends = torch.stack([s.layout.flatten(s.history.params(step), dtype=torch.float64, device=s.device)
                             for step in (s.lo, s.hi)])
+        bufs = torch.stack([s.flat_buffers(s.history.buffers(step)) for step in (s.lo, s.hi)])
         with _math_attention():
             for c in self.chunks:
-                g = self.evaluator.forward(ends, c.x, c.y, False)[0]  # (2, n, O)
+                g = self.evaluator.forward(ends, bufs, c.x, c.y, False)[0]  # (2, n, O)
                 c.budget = self.rtol * (g[1] - g[0]).norm(dim=-1) / (s.hi - s.lo)
 
     # -------------------------------------------------------------- streaming
-    def step(self, record: StepRecord, theta: Tensor, theta_next: Tensor) -> int:
-        """Queue one step; returns how many steps were completed by this call."""
-        self.pending.append((record, theta, theta_next))
+    def step(self, record: StepRecord, theta: Tensor, theta_next: Tensor, bufs: Tensor, bufs_next: Tensor) -> int:
+        """Queue one step (``θ_s``, ``θ_{s+1}``, ``b_s``, ``b_{s+1}``); returns how many steps this call completed."""
+        self.pending.append((record, theta, theta_next, bufs, bufs_next))
         if len(self.pending) >= self.s.block or record.step + 1 == self.s.hi:
             return self.finish_block()
         return 0
@@ -195,9 +225,8 @@ class _Pass:
         if not items:
             return 0
         s = self.s
-        thetas = torch.stack([t for _, t, _ in items])
-        nexts = torch.stack([t for _, _, t in items])
-        records = [r for r, _, _ in items]
+        records = [item[0] for item in items]
+        thetas, nexts, bufs, bufs_next = (torch.stack([item[k] for item in items]) for k in range(1, 5))
         gradients = self.train.gradients(thetas, records) if self.train else [None] * len(items)
         explained = [i for i, r in enumerate(records) if r.step >= s.lo]
         if len(explained) < len(records):  # steps before lo: training side only
@@ -205,10 +234,11 @@ class _Pass:
                 if i not in explained:
                     self.train.advance(records[i], nexts[i] - thetas[i], gradients[i])
             records = [records[i] for i in explained]
-            thetas, nexts = thetas[explained], nexts[explained]
+            thetas, nexts, bufs, bufs_next = (t[explained] for t in (thetas, nexts, bufs, bufs_next))
             gradients = [gradients[i] for i in explained]
         if records:
-            block = _Block(records, thetas, nexts, [bool(self.kept[r.step - s.lo]) for r in records], gradients)
+            block = _Block(records, thetas, nexts, bufs, bufs_next, [bool(self.kept[r.step - s.lo]) for r in records],
+                           gradients)
             with _math_attention():  # grad mode stays on: modules such as MultiheadAttention check it
                 self._process(block)
             self.done = records[-1].step + 1
@@ -232,9 +262,9 @@ class _Pass:
             directions = torch.stack([self._directions(block.deltas[b], t, examples)
                                       for b, t in enumerate(terms)]) if forward_mode else None
             for c in self.chunks:
-                values, rules, true = self._chunk_block(c, block, directions)
+                values, rules, ends = self._chunk_block(c, block, directions)
                 for b in range(len(block.records)):
-                    self._accumulate(c, b, block, values, rules, true, terms[b])
+                    self._accumulate(c, b, block, values, rules, ends, terms[b])
                 del values, rules
             return
         # data view (reverse mode): ψ_s(k) exists only while the per-example buffers are at step s,
@@ -242,8 +272,8 @@ class _Pass:
         outs = [self._chunk_block(c, block, None) for c in self.chunks]
         for b in range(len(block.records)):
             terms = self._advance(block, b)
-            for c, (values, rules, true) in zip(self.chunks, outs, strict=True):
-                self._accumulate(c, b, block, values, rules, true, terms)
+            for c, (values, rules, ends) in zip(self.chunks, outs, strict=True):
+                self._accumulate(c, b, block, values, rules, ends, terms)
 
     def _advance(self, block: _Block, b: int) -> _StepTerms:
         if self.train is None:
@@ -268,29 +298,48 @@ class _Pass:
 
     # -------------------------------------------------------------- one chunk of a block
     def _chunk_block(self, c: _Chunk, block: _Block, directions: Tensor | None) -> tuple[Tensor | None, _Rules | None,
-                                                                                          Tensor]:
+                                                                                          _Ends]:
         """Forward passes, rules and (forward mode) directional derivatives of a chunk for a block."""
         s, ev = self.s, self.evaluator
         adaptive = self.quad.adaptive
         if c.g_prev is None:
-            g0, sw0 = ev.forward(block.thetas[:1], c.x, c.y, adaptive)
+            g0, sw0 = ev.forward(block.thetas[:1], block.bufs[:1], c.x, c.y, adaptive)
             c.g_prev, c.g_first = g0[0], g0[0]
             c.switch_prev = sw0[0] if adaptive else None
-        g_next, sw_next = ev.forward(block.nexts, c.x, c.y, adaptive)  # (B, n, O), (B, n, S)
-        g_prev = torch.cat([c.g_prev[None], g_next[:-1]])
-        sw_prev = torch.cat([c.switch_prev[None], sw_next[:-1]]) if adaptive else None
-        c.g_prev = g_next[-1]
-        c.switch_prev = sw_next[-1] if adaptive else None
-        true = g_next - g_prev  # (B, n, O) float64
+        g_next, sw_next = ev.forward(block.nexts, block.bufs, c.x, c.y, adaptive)  # (B, n, O), (B, n, S) at b_s
+        g_moved, sw_moved, moved = g_next, sw_next, None
+        if s.buffer_groups:
+            g_moved, sw_moved, moved = self._buffer_terms(c, block, g_next, adaptive)
+        g_prev = torch.cat([c.g_prev[None], g_moved[:-1]])
+        sw_prev = torch.cat([c.switch_prev[None], sw_moved[:-1]]) if adaptive else None
+        c.g_prev = g_moved[-1]
+        c.switch_prev = sw_moved[-1] if adaptive else None
+        ends = _Ends(g_next - g_prev, moved)  # (B, n, O) float64: the path's change, buffers held at b_s
         computed = torch.tensor(block.compute, device=s.device)
         if not bool(computed.any()):
-            return None, None, true
+            return None, None, ends
         idx = computed.nonzero().squeeze(1)
-        rules = self._rules(c, block, idx, true[idx], g_prev[idx], g_next[idx],
+        rules = self._rules(c, block, idx, ends.path[idx], g_prev[idx], g_next[idx],
                             sw_prev[idx] if adaptive else None, sw_next[idx] if adaptive else None)
         if directions is None:
-            return None, rules, true
-        return self._directional(c, block, idx, rules, directions[idx]), rules, true
+            return None, rules, ends
+        return self._directional(c, block, idx, rules, directions[idx]), rules, ends
+
+    def _buffer_terms(self, c: _Chunk, block: _Block, g_next: Tensor,
+                      adaptive: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+        """The buffer terms ``(B, M, n, O)`` of the block's steps: the buffers move from ``b_s`` to
+        ``b_{s+1}`` one module at a time (model order), at ``θ_{s+1}``, each move's change of ``g``
+        its module's term. Also ``g`` (and the switching values) at ``(θ_{s+1}, b_{s+1})``."""
+        s, ev = self.s, self.evaluator
+        count = len(s.buffer_groups)
+        points = block.bufs[:, None].repeat(1, count, 1)  # (B, M, Db)
+        for m, group in enumerate(s.buffer_groups):
+            points[:, m:, group.columns] = block.bufs_next[:, None, group.columns]
+        g_moved = ev.forward(block.nexts.repeat_interleave(count, 0), points.flatten(0, 1), c.x, c.y, False)[0]
+        g_moved = g_moved.unflatten(0, (len(block.records), count))  # (B, M, n, O)
+        moved = torch.diff(torch.cat([g_next[:, None], g_moved], dim=1), dim=1)
+        switches = ev.forward(block.nexts, block.bufs_next, c.x, c.y, True)[1] if adaptive else None
+        return g_moved[:, -1], switches, moved
 
     def _rules(self, c: _Chunk, block: _Block, idx: Tensor, true: Tensor, g_prev: Tensor, g_next: Tensor,
                sw_prev: Tensor | None, sw_next: Tensor | None) -> _Rules:
@@ -301,7 +350,7 @@ class _Pass:
         """
         s, ev = self.s, self.evaluator
         b_count, n = len(idx), c.y.shape[0]
-        thetas, deltas = block.thetas[idx], block.deltas[idx]
+        thetas, deltas, bufs = block.thetas[idx], block.deltas[idx], block.bufs[idx]
         f64 = dict(dtype=torch.float64, device=s.device)
         if not self.quad.adaptive:
             base_t, base_w = self.quad.rule().tensors(torch.float64, s.device)
@@ -309,12 +358,12 @@ class _Pass:
                            torch.zeros(b_count, n, 0, **f64), torch.zeros(b_count, n, 0, **f64),
                            torch.full((b_count, n), len(base_t), device=s.device))
             if s.engine == "vjp":
-                rules.phi = ev.phi_shared(thetas, deltas, base_t, base_w, c.x, c.y)
+                rules.phi = ev.phi_shared(thetas, deltas, bufs, base_t, base_w, c.x, c.y)
             return rules
 
         grid = torch.ones(b_count, n, dtype=torch.bool, device=s.device).nonzero()
-        points, counts = self._kinks(ev, c, thetas, deltas, grid[:, 0], grid[:, 1], sw_prev.reshape(b_count * n, -1),
-                                     sw_next.reshape(b_count * n, -1))
+        points, counts = self._kinks(ev, c, thetas, deltas, bufs, grid[:, 0], grid[:, 1],
+                                     sw_prev.reshape(b_count * n, -1), sw_next.reshape(b_count * n, -1))
         points, counts = points.reshape(b_count, n, -1), counts.reshape(b_count, n)  # (B, n, K), (B, n)
         scale = g_prev.abs() + g_next.abs()
         budget = None if c.budget is None else c.budget[None].expand(b_count, n)
@@ -323,36 +372,41 @@ class _Pass:
         width = (points.shape[2] + 1) * len(ladder[-1])
         rules = _Rules(base_t, base_w, torch.zeros(b_count, n, dtype=torch.bool, device=s.device),
                        torch.zeros(b_count, n, width, **f64), torch.zeros(b_count, n, width, **f64),
-                       torch.zeros(b_count, n, dtype=torch.int64, device=s.device))
+                       torch.zeros(b_count, n, dtype=torch.int64, device=s.device),
+                       above=torch.zeros(b_count, n, dtype=torch.bool, device=s.device))
 
         # plain (kink-free) units: the two lowest rules at nodes shared by the chunk
         plain = counts == 0
-        q1, q2 = self._first_level(c, thetas, deltas, ladder[0], ladder[1], rules)
+        q1, q2 = self._first_level(c, thetas, deltas, bufs, ladder[0], ladder[1], rules)
         done, stuck = self._accept(q2, q1, true - q2, scale, budget, wide=False)  # (B, n)
         rules.shared = plain & done
         escalate = [(plain & stuck).nonzero()]
         for units, first in (((plain & ~done & ~stuck).nonzero(), (q1, q2)), ((~plain).nonzero(), None)):
             bi, xi = units[:, 0], units[:, 1]
-            escalate.append(self._climb(c, ev, thetas, deltas, units, points[bi, xi], counts[bi, xi],
-                                        (sw_prev, sw_next), true, scale, budget, rules,
+            escalate.append(self._climb(c, ev, thetas, deltas, bufs, units, points[bi, xi], counts[bi, xi], true,
+                                        scale, budget, rules,
                                         None if first is None else (first[0][bi, xi], first[1][bi, xi])))
         escalate = torch.cat(escalate)
         if len(escalate):
             bi, xi = escalate[:, 0], escalate[:, 1]
-            wide_thetas, wide_deltas = block.wide[0][idx], block.wide[1][idx]
+            wide_thetas, wide_deltas, wide_bufs = block.wide[0][idx], block.wide[1][idx], block.wide[2][idx]
             rules.wide = torch.full((b_count, n), -1, dtype=torch.int64, device=s.device)
             rules.wide[bi, xi] = torch.arange(len(escalate), device=s.device)
             if self.search_reverse:
                 rules.phi_wide = torch.zeros(len(escalate), s.outputs, s.layout.total, **f64)
             # at float32's precision a misplaced kink alone leaves an error of the float32 round-off
-            wide_points, wide_counts = self._kinks(self.wide, c, wide_thetas, wide_deltas, bi, xi, sw_prev[bi, xi],
-                                                   sw_next[bi, xi])
-            self._climb(c, self.wide, wide_thetas, wide_deltas, escalate, wide_points, wide_counts, (sw_prev, sw_next),
+            wide_points, wide_counts = self._kinks(self.wide, c, wide_thetas, wide_deltas, wide_bufs, bi, xi,
+                                                   sw_prev[bi, xi], sw_next[bi, xi])
+            self._climb(c, self.wide, wide_thetas, wide_deltas, wide_bufs, escalate, wide_points, wide_counts,
                         true, scale, budget, rules)
             self.escalated += len(escalate)
         rules.count[rules.shared] = len(ladder[1])
         if s.engine == "vjp" and not self.search_reverse:
             self._final_phi(c, block, idx, rules)
+        for b, units in enumerate(rules.above.sum(1).tolist()):
+            if units:
+                step = block.records[int(idx[b])].step
+                self.above[step] = self.above.get(step, 0) + units
         return rules
 
     def _accept(self, q: Tensor, q_prev: Tensor | None, residual: Tensor, scale: Tensor, budget: Tensor | None,
@@ -369,19 +423,20 @@ class _Pass:
             return ok, torch.zeros_like(ok)
         return ok, ~ok & accept(q, q_prev, residual, scale, s.dtype)
 
-    def _climb(self, c: _Chunk, ev: _Evaluator, thetas: Tensor, deltas: Tensor, units: Tensor, points: Tensor,
-               counts: Tensor, switches: tuple[Tensor, Tensor], true: Tensor, scale: Tensor, budget: Tensor | None,
-               rules: _Rules, first: tuple[Tensor, Tensor] | None = None, searched: bool = False) -> Tensor:
+    def _climb(self, c: _Chunk, ev: _Evaluator, thetas: Tensor, deltas: Tensor, bufs: Tensor, units: Tensor,
+               points: Tensor, counts: Tensor, true: Tensor, scale: Tensor, budget: Tensor | None,
+               rules: _Rules, first: tuple[Tensor, Tensor] | None = None, searched: int = 0) -> Tensor:
         """The adaptive rule of units ``(U, 2)`` (rows ``b, x``) cut at ``points (U, K)`` (``counts``
         valid), evaluated by ``ev``; each unit's final rule goes to ``rules``.
 
         Every piece starts with the two lowest rules of the ladder (``first``: their values
         ``(U, O)`` where already known, for single-piece units). While a unit is not accepted,
         its unconverged pieces (``quadrature.unconverged``) go up one rule. A unit that would
-        need more than the top rule is recomputed in float64 where that is possible; otherwise it
-        is searched once for hidden kinks and starts again on its new pieces, or keeps its rule
-        when there are none (or it has been ``searched``). Returns the units to recompute in
-        float64 ``(E, 2)``.
+        need more than the top rule is recomputed in float64 where that is possible; otherwise its
+        pieces at the top rule are searched for hidden kinks and it starts again on its new pieces,
+        or keeps its rule when there are none (or it has been ``searched`` ``HIDDEN_ROUNDS`` times):
+        then ``rules.above`` marks it where its residual is above round-off (or its budget).
+        Returns the units to recompute in float64 ``(E, 2)``.
         """
         if not len(units):
             return units
@@ -398,8 +453,9 @@ class _Pass:
                    thetas.new_zeros(len(units), self.s.outputs, self.s.layout.total))
 
         def evaluate(row: Tensor, piece: Tensor, index: int, sign: float = 1.0) -> Tensor:
-            return self._evaluate_pieces(ev, x, c.y, thetas, deltas, units[row], start[row, piece], width[row, piece],
-                                         ladder[index], None if phi is None or index == 0 else (phi, row), sign)
+            return self._evaluate_pieces(ev, x, c.y, thetas, deltas, bufs, units[row], start[row, piece],
+                                         width[row, piece], ladder[index],
+                                         None if phi is None or index == 0 else (phi, row), sign)
 
         if first is None:
             row, piece = valid.nonzero(as_tuple=True)
@@ -419,10 +475,14 @@ class _Pass:
                 stuck |= beyond
                 beyond = torch.zeros_like(beyond)
             restart = torch.zeros_like(beyond)
-            if not searched and bool(beyond.any()):
-                restart = self._restart(c, ev, thetas, deltas, units, points, counts, beyond, switches, true, scale,
-                                        budget, rules, escalate)
+            if searched < HIDDEN_ROUNDS and bool(beyond.any()):
+                top_pieces = torch.where(refine & (level == top), width, 0.0)
+                restart = self._restart(c, ev, thetas, deltas, bufs, units, points, counts, beyond, (start, top_pieces),
+                                        true, scale, budget, rules, escalate, searched + 1)
             keep = ok | (beyond & ~restart)
+            missed = beyond & ~restart  # kept at the top rule without meeting the tolerance
+            rules.above[bi[missed], xi[missed]] = above_tolerance(q, true[bi, xi] - q, scale[bi, xi], dtype,
+                                                                  unit_budget)[missed]
             t, w, count = composite(start[keep], width[keep], level[keep], ladder)
             self._store_rule(rules, bi[keep], xi[keep], t, w, count, None if phi is None else phi[keep], wide)
             escalate.append(units[stuck])
@@ -445,26 +505,29 @@ class _Pass:
                         evaluate(row[part], piece[part], index - 1, -1.0)
         return torch.cat(escalate)
 
-    def _restart(self, c: _Chunk, ev: _Evaluator, thetas: Tensor, deltas: Tensor, units: Tensor, points: Tensor,
-                 counts: Tensor, beyond: Tensor, switches: tuple[Tensor, Tensor], true: Tensor, scale: Tensor,
-                 budget: Tensor | None, rules: _Rules, escalate: list[Tensor]) -> Tensor:
-        """Units marked ``beyond`` the top rule whose search finds hidden kinks climb again on the
-        new pieces (their float64 escalations go to ``escalate``); returns which of ``units`` did."""
+    def _restart(self, c: _Chunk, ev: _Evaluator, thetas: Tensor, deltas: Tensor, bufs: Tensor, units: Tensor,
+                 points: Tensor, counts: Tensor, beyond: Tensor, pieces: tuple[Tensor, Tensor], true: Tensor,
+                 scale: Tensor, budget: Tensor | None, rules: _Rules, escalate: list[Tensor],
+                 searched: int) -> Tensor:
+        """Units marked ``beyond`` the top rule whose search in their unconverged ``pieces``
+        (``(start, width) (U, P)``, width 0 elsewhere) finds hidden kinks climb again on the new
+        pieces, with ``searched`` searches behind them (their float64 escalations go to
+        ``escalate``); returns which of ``units`` did."""
         rows = beyond.nonzero().squeeze(1)
         bi, xi = units[rows, 0], units[rows, 1]
-        more, more_counts = self._hidden_kinks(ev, c, thetas, deltas, bi, xi, switches[0][bi, xi],
-                                               switches[1][bi, xi], points[rows])
+        more, more_counts = self._hidden_kinks(ev, c, thetas, deltas, bufs, bi, xi, points[rows], pieces[0][rows],
+                                               pieces[1][rows])
         found = more_counts > counts[rows]
         restart = torch.zeros_like(beyond)
         restart[rows[found]] = True
         if bool(found.any()):
-            escalate.append(self._climb(c, ev, thetas, deltas, units[rows[found]], more[found], more_counts[found],
-                                        switches, true, scale, budget, rules, searched=True))
+            escalate.append(self._climb(c, ev, thetas, deltas, bufs, units[rows[found]], more[found],
+                                        more_counts[found], true, scale, budget, rules, searched=searched))
         return restart
 
-    def _evaluate_pieces(self, ev: _Evaluator, x: Tensor, y: Tensor, thetas: Tensor, deltas: Tensor, units: Tensor,
-                         start: Tensor, width: Tensor, rule: Rule, phi: tuple[Tensor, Tensor] | None = None,
-                         sign: float = 1.0) -> Tensor:
+    def _evaluate_pieces(self, ev: _Evaluator, x: Tensor, y: Tensor, thetas: Tensor, deltas: Tensor, bufs: Tensor,
+                         units: Tensor, start: Tensor, width: Tensor, rule: Rule,
+                         phi: tuple[Tensor, Tensor] | None = None, sign: float = 1.0) -> Tensor:
         """``φ̂·Δ`` over the pieces ``[start, start + width] (k,)`` of units ``(k, 2)`` by ``rule``,
         evaluated by ``ev``: ``(k, O)`` float64.
 
@@ -481,7 +544,7 @@ class _Pass:
             chunk = max(1, s.config.memory_mb * 2**20 // (s.outputs * s.layout.total * s.dtype.itemsize))
             for a in range(0, len(units), chunk):
                 r = slice(a, a + chunk)
-                rows = ev.phi_rows(thetas, deltas, bi[r], t[r], w[r], torch.full_like(bi[r], len(rule)), x[xi[r]],
+                rows = ev.phi_rows(thetas, deltas, bufs, bi[r], t[r], w[r], torch.full_like(bi[r], len(rule)), x[xi[r]],
                                    y[xi[r]])  # (k, O, D)
                 q[r] = torch.einsum("pod,pd->po", rows, deltas[bi[r]].to(rows.dtype)).double()
                 if phi is not None:
@@ -489,7 +552,7 @@ class _Pass:
             return q
         m = len(rule)
         step, example = bi.repeat_interleave(m), xi.repeat_interleave(m)
-        values = ev.units(thetas, deltas, step, t.reshape(-1), deltas[:, None], x[example], y[example])[:, 0]
+        values = ev.units(thetas, deltas, bufs, step, t.reshape(-1), deltas[:, None], x[example], y[example])[:, 0]
         return (values.double().reshape(len(units), m, s.outputs) * w[:, :, None]).sum(1)
 
     @staticmethod
@@ -513,23 +576,23 @@ class _Pass:
         """φ̂ ``(B, n, O, D)`` of every unit under its final rule into ``rules.phi``, after a search in
         forward mode; that of units computed in float64 into ``rules.phi_wide``."""
         ev, s = self.evaluator, self.s
-        thetas, deltas = block.thetas[idx], block.deltas[idx]
-        rules.phi = ev.phi_shared(thetas, deltas, rules.base_t, rules.base_w, c.x, c.y)
+        thetas, deltas, bufs = block.thetas[idx], block.deltas[idx], block.bufs[idx]
+        rules.phi = ev.phi_shared(thetas, deltas, bufs, rules.base_t, rules.base_w, c.x, c.y)
         wide = rules.wide >= 0 if rules.wide is not None else torch.zeros_like(rules.shared)
         own = (~rules.shared & ~wide).nonzero()
         if len(own):
             bi, xi = own[:, 0], own[:, 1]
-            rules.phi[bi, xi] = ev.phi_rows(thetas, deltas, bi, rules.t[bi, xi], rules.w[bi, xi], rules.count[bi, xi],
-                                            c.x[xi], c.y[xi])
+            rules.phi[bi, xi] = ev.phi_rows(thetas, deltas, bufs, bi, rules.t[bi, xi], rules.w[bi, xi],
+                                            rules.count[bi, xi], c.x[xi], c.y[xi])
         if bool(wide.any()):
             bi, xi = wide.nonzero(as_tuple=True)
             x = c.x.double() if c.x.is_floating_point() else c.x
             rules.phi_wide = torch.zeros(len(bi), s.outputs, s.layout.total, dtype=torch.float64, device=s.device)
             rules.phi_wide[rules.wide[bi, xi]] = self.wide.phi_rows(
-                block.wide[0][idx], block.wide[1][idx], bi, rules.t[bi, xi], rules.w[bi, xi], rules.count[bi, xi],
-                x[xi], c.y[xi])
+                block.wide[0][idx], block.wide[1][idx], block.wide[2][idx], bi, rules.t[bi, xi], rules.w[bi, xi],
+                rules.count[bi, xi], x[xi], c.y[xi])
 
-    def _first_level(self, c: _Chunk, thetas: Tensor, deltas: Tensor, low: Rule, base: Rule,
+    def _first_level(self, c: _Chunk, thetas: Tensor, deltas: Tensor, bufs: Tensor, low: Rule, base: Rule,
                      rules: _Rules) -> tuple[Tensor, Tensor]:
         """``φ̂·Δ`` by the two lowest rules at nodes shared by the chunk's examples: (B, n, O) each.
         When the search runs in reverse mode, φ̂ of the base rule goes to ``rules.phi``."""
@@ -537,17 +600,17 @@ class _Pass:
         lt, lw = low.tensors(torch.float64, s.device)
         bt, bw = base.tensors(torch.float64, s.device)
         if self.search_reverse:
-            q1 = torch.einsum("bnod,bd->bno", ev.phi_shared(thetas, deltas, lt, lw, c.x, c.y), deltas)
-            rules.phi = ev.phi_shared(thetas, deltas, bt, bw, c.x, c.y)
+            q1 = torch.einsum("bnod,bd->bno", ev.phi_shared(thetas, deltas, bufs, lt, lw, c.x, c.y), deltas)
+            rules.phi = ev.phi_shared(thetas, deltas, bufs, bt, bw, c.x, c.y)
             return q1, torch.einsum("bnod,bd->bno", rules.phi, deltas)
         t = torch.cat([lt, bt])                                             # (M,)
         w = torch.zeros(len(t), 2, dtype=s.dtype, device=s.device)          # (M, 2)
         w[:len(lt), 0], w[len(lt):, 1] = lw.to(s.dtype), bw.to(s.dtype)
-        values = ev.shared(thetas, deltas, t, deltas[:, None], c.x, c.y)[:, :, 0]  # (B, M, n, O)
+        values = ev.shared(thetas, deltas, bufs, t, deltas[:, None], c.x, c.y)[:, :, 0]  # (B, M, n, O)
         q1, q2 = torch.einsum("bmno,mr->rbno", values, w)
         return q1, q2
 
-    def _kinks(self, ev: _Evaluator, c: _Chunk, thetas: Tensor, deltas: Tensor, bi: Tensor, xi: Tensor,
+    def _kinks(self, ev: _Evaluator, c: _Chunk, thetas: Tensor, deltas: Tensor, bufs: Tensor, bi: Tensor, xi: Tensor,
                sw_prev: Tensor, sw_next: Tensor) -> tuple[Tensor, Tensor]:
         """Kink positions ``(U, P)`` (padding 1.0) and counts ``(U,)`` of units ``(bi, xi)`` from their
         switching values ``(U, S)`` at both ends, each refined to its zero by ``ev``."""
@@ -558,45 +621,58 @@ class _Pass:
             u = unit[row, column]
             before, after = sw_prev[row, u].double(), sw_next[row, u].double()
             t = t.clone()
-            t[row, column] = self._roots(ev, c, thetas, deltas, bi[row], xi[row], u,
+            t[row, column] = self._roots(ev, c, thetas, deltas, bufs, bi[row], xi[row], u,
                                          (torch.zeros_like(before), before), (torch.ones_like(after), after))
         return breakpoints(t, counts)
 
-    def _roots(self, ev: _Evaluator, c: _Chunk, thetas: Tensor, deltas: Tensor, step: Tensor, example: Tensor,
-               switch: Tensor, lo: tuple[Tensor, Tensor], hi: tuple[Tensor, Tensor]) -> Tensor:
+    def _roots(self, ev: _Evaluator, c: _Chunk, thetas: Tensor, deltas: Tensor, bufs: Tensor, step: Tensor,
+               example: Tensor, switch: Tensor, lo: tuple[Tensor, Tensor], hi: tuple[Tensor, Tensor]) -> Tensor:
         """Zeros of switching values ``switch`` of (step, example) inside the sign brackets
-        ``lo = (t, value)``, ``hi = (t, value)``: a safeguarded root search from the secant."""
+        ``lo = (t, value)``, ``hi = (t, value)``: a safeguarded root search from the secant. A
+        zero stops moving once a step moves it less than ``KINK_TOLERANCE``; only the others
+        are evaluated again."""
         guess = lo[0] - lo[1] * (hi[0] - lo[0]) / (hi[1] - lo[1])
         history = [lo, hi]
-        rows = torch.arange(len(guess), device=guess.device)
+        value = torch.zeros_like(guess)
+        active = torch.ones_like(guess, dtype=torch.bool)
         for _ in range(KINK_ITERATIONS):
-            value = ev.switches(thetas, deltas, step, guess, c.x[example])[rows, switch].double()
-            new = refine_zero(guess, value, history)
-            moved = float((new - guess).abs().max())
+            rows = active.nonzero().squeeze(1)
+            value = value.clone()  # the history keeps the previous one
+            at = example[rows]
+            values = ev.switches(thetas, deltas, bufs, step[rows], guess[rows], c.x[at], c.y[at])  # (len(rows), S)
+            value[rows] = values[torch.arange(len(rows), device=rows.device), switch[rows]].double()
+            new = torch.where(active, refine_zero(guess, value, history), guess)
+            active &= (new - guess).abs() > KINK_TOLERANCE
             guess = new
-            if moved <= KINK_TOLERANCE:
+            if not bool(active.any()):
                 break
         return guess
 
-    def _hidden_kinks(self, ev: _Evaluator, c: _Chunk, thetas: Tensor, deltas: Tensor, bi: Tensor, xi: Tensor,
-                      before: Tensor, after: Tensor, points: Tensor) -> tuple[Tensor, Tensor]:
-        """Kinks the end points do not reveal — a switching value that crosses zero and back
-        within the step — for units ``(bi, xi)`` whose rule did not converge: the switching
-        values on a grid of ``HIDDEN_GRID`` panels, each sign change refined to its zero and
-        merged with the known ``points (P, K)``. Returns points ``(P, K')`` and counts ``(P,)``."""
+    def _hidden_kinks(self, ev: _Evaluator, c: _Chunk, thetas: Tensor, deltas: Tensor, bufs: Tensor, bi: Tensor,
+                      xi: Tensor, points: Tensor, start: Tensor, width: Tensor) -> tuple[Tensor, Tensor]:
+        """Kinks the known ones do not reveal — a switching value that crosses zero and back, or a
+        switch whose window ends in a tie — inside the pieces ``[start, start + width] (P, Q)``
+        of units ``(bi, xi)`` whose rule did not converge there (width 0: not searched): the
+        switching values on a grid of ``HIDDEN_GRID`` panels of each piece, each sign change
+        refined to its zero and merged with the known ``points (P, K)``. Returns points
+        ``(P, K')`` and counts ``(P,)``."""
         f64 = dict(dtype=torch.float64, device=points.device)
-        grid = torch.linspace(0.0, 1.0, HIDDEN_GRID + 1, **f64)
-        inner, units = grid[1:-1], len(bi)
-        step, example = bi.repeat_interleave(len(inner)), xi.repeat_interleave(len(inner))
-        values = ev.switches(thetas, deltas, step, inner.repeat(units), c.x[example])
-        values = torch.cat([before[:, None].double(), values.double().reshape(units, len(inner), -1),
-                            after[:, None].double()], dim=1)  # (P, G + 1, S)
-        unit, panel, switch = (values[:, :-1] * values[:, 1:] < 0).nonzero(as_tuple=True)
-        merged = points
-        if len(unit):
-            roots = self._roots(ev, c, thetas, deltas, bi[unit], xi[unit], switch,
-                                (grid[panel], values[unit, panel, switch]),
-                                (grid[panel + 1], values[unit, panel + 1, switch]))
+        row, piece = (width > 0).nonzero(as_tuple=True)
+        grid = start[row, piece][:, None] + width[row, piece][:, None] * torch.linspace(0.0, 1.0, HIDDEN_GRID + 1,
+                                                                                        **f64)  # (N, G + 1)
+        nodes = grid.shape[1]
+        examples = xi[row].repeat_interleave(nodes)
+        values = ev.switches(thetas, deltas, bufs, bi[row].repeat_interleave(nodes), grid.reshape(-1), c.x[examples],
+                             c.y[examples]).double().reshape(len(row), nodes, -1)
+        search, panel, switch = (values[:, :-1] * values[:, 1:] < 0).nonzero(as_tuple=True)
+        merged, units = points, len(bi)
+        if len(search):
+            unit = row[search]
+            roots = self._roots(ev, c, thetas, deltas, bufs, bi[unit], xi[unit], switch,
+                                (grid[search, panel], values[search, panel, switch]),
+                                (grid[search, panel + 1], values[search, panel + 1, switch]))
+            order = torch.argsort(unit, stable=True)
+            unit, roots = unit[order], roots[order]
             per_unit = torch.bincount(unit, minlength=units)
             rank = torch.arange(len(unit), device=unit.device) - (torch.cumsum(per_unit, 0) - per_unit)[unit]
             merged = torch.ones(units, points.shape[1] + int(per_unit.max()), **f64)
@@ -621,7 +697,7 @@ class _Pass:
 
         Rows on tensors that g is not computed from are exactly 0 and are not evaluated."""
         s, ev = self.s, self.evaluator
-        thetas, deltas = block.thetas[idx], block.deltas[idx]
+        thetas, deltas, bufs = block.thetas[idx], block.deltas[idx], block.bufs[idx]
         b_count, k, n = directions.shape[0], directions.shape[1], c.y.shape[0]
         wide = rules.wide >= 0 if rules.wide is not None else torch.zeros_like(rules.shared)
         wide_directions = None
@@ -635,14 +711,14 @@ class _Pass:
             wide_directions = None if wide_directions is None else wide_directions[:, rows]
         out = torch.zeros(b_count, n, directions.shape[1], s.outputs, dtype=torch.float64, device=s.device)
         if bool(rules.shared.any()):
-            values = ev.shared(thetas, deltas, rules.base_t, directions, c.x, c.y)  # (B, M, K, n, O)
+            values = ev.shared(thetas, deltas, bufs, rules.base_t, directions, c.x, c.y)  # (B, M, K, n, O)
             weights = rules.base_w.to(s.dtype)[None, :, None] * rules.shared.to(s.dtype)[:, None, :]  # (B, M, n)
             out += torch.einsum("bmkno,bmn->bnko", values, weights).double()
-        self._own_units(ev, c.x, c.y, thetas, deltas, directions, rules, ~rules.shared & ~wide, out)
+        self._own_units(ev, c.x, c.y, thetas, deltas, bufs, directions, rules, ~rules.shared & ~wide, out)
         if wide_directions is not None:
             x = c.x.double() if c.x.is_floating_point() else c.x
-            self._own_units(self.wide, x, c.y, block.wide[0][idx], block.wide[1][idx], wide_directions, rules, wide,
-                            out)
+            self._own_units(self.wide, x, c.y, block.wide[0][idx], block.wide[1][idx], block.wide[2][idx],
+                            wide_directions, rules, wide, out)
         if rows is not None:
             every = out.new_zeros(b_count, n, k, s.outputs)
             every[:, :, rows] = out
@@ -650,8 +726,8 @@ class _Pass:
         return out.permute(0, 2, 1, 3)
 
     @staticmethod
-    def _own_units(ev: _Evaluator, x: Tensor, y: Tensor, thetas: Tensor, deltas: Tensor, directions: Tensor,
-                   rules: _Rules, units: Tensor, out: Tensor) -> None:
+    def _own_units(ev: _Evaluator, x: Tensor, y: Tensor, thetas: Tensor, deltas: Tensor, bufs: Tensor,
+                   directions: Tensor, rules: _Rules, units: Tensor, out: Tensor) -> None:
         """Adds ``φ̂·v_k`` of ``units (B, n)`` under their own rules to ``out (B, n, K, O)``."""
         own = units.nonzero()
         if not len(own):
@@ -661,30 +737,35 @@ class _Pass:
         valid = torch.arange(rules.t.shape[2], device=out.device)[None] < count[:, None]
         unit, node = valid.nonzero(as_tuple=True)
         b, ex = bi[unit], xi[unit]
-        values = ev.units(thetas, deltas, b, rules.t[b, ex, node], directions, x[ex], y[ex])  # (U, K, O)
+        values = ev.units(thetas, deltas, bufs, b, rules.t[b, ex, node], directions, x[ex], y[ex])  # (U, K, O)
         values = values * rules.w[b, ex, node].to(values.dtype)[:, None, None]
         flat = out.view(-1, *out.shape[2:])
         flat.index_add_(0, b * out.shape[1] + ex, values.double())
 
     # -------------------------------------------------------------- accumulation
     def _accumulate(self, c: _Chunk, b: int, block: _Block, values: Tensor | None, rules: _Rules | None,
-                    true: Tensor, terms: _StepTerms) -> None:
+                    ends: _Ends, terms: _StepTerms) -> None:
         """Add step ``b`` of the block to chunk ``c``'s accumulators; close its window at a boundary."""
         s = self.s
         step = block.records[b].step
-        self._accumulate_step(c, step, b, block, values, rules, true, terms)
+        moved = None if ends.moved is None else ends.moved[b]  # (M, n, O)
+        if moved is not None and self.buffer_rows is not None:
+            c.value.index_add_(0, self.buffer_rows, moved)
+        self._accumulate_step(c, step, b, block, values, rules, ends.path[b], moved, terms)
         if (step + 1 - s.lo) % s.config.window == 0 or step + 1 == s.hi:
             self.flush(c, step + 1)
 
     def _accumulate_step(self, c: _Chunk, step: int, b: int, block: _Block, values: Tensor | None,
-                         rules: _Rules | None, true: Tensor, terms: _StepTerms) -> None:
+                         rules: _Rules | None, path: Tensor, moved: Tensor | None, terms: _StepTerms) -> None:
+        """Step ``b``'s path values into the accumulators and its completeness row, in which the true
+        change and the reconstruction both hold the (exact) buffer terms ``moved``."""
         s = self.s
         n_groups = self.mask.shape[0]
-        true_b = true[b]
+        buffer_term = torch.zeros_like(path) if moved is None else moved.sum(0)
+        true_b = path + buffer_term
         n = c.y.shape[0]
         if not block.compute[b]:
-            self._record(c, step, true_b, torch.zeros_like(true_b), None,
-                         torch.zeros(n, dtype=torch.int64, device=s.device))
+            self._record(c, step, true_b, buffer_term, None, torch.zeros(n, dtype=torch.int64, device=s.device))
             return
         j = sum(block.compute[:b])  # index among computed steps
         if c.data is not None and terms.active is not None:
@@ -703,14 +784,17 @@ class _Pass:
                 first = 2 * n_groups + 1
                 c.data.index_add_(0, terms.active, out[first:first + len(terms.active)].double())
         else:
-            prod, value, decay, opt = self._reverse_terms(phi, block.deltas[b], terms)
+            prod, prod_decay, value, decay, opt = self._reverse_terms(phi, block.deltas[b], terms)
             wide = (rules.wide[j] >= 0).nonzero().squeeze(1) if rules.wide is not None else []
             if len(wide):  # units computed in float64 replace their rows
                 phi_wide = rules.phi_wide[rules.wide[j, wide]]
-                prod_wide, value[:, wide], decay_wide, opt_wide = self._reverse_terms(phi_wide, block.wide[1][b],
-                                                                                      terms)
+                prod_wide, prod_decay_wide, value[:, wide], decay_wide, opt_wide = self._reverse_terms(
+                    phi_wide, block.wide[1][b], terms)
                 prod = prod.double()
                 prod[wide] = prod_wide
+                if prod_decay is not None:
+                    prod_decay = prod_decay.double()
+                    prod_decay[wide] = prod_decay_wide
                 phi[wide] = phi_wide.to(phi.dtype)  # the data view stays in the compute dtype
                 if decay is not None:
                     decay[:, wide] = decay_wide
@@ -718,28 +802,32 @@ class _Pass:
                     opt[wide] = opt_wide
             if c.importance is not None:
                 c.importance += prod.double()
+            if c.importance_decay is not None:
+                c.importance_decay += prod_decay.double()
             if c.data is not None and terms.active is not None:
                 self._data_step(c, phi, terms)
-        recon = value.sum(0)
-        c.value += value
+        recon = value.sum(0) + buffer_term
+        c.value[:n_groups] += value
         if decay is not None:
-            c.decay += decay
+            c.decay[:n_groups] += decay
             if c.data_reg is not None:
                 c.data_reg += decay.sum(0)
         self._record(c, step, true_b, recon, opt, rules.count[j])
 
-    def _reverse_terms(self, phi: Tensor, delta: Tensor, terms: _StepTerms) -> tuple[Tensor, Tensor, Tensor | None,
-                                                                                     Tensor | None]:
-        """From φ̂ ``(n, O, D)``: ``φ̂ ⊙ Δ`` (in φ̂'s dtype) and, in float64, the component values
-        ``(G, n, O)``, the decay split ``(G, n, O)`` and ``φ̂·ρ_s (n, O)`` (None where not measured)."""
+    def _reverse_terms(self, phi: Tensor, delta: Tensor, terms: _StepTerms) -> tuple[
+            Tensor, Tensor | None, Tensor, Tensor | None, Tensor | None]:
+        """From φ̂ ``(n, O, D)``: ``φ̂ ⊙ Δ`` and ``φ̂ ⊙ ψ_s(reg)`` (in φ̂'s dtype) and, in float64, the
+        component values ``(G, n, O)``, the decay split ``(G, n, O)`` and ``φ̂·ρ_s (n, O)``; the decay
+        terms are None without the decay split, ``φ̂·ρ_s`` where it is not measured."""
         prod = phi * delta.to(phi.dtype)
         value = self._group_sums(prod).double()
-        decay = opt = None
+        prod_decay = decay = opt = None
         if self.train is not None:
-            decay = self._group_sums(phi * terms.psi_reg.to(phi.dtype)).double()
+            prod_decay = phi * terms.psi_reg.to(phi.dtype)
+            decay = self._group_sums(prod_decay).double()
             if self.train.residual:
                 opt = (phi @ terms.rho.to(phi.dtype)).double()
-        return prod, value, decay, opt
+        return prod, prod_decay, value, decay, opt
 
     def _group_sums(self, prod: Tensor) -> Tensor:
         """``(n, O, D) → (G, n, O)``: sums over each group's elements (tensor slices, then groups)."""

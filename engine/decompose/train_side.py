@@ -2,9 +2,14 @@
 
 ``_TrainSide`` applies the optimizer split of ``engine.run.updates`` to the regularizer's gradient,
 to the batch gradient and (data view) to every training example's gradient, carrying one
-optimizer buffer for each. Per step this gives the weight-decay part ψ_s(reg), the optimizer
+optimizer buffer for each. Per step this gives the weight-decay part ψ_s(reg), the split
 residual ρ_s = Δ_s − Σ_k ψ_s(k) − ψ_s(reg) and ψ_s(k) per training example (MATH.md);
 ``_StepTerms`` holds them.
+
+The gradients come from the training forward as ``setup.split`` chose (``engine.run.replay``):
+the rows of the Jacobian of the replayed batched forward's per-example losses (models whose
+forward couples examples or draws random numbers), or independent per-example gradients,
+``vmap`` over steps and examples (every other model).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from torch.func import grad, vmap
 
 from engine.decompose.setup import _Setup
 from engine.run.history import StepRecord
+from engine.run.replay import TrainingForward
 from engine.run.updates import StepSplit, UpdateRule
 
 
@@ -52,9 +58,9 @@ class _TrainSide:
         self.buf_sum = torch.zeros(d, dtype=setup.dtype, device=setup.device)
         self.buf_ex: Tensor | None = None  # (train, D)
         self.seen: Tensor | None = None    # (train,) bool
-        one = vmap(grad(setup.loss_one), in_dims=(None, 0, 0))               # (D,), (b, ...) → (b, D)
+        one = vmap(grad(setup.train_loss_one), in_dims=(None, 0, 0))          # (D,), (b, ...) → (b, D)
         self._example_grads = vmap(one, in_dims=(0, 0, 0))                     # steps × examples
-        self._batch_grads = vmap(grad(setup.loss_weighted), in_dims=(0, 0, 0, 0))  # steps → (B, D)
+        self._batch_grads = vmap(grad(setup.train_loss_weighted), in_dims=(0, 0, 0, 0))  # steps → (B, D)
 
     def gradients(self, thetas: Tensor, records: list[StepRecord]) -> list[Any]:
         """Per step: ``None``; the weighted batch gradient ``(D,)``; or, for the data view,
@@ -70,6 +76,8 @@ class _TrainSide:
         for b, r in enumerate(records):
             ids[b, :sizes[b]] = r.batch_ids
             weights[b, :sizes[b]] = r.batch_weights
+        if s.train_forward is not None:
+            return [self._replayed(s.train_forward, r) for r in records]
         ids, weights = ids.to(s.device), weights.to(device=s.device, dtype=s.dtype)
         steps = max(1, s.config.train_chunk // width)
         out: list[Any] = []
@@ -82,6 +90,19 @@ class _TrainSide:
             for b in range(a, min(a + steps, len(records))):
                 out.append(self._one_step_examples(thetas[b], ids[b, :sizes[b]], weights[b, :sizes[b]]))
         return out
+
+    def _replayed(self, forward: TrainingForward, record: StepRecord) -> Any:
+        """One step's gradient from the replayed batched training forward: the weighted batch gradient
+        ``(D,)`` or, for the data view, ``(unique ids (U,), summed rows of the Jacobian (U, D))``."""
+        s = self.s
+        ids = record.batch_ids.to(s.device)
+        x, y = s.train_x[ids], s.train_y[ids]
+        if not self.per_example:
+            return s.flat(forward.batch_gradient(record, x, y, record.batch_weights))
+        rows = forward.example_gradients(record, x, y, record.batch_weights, s.config.train_chunk)  # (B, D)
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        d_ex = torch.zeros(len(unique), s.layout.total, dtype=s.dtype, device=s.device)
+        return unique, d_ex.index_add_(0, inverse, rows.to(s.dtype))
 
     def _one_step_examples(self, theta: Tensor, ids: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
         s = self.s

@@ -296,8 +296,8 @@ def _check_params(src: _Source, model: nn.Module, model_name: str, progress: boo
         for b, value in buffers.items():
             if b in state and b in first and not torch.equal(state[b].to(value.dtype), first[b].to(value.dtype)):
                 raise BadInputError(
-                    f"{src.model_file}: buffer {b!r} changes during training (state dict {step}); the run format "
-                    "records parameters only, so models whose buffers train (e.g. BatchNorm statistics) "
+                    f"{src.model_file}: buffer {b!r} changes during training (state dict {step}); this importer "
+                    "reads parameters only, so models whose buffers train (e.g. BatchNorm statistics) "
                     "cannot be imported"
                 )
     for b, value in buffers.items():

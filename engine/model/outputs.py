@@ -1,9 +1,11 @@
 """Explained quantities ``g(output, labels) → (test, out)`` and the functional ``g(θ)``.
 
 Built in (``QUANTITIES``): ``logits`` (every model output), ``true-logit`` (the output of
-the true class), ``logprob`` (log-softmax of the true class), ``loss`` (per-example
-cross-entropy) and ``margin`` (true logit minus the largest other). Any callable
-``fn(output (batch, classes), labels (batch,)) → (batch,) or (batch, out)`` works too.
+the true class), ``logprob`` (log-softmax of the true class), ``loss`` (the run's per-example
+training loss; cross-entropy where none is given) and ``margin`` (true logit minus the largest
+other). Any callable ``fn(output (batch, ...), labels (batch, ...)) → (batch,) or (batch, out)``
+works too, in Python or, named by its import path ``package.module:function``, on the command
+line (``imported_quantity``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from engine.errors import BadInputError
+from engine.model.task import load_object
 
 QuantityFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -39,23 +42,27 @@ def _loss(output: Tensor, labels: Tensor) -> Tensor:
 
 def _margin(output: Tensor, labels: Tensor) -> Tensor:
     true = output.gather(1, labels[:, None])
-    is_true = F.one_hot(labels, output.shape[1]).bool()
+    is_true = torch.arange(output.shape[1], device=output.device)[None, :] == labels[:, None]  # (vmap-able)
     other = output.masked_fill(is_true, float("-inf")).amax(dim=1, keepdim=True)
     return true - other
 
 
 @dataclass(frozen=True)
 class Quantity:
-    """A named explained quantity; ``per_class`` when it has one output per model output."""
+    """A named explained quantity; ``classes`` when it reads the class of each example (integer
+    labels and ``(batch, classes)`` outputs)."""
 
     name: str
     fn: QuantityFn
-    per_class: bool
     description: str
+    classes: bool = False
 
     def __call__(self, output: Tensor, labels: Tensor) -> Tensor:
-        """``(batch, classes), (batch,) → (batch, out)``."""
-        if not self.per_class and output.dim() != 2:
+        """``(batch, ...), (batch, ...) → (batch, out)``."""
+        if self.classes and labels.is_floating_point():
+            raise BadInputError(f"quantity {self.name!r} reads the class of each example, but this run's targets are "
+                                "floating-point numbers; explain 'logits', 'loss' or a function of (output, targets)")
+        if self.classes and output.dim() != 2:
             raise BadInputError(
                 f"quantity {self.name!r} needs model outputs of shape (batch, classes), "
                 f"got {tuple(output.shape)}; explain 'logits' or pass a callable"
@@ -67,28 +74,40 @@ class Quantity:
 QUANTITIES: dict[str, Quantity] = {
     q.name: q
     for q in (
-        Quantity("logits", _logits, True, "every model output"),
-        Quantity("true-logit", _true_logit, False, "the output of the true class"),
-        Quantity("logprob", _logprob, False, "log-softmax of the true class"),
-        Quantity("loss", _loss, False, "per-example cross-entropy"),
-        Quantity("margin", _margin, False, "true logit minus the largest other"),
+        Quantity("logits", _logits, "every model output"),
+        Quantity("true-logit", _true_logit, "the output of the true class", classes=True),
+        Quantity("logprob", _logprob, "log-softmax of the true class", classes=True),
+        Quantity("loss", _loss, "per-example cross-entropy", classes=True),
+        Quantity("margin", _margin, "true logit minus the largest other", classes=True),
     )
 }
 
 
-def get_quantity(quantity: str | QuantityFn | Quantity) -> Quantity:
-    """A built-in name, a ``Quantity`` or a user callable → ``Quantity``."""
+def get_quantity(quantity: str | QuantityFn | Quantity, loss: QuantityFn | None = None) -> Quantity:
+    """A built-in name, a ``Quantity`` or a user callable → ``Quantity``; ``"loss"`` is the
+    run's per-example training ``loss`` where one is given (the task's), else cross-entropy."""
     if isinstance(quantity, Quantity):
         return quantity
     if isinstance(quantity, str):
         if quantity not in QUANTITIES:
             raise BadInputError(f"unknown quantity {quantity!r}; choose one of {', '.join(QUANTITIES)} "
                                 "or pass a callable fn(output, labels)")
+        if quantity == "loss" and loss is not None:
+            return Quantity("loss", loss, "per-example training loss")
         return QUANTITIES[quantity]
     if callable(quantity):
         name = getattr(quantity, "__name__", type(quantity).__name__)
-        return Quantity(f"custom:{name}", quantity, False, "user function of (output, labels)")
+        return Quantity(f"custom:{name}", quantity, "user function of (output, labels)")
     raise BadInputError(f"quantity must be a name or a callable, got {type(quantity).__name__}")
+
+
+def imported_quantity(path: str) -> Quantity:
+    """The quantity ``fn(output, labels) → (batch,) or (batch, out)`` at import path ``package.module:fn``,
+    named by its path (the user's own code: import it only where the user named it)."""
+    fn = load_object(path, "quantity")
+    if not callable(fn):
+        raise BadInputError(f"quantity {path!r} is a {type(fn).__name__}, not a function of (output, labels)")
+    return Quantity(path, fn, f"user function {path}")
 
 
 GFn = Callable[[Mapping[str, Tensor], Tensor, Tensor], Tensor]

@@ -5,9 +5,10 @@ script: ``build_model()`` gives a module with the recorded parameter names,
 ``dataset(split)`` gives the exact training and validation tensors, and
 ``per_example_loss`` gives the loss whose gradients the optimizer followed.
 The built-in tasks live in ``engine.tasks`` and are named here by import path
-(``BUILTIN_TASKS``); ``ImportedTask`` wraps a user's own model and data functions named by
-import path. ``get_task`` turns a spec back into a task; ``run_task`` does so for the spec found
-in a recorded run, where code named by import path runs only when the user trusts the run.
+(``BUILTIN_TASKS``); ``ImportedTask`` wraps a user's own model, data and (optionally) loss
+functions named by import path. ``get_task`` turns a spec back into a task; ``run_task`` does
+so for the spec found in a recorded run, where code named by import path (model, data, loss —
+a Hugging Face model spec included) runs only when the user trusts the run.
 """
 
 from __future__ import annotations
@@ -41,8 +42,10 @@ GREY_RAMP = " .:-=+*#%@"
 
 @dataclass(frozen=True)
 class Dataset:
-    """One split of a task: model inputs, int64 class labels and how to show an example.
+    """One split of a task: model inputs, targets and how to show an example.
 
+    ``labels`` are int64 class ids ``(n,)`` (classification) or floating-point targets
+    ``(n, ...)`` (regression, or any loss of float targets; ``regression`` is then true).
     ``kind`` selects the renderer: ``"modular"`` (inputs are ``(a, b, =)`` token rows,
     ``meta["p"]`` the modulus), ``"digits"`` (inputs are ``(1, 8, 8)`` images in [0, 1]) or
     ``"generic"`` (anything else).
@@ -54,10 +57,12 @@ class Dataset:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.labels.dtype != torch.int64 or self.labels.dim() != 1:
+        classes = self.labels.dtype == torch.int64 and self.labels.dim() == 1
+        if not classes and not (self.labels.is_floating_point() and self.labels.dim() >= 1):
             raise BadInputError(
-                f"dataset labels must be a 1-D int64 tensor, got {self.labels.dtype} "
-                f"with shape {tuple(self.labels.shape)}; convert them with labels.long()"
+                f"dataset labels must be 1-D int64 class ids or floating-point targets, got {self.labels.dtype} "
+                f"with shape {tuple(self.labels.shape)}; convert class ids with labels.long(), targets with "
+                "labels.float()"
             )
         if self.inputs.shape[0] != self.labels.shape[0]:
             raise BadInputError(
@@ -68,9 +73,17 @@ class Dataset:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    @property
+    def regression(self) -> bool:
+        """The targets are floating-point values, not class ids."""
+        return self.labels.is_floating_point()
+
     def render(self, i: int) -> str:
         """A short human-readable text of example ``i`` (shown in the dashboard)."""
-        x, y = self.inputs[i], int(self.labels[i])
+        x = self.inputs[i]
+        if self.regression:
+            return f"{short_numbers(x)} → target {short_numbers(self.labels[i])}"
+        y = int(self.labels[i])
         if self.kind == "modular":
             a, b = int(x[0]), int(x[1])
             return f"{a} + {b} = {y} (mod {self.meta['p']})"
@@ -79,14 +92,20 @@ class Dataset:
             top = len(GREY_RAMP) - 1
             rows = ["".join(GREY_RAMP[round(float(v) * top)] for v in row) for row in image]
             return "\n".join([*rows, f"label {y}"])
-        values = x.flatten()
-        shown = ", ".join(f"{float(v):.3g}" for v in values[:8])
-        more = ", …" if values.numel() > 8 else ""
-        return f"[{shown}{more}] → {y}"
+        return f"{short_numbers(x)} → {y}"
 
     def fingerprint(self) -> str:
         """sha256 over dtype, shape and bytes of inputs and labels; stable across runs."""
         return data_fingerprint(self.inputs, self.labels)
+
+
+def short_numbers(values: Tensor, shown: int = 8) -> str:
+    """``0.5`` for one number, ``[0.1, 0.2, …]`` for more (the first ``shown``)."""
+    flat = values.flatten()
+    if flat.numel() == 1:
+        return f"{float(flat[0]):.4g}"
+    more = ", …" if flat.numel() > shown else ""
+    return "[" + ", ".join(f"{float(v):.3g}" for v in flat[:shown]) + more + "]"
 
 
 def data_fingerprint(inputs: torch.Tensor, labels: torch.Tensor) -> str:
@@ -100,14 +119,41 @@ def data_fingerprint(inputs: torch.Tensor, labels: torch.Tensor) -> str:
 
 
 def default_layer(tensor_name: str) -> str:
-    """Default layer label: the top-level module of a parameter, with its index inside a container.
+    """Default layer label: the module path up to the first index inside a container (a block of a
+    stack), else the top-level module.
 
-    ``fc1.weight`` → ``fc1``; ``blocks.3.attn.q.weight`` → ``blocks.3``; ``0.weight`` → ``0``.
+    ``fc1.weight`` → ``fc1``; ``blocks.3.attn.q.weight`` → ``blocks.3``; ``0.weight`` → ``0``;
+    ``transformer.h.1.attn.c_attn.weight`` → ``transformer.h.1``; ``transformer.wte.weight`` →
+    ``transformer``.
     """
     parts = tensor_name.split(".")
-    if len(parts) > 2 and parts[1].isdigit():
-        return f"{parts[0]}.{parts[1]}"
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit():
+            return ".".join(parts[:i + 1])
     return parts[0]
+
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def cross_entropy(output: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy of each example: ``(batch, classes), (batch,) int64 → (batch,)``."""
+    return F.cross_entropy(output, labels, reduction="none")
+
+
+def mse(output: Tensor, targets: Tensor) -> Tensor:
+    """Mean squared error of each example over its outputs: ``(batch, ...), (batch, ...) → (batch,)``.
+
+    The batch mean is ``F.mse_loss(output, targets)``; targets of ``(batch,)`` for outputs of
+    ``(batch, 1)`` are taken as one column.
+    """
+    if targets.numel() != output.numel():
+        raise BadInputError(f"mse: targets of shape {tuple(targets.shape)} do not match outputs of shape "
+                            f"{tuple(output.shape)}")
+    return (output - targets.reshape(output.shape).to(output.dtype)).pow(2).reshape(output.shape[0], -1).mean(1)
+
+
+LOSSES: dict[str, LossFn] = {"cross_entropy": cross_entropy, "mse": mse}
 
 
 class Task(ABC):
@@ -129,7 +175,7 @@ class Task(ABC):
 
     def per_example_loss(self, output: Tensor, labels: Tensor) -> Tensor:
         """Cross-entropy of each example: ``(batch, classes), (batch,) → (batch,)``."""
-        return F.cross_entropy(output, labels, reduction="none")
+        return cross_entropy(output, labels)
 
     def spec(self) -> dict[str, Any]:
         """The JSON-able description ``get_task`` turns back into this task."""
@@ -156,7 +202,6 @@ def _jsonable(value: Any) -> Any:
 
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 IMPORT_SPEC_KEYS = ("model", "model_kwargs", "data", "data_kwargs", "loss")
-LOSSES = ("cross_entropy",)
 
 
 def load_object(path: str, what: str) -> Any:
@@ -180,12 +225,15 @@ def load_object(path: str, what: str) -> Any:
 
 
 class ImportedTask(Task):
-    """A user's model class and data function, named by import path.
+    """A user's model class, data function and loss, named by import path.
 
     Spec: ``{"model": "pkg.mod:Class", "model_kwargs": {...}, "data": "pkg.mod:func",
     "data_kwargs": {...}, "loss": "cross_entropy"}``. The data function returns
-    ``{"train": (inputs, labels), "val": (inputs, labels)}``. The model is built under
-    ``torch.manual_seed(model_kwargs.get("seed", 0))`` unless it seeds itself.
+    ``{"train": (inputs, labels), "val": (inputs, labels)}``: integer class ids, or
+    floating-point targets. The loss is ``cross_entropy`` (integer class ids), ``mse``
+    (floating-point targets) or the import path of a function ``fn(output, labels) → (batch,)``,
+    the loss of each example. The model is built under ``torch.manual_seed(model_kwargs.get("seed",
+    0))`` unless it seeds itself.
     """
 
     name = "imported"
@@ -198,8 +246,13 @@ class ImportedTask(Task):
                 f"{', '.join(IMPORT_SPEC_KEYS)}" + (f" (unknown: {', '.join(unknown)})" if unknown else "")
             )
         loss = spec.get("loss", "cross_entropy")
-        if loss not in LOSSES:
-            raise BadInputError(f"import spec loss {loss!r} is not supported; choose one of {', '.join(LOSSES)}")
+        if not isinstance(loss, str) or (loss not in LOSSES and ":" not in loss):
+            raise BadInputError(f"import spec loss {loss!r} is not supported; choose one of {', '.join(LOSSES)} "
+                                "or give the import path 'package.module:function' of a per-example loss")
+        for key in ("model_kwargs", "data_kwargs"):
+            if not isinstance(spec.get(key) or {}, dict):
+                raise BadInputError(f"import spec {key} must be an object of keyword arguments, got "
+                                    f"{spec[key]!r}")
         self._spec = {
             "model": spec["model"],
             "model_kwargs": dict(spec.get("model_kwargs") or {}),
@@ -209,10 +262,20 @@ class ImportedTask(Task):
         }
         self._model_cls = load_object(self._spec["model"], "model")
         self._data_fn = load_object(self._spec["data"], "data")
-        if not callable(self._model_cls) or not callable(self._data_fn):
-            raise BadInputError(f"model {spec['model']!r} and data {spec['data']!r} must both be callable")
+        self._loss = LOSSES[loss] if loss in LOSSES else load_object(loss, "loss")
+        if not all(callable(f) for f in (self._model_cls, self._data_fn, self._loss)):
+            raise BadInputError(f"model {spec['model']!r}, data {spec['data']!r} and loss {loss!r} must be callable")
         self._splits: dict[str, Dataset] | None = None
         super().__init__(config=None)
+
+    def per_example_loss(self, output: Tensor, labels: Tensor) -> Tensor:
+        """The spec's loss of each example: ``(batch, ...), (batch, ...) → (batch,)``."""
+        losses = self._loss(output, labels)
+        if not isinstance(losses, Tensor) or tuple(losses.shape) != (output.shape[0],):
+            shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+            raise BadInputError(f"loss {self._spec['loss']!r} returned {shape} for a batch of {output.shape[0]}; it "
+                                "must return one loss per example (reduction='none')")
+        return losses
 
     def build_model(self) -> nn.Module:
         kwargs = self._spec["model_kwargs"]
@@ -231,7 +294,7 @@ class ImportedTask(Task):
         return self._splits[split]
 
     def _load_splits(self) -> dict[str, Dataset]:
-        path = self._spec["data"]
+        path, loss = self._spec["data"], self._spec["loss"]
         try:
             raw = self._data_fn(**self._spec["data_kwargs"])
         except TypeError as exc:
@@ -245,9 +308,14 @@ class ImportedTask(Task):
             except (TypeError, ValueError) as exc:
                 raise BadInputError(f"data {path!r} split {split!r} is not an (inputs, labels) pair") from exc
             inputs, labels = torch.as_tensor(inputs), torch.as_tensor(labels)
-            if labels.is_floating_point():
-                raise BadInputError(f"data {path!r} split {split!r}: labels must be integer class ids")
-            splits[split] = Dataset(inputs=inputs, labels=labels.long(), kind="generic", meta={"source": path})
+            if labels.is_floating_point() and loss == "cross_entropy":
+                raise BadInputError(f"data {path!r} split {split!r}: the loss cross_entropy needs integer class ids; "
+                                    "for float targets use loss 'mse' or a loss function")
+            if not labels.is_floating_point() and loss == "mse":
+                raise BadInputError(f"data {path!r} split {split!r}: the loss mse needs floating-point targets, got "
+                                    f"{labels.dtype}")
+            labels = labels if labels.is_floating_point() else labels.long()
+            splits[split] = Dataset(inputs=inputs, labels=labels, kind="generic", meta={"source": path})
         return splits
 
     def spec(self) -> dict[str, Any]:

@@ -5,7 +5,8 @@ reading a long run costs the memory of one chunk. Every file is held to the form
 ``engine.run.schema``: the manifest and the layout of every file (tensor names, dtypes, shapes,
 Parquet columns) when the run is opened, the values (finite, in range, ids within the training
 set, one row per step and parameter group) when a chunk is read. Problems raise
-``CorruptRunError`` naming the file, the field and what was expected.
+``CorruptRunError`` naming the file, the field and what was expected. Runs of schema version 1
+read as runs without buffers whose training forward is unknown (``training_forward`` is None).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from safetensors.torch import load_file
 from engine.errors import CorruptRunError, IncompleteRunError, RunNotFoundError, SchemaVersionError
 from engine.model.task import Task, run_task
 from engine.run import schema
-from engine.run.record import FORMAT, HPARAM_COLUMNS, SCHEMA_VERSION
+from engine.run.record import FORMAT, HPARAM_COLUMNS, SCHEMA_VERSION, RandomState
 
 Params = dict[str, torch.Tensor]
 T = TypeVar("T")
@@ -61,6 +62,9 @@ class StepRecord:
     adam_step: dict[str, float] | None  # Adam step counter t after the step, per tensor
     active: dict[str, bool]        # whether the tensor had a gradient (was stepped)
     clip_scale: float              # global gradient scale applied between backward() and step()
+    buffers: Params                # b_s: every recorded floating buffer at θ_s
+    buffers_after: Params          # b_{s+1}, at θ_{s+1}
+    rng: RandomState | None        # generator state before the training forward, if it drew random numbers
 
 
 @dataclass
@@ -84,8 +88,12 @@ class History:
             p["name"]: tuple(p["shape"]) for p in manifest["parameters"]
         }
         self.param_group: dict[str, int] = {p["name"]: int(p["group"]) for p in manifest["parameters"]}
+        self.buffer_shapes: dict[str, tuple[int, ...]] = {
+            b["name"]: tuple(b["shape"]) for b in manifest.get("buffers", [])
+        }
         self._chunks_meta: list[dict[str, Any]] = manifest["chunks"]
         self._cache: _Chunk | None = None
+        self._initial_buffers: Params | None = None
 
     # ---------------------------------------------------------------- opening
     @classmethod
@@ -128,6 +136,10 @@ class History:
             if p["group"] >= groups:
                 raise CorruptRunError(f"{file}: parameter {p['name']!r} is in group {p['group']}, but the optimizer "
                                       f"lists {groups} group(s)")
+        buffers = [b["name"] for b in self.manifest.get("buffers", [])]
+        twice = sorted({n for n in buffers if buffers.count(n) > 1} | (seen & set(buffers)))
+        if twice:
+            raise CorruptRunError(f"{file} lists the buffer {twice[0]!r} twice or also as a parameter")
         expected = 0
         for meta in self._chunks_meta:
             if meta["first_step"] != expected or meta["last_step"] < meta["first_step"]:
@@ -144,13 +156,20 @@ class History:
         """Every chunk file exists with the tensors and columns the manifest implies; so does final.safetensors."""
         for meta in self._chunks_meta:
             base = self.path / "chunks" / meta["stem"]
-            count = meta["last_step"] - meta["first_step"] + 1
             file = base.with_name(f"{meta['stem']}.safetensors")
-            expected = schema.expected_tensors(schema.CHUNK_TENSORS, self.manifest, count)
-            schema.check_tensor_layout(file, _tensor_layout(file), expected)
+            layout, expected = _tensor_layout(file), self._chunk_layout(meta)
+            schema.check_tensor_layout(file, layout, expected)
+            unlisted = [n for n in layout if n.startswith(("buffer/", "buffer_end/")) and n not in expected]
+            if unlisted:
+                raise CorruptRunError(f"{file} holds the tensor {unlisted[0]!r}, but the manifest's chunk "
+                                      f"{meta['stem']} does not list that buffer as changed")
             for table, columns in schema.TABLES.items():
                 file = base.with_name(f"{meta['stem']}.{table}.parquet")
                 schema.check_table_layout(file, _read(file, "Parquet", pl.read_parquet_schema), columns)
+        if self.buffer_shapes:
+            file = self.path / "buffers.safetensors"
+            schema.check_tensor_layout(file, _tensor_layout(file),
+                                       schema.expected_tensors(schema.BUFFER_TENSORS, self.manifest))
         final = self.path / "final.safetensors"
         if self.complete:
             schema.check_tensor_layout(final, _tensor_layout(final),
@@ -158,6 +177,14 @@ class History:
         initial = self.path / "initial_state.safetensors"
         if initial.exists():
             schema.check_tensor_layout(initial, _tensor_layout(initial), self._initial_state_layout(initial))
+
+    def _chunk_layout(self, meta: dict[str, Any]) -> dict[str, schema.TensorSpec]:
+        """The tensors of a chunk's safetensors file: by the manifest, its step count and the buffers it lists."""
+        count = meta["last_step"] - meta["first_step"] + 1
+        try:
+            return schema.expected_tensors(schema.CHUNK_TENSORS, self.manifest, count, meta.get("buffers", []))
+        except CorruptRunError as exc:
+            raise CorruptRunError(f"{self.path}/{exc}") from None
 
     def _initial_state_layout(self, file: Path) -> dict[str, schema.TensorSpec]:
         """``<state>/<tensor>`` entries of a recorded tensor, shaped like it, in the storage dtype."""
@@ -184,12 +211,17 @@ class History:
 
     def final_params(self) -> Params:
         """θ_N as stored in final.safetensors (a complete run), checked."""
+        final = self.final_state()
+        return {n: final[n] for n in self.param_names}
+
+    def final_state(self) -> Params:
+        """θ_N and the buffers at θ_N as stored in final.safetensors (a complete run), checked."""
         file = self.path / "final.safetensors"
         tensors = _read(file, "safetensors", load_file)
         expected = schema.expected_tensors(schema.FINAL_TENSORS, self.manifest)
         schema.check_tensor_layout(file, _loaded_layout(tensors), expected)
         schema.check_tensor_values(file, tensors, expected)
-        return {n: tensors[n] for n in self.param_names}
+        return {n: tensors[n] for n in expected}
 
     # ---------------------------------------------------------------- facts
     @property
@@ -212,6 +244,40 @@ class History:
     @property
     def optimizer_family(self) -> str:
         return self.manifest["optimizer"]["family"]
+
+    @property
+    def changing_buffers(self) -> list[str]:
+        """The recorded buffers that change at some step, in model order."""
+        changed = {n for meta in self._chunks_meta for n in meta.get("buffers", [])}
+        return [n for n in self.buffer_shapes if n in changed]
+
+    @property
+    def training_forward(self) -> dict[str, Any] | None:
+        """How the training forward ran (``engine.run.record``), or None for a run of schema version 1."""
+        return self.manifest.get("training_forward")
+
+    def initial_buffers(self) -> Params:
+        """b_0: every recorded floating buffer when recording started, checked."""
+        if self._initial_buffers is None:
+            buffers: Params = {}
+            if self.buffer_shapes:
+                file = self.path / "buffers.safetensors"
+                tensors = _read(file, "safetensors", load_file)
+                expected = schema.expected_tensors(schema.BUFFER_TENSORS, self.manifest)
+                schema.check_tensor_layout(file, _loaded_layout(tensors), expected)
+                schema.check_tensor_values(file, tensors, expected)
+                buffers = {n: tensors[n] for n in self.buffer_shapes}
+            self._initial_buffers = buffers
+        return self._initial_buffers
+
+    def buffers(self, step: int) -> Params:
+        """b_step for step in 0..N: the recorded floating buffers at θ_step."""
+        self._check_step(step, allow_end=True)
+        if step == self.num_steps:
+            chunk = self._load(self._chunks_meta[-1])
+            return self._buffers_of(chunk, "buffer_end/", None)
+        chunk = self._chunk_for(step)
+        return self._buffers_of(chunk, "buffer/", step - chunk.first)
 
     @property
     def data_axis_reason(self) -> str | None:
@@ -251,8 +317,8 @@ class History:
     def record(self, step: int) -> StepRecord:
         """The StepRecord of one step (random access; prefer iter_steps for sweeps)."""
         self._check_step(step)
-        after = self.params(step + 1)
-        return self._make_record(self._chunk_for(step), step, after)
+        after, buffers_after = self.params(step + 1), self.buffers(step + 1)
+        return self._make_record(self._chunk_for(step), step, after, buffers_after)
 
     def iter_steps(self, start: int = 0, stop: int | None = None) -> Iterator[StepRecord]:
         """Yield StepRecords for steps start..stop-1, loading one chunk at a time."""
@@ -266,9 +332,11 @@ class History:
             for step in range(max(start, chunk.first), min(stop, chunk.last + 1)):
                 if step < chunk.last:
                     after = {n: chunk.tensors[f"theta/{n}"][step + 1 - chunk.first] for n in self.param_names}
+                    buffers_after = self._buffers_of(chunk, "buffer/", step + 1 - chunk.first)
                 else:
                     after = {n: chunk.tensors[f"theta_end/{n}"] for n in self.param_names}
-                yield self._make_record(chunk, step, after)
+                    buffers_after = self._buffers_of(chunk, "buffer_end/", None)
+                yield self._make_record(chunk, step, after, buffers_after)
 
     def metrics(self) -> pl.DataFrame:
         """Logged metrics, one row per step that has any, one column per metric name."""
@@ -297,11 +365,25 @@ class History:
                 return self._load(meta)
         raise IndexError(f"step {step} is not in any chunk of {self.path}")
 
-    def _make_record(self, chunk: _Chunk, step: int, after: Params) -> StepRecord:
+    def _buffers_of(self, chunk: _Chunk, prefix: str, index: int | None) -> Params:
+        """The buffers of row ``index`` of a chunk (``None``: its end), the starting values where it stores none."""
+        out = dict(self.initial_buffers())
+        for name in out:
+            stored = chunk.tensors.get(f"{prefix}{name}")
+            if stored is not None:
+                out[name] = stored if index is None else stored[index]
+        return out
+
+    def _make_record(self, chunk: _Chunk, step: int, after: Params, buffers_after: Params) -> StepRecord:
         i = step - chunk.first
         before = {n: chunk.tensors[f"theta/{n}"][i] for n in self.param_names}
         ids, weights = chunk.batches[step]
         adam = "adam_step" in chunk.tensors
+        random = "random" in chunk.tensors and bool(chunk.tensors["random"][i])
+        rng = None
+        if random and "rng_cpu" in chunk.tensors:
+            cuda = chunk.tensors["rng_cuda"][i] if "rng_cuda" in chunk.tensors else None
+            rng = RandomState(chunk.tensors["rng_cpu"][i], cuda)
         return StepRecord(
             step=step,
             params=before,
@@ -315,6 +397,9 @@ class History:
             ),
             active={n: bool(chunk.tensors["active"][i, j]) for j, n in enumerate(self.param_names)},
             clip_scale=float(chunk.tensors["clip_scale"][i]),
+            buffers=self._buffers_of(chunk, "buffer/", i),
+            buffers_after=buffers_after,
+            rng=rng,
         )
 
     def _table(self, meta: dict[str, Any], table: str) -> pl.DataFrame:
@@ -338,9 +423,14 @@ class History:
         file = base.with_name(f"{meta['stem']}.safetensors")
         first, last = meta["first_step"], meta["last_step"]
         tensors = _read(file, "safetensors", load_file)
-        expected = schema.expected_tensors(schema.CHUNK_TENSORS, self.manifest, last - first + 1)
+        expected = self._chunk_layout(meta)
         schema.check_tensor_layout(file, _loaded_layout(tensors), expected)
         schema.check_tensor_values(file, tensors, expected, first_step=first)
+        random = tensors.get("random")
+        if random is not None and bool(random.any()) and "rng_cpu" not in tensors:
+            step = first + int(random.nonzero()[0, 0])
+            raise CorruptRunError(f"{file}: step {step} drew random numbers in its training forward, but the file "
+                                  "lacks the tensor 'rng_cpu' holding the generator state before it")
         batches = self._table(meta, "batches")
         hparams = self._table(meta, "hparams")
         ids = batches["example"]
@@ -452,8 +542,8 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     version = manifest.get("schema_version")
     if not isinstance(version, int) or isinstance(version, bool) or version > SCHEMA_VERSION or version < 1:
         raise SchemaVersionError(
-            f"{file} has schema version {version!r}; this release reads version {SCHEMA_VERSION}. "
+            f"{file} has schema version {version!r}; this release reads versions 1 to {SCHEMA_VERSION}. "
             "Upgrade explaind-studio to open it"
         )
-    schema.check_json(file, manifest, schema.MANIFEST)
+    schema.check_json(file, manifest, schema.MANIFEST, version=version)
     return manifest

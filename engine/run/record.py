@@ -20,6 +20,52 @@ step, which tensors had a gradient, and the effective gradient-clipping scale. S
 buffered one chunk at a time and flushed to ``chunks/`` (safetensors + Parquet), so memory
 does not grow with the number of steps; the manifest is rewritten atomically after every
 chunk, which leaves a crashed recording readable up to its last complete chunk.
+
+State that is not a parameter and randomness (MATH.md §6). Every floating buffer of the
+model is recorded at every step (only the chunks in which a buffer differs from its
+starting value store it), so the engine evaluates the model with the buffers of each step.
+A forward pre-hook on the model notes, for the first forward with gradients enabled in each
+step (the training forward), the random-number state (CPU, and CUDA for a model on a GPU),
+which modules are in evaluation mode, and whether the forward drew random numbers (dropout);
+the engine replays that forward exactly to split the batch gradient into examples.
+
+Before the first step the Recorder rebuilds the model and the data from ``model_spec`` and
+refuses a spec that does not describe the live model (``engine.run.spec.check_live``); a
+second Recorder on an optimizer that already has one is refused too.
+
+Run directory, schema version 2 (version 1 lacks the parts marked v2; it reads as a run
+without buffers whose training forward is unknown)::
+
+    manifest.json               keys below; rewritten atomically after every chunk
+    buffers.safetensors         (v2) b_0: every floating buffer when recording started, by name
+    initial_state.safetensors   optimizer state from before the first step ("<state>/<tensor>")
+    final.safetensors           θ_N and the final floating buffers by name (complete runs)
+    chunks/chunk-<first step, 8 digits>.safetensors
+        theta/<p>      (steps, *shape)  θ_s before each step; theta_end/<p>: θ after the last
+        v/<p>          (steps, *shape)  Adam's second moment after each step (Adam only)
+        adam_step      float64 (steps, tensors); active uint8 (steps, tensors);
+        clip_scale     float64 (steps,)
+        buffer/<b>     (v2, steps, *shape)  b_s for the buffers the chunk lists; buffer_end/<b>
+        random         (v2) uint8 (steps,): 1 where the training forward drew random numbers
+        rng_cpu        (v2) uint8 (steps, 5056): CPU generator state before that forward
+                       (chunks with a random step; zero rows elsewhere)
+        rng_cuda       (v2) uint8 (steps, 16): the same for the model's CUDA device
+    chunks/chunk-<first step>.batches.parquet   step int64, example int64, weight float64
+    chunks/chunk-<first step>.hparams.parquet   step, group and HPARAM_COLUMNS
+    chunks/chunk-<first step>.metrics.parquet   step int64, name str, value float64
+
+Manifest keys: ``format`` (str), ``schema_version`` (int), ``status`` ("recording",
+"complete" or "incomplete"), ``created``, ``torch_version`` (str), ``model`` (the spec,
+dict), ``parameters`` (list of {name str, shape [int], group int}), ``optimizer`` ({class,
+family, data_axis_reason str|null, groups [dict]}), ``data`` ({n_train int, fingerprint
+str}), ``dtype`` (storage dtype, str), ``chunk_steps`` (int), ``chunks`` (list of {stem str,
+first_step int, last_step int, buffers [str] (v2)}), ``steps`` (int), and in v2
+``buffers`` (list of {name str, shape [int]}) and ``training_forward`` (null when unknown, as
+for imported runs, or {dtype str, device str, threads int, eval_modules [str], random bool,
+irregular str|null}: the dtype, device
+and intra-op thread count of the training, the modules in evaluation mode during the
+training forward, whether any training forward drew random numbers, and the first reason
+the training forward cannot be replayed exactly, if any).
 """
 
 from __future__ import annotations
@@ -30,6 +76,7 @@ import os
 import re
 import shutil
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,19 +89,23 @@ from safetensors.torch import save_file
 from engine.errors import BadInputError
 from engine.model.task import data_fingerprint
 from engine.run.schema import CHUNK_STEM, HPARAMS
+from engine.run.spec import check_live, floating_buffers
 
 FORMAT = "explaind-studio-run"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 MAX_CHUNK_STEPS = 256
 
 # Hyper-parameters stored per step and group (declared in engine.run.schema); a missing key is stored as null.
 HPARAM_COLUMNS = tuple(HPARAMS)
 # What a run directory holds; ``--overwrite`` replaces a folder only when it holds nothing else.
-RUN_ENTRIES = ("manifest.json", "chunks", "final.safetensors", "initial_state.safetensors")
+RUN_ENTRIES = ("manifest.json", "chunks", "buffers.safetensors", "final.safetensors", "initial_state.safetensors")
 _RUN_LEFTOVERS = re.compile(r"\.manifest\.json\.tmp-\d+")
 _CHUNK_ENTRIES = re.compile(rf"\.?{CHUNK_STEM}(\.safetensors|\.batches\.parquet|\.hparams\.parquet|"
                             r"\.metrics\.parquet|\.tmp)")
+
+# The Recorder attached to each optimizer: a second one would record every step twice.
+_RECORDING: weakref.WeakKeyDictionary[torch.optim.Optimizer, Recorder] = weakref.WeakKeyDictionary()
 
 
 def optimizer_family(optimizer: torch.optim.Optimizer) -> tuple[str, str | None]:
@@ -159,6 +210,14 @@ def _group_hparams(group: Mapping[str, Any], decoupled_default: bool) -> dict[st
 
 
 @dataclass(frozen=True)
+class RandomState:
+    """The random-number generators' state before a training forward (uint8 tensors as torch returns them)."""
+
+    cpu: torch.Tensor
+    cuda: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
 class StepData:
     """What one optimizer step contributes to the record (θ_s and the state after the step)."""
 
@@ -170,6 +229,8 @@ class StepData:
     clip_scale: float = 1.0
     second_moment: dict[str, torch.Tensor] | None = None   # Adam v_{s+1} (amsgrad: running max)
     adam_step: list[float] | None = None       # Adam step counter after the step, per tensor
+    buffers: dict[str, torch.Tensor] | None = None  # b_s: the floating buffers at θ_s
+    rng: RandomState | None = None             # state before the training forward, if it drew random numbers
 
 
 def _not_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
@@ -183,6 +244,11 @@ def _check_finite(step: int, data: StepData) -> None:
         cause = (f"the update of step {step - 1} made it NaN or Inf (training diverged; lower the learning rate)"
                  if step else "the initial parameters are not finite")
         raise BadInputError(f"step {step}: parameter {bad!r} holds NaN or Inf: {cause}")
+    bad = _not_finite(data.buffers or {})
+    if bad is not None:
+        cause = (f"the training of step {step - 1} made it NaN or Inf (training diverged)"
+                 if step else "the model's buffers are not finite when recording starts")
+        raise BadInputError(f"step {step}: buffer {bad!r} holds NaN or Inf: {cause}")
     for group, row in enumerate(data.hparams):
         for key, value in row.items():
             if isinstance(value, float) and not math.isfinite(value):
@@ -199,8 +265,8 @@ class RunWriter:
     """Writes a run directory step by step, one chunk of steps in memory at a time.
 
     The Recorder feeds it from hooks; importers of other formats feed it directly. A chunk is
-    flushed when full, once the parameters that end its last step (the next step's θ) are
-    known; the manifest is rewritten atomically after each flush.
+    flushed when full, once the parameters (and buffers) that end its last step (the next
+    step's θ) are known; the manifest is rewritten atomically after each flush.
     """
 
     def __init__(
@@ -215,6 +281,8 @@ class RunWriter:
         dtype: torch.dtype = torch.float32,
         chunk_steps: int | None = None,
         overwrite: bool = False,
+        buffers: Mapping[str, torch.Tensor] | None = None,
+        training_forward: Mapping[str, Any] | None = None,
     ) -> None:
         self.out_dir = Path(out_dir)
         check_run_target(self.out_dir, overwrite)
@@ -222,6 +290,7 @@ class RunWriter:
             raise BadInputError(f"storage dtype must be float32 or float64, got {dtype}")
         self.dtype = dtype
         self.names = list(parameters)
+        self.initial_buffers = {n: b.detach().to("cpu", dtype, copy=True) for n, b in (buffers or {}).items()}
         numel = sum(math.prod(shape) for shape, _ in parameters.values())
         per_step = numel * (2 if optimizer.get("family") == "adam" else 1) * torch.finfo(dtype).bits // 8
         self.chunk_steps = chunk_steps or max(1, min(MAX_CHUNK_STEPS, DEFAULT_CHUNK_BYTES // max(per_step, 1)))
@@ -248,11 +317,21 @@ class RunWriter:
             "chunk_steps": self.chunk_steps,
             "chunks": [],
             "steps": 0,
+            "buffers": [{"name": n, "shape": list(b.shape)} for n, b in self.initial_buffers.items()],
+            "training_forward": None if training_forward is None else {
+                "random": False, "irregular": None, **training_forward},
         }
+        if self.initial_buffers:
+            save_tensors(self.initial_buffers, self.out_dir / "buffers.safetensors")
         self._write_manifest()
 
     def set_data_axis_reason(self, reason: str | None) -> None:
         self.manifest["optimizer"]["data_axis_reason"] = reason
+
+    def note_irregular(self, reason: str) -> None:
+        """Keep the first reason why a training forward cannot be replayed exactly."""
+        if self.manifest["training_forward"] is not None and self.manifest["training_forward"]["irregular"] is None:
+            self.manifest["training_forward"]["irregular"] = reason
 
     def save_initial_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Optimizer state that existed before the first recorded step (keys ``"<state>/<tensor>"``)."""
@@ -261,35 +340,41 @@ class RunWriter:
                          self.out_dir / "initial_state.safetensors")
 
     def add_step(self, data: StepData) -> None:
-        """Buffer one step; refuses non-finite parameters or hyper-parameters (training diverged)."""
+        """Buffer one step; refuses non-finite parameters, buffers or hyper-parameters (training diverged)."""
         _check_finite(self.steps, data)
         if len(self._buffer) == self.chunk_steps:
-            self._flush(data.theta)
+            self._flush(data.theta, data.buffers)
         self._buffer.append(data)
         self.steps += 1
+        if data.rng is not None and self.manifest["training_forward"] is not None:
+            self.manifest["training_forward"]["random"] = True
 
     def log(self, step: int, **metrics: float) -> None:
         for name, value in metrics.items():
             self._metrics.append({"step": int(step), "name": name, "value": float(value)})
 
-    def finish(self, theta_end: Mapping[str, torch.Tensor], status: str) -> Path:
-        """Flush the last chunk (ending at ``theta_end``) and mark the run ``status``.
+    def finish(self, theta_end: Mapping[str, torch.Tensor], status: str,
+               buffers_end: Mapping[str, torch.Tensor] | None = None) -> Path:
+        """Flush the last chunk (ending at ``theta_end`` and ``buffers_end``) and mark the run ``status``.
 
-        When ``theta_end`` is not finite the last step diverged: the record ends before it, the
+        When ``theta_end`` or ``buffers_end`` is not finite the last step diverged: the record ends before it, the
         run is marked incomplete, and (for a run meant to be complete) BadInputError says so.
         """
-        diverged = _not_finite(theta_end)
+        diverged = _not_finite({**theta_end, **(buffers_end or {})})
         if diverged is not None and self._buffer:
-            theta_end = self._buffer.pop().theta
+            last = self._buffer.pop()
+            theta_end, buffers_end = last.theta, last.buffers
             self.steps -= 1
-        self._flush(theta_end)
+        self._flush(theta_end, buffers_end)
         if status == "complete" and diverged is None:
-            save_tensors({n: theta_end[n].to("cpu", self.dtype) for n in self.names},
-                         self.out_dir / "final.safetensors")
+            final = {n: theta_end[n].to("cpu", self.dtype) for n in self.names}
+            final.update({n: b.to("cpu", self.dtype) for n, b in (buffers_end or {}).items()})
+            save_tensors(final, self.out_dir / "final.safetensors")
         self.manifest["status"] = status if diverged is None else "incomplete"
         self._write_manifest()
         if diverged is not None and status == "complete":
-            raise BadInputError(f"step {self.steps}: the update made parameter {diverged!r} NaN or Inf (training "
+            what = "parameter" if diverged in self.names else "buffer"
+            raise BadInputError(f"step {self.steps}: the update made {what} {diverged!r} NaN or Inf (training "
                                 f"diverged; lower the learning rate). {self.out_dir} keeps steps 0..{self.steps - 1} "
                                 "and is marked incomplete")
         return self.out_dir
@@ -297,7 +382,17 @@ class RunWriter:
     def _write_manifest(self) -> None:
         write_json_atomic(self.out_dir / "manifest.json", self.manifest)
 
-    def _flush(self, theta_end: Mapping[str, torch.Tensor]) -> None:
+    def _changed_buffers(self, steps: list[StepData], end: Mapping[str, torch.Tensor] | None) -> list[str]:
+        """The buffers that differ from their starting value at some step of the chunk or at its end."""
+        def differs(name: str, value: torch.Tensor) -> bool:
+            start = self.initial_buffers[name]
+            return value is not start and not torch.equal(value.to("cpu", self.dtype), start)
+
+        return [n for n in self.initial_buffers
+                if any(d.buffers is not None and differs(n, d.buffers[n]) for d in steps)
+                or (end is not None and differs(n, end[n]))]
+
+    def _flush(self, theta_end: Mapping[str, torch.Tensor], buffers_end: Mapping[str, torch.Tensor] | None) -> None:
         count = len(self._buffer)
         if count == 0:
             return
@@ -311,8 +406,22 @@ class RunWriter:
             tensors[f"theta_end/{n}"] = theta_end[n].to("cpu", self.dtype, copy=True)
             if steps[0].second_moment is not None:
                 tensors[f"v/{n}"] = torch.stack([d.second_moment[n] for d in steps]).to(self.dtype)
+        changed = self._changed_buffers(steps, buffers_end)
+        for n in changed:
+            tensors[f"buffer/{n}"] = torch.stack([d.buffers[n] for d in steps]).to(self.dtype)
+            tensors[f"buffer_end/{n}"] = buffers_end[n].to("cpu", self.dtype, copy=True)
         tensors["active"] = torch.tensor([d.active for d in steps], dtype=torch.uint8).reshape(count, len(self.names))
         tensors["clip_scale"] = torch.tensor([d.clip_scale for d in steps], dtype=torch.float64)
+        tensors["random"] = torch.tensor([d.rng is not None for d in steps], dtype=torch.uint8)
+        random = [d.rng for d in steps if d.rng is not None]
+        for device, width in (("cpu", random[0].cpu.numel() if random else 0),
+                              ("cuda", random[0].cuda.numel() if random and random[0].cuda is not None else 0)):
+            if width:
+                rows = torch.zeros(count, width, dtype=torch.uint8)
+                for i, d in enumerate(steps):
+                    if d.rng is not None:
+                        rows[i] = getattr(d.rng, device)
+                tensors[f"rng_{device}"] = rows
         if steps[0].adam_step is not None:
             tensors["adam_step"] = torch.tensor([d.adam_step for d in steps], dtype=torch.float64)
         chunks = self.out_dir / "chunks"
@@ -332,12 +441,25 @@ class RunWriter:
         pl.DataFrame(self._metrics, schema={"step": pl.Int64, "name": pl.Utf8, "value": pl.Float64}).write_parquet(
             chunks / f"{stem}.metrics.parquet")
 
-        self._chunks.append({"stem": stem, "first_step": first, "last_step": last})
+        self._chunks.append({"stem": stem, "first_step": first, "last_step": last, "buffers": changed})
         self.manifest["chunks"] = self._chunks
         self.manifest["steps"] = last + 1
         self._write_manifest()
         self._buffer = []
         self._metrics = []
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The input of a forward call: its first tensor argument (positional, else keyword)."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value
+    return None
+
+
+def _eval_modules(model: torch.nn.Module) -> list[str]:
+    """Names of the modules in evaluation mode ("" is the model itself)."""
+    return [name for name, module in model.named_modules() if not module.training]
 
 
 class Recorder:
@@ -349,9 +471,12 @@ class Recorder:
         out_dir: the run directory to create; it must not exist or be empty.
         model_spec: how to rebuild the model and data: ``{"task": name, "config": {...}}`` or
             ``{"model": "pkg.mod:Class", "model_kwargs": {...}, "data": "pkg.mod:func", ...}``.
+            It is rebuilt and checked against ``model`` and ``train_data`` before anything is
+            written (``engine.run.spec.check_live``).
         train_data: ``(inputs, labels)`` of the whole training set, fingerprinted and sized;
-            batch ids index it.
-        dtype: storage dtype of parameters and optimizer state (float32 by default).
+            batch ids index it, and the training forward is expected to run on
+            ``inputs[ids]`` in the order of the ids given to ``batch``.
+        dtype: storage dtype of parameters, buffers and optimizer state (float32 by default).
         chunk_steps: steps per chunk file; by default as many as fit in 64 MiB (at most 256).
         overwrite: replace an existing non-empty run directory.
     """
@@ -368,6 +493,12 @@ class Recorder:
         chunk_steps: int | None = None,
         overwrite: bool = False,
     ) -> None:
+        other = _RECORDING.get(optimizer)
+        if other is not None:
+            raise BadInputError(
+                f"this optimizer already has a Recorder writing {other.out_dir} (at step {other.step}); "
+                "close that one first (rec.close() or leave its with-block): two would record every step twice"
+            )
         self.optimizer = optimizer
         self.dtype = dtype
         self.family, reason = optimizer_family(optimizer)
@@ -394,6 +525,12 @@ class Recorder:
         self.n_train = int(labels.shape[0])
         if int(inputs.shape[0]) != self.n_train:
             raise BadInputError(f"train_data inputs have {inputs.shape[0]} rows but labels have {self.n_train}")
+        check_live(model, model_spec, inputs, labels)
+        self._model = model
+        self._inputs = inputs
+        self._buffers = floating_buffers(model)
+        reference = self._params[self.names[0]] if self.names else None
+        self._device = reference.device if reference is not None else torch.device("cpu")
         self._decoupled_default = isinstance(optimizer, torch.optim.AdamW)
         self.writer = RunWriter(
             out_dir,
@@ -410,6 +547,13 @@ class Recorder:
             dtype=dtype,
             chunk_steps=chunk_steps,
             overwrite=overwrite,
+            buffers=self._buffers,
+            training_forward={
+                "dtype": str(reference.dtype if reference is not None else dtype).removeprefix("torch."),
+                "device": self._device.type,
+                "threads": torch.get_num_threads(),
+                "eval_modules": _eval_modules(model),
+            },
         )
         self.writer.save_initial_state({
             f"{key}/{n}": value
@@ -417,16 +561,23 @@ class Recorder:
             for key, value in optimizer.state.get(self._params[n], {}).items()
             if isinstance(value, torch.Tensor) and value.shape == self._params[n].shape
         })
+        self._buffers_now = self.writer.initial_buffers  # b_s of the coming step
         self._pending_batch: tuple[torch.Tensor, torch.Tensor] | None = None
         self._in_step: dict[str, Any] | None = None
         self._raw_sq_norm: dict[str, float] = {}
+        self._forward: dict[str, Any] | None = None  # the coming step's training forward
+        self._forwards = 0                           # forwards with gradients enabled in the coming step
+        self._modes_seen = False
         self._closed = False
         self._handles = [
             optimizer.register_step_pre_hook(self._before_step),
             optimizer.register_step_post_hook(self._after_step),
+            model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+            model.register_forward_hook(self._after_forward),
         ]
         for name, p in self._params.items():
             self._handles.append(p.register_post_accumulate_grad_hook(self._grad_hook(name)))
+        _RECORDING[optimizer] = self
 
     @property
     def out_dir(self) -> Path:
@@ -444,6 +595,7 @@ class Recorder:
 
         ``weights`` are the per-example factors of the loss (``w_{s,k}`` in MATH.md); when
         omitted they are ``1/|B|`` for ``reduction="mean"`` and 1 for ``reduction="sum"``.
+        The ids are in the order of the rows of the batch the training forward ran on.
         """
         ids_t = torch.as_tensor(ids, dtype=torch.int64).flatten().cpu()
         if ids_t.numel() == 0:
@@ -490,6 +642,35 @@ class Recorder:
             self._raw_sq_norm[name] = float(p.grad.detach().double().pow(2).sum())
         return hook
 
+    def _before_forward(self, module, args, kwargs) -> None:
+        """The first forward with gradients enabled in a step is its training forward: note its state."""
+        if self._closed or not torch.is_grad_enabled():
+            return
+        self._forwards += 1
+        if self._forwards > 1:
+            return
+        cuda = torch.cuda.get_rng_state(self._device) if self._device.type == "cuda" else None
+        self._forward = {"rng": RandomState(torch.get_rng_state(), cuda), "input": _first_tensor(args, kwargs),
+                         "random": False, "done": False}
+        modes = _eval_modules(module)
+        if not self._modes_seen:
+            self.writer.manifest["training_forward"]["eval_modules"] = modes
+            self._modes_seen = True
+        elif modes != self.writer.manifest["training_forward"]["eval_modules"]:
+            self.writer.note_irregular(
+                f"at step {self.step} the modules in evaluation mode during the training forward changed "
+                f"(now {modes[:5]}); the replay uses those of the first step"
+            )
+
+    def _after_forward(self, module, args, output) -> None:
+        forward = self._forward
+        if forward is None or forward["done"]:
+            return
+        forward["done"] = True
+        rng = forward["rng"]
+        forward["random"] = not torch.equal(rng.cpu, torch.get_rng_state()) or (
+            rng.cuda is not None and not torch.equal(rng.cuda, torch.cuda.get_rng_state(self._device)))
+
     def _before_step(self, optimizer, args, kwargs) -> None:
         if self._closed:
             return
@@ -505,7 +686,39 @@ class Recorder:
             "batch_weights": weights,
             "active": [self._params[n].grad is not None for n in self.names],
             "clip_scale": self._clip_scale(),
+            "buffers": self._buffers_now,
+            "rng": self._training_forward(ids),
         }
+
+    def _training_forward(self, ids: torch.Tensor) -> RandomState | None:
+        """The random state of this step's training forward if it drew random numbers; notes what the
+        replay of the forward cannot reproduce."""
+        forward, count = self._forward, self._forwards
+        self._forward, self._forwards = None, 0
+        if forward is None:
+            self.writer.note_irregular(
+                f"at step {self.step} no forward of the model with gradients enabled was seen before "
+                "optimizer.step(); the replay cannot restore that forward's random state"
+            )
+            return None
+        if count > 1:
+            self.writer.note_irregular(
+                f"step {self.step} ran {count} forwards of the model with gradients enabled (gradient "
+                "accumulation?); the replay runs one forward over the step's declared batch"
+            )
+        given = forward["input"]
+        if given is not None and not self._rows_match(given, ids):
+            self.writer.note_irregular(
+                f"at step {self.step} the training forward's input is not train_data inputs[ids] row by row; "
+                "the replay needs rec.batch(ids) in the order of the batch's rows"
+            )
+        return forward["rng"] if forward["random"] else None
+
+    def _rows_match(self, given: torch.Tensor, ids: torch.Tensor) -> bool:
+        rows = self._inputs[ids]
+        if tuple(given.shape) != tuple(rows.shape) or given.is_floating_point() != rows.is_floating_point():
+            return False
+        return torch.equal(given.detach().cpu(), rows.to(given.dtype))
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         if self._closed or self._in_step is None:
@@ -528,10 +741,20 @@ class Recorder:
                                       adam_step=adam_step))
         self._in_step = None
         self._raw_sq_norm = {}
+        self._buffers_now = self._snapshot_buffers()
 
     # ----------------------------------------------------------------- internals
     def _snapshot(self) -> dict[str, torch.Tensor]:
         return {n: self._params[n].detach().to("cpu", self.dtype, copy=True) for n in self.names}
+
+    def _snapshot_buffers(self) -> dict[str, torch.Tensor]:
+        """The floating buffers now; a buffer equal to its previous snapshot keeps that tensor."""
+        out = {}
+        for n, live in self._buffers.items():
+            now = live.detach().to("cpu", self.dtype)
+            previous = self._buffers_now[n]
+            out[n] = previous if torch.equal(now, previous) else now.clone()
+        return out
 
     def _clip_scale(self) -> float:
         """Ratio of the gradient the optimizer sees to the one backward produced (1.0 if untouched).
@@ -559,10 +782,12 @@ class Recorder:
             return self.out_dir
         for handle in self._handles:
             handle.remove()
+        if _RECORDING.get(self.optimizer) is self:
+            del _RECORDING[self.optimizer]
         if self._in_step is not None:
             # interrupted inside optimizer.step(): that step never completed, so it ends the record
-            end, status = self._in_step["theta"], "incomplete"
+            end, buffers, status = self._in_step["theta"], self._in_step["buffers"], "incomplete"
         else:
-            end = self._snapshot()
+            end, buffers = self._snapshot(), self._snapshot_buffers()
         self._closed = True
-        return self.writer.finish(end, status)
+        return self.writer.finish(end, status, buffers)

@@ -6,6 +6,13 @@ it; a file that does not match raises ``CorruptRunError`` naming the file, the f
 was expected, so no reader ever meets a missing key, a wrong type or a value out of range. A
 new manifest key, chunk tensor or Parquet column is one entry here. Keys, tensors and columns
 that are not declared are ignored by readers.
+
+Schema version 2 added the model's floating buffers (``buffers.safetensors``, the manifest's
+``buffers`` and each chunk's ``buffers`` list, the chunk tensors ``buffer/<b>`` and
+``buffer_end/<b>``, the final buffers in ``final.safetensors``), the training forward
+(``training_forward``) and its random states (``random``, ``rng_cpu``, ``rng_cuda``). A key or
+tensor declared ``since=2`` is required in a version-2 run and may be absent from a version-1
+run, which reads as a run without buffers whose training forward is unknown.
 """
 
 from __future__ import annotations
@@ -99,10 +106,15 @@ def _kind(value: Any) -> str:
 
 @dataclass(frozen=True)
 class Key:
-    """One key of a JSON object: what its value is and whether it must be present."""
+    """One key of a JSON object: what its value is and whether it must be present.
+
+    A required key with ``since`` > 1 is required from that schema version on and may be
+    absent from earlier versions.
+    """
 
     spec: Spec
     required: bool = True
+    since: int = 1
 
 
 @dataclass(frozen=True)
@@ -116,6 +128,16 @@ class Record:
 
 
 @dataclass(frozen=True)
+class OrNull:
+    """null or a value that fits ``spec`` (a record or list that may be unknown)."""
+
+    spec: Spec
+
+    def describe(self) -> str:
+        return f"null or {self.spec.describe()}"
+
+
+@dataclass(frozen=True)
 class ListOf:
     """A JSON list whose items all fit ``item``."""
 
@@ -126,7 +148,7 @@ class ListOf:
         return f"a list of at least {self.min_length} item(s)" if self.min_length else "a list"
 
 
-Spec = Value | Record | ListOf
+Spec = Value | Record | ListOf | OrNull
 
 STR = Value(("str",))
 COUNT = Value(("int",), minimum=0)
@@ -177,30 +199,47 @@ MANIFEST = Record({
         "stem": Key(Value(("str",), pattern=CHUNK_STEM)),
         "first_step": Key(COUNT),
         "last_step": Key(COUNT),
+        "buffers": Key(ListOf(STR), since=2),      # the buffers that differ from b_0 in the chunk
     }))),
     "steps": Key(COUNT),
+    "buffers": Key(ListOf(Record({                  # every floating buffer of the model
+        "name": Key(STR),
+        "shape": Key(ListOf(COUNT)),
+    })), since=2),
+    "training_forward": Key(OrNull(Record({         # null: unknown (imported runs)
+        "dtype": Key(Value(("str",), choices=("float16", "bfloat16", "float32", "float64"))),
+        "device": Key(STR),
+        "threads": Key(Value(("int",), minimum=1)),
+        "eval_modules": Key(ListOf(STR)),
+        "random": Key(Value(("bool",))),
+        "irregular": Key(Value(("str", "null"))),
+    })), since=2),
     "import": Key(Value(("dict",)), required=False),   # written by importers: where the run came from
 })
 
 
-def check_json(file: Any, value: Any, spec: Spec, path: str = "") -> None:
-    """Raise CorruptRunError naming ``file`` and the key path unless ``value`` fits ``spec``."""
+def check_json(file: Any, value: Any, spec: Spec, path: str = "", version: int = 1) -> None:
+    """Raise CorruptRunError naming ``file`` and the key path unless ``value`` fits ``spec``
+    (keys required ``since`` a later schema version than ``version`` may be absent)."""
     where = path or "the top level"
-    if isinstance(spec, Record):
+    if isinstance(spec, OrNull):
+        if value is not None:
+            check_json(file, value, spec.spec, path, version)
+    elif isinstance(spec, Record):
         if not isinstance(value, dict):
             raise CorruptRunError(f"{file}: {where} is {_shown(value)}; expected {spec.describe()}")
         for name, key in spec.keys.items():
             inner = f"{path}.{name}" if path else name
             if name not in value:
-                if key.required:
+                if key.required and version >= key.since:
                     raise CorruptRunError(f"{file} lacks the key {inner!r} ({key.spec.describe()})")
                 continue
-            check_json(file, value[name], key.spec, inner)
+            check_json(file, value[name], key.spec, inner, version)
     elif isinstance(spec, ListOf):
         if not isinstance(value, list) or len(value) < spec.min_length:
             raise CorruptRunError(f"{file}: {where} is {_shown(value)}; expected {spec.describe()}")
         for i, item in enumerate(value):
-            check_json(file, item, spec.item, f"{path}[{i}]")
+            check_json(file, item, spec.item, f"{path}[{i}]", version)
     else:
         problem = spec.problem(value)
         if problem is not None:
@@ -218,7 +257,7 @@ def declared(path: tuple[str | int, ...], spec: Spec = MANIFEST) -> Key | None:
     for part in path:
         if key is None:
             return None
-        inner = key.spec
+        inner = key.spec.spec if isinstance(key.spec, OrNull) else key.spec
         if isinstance(inner, Record) and isinstance(part, str):
             key = inner.keys.get(part)
         elif isinstance(inner, ListOf) and isinstance(part, int):
@@ -233,9 +272,13 @@ def declared(path: tuple[str | int, ...], spec: Spec = MANIFEST) -> Key | None:
 class TensorRule:
     """Tensors of a safetensors file.
 
-    ``name`` with ``{tensor}`` stands for one tensor per recorded parameter tensor. ``dtype`` is
-    ``"run"`` (the manifest's storage dtype) or a torch dtype name. ``shape`` lists ``steps``
-    (steps in the chunk), ``tensors`` (recorded tensors) and ``shape`` (the tensor's own shape).
+    ``name`` with ``{tensor}`` stands for one tensor per recorded parameter tensor, with
+    ``{buffer}`` for one per recorded buffer (of the file: every buffer of the model, or those
+    a chunk lists). ``dtype`` is ``"run"`` (the manifest's storage dtype) or a torch dtype name.
+    ``shape`` lists ``steps`` (steps in the chunk), ``tensors`` (recorded tensors), ``shape``
+    (the tensor's or buffer's own shape) and ``rng_cpu``/``rng_cuda`` (the length of a
+    generator state). A rule applies from schema version ``since``; one that is not
+    ``required`` names a tensor a file may lack (it is checked where present).
     """
 
     name: str
@@ -244,6 +287,8 @@ class TensorRule:
     families: tuple[str, ...] = FAMILIES
     minimum: float | None = None
     maximum: float | None = None     # inclusive
+    since: int = 1
+    required: bool = True
 
 
 CHUNK_TENSORS = (
@@ -253,8 +298,18 @@ CHUNK_TENSORS = (
     TensorRule("active", "uint8", ("steps", "tensors"), minimum=0, maximum=1),   # had a gradient
     TensorRule("clip_scale", "float64", ("steps",), minimum=0.0),          # global gradient scale
     TensorRule("adam_step", "float64", ("steps", "tensors"), ("adam",), minimum=0.0),  # Adam's step count
+    TensorRule("buffer/{buffer}", "run", ("steps", "shape"), since=2),     # b_s of the buffers the chunk lists
+    TensorRule("buffer_end/{buffer}", "run", ("shape",), since=2),         # their values after the last step
+    TensorRule("random", "uint8", ("steps",), minimum=0, maximum=1, since=2),  # the training forward drew
+    TensorRule("rng_cpu", "uint8", ("steps", "rng_cpu"), since=2, required=False),  # CPU generator state
+    TensorRule("rng_cuda", "uint8", ("steps", "rng_cuda"), since=2, required=False),  # CUDA generator state
 )
-FINAL_TENSORS = (TensorRule("{tensor}", "run", ("shape",)),)               # θ_N of a complete run
+FINAL_TENSORS = (
+    TensorRule("{tensor}", "run", ("shape",)),                             # θ_N of a complete run
+    TensorRule("{buffer}", "run", ("shape",), since=2),                    # the buffers at θ_N
+)
+BUFFER_TENSORS = (TensorRule("{buffer}", "run", ("shape",), since=2),)     # b_0, in buffers.safetensors
+CUDA_STATE_BYTES = 16   # torch's CUDA generator state: seed and offset
 
 
 @dataclass(frozen=True)
@@ -265,20 +320,37 @@ class TensorSpec:
     rule: TensorRule
 
 
-def expected_tensors(rules: tuple[TensorRule, ...], manifest: dict, steps: int = 0) -> dict[str, TensorSpec]:
-    """The tensors a file holds by ``rules`` for a (checked) manifest and a chunk of ``steps`` steps."""
+def expected_tensors(rules: tuple[TensorRule, ...], manifest: dict, steps: int = 0,
+                     buffers: list[str] | None = None) -> dict[str, TensorSpec]:
+    """The tensors a file holds by ``rules`` for a (checked) manifest and a chunk of ``steps`` steps.
+
+    ``{buffer}`` rules stand for ``buffers`` (default: every buffer the manifest lists); a
+    name that the manifest does not list raises CorruptRunError.
+    """
     params = manifest["parameters"]
     family = manifest["optimizer"]["family"]
+    version = manifest["schema_version"]
+    buffer_shapes = {b["name"]: b["shape"] for b in manifest.get("buffers", [])}
+    for name in buffers or ():
+        if name not in buffer_shapes:
+            raise CorruptRunError(f"manifest.json: a chunk lists the buffer {name!r}, which the manifest's "
+                                  f"'buffers' do not ({', '.join(buffer_shapes) or 'none'})")
+    entries = {
+        "{tensor}": [(p["name"], p["shape"]) for p in params],
+        "{buffer}": [(n, buffer_shapes[n]) for n in (buffer_shapes if buffers is None else buffers)],
+    }
     out: dict[str, TensorSpec] = {}
     for rule in rules:
-        if family not in rule.families:
+        if family not in rule.families or version < rule.since:
             continue
         dtype = getattr(torch, manifest["dtype"] if rule.dtype == "run" else rule.dtype)
-        for p in params if "{tensor}" in rule.name else [None]:
-            sizes = {"steps": (steps,), "tensors": (len(params),), "shape": tuple(p["shape"]) if p else ()}
+        placeholder = next((p for p in entries if p in rule.name), None)
+        for name, own in entries[placeholder] if placeholder else [(rule.name, ())]:
+            sizes = {"steps": (steps,), "tensors": (len(params),), "shape": tuple(own),
+                     "rng_cpu": (torch.get_rng_state().numel(),), "rng_cuda": (CUDA_STATE_BYTES,)}
             shape = tuple(d for axis in rule.shape for d in sizes[axis])
-            name = rule.name.format(tensor=p["name"]) if p else rule.name
-            out[name] = TensorSpec(dtype, shape, rule.shape[0] == "steps", rule)
+            full = rule.name.replace(placeholder, name) if placeholder else name
+            out[full] = TensorSpec(dtype, shape, rule.shape[0] == "steps", rule)
     return out
 
 
@@ -286,6 +358,8 @@ def check_tensor_layout(file: Any, found: dict[str, tuple[str, tuple[int, ...]]]
                         expected: dict[str, TensorSpec]) -> None:
     """Names, dtypes (by name: ``float32``) and shapes of a safetensors file against ``expected``."""
     for name, spec in expected.items():
+        if name not in found and not spec.rule.required:
+            continue
         if name not in found:
             raise CorruptRunError(f"{file} lacks the tensor {name!r} ({_dtype(spec.dtype)} of shape {spec.shape})")
         dtype, shape = found[name]
@@ -300,6 +374,8 @@ def check_tensor_values(file: Any, tensors: dict[str, torch.Tensor], expected: d
                         first_step: int = 0) -> None:
     """Finite values within each rule's range; the message names the step of the first bad value."""
     for name, spec in expected.items():
+        if name not in tensors and not spec.rule.required:
+            continue
         value = tensors[name]
         rule = spec.rule
         bad = ~torch.isfinite(value) if value.is_floating_point() else torch.zeros_like(value, dtype=torch.bool)

@@ -28,12 +28,14 @@ from engine.store.schema import (
     _LEVEL_COLUMNS,
     _MAGIC,
     ALL_TESTS,
+    COLUMN_SINCE,
     DEFAULT_THREADS,
     LEVELS,
     MEASURES,
     PART_ALL,
     PART_CORRECT,
     PART_INCORRECT,
+    READABLE_VERSIONS,
     REGULARIZER,
     REQUIRED_TABLES,
     SCHEMA_VERSION,
@@ -197,21 +199,23 @@ class RunDB:
         self._check_columns(("schema_version",))
         versions = self._rows("SELECT version FROM schema_version")
         found = versions[0][0] if len(versions) == 1 else None
-        if found != SCHEMA_VERSION:
+        if found not in READABLE_VERSIONS:
             shown = found if found is not None else f"{len(versions)} version rows"
             raise StoreSchemaError(
-                f"{self.path} has run database schema version {shown}; this release reads version "
-                f"{SCHEMA_VERSION}. Use a matching ExPLAIND Studio or re-create it with `python -m engine explain`"
+                f"{self.path} has run database schema version {shown}; this release reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}. Use a matching ExPLAIND Studio or re-create it with "
+                "`python -m engine explain`"
             )
         missing = [t for t in REQUIRED_TABLES if t not in tables]
         if missing:
             raise StoreSchemaError(f"{self.path} lacks tables {missing} of run database schema {SCHEMA_VERSION}; "
                                    "re-create it with `python -m engine explain`")
-        self._check_columns(REQUIRED_TABLES)
+        self._check_columns(REQUIRED_TABLES, found)
         return found
 
-    def _check_columns(self, tables: tuple[str, ...]) -> None:
-        """Each of ``tables`` has the columns and types of the schema (extra columns are ignored)."""
+    def _check_columns(self, tables: tuple[str, ...], version: int = SCHEMA_VERSION) -> None:
+        """Each of ``tables`` has the columns and types of the schema (extra columns are ignored; a
+        column added after ``version`` may be absent)."""
         found: dict[str, dict[str, str]] = {}
         for table, column, kind in self._rows(
                 "SELECT table_name, column_name, data_type FROM duckdb_columns() WHERE database_name = $db",
@@ -220,6 +224,8 @@ class RunDB:
         for table in tables:
             for column, kind in table_columns()[table]:
                 have = found.get(table, {}).get(column)
+                if have is None and COLUMN_SINCE.get((table, column), 1) > version:
+                    continue
                 if have != kind:
                     state = "lacks the column" if have is None else f"has the column {table}.{column} as {have}, not"
                     what = f"{table}.{column} ({kind})" if have is None else kind
@@ -294,9 +300,12 @@ class RunDB:
                            "WHERE view = $view ORDER BY step_lo", {"view": view})
 
     def importance(self, tensor: str | None = None) -> pl.DataFrame:
-        """tensor, index, importance, magnitude (of one tensor, or all in model order)."""
+        """tensor, index, importance, gradient, decay, balance, taylor, magnitude (of one tensor, or all in
+        model order); the scores a version-1 file lacks read null."""
         where, params = ("WHERE g.tensor = $tensor", {"tensor": str(tensor)}) if tensor is not None else ("", {})
-        return self._frame(f"""SELECT g.tensor, i."index", i.importance, i.magnitude
+        scores = ("i.gradient, i.decay, i.balance, i.taylor" if self.schema_version >= 2 else
+                  "NULL::DOUBLE AS gradient, NULL::DOUBLE AS decay, NULL::DOUBLE AS balance, NULL::DOUBLE AS taylor")
+        return self._frame(f"""SELECT g.tensor, i."index", i.importance, {scores}, i.magnitude
                                FROM importance i JOIN groups g USING (tensor_id) {where}
                                ORDER BY i.tensor_id, i."index" """, params)
 
@@ -496,6 +505,16 @@ def _last_value(frame: pl.DataFrame, column: str) -> float | None:
     return float(values[-1]) if len(values) else None
 
 
+def _series_info(meta: dict) -> dict:
+    """What a run explaining a checkpoint series adds: the checkpoints' steps, the worst residual of
+    one interval and input, and why there is no data view."""
+    if meta.get("kind") != "checkpoints":
+        return {}
+    return {"checkpoints": [c.get("step") for c in meta.get("checkpoints") or []],
+            "max_rel_residual_interval": meta.get("max_rel_residual_interval"),
+            "data_axis_reason": meta.get("data_axis_reason")}
+
+
 def info(db_path: str | os.PathLike) -> dict:
     """JSON-serialisable summary of a run database (for ``python -m engine info PATH --json``)."""
     with RunDB.open(db_path) as db:
@@ -503,8 +522,11 @@ def info(db_path: str | os.PathLike) -> dict:
         steps = db.steps()
         views = db.views()
         residuals = db.max_residuals()
+        series = _series_info(db.meta())
         return {
             "path": str(db.path),
+            "kind": "checkpoints" if series else "recording",
+            **series,
             "task": meta.task,
             "steps": meta.steps,
             "final_train_acc": _last_value(steps, "train_acc"),
@@ -514,7 +536,12 @@ def info(db_path: str | os.PathLike) -> dict:
             "max_rel_residual": residuals["max_rel_residual"],
             "max_rel_residual_output": residuals["max_rel_residual_output"],
             "max_abs_residual": residuals["max_abs_residual"],
+            "max_rel_split_residual": db.meta().get("max_rel_split_residual"),
+            "split_residual_cause": db.meta().get("split_residual_cause"),
+            "data_split": db.meta().get("data_split"),
+            "buffer_groups": db.meta().get("buffer_groups", []),
             "quantity": meta.quantity,
             "quadrature": meta.quadrature,
             "schema_version": meta.schema_version,
+            "notes": list(db.meta().get("notes") or []),
         }

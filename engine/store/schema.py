@@ -4,7 +4,7 @@ One DuckDB file holds one explained run. ``engine.store`` is the only package th
 SQL: the schema here, bulk writes and atomic publish in ``writer``, the dashboard's read
 queries (polars frames back) in ``reader``.
 
-Schema (version 1). Names are stored once (``groups``, ENUM types); the large tables carry
+Schema (version 2). Names are stored once (``groups``, ENUM types); the large tables carry
 integer keys. Rows are inserted sorted by the columns queries filter on, so DuckDB's zone
 maps skip row groups. Test examples fall into *parts*: 0 = all tests, 1 = correctly and
 2 = incorrectly predicted, 3 = without a prediction, 4… = one per (label, correct), in label
@@ -16,16 +16,16 @@ sorted by test and serve single examples.
 |---|---|---|---|
 | schema_version | file | version INTEGER, created_by VARCHAR | — |
 | meta | metadata key | key VARCHAR, value JSON | key |
-| steps | training step | step BIGINT, lr, weight_decay, train_loss, val_loss, train_acc, val_acc, update_norm, param_norm, loss_change DOUBLE | step |
+| steps | training step (of a checkpoint series: each checkpoint and logged step; null where unknown) | step BIGINT, lr, weight_decay, train_loss, val_loss, train_acc, val_acc, update_norm, param_norm, loss_change DOUBLE | step |
 | groups | parameter tensor (hierarchy tensor → module → layer) | tensor_id INTEGER, tensor VARCHAR, module_id INTEGER, module VARCHAR, layer_id INTEGER, layer VARCHAR, size BIGINT, position INTEGER | tensor_id (= model order) |
-| examples | train or test example | split ENUM(train, test), example INTEGER, label INTEGER, text VARCHAR, predicted INTEGER, correct BOOLEAN, part INTEGER (test: its (label, correct) part) | split, example |
+| examples | train or test example | split ENUM(train, test), example INTEGER, label INTEGER (null for floating-point targets, rendered in text), text VARCHAR, predicted INTEGER, correct BOOLEAN, part INTEGER (test: its (label, correct) part) | split, example |
 | test_parts | part of the test split | part INTEGER, grain ENUM(all, correct, class), label INTEGER, correct BOOLEAN, tests INTEGER | part |
 | windows | stored step window of a view | view ENUM(components, data), step_lo INTEGER, step_hi INTEGER | view, step_lo |
 | components | window × tensor × test × output | test, tensor_id, step_lo, step_hi, output INTEGER, value, decay DOUBLE | test |
 | component_summary | level × part × window × group | level ENUM(tensor, module, layer), part, step_lo, step_hi, group_id INTEGER, value, decay, abs_value, abs_decay DOUBLE | level, part, step_lo, group_id |
 | data | window × test × train × output | test, step_lo, step_hi, train, output INTEGER, value DOUBLE | test |
 | data_summary | part × train × window | part, train, step_lo, step_hi INTEGER, value DOUBLE | part, train, step_lo |
-| importance | parameter element | tensor_id INTEGER, index BIGINT, importance, magnitude DOUBLE | tensor_id, index |
+| importance | parameter element | tensor_id INTEGER, index BIGINT, importance, gradient, decay, balance, taylor, magnitude DOUBLE (gradient, decay, balance, taylor nullable) | tensor_id, index |
 | completeness | step × test × output | test, output, step INTEGER, true_change, reconstructed, quadrature_residual, optimizer_residual DOUBLE, nodes INTEGER | test |
 | completeness_summary | part × step | part, step INTEGER, true_change, reconstructed, quadrature_residual, optimizer_residual, abs_residual DOUBLE, nodes INTEGER | part, step |
 | completeness_totals | test × output (sums over steps) | test, output INTEGER, true_change, reconstructed, quadrature_residual DOUBLE | test, output |
@@ -33,6 +33,9 @@ sorted by test and serve single examples.
 | exactness | quadrature rule compared | quadrature VARCHAR, agreement, kl DOUBLE, gradient_evaluations BIGINT, max_rel_residual DOUBLE | quadrature |
 | pruning | method × scope × seed × sparsity | method, scope VARCHAR, sparsity DOUBLE, seed BIGINT, agreement, accuracy, kl, achieved_sparsity DOUBLE | method, scope, seed, sparsity |
 
+Versions. Version 2 added the importance table's ``gradient``, ``decay``, ``balance`` and
+``taylor`` columns; readers open version 1 files too, their importance rows reading null
+in these columns. Every other table is the same in both.
 """  # noqa: E501
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ import polars as pl
 
 from engine.errors import BadInputError, RunNotFoundError, StoreNameError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # schema versions this release opens
 RUN_SUFFIX = ".duckdb"
 DEFAULT_THREADS = 2
 LEVELS = ("tensor", "module", "layer")
@@ -76,7 +80,7 @@ CREATE TABLE steps (step BIGINT NOT NULL, lr DOUBLE, weight_decay DOUBLE, train_
 CREATE TABLE groups (tensor_id INTEGER NOT NULL, tensor VARCHAR NOT NULL, module_id INTEGER NOT NULL,
     module VARCHAR NOT NULL, layer_id INTEGER NOT NULL, layer VARCHAR NOT NULL, size BIGINT NOT NULL,
     position INTEGER NOT NULL);
-CREATE TABLE examples (split split_kind NOT NULL, example INTEGER NOT NULL, label INTEGER NOT NULL,
+CREATE TABLE examples (split split_kind NOT NULL, example INTEGER NOT NULL, label INTEGER,
     text VARCHAR NOT NULL, predicted INTEGER, correct BOOLEAN, part INTEGER);
 CREATE TABLE test_parts (part INTEGER NOT NULL, grain grain_kind NOT NULL, label INTEGER, correct BOOLEAN,
     tests INTEGER NOT NULL);
@@ -92,7 +96,7 @@ CREATE TABLE data (test INTEGER NOT NULL, step_lo INTEGER NOT NULL, step_hi INTE
 CREATE TABLE data_summary (part INTEGER NOT NULL, train INTEGER NOT NULL, step_lo INTEGER NOT NULL,
     step_hi INTEGER NOT NULL, value DOUBLE NOT NULL);
 CREATE TABLE importance (tensor_id INTEGER NOT NULL, "index" BIGINT NOT NULL, importance DOUBLE NOT NULL,
-    magnitude DOUBLE NOT NULL);
+    gradient DOUBLE, decay DOUBLE, balance DOUBLE, taylor DOUBLE, magnitude DOUBLE NOT NULL);
 CREATE TABLE completeness (test INTEGER NOT NULL, output INTEGER NOT NULL, step INTEGER NOT NULL,
     true_change DOUBLE NOT NULL, reconstructed DOUBLE NOT NULL, quadrature_residual DOUBLE NOT NULL,
     optimizer_residual DOUBLE, nodes INTEGER NOT NULL);
@@ -109,6 +113,9 @@ CREATE TABLE pruning (method VARCHAR NOT NULL, scope VARCHAR NOT NULL, sparsity 
     seed BIGINT NOT NULL, agreement DOUBLE NOT NULL, accuracy DOUBLE NOT NULL, kl DOUBLE NOT NULL,
     achieved_sparsity DOUBLE NOT NULL);
 """
+
+# columns that a file of an earlier schema version lacks: (table, column) → the version that added it
+COLUMN_SINCE: dict[tuple[str, str], int] = {("importance", c): 2 for c in ("gradient", "decay", "balance", "taylor")}
 
 REQUIRED_TABLES = (
     "schema_version", "meta", "steps", "groups", "examples", "test_parts", "windows", "components",
@@ -158,14 +165,17 @@ def _cols(spec: str) -> tuple[_Col, ...]:
 
 _FRAMES: dict[str, tuple[_Col, ...]] = {
     "steps": _cols(
-        "step:int lr:float weight_decay:float train_loss:float? val_loss:float? train_acc:float? "
-        "val_acc:float? update_norm:float param_norm:float loss_change:float?"
+        "step:int lr:float? weight_decay:float? train_loss:float? val_loss:float? train_acc:float? "
+        "val_acc:float? update_norm:float? param_norm:float? loss_change:float?"
     ),
     "groups": _cols("tensor:str module:str layer:str size:int position:int"),
-    "examples": _cols("split:str example:int label:int text:str predicted:int? correct:bool?"),
+    "examples": _cols("split:str example:int label:int? text:str predicted:int? correct:bool?"),
     "components": _cols("step_lo:int step_hi:int tensor:str test:int output:int value:float decay:float"),
     "data": _cols("step_lo:int step_hi:int train:int test:int output:int value:float"),
-    "importance": _cols("tensor:str index:int importance:float magnitude:float"),
+    "importance": _cols(
+        "tensor:str index:int importance:float gradient:float? decay:float? balance:float? taylor:float? "
+        "magnitude:float"
+    ),
     "completeness": _cols(
         "step:int test:int output:int true_change:float reconstructed:float quadrature_residual:float "
         "optimizer_residual:float? nodes:int"
@@ -200,7 +210,7 @@ META_TYPES: dict[str, tuple[type, ...]] = {
     "escalated": (int,),
     "device": (str,),
     "engine": (str,),
-    "window": (int,),
+    "window": (int, _NONE),
     "subsample": _NUMBER,
     "views": (list,),
     "decay_split": (bool,),
@@ -216,6 +226,22 @@ META_TYPES: dict[str, tuple[type, ...]] = {
     "replay_max_rel_error": _NUMBER,
     "data_window": (int,),
     "data_tests": (int,),
+    # recorded runs: the data view's own error and the buffer terms
+    "targets": (str,),
+    "max_rel_split_residual": (*_NUMBER, _NONE),
+    "split_residual_cause": (str, _NONE),
+    "data_split": (str, _NONE),
+    "buffer_groups": (list,),
+    # checkpoint series (``kind`` = "checkpoints")
+    "kind": (str,),
+    "checkpoints": (list,),
+    "max_rel_residual_interval": _NUMBER,
+    "data_axis_reason": (str, _NONE),
+    "source": (str,),
+    "inputs": (dict,),
+    "granularity": (str,),
+    "recomputed_inputs": (int,),
+    "resumed_intervals": (int,),
 }
 REQUIRED_META = ("task", "steps", "quantity", "quadrature")
 
@@ -253,7 +279,10 @@ class RunBundle:
 
     ``meta`` needs ``task`` (str), ``steps`` (int), ``quantity`` (str) and ``quadrature``
     (str); ``data_fingerprint`` (str), ``model_summary`` and ``optimizer`` (dicts) are typed
-    when present; any other JSON-serialisable key is kept as is. Component, data and
+    when present; any other JSON-serialisable key is kept as is. ``explain`` also writes the
+    data view's own error, ``max_rel_split_residual`` (float or null), ``split_residual_cause``
+    and ``data_split`` (str or null), and ``buffer_groups`` (list of str): the ``groups`` rows
+    named ``<module>.<buffers>`` that hold buffer terms rather than parameter tensors. Component, data and
     completeness rows are one per (window or step, tensor/train, test, output).
     """
 
@@ -365,8 +394,6 @@ def list_runs(directory: str | os.PathLike) -> list[Path]:
     return sorted(
         p for p in folder.iterdir() if p.suffix == RUN_SUFFIX and not p.name.startswith(".") and p.is_file()
     )
-
-
 
 
 def first_line(exc: BaseException) -> str:

@@ -357,7 +357,8 @@ class _Writer:
         try:
             self.load(frame, """
                 INSERT INTO importance
-                SELECT g.tensor_id, s."index"::BIGINT, s.importance::DOUBLE, s.magnitude::DOUBLE
+                SELECT g.tensor_id, s."index"::BIGINT, s.importance::DOUBLE, s.gradient::DOUBLE, s.decay::DOUBLE,
+                       s.balance::DOUBLE, s.taylor::DOUBLE, s.magnitude::DOUBLE
                 FROM src s LEFT JOIN groups g ON g.tensor = s.tensor::VARCHAR
                 ORDER BY 1, 2""", "RunBundle.importance")
         except BadInputError:
