@@ -1,5 +1,18 @@
+"""``python -m engine``: the command line of ``engine.cli``."""
+
+import signal
 import sys
 
-from engine.cli import main
+
+def _stop_at_start(signum: int, frame: object) -> None:
+    """A signal before the command line has loaded: nothing has been done yet."""
+    print(f"interrupted by {signal.Signals(signum).name}: nothing was written", file=sys.stderr)
+    sys.exit(128 + signum)
+
+
+for _signum in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(_signum, _stop_at_start)
+
+from engine.cli import main  # noqa: E402 (after the handlers, so that a signal while it loads stops cleanly)
 
 sys.exit(main())

@@ -34,6 +34,10 @@ class BadInputError(ExplaindError):
     """An argument, option or recorded value is invalid."""
 
 
+class UntrustedRunError(ExplaindError):
+    """A run names code to import (its model, data or loss) and the user did not say to trust it."""
+
+
 class StoreError(ExplaindError):
     """A run database cannot be opened, read or written."""
 

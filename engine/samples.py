@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,10 +30,11 @@ from engine.errors import BadInputError
 from engine.parallel import Parallel, explain_all, remove_shards
 from engine.parallel.cluster import MAX_RETRIES, ray_session
 from engine.run.history import History
+from engine.run.record import check_run_target
 from engine.run.series import SeriesSource, open_series
 from engine.run.verify import verify
-from engine.store import add_progress, write_run
-from engine.tasks import get_task, tiny_lm, train_task
+from engine.store import add_progress, check_target, write_run
+from engine.tasks import tiny_lm, train_task
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,9 @@ def build_sample(sample: str | SampleRecipe, out_dir: Path = Path("sample_runs")
     """Train, verify, explain, measure exactness and prune one sample run; publish its database.
 
     With ``parallel`` the explain passes (main, data view, one per exactness rule) run together
-    as tasks on Ray (``engine.parallel``).
+    as tasks on Ray (``engine.parallel``). Both outputs are checked before any work: the database
+    must be publishable (``engine.store.check_target``) and ``work_dir/NAME`` new, empty or a
+    run directory, which is replaced.
     """
     if isinstance(sample, str) and sample not in SAMPLES:
         raise BadInputError(f"unknown sample run {sample!r}; choose one of {', '.join(SAMPLES)}")
@@ -129,12 +131,12 @@ def build_sample(sample: str | SampleRecipe, out_dir: Path = Path("sample_runs")
         return build_series_sample(recipe, out_dir, work_dir, progress, parallel)
     name = recipe.name
     run_dir = work_dir / name
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    train_task(recipe.task, run_dir, dict(recipe.train), progress=progress)
+    target = check_target(out_dir / f"{name}.duckdb", protect=(run_dir,))
+    check_run_target(run_dir, overwrite=True)   # replaces only a run directory, before any work
+    train_task(recipe.task, run_dir, dict(recipe.train), progress=progress, overwrite=True)
     replay = verify(run_dir, progress=progress)
     history = History.open(run_dir)
-    task = get_task(history.model_spec)
+    task = history.task()
 
     configs = [ExplainConfig(**recipe.components), ExplainConfig(**recipe.data)] + [
         ExplainConfig(test_size=recipe.exactness_tests, quantity="logits", quadrature=q, views=())
@@ -147,7 +149,7 @@ def build_sample(sample: str | SampleRecipe, out_dir: Path = Path("sample_runs")
             "views": sorted({*bundle.meta["views"], "data"}), "data_window": recipe.data["window"],
             "data_test_window": recipe.data_test_window, "data_tests": len(data.test_ids)}
     bundle = dataclasses.replace(bundle, meta=meta, data=data.data, data_test_window=recipe.data_test_window)
-    target = write_run(out_dir / f"{name}.duckdb", bundle)
+    target = write_run(target, bundle)
     remove_shards(shards)
     pruning = pl.concat([run_prune(target, PruneConfig(**recipe.prune, scope=scope), progress=progress)[1]
                          for scope in recipe.prune_scopes])
@@ -177,11 +179,11 @@ def build_series_sample(recipe: SeriesRecipe, out_dir: Path, work_dir: Path, pro
 
     With ``parallel`` the intervals are explained first as tasks on Ray, one per interval, each
     saved where the explanation then reads it back (a task whose worker dies is retried)."""
+    target = check_target(out_dir / f"{recipe.name}.duckdb", protect=(work_dir / recipe.name,))
     run_dir = tiny_lm.train(tiny_lm.TinyLMConfig(**recipe.train), work_dir / recipe.name, progress=progress)
     source = SeriesSource((str(run_dir),), str(run_dir / tiny_lm.HELDOUT))
     opened = open_series(source)
     config = checkpoint_config(opened, **recipe.explain)
-    target = out_dir / f"{recipe.name}.duckdb"
     if parallel is not None:
         work = work_folder(target, opened, config)
         with ray_session(parallel) as ray:

@@ -149,7 +149,8 @@ def test_influences_sum_to_the_change_of_g(model, optimizer, schedule, lr, batch
             expected = truth(history, getattr(torch, dtype))
             scale = np.abs(expected).max()
             views = ("components", "data") if dtype == "float64" else ("components",)
-            e = explain(history.path, ExplainConfig(dtype=dtype, test_size=None, views=views), progress=False)
+            e = explain(history.path, ExplainConfig(dtype=dtype, test_size=None, views=views),
+                        progress=False, trust_run=True)
             from_components = summed(e.components, "value")
             from_steps = summed(e.completeness, "reconstructed")
             assert np.abs(from_steps - expected).max() <= tolerance * scale, (dtype, e.summary())

@@ -181,7 +181,7 @@ def test_linear_model_influence_is_exactly_the_gradient_times_the_update(tmp_pat
     history = record(tmp_path / "run", "LinearNet", lambda m: torch.optim.SGD(m.parameters(), lr=0.3, momentum=0.5))
     x = get_task(history.model_spec).dataset("val").inputs.double()
     for quadrature in ("midpoint:1", "gauss:1", "adaptive"):
-        e = explain(history.path, ExplainConfig(quadrature=quadrature, **F64), progress=False)
+        e = explain(history.path, ExplainConfig(quadrature=quadrature, **F64), progress=False, trust_run=True)
         comp = e.components
         for step in range(history.num_steps):
             delta = {k: v.double() for k, v in history.update(step).items()}
@@ -200,7 +200,7 @@ def test_gauss_is_exact_on_a_polynomial_path_and_midpoint_error_falls_as_n_squar
     truth = final_change(history).numpy()
     errors = {}
     for quadrature in ("gauss:1", "gauss:2", "midpoint:4", "midpoint:8", "adaptive"):
-        e = explain(history.path, ExplainConfig(quadrature=quadrature, views=(), **F64), progress=False)
+        e = explain(history.path, ExplainConfig(quadrature=quadrature, views=(), **F64), progress=False, trust_run=True)
         recon = totals(e.completeness, "reconstructed")
         errors[quadrature] = np.abs(recon - truth).max()
     scale = np.abs(truth).max()
@@ -211,9 +211,10 @@ def test_gauss_is_exact_on_a_polynomial_path_and_midpoint_error_falls_as_n_squar
 
 def test_adaptive_cuts_relu_kinks_and_beats_midpoint_100(tmp_path):
     history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.SGD(m.parameters(), lr=0.5), steps=6)
-    adaptive = explain(history.path, ExplainConfig(views=(), **F64), progress=False)
-    published = explain(history.path, ExplainConfig(quadrature="midpoint:100", views=(), **F64), progress=False)
-    plain = explain(history.path, ExplainConfig(quadrature="gauss:16", views=(), **F64), progress=False)
+    adaptive = explain(history.path, ExplainConfig(views=(), **F64), progress=False, trust_run=True)
+    published = explain(history.path, ExplainConfig(quadrature="midpoint:100", views=(), **F64),
+                        progress=False, trust_run=True)
+    plain = explain(history.path, ExplainConfig(quadrature="gauss:16", views=(), **F64), progress=False, trust_run=True)
     assert published.max_abs_residual > 1e-8          # the kinks cost the fixed rules accuracy
     assert plain.max_abs_residual > 1e-8
     assert adaptive.max_abs_residual < 1e-13
@@ -230,7 +231,8 @@ def test_data_view_for_sgd_momentum_matches_a_closed_form_per_example(tmp_path, 
     history = record(tmp_path / "run", "LinearNet",
                      lambda m: torch.optim.SGD(m.parameters(), lr=lr, momentum=mu, nesterov=True, weight_decay=wd),
                      steps=5, batch=batch)
-    e = explain(history.path, ExplainConfig(views=("components", "data"), engine=engine, **F64), progress=False)
+    e = explain(history.path, ExplainConfig(views=("components", "data"), engine=engine, **F64),
+                progress=False, trust_run=True)
     assert e.engine == engine
     task = get_task(history.model_spec)
     (xt, yt), xv = data()["train"], task.dataset("val").inputs.double()
@@ -269,7 +271,8 @@ def test_data_view_summed_over_train_and_regularizer_equals_the_component_view(t
     }[optimizer]
     history = record(tmp_path / "run", "ReluNet", make)
     views = ("components", "data", "importance") if engine == "vjp" else ("components", "data")
-    e = explain(history.path, ExplainConfig(views=views, window=3, engine=engine, **F64), progress=False)
+    e = explain(history.path, ExplainConfig(views=views, window=3, engine=engine, **F64),
+                progress=False, trust_run=True)
     assert e.engine == engine
     data_total = totals(e.data)
     components = totals(e.components)
@@ -305,8 +308,8 @@ def test_per_example_gradients_equal_single_example_autograd(tmp_path):
 def test_importance_is_the_absolute_element_influence_and_elements_sum_to_components(tmp_path):
     history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.Adam(m.parameters(), lr=0.02))
     config = ExplainConfig(views=("components", "importance"), **F64)
-    e = explain(history.path, config, progress=False)
-    tests, elements = element_influence(history.path, config)
+    e = explain(history.path, config, progress=False, trust_run=True)
+    tests, elements = element_influence(history.path, config, trust_run=True)
     assert tests == e.test_ids
     for tensor, signed in elements.items():
         imp = e.importance.filter(pl.col("tensor") == tensor).sort("index")["importance"].to_numpy()
@@ -321,8 +324,8 @@ def test_importance_is_the_absolute_element_influence_and_elements_sum_to_compon
 # ------------------------------------------------------------------------------ view contracts
 def test_windows_granularity_and_frames_follow_the_contract(tmp_path):
     history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.AdamW(m.parameters(), lr=0.01), steps=7)
-    single = explain(history.path, ExplainConfig(**F64), progress=False)
-    windowed = explain(history.path, ExplainConfig(window=3, **F64), progress=False)
+    single = explain(history.path, ExplainConfig(**F64), progress=False, trust_run=True)
+    windowed = explain(history.path, ExplainConfig(window=3, **F64), progress=False, trust_run=True)
     assert windowed.components.select("step_lo", "step_hi").unique().sort("step_lo").rows() == [
         (0, 3), (3, 6), (6, 7)]
     summed = single.components.with_columns((pl.col("step_lo") // 3 * 3).alias("w")).group_by(
@@ -330,7 +333,7 @@ def test_windows_granularity_and_frames_follow_the_contract(tmp_path):
     np.testing.assert_allclose(summed["value"].to_numpy(),
                                windowed.components.sort("step_lo", "tensor", "test", "output")["value"].to_numpy(),
                                atol=1e-14)
-    layer = explain(history.path, ExplainConfig(granularity="layer", **F64), progress=False)
+    layer = explain(history.path, ExplainConfig(granularity="layer", **F64), progress=False, trust_run=True)
     groups = GroupMap.build(ParamLayout(tuple(history.param_names),
                                         tuple(history.param_shapes[n] for n in history.param_names)),
                             layer_of=get_task(history.model_spec).layer_of)
@@ -353,7 +356,7 @@ def test_windows_granularity_and_frames_follow_the_contract(tmp_path):
 
 def test_subsampling_reports_skipped_steps_as_residual(tmp_path):
     history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.SGD(m.parameters(), lr=0.3), steps=10)
-    e = explain(history.path, ExplainConfig(subsample=0.3, **F64), progress=False)
+    e = explain(history.path, ExplainConfig(subsample=0.3, **F64), progress=False, trust_run=True)
     kept = e.step_stats.filter(pl.col("kept"))["step"].to_list()
     assert len(kept) == 3
     changes = e.step_stats["loss_change"].abs().to_numpy()
@@ -370,7 +373,8 @@ def test_subsampling_reports_skipped_steps_as_residual(tmp_path):
 def test_step_range_carries_optimizer_state_from_step_zero(tmp_path):
     history = record(tmp_path / "run", "ReluNet",
                      lambda m: torch.optim.SGD(m.parameters(), lr=0.2, momentum=0.9), steps=8)
-    e = explain(history.path, ExplainConfig(steps=(3, 7), views=("components", "data"), **F64), progress=False)
+    e = explain(history.path, ExplainConfig(steps=(3, 7), views=("components", "data"), **F64),
+                progress=False, trust_run=True)
     assert e.completeness["step"].unique().sort().to_list() == [3, 4, 5, 6]
     assert np.abs(totals(e.completeness, "optimizer_residual")).max() < 1e-12
     np.testing.assert_allclose(totals(e.data) + totals(e.completeness, "optimizer_residual"), totals(e.components),
@@ -380,18 +384,18 @@ def test_step_range_carries_optimizer_state_from_step_zero(tmp_path):
 # ------------------------------------------------------------------------------ edges
 def test_unsupported_optimizer_gives_components_without_decay_split(tmp_path):
     history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.RMSprop(m.parameters(), lr=0.01))
-    e = explain(history.path, ExplainConfig(**F64), progress=False)
+    e = explain(history.path, ExplainConfig(**F64), progress=False, trust_run=True)
     assert e.max_rel_residual < 1e-10
     assert e.completeness["optimizer_residual"].null_count() == e.completeness.height
     assert (e.components["decay"] == 0).all() and not e.decay_split
     with pytest.raises(UnsupportedOptimizerError, match="RMSprop"):
-        explain(history.path, ExplainConfig(views=("data",), **F64), progress=False)
+        explain(history.path, ExplainConfig(views=("data",), **F64), progress=False, trust_run=True)
 
 
 def test_without_the_decay_split_components_are_the_same_at_fewer_evaluations(tmp_path):
     history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.AdamW(m.parameters(), lr=0.02))
-    split = explain(history.path, ExplainConfig(**F64), progress=False)
-    plain = explain(history.path, ExplainConfig(**F64, decay_split=False), progress=False)
+    split = explain(history.path, ExplainConfig(**F64), progress=False, trust_run=True)
+    plain = explain(history.path, ExplainConfig(**F64, decay_split=False), progress=False, trust_run=True)
     assert split.decay_split and not plain.decay_split
     assert (plain.components["decay"] == 0).all() and (split.components["decay"] != 0).any()
     np.testing.assert_allclose(plain.components["value"].to_numpy(), split.components["value"].to_numpy(),
@@ -402,19 +406,19 @@ def test_without_the_decay_split_components_are_the_same_at_fewer_evaluations(tm
 
 def test_multihead_attention_fast_path_is_avoided(tmp_path):
     history = record(tmp_path / "run", "AttentionNet", lambda m: torch.optim.Adam(m.parameters(), lr=0.02), steps=4)
-    e = explain(history.path, ExplainConfig(**F64), progress=False)
+    e = explain(history.path, ExplainConfig(**F64), progress=False, trust_run=True)
     assert e.max_rel_residual < 1e-10
     assert torch.backends.mha.get_fastpath_enabled()  # restored afterwards
 
 
 def test_model_without_forward_mode_falls_back_to_reverse_mode(tmp_path):
     history = record(tmp_path / "run", "NoForwardNet", lambda m: torch.optim.Adam(m.parameters(), lr=0.02), steps=4)
-    e = explain(history.path, ExplainConfig(**F64), progress=False)
+    e = explain(history.path, ExplainConfig(**F64), progress=False, trust_run=True)
     assert e.engine == "vjp"
     assert any("reverse mode" in note for note in e.notes)
     assert e.max_rel_residual < 1e-10
     with pytest.raises(BadInputError, match="forward-mode"):
-        explain(history.path, ExplainConfig(engine="jvp", **F64), progress=False)
+        explain(history.path, ExplainConfig(engine="jvp", **F64), progress=False, trust_run=True)
 
 
 class AttentionNet(nn.Module):
@@ -494,7 +498,7 @@ def test_interrupt_returns_a_marked_partial_explanation(tmp_path, monkeypatch):
 
     monkeypatch.setattr(History, "iter_steps", interrupted)
     with pytest.raises(ExplainInterrupted) as info:
-        explain(history.path, ExplainConfig(block=1, **F64), progress=False)
+        explain(history.path, ExplainConfig(block=1, **F64), progress=False, trust_run=True)
     partial = info.value.partial
     assert partial.partial and partial.summary()["partial"]
     steps = partial.completeness["step"].unique().sort().to_list()
@@ -534,7 +538,7 @@ def test_adaptive_finds_a_kink_the_end_points_of_the_step_hide(tmp_path):
     history = History.open(tmp_path / "run")
     z = [float(p["w1"] * p["w2"]) for p in (history.params(0), history.params(1))]
     assert min(z) > 0  # no sign change between the end points
-    e = explain(history.path, ExplainConfig(test_size=None, dtype="float64"), progress=False)
+    e = explain(history.path, ExplainConfig(test_size=None, dtype="float64"), progress=False, trust_run=True)
     np.testing.assert_allclose(totals(e.completeness, "reconstructed"), final_change(history).numpy(),
                                rtol=0, atol=1e-13)
     assert e.max_rel_residual < 1e-12
@@ -559,7 +563,7 @@ def test_adaptive_refines_only_the_piece_that_needs_it(tmp_path, engine, forward
     assert float(history.params(0)["w"]) > 0 > float(history.params(1)["w"])  # one kink
     e = explain(history.path, ExplainConfig(test_size=None, dtype="float64", engine=engine,
                                             views=("components", "importance") if engine == "vjp" else ("components",)),
-                progress=False)
+                progress=False, trust_run=True)
     assert e.engine == engine and any("reverse mode" in note for note in e.notes) is not forward_ad
     np.testing.assert_allclose(totals(e.completeness, "reconstructed"), final_change(history).numpy(),
                                rtol=0, atol=1e-14)
@@ -575,10 +579,10 @@ def test_adaptive_refines_only_the_piece_that_needs_it(tmp_path, engine, forward
 def test_quantities_and_exactness_table(tmp_path):
     history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.Adam(m.parameters(), lr=0.02), steps=5)
     for quantity in ("loss", "logprob", "true-logit", lambda out, y: out.logsumexp(-1)):
-        e = explain(history.path, ExplainConfig(quantity=quantity, **F64), progress=False)
+        e = explain(history.path, ExplainConfig(quantity=quantity, **F64), progress=False, trust_run=True)
         assert e.outputs == 1 and e.predictions is None
         assert e.max_rel_residual < 1e-9
-    table = compare_quadratures(history.path, ("midpoint:10", "adaptive"), ExplainConfig(**F64))
+    table = compare_quadratures(history.path, ("midpoint:10", "adaptive"), ExplainConfig(**F64), trust_run=True)
     assert table["quadrature"].to_list() == ["midpoint:10", "adaptive"]
     assert table.filter(pl.col("quadrature") == "adaptive")["kl"].item() < 1e-15
     assert (table["agreement"] == 1.0).all()
@@ -607,8 +611,9 @@ def test_passes_over_disjoint_test_examples_merge_into_the_whole(tmp_path):
     history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.Adam(m.parameters(), lr=0.02,
                                                                           weight_decay=0.1), steps=4)
     config = ExplainConfig(views=("components", "importance"), test_size=None, dtype="float64")
-    whole = explain(history.path, config, progress=False)
-    halves = [explain(history.path, replace(config, test_ids=ids), progress=False) for ids in ((0, 1, 2), (3, 4, 5))]
+    whole = explain(history.path, config, progress=False, trust_run=True)
+    halves = [explain(history.path, replace(config, test_ids=ids),
+                      progress=False, trust_run=True) for ids in ((0, 1, 2), (3, 4, 5))]
     merged = merge_tests(halves)
     assert merged.test_ids == whole.test_ids
     np.testing.assert_allclose(totals(merged.components), totals(whole.components), rtol=1e-12)
@@ -620,11 +625,11 @@ def test_passes_over_disjoint_test_examples_merge_into_the_whole(tmp_path):
     assert merged.max_rel_residual == max(h.max_rel_residual for h in halves)
     with pytest.raises(BadInputError, match="disjoint"):
         merge_tests([halves[0], halves[0]])
-    other = explain(history.path, replace(config, test_ids=(3,), quantity="loss"), progress=False)
+    other = explain(history.path, replace(config, test_ids=(3,), quantity="loss"), progress=False, trust_run=True)
     with pytest.raises(BadInputError, match="must agree"):
         merge_tests([halves[0], other])
     with pytest.raises(BadInputError, match=r"test id 6 is outside the val split \(0..5\)"):
-        explain(history.path, replace(config, test_ids=(1, 6)), progress=False)
+        explain(history.path, replace(config, test_ids=(1, 6)), progress=False, trust_run=True)
 
 
 def test_bundle_round_trips_through_the_store(tmp_path):
@@ -653,8 +658,8 @@ def test_bundle_round_trips_through_the_store(tmp_path):
 def test_cuda_matches_cpu(tmp_path):
     history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.AdamW(m.parameters(), lr=0.02), steps=6)
     config = ExplainConfig(views=("components", "data", "importance"), **F64)
-    cpu = explain(history.path, replace_device(config, "cpu"), progress=False)
-    gpu = explain(history.path, replace_device(config, "cuda"), progress=False)
+    cpu = explain(history.path, replace_device(config, "cpu"), progress=False, trust_run=True)
+    gpu = explain(history.path, replace_device(config, "cuda"), progress=False, trust_run=True)
     assert gpu.device.startswith("cuda")
     assert gpu.max_abs_residual < 1e-12
     for name in ("components", "data", "importance"):
@@ -670,7 +675,7 @@ def test_cuda_meets_the_rtol_budget_with_float64_units(tmp_path):
                      dtype=torch.float32)
     for views in (("components",), ("components", "importance")):
         e = explain(history.path, ExplainConfig(test_size=None, views=views, rtol=1e-9, device="cuda"),
-                    progress=False)
+                    progress=False, trust_run=True)
         assert e.device.startswith("cuda") and e.escalated > 0
         assert relative_residuals(e).max() <= 1e-9
 
@@ -684,7 +689,7 @@ def replace_device(config: ExplainConfig, device: str) -> ExplainConfig:
 def test_float32_default_reaches_round_off(tmp_path):
     history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.Adam(m.parameters(), lr=0.02),
                      dtype=torch.float32)
-    e = explain(history.path, ExplainConfig(), progress=False)
+    e = explain(history.path, ExplainConfig(), progress=False, trust_run=True)
     truth = final_change(history, torch.float32).numpy()
     recon = totals(e.completeness, "reconstructed")
     assert np.abs(recon - truth).max() <= 1e-5 * np.abs(truth).max()
@@ -696,7 +701,7 @@ def test_float32_explanations_check_against_the_float64_truth(tmp_path):
     it is the float64 forward pass to round-off of float64, far below float32's."""
     history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.Adam(m.parameters(), lr=0.02),
                      dtype=torch.float32)
-    e = explain(history.path, ExplainConfig(test_size=None), progress=False)
+    e = explain(history.path, ExplainConfig(test_size=None), progress=False, trust_run=True)
     truth = final_change(history, torch.float64).numpy()
     true_total = totals(e.completeness, "true_change")
     assert np.abs(true_total - truth).max() <= 1e-12 * np.abs(truth).max()
@@ -715,8 +720,9 @@ def test_rtol_budget_holds_in_float32_by_recomputing_units_in_float64(tmp_path, 
     history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.Adam(m.parameters(), lr=0.02),
                      dtype=torch.float32)
     rtol = 1e-9  # far below float32 round-off: only float64 recomputation can meet it
-    plain = explain(history.path, ExplainConfig(test_size=None, views=views), progress=False)
-    budgeted = explain(history.path, ExplainConfig(test_size=None, views=views, rtol=rtol), progress=False)
+    plain = explain(history.path, ExplainConfig(test_size=None, views=views), progress=False, trust_run=True)
+    budgeted = explain(history.path, ExplainConfig(test_size=None, views=views, rtol=rtol),
+                       progress=False, trust_run=True)
     assert plain.escalated == 0 and relative_residuals(plain).max() > rtol
     assert 0 < budgeted.escalated <= budgeted.completeness.filter(pl.col("output") == 0).height
     assert relative_residuals(budgeted).max() <= rtol
@@ -725,7 +731,7 @@ def test_rtol_budget_holds_in_float32_by_recomputing_units_in_float64(tmp_path, 
     recon = totals(budgeted.completeness, "reconstructed")
     np.testing.assert_allclose(totals(budgeted.components), recon, rtol=1e-12, atol=1e-12)
     if "importance" in views:  # per element, float64 units included
-        _, influence = element_influence(history, ExplainConfig(test_size=None, rtol=rtol))
+        _, influence = element_influence(history, ExplainConfig(test_size=None, rtol=rtol), trust_run=True)
         elements = sum(v.flatten(2).sum(-1) for v in influence.values()).numpy()
         np.testing.assert_allclose(elements, recon, rtol=1e-9, atol=1e-9)
 
@@ -733,17 +739,18 @@ def test_rtol_budget_holds_in_float32_by_recomputing_units_in_float64(tmp_path, 
 def test_rtol_escalates_when_the_base_rule_is_already_the_top_rule(tmp_path):
     history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.Adam(m.parameters(), lr=0.02),
                      dtype=torch.float32)
-    plain = explain(history.path, ExplainConfig(test_size=None, quadrature="adaptive:2"), progress=False)
+    plain = explain(history.path, ExplainConfig(test_size=None, quadrature="adaptive:2"),
+                    progress=False, trust_run=True)
     budgeted = explain(history.path, ExplainConfig(test_size=None, quadrature="adaptive:2", rtol=1e-9),
-                       progress=False)
+                       progress=False, trust_run=True)
     assert relative_residuals(plain).max() > 1e-9
     assert budgeted.escalated > 0 and relative_residuals(budgeted).max() <= 1e-9
 
 
 def test_rtol_in_float64_stops_early_within_the_budget(tmp_path):
     history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.Adam(m.parameters(), lr=0.02))
-    exact = explain(history.path, ExplainConfig(**F64), progress=False)
-    budgeted = explain(history.path, ExplainConfig(**F64, rtol=1e-4), progress=False)
+    exact = explain(history.path, ExplainConfig(**F64), progress=False, trust_run=True)
+    budgeted = explain(history.path, ExplainConfig(**F64, rtol=1e-4), progress=False, trust_run=True)
     assert budgeted.escalated == 0
     assert relative_residuals(budgeted).max() <= 1e-4
     assert budgeted.gradient_evaluations < exact.gradient_evaluations
@@ -778,9 +785,10 @@ def test_test_chunks_passes_and_blocks_do_not_change_the_numbers(tmp_path):
     history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.AdamW(m.parameters(), lr=0.02,
                                                                                weight_decay=0.2), steps=7)
     views = ("components", "data", "importance")
-    whole = explain(history.path, ExplainConfig(views=views, window=2, **F64), progress=False)
+    whole = explain(history.path, ExplainConfig(views=views, window=2, **F64), progress=False, trust_run=True)
     for layout in (dict(test_chunk=2, block=3), dict(test_chunk=4, block=1, engine="vjp"), dict(memory_mb=1)):
-        split = explain(history.path, ExplainConfig(views=views, window=2, **layout, **F64), progress=False)
+        split = explain(history.path, ExplainConfig(views=views, window=2, **layout, **F64),
+                        progress=False, trust_run=True)
         for name, keys in (("components", ["step_lo", "tensor", "test", "output"]),
                            ("data", ["step_lo", "train", "test", "output"]),
                            ("completeness", ["step", "test", "output"]), ("importance", ["tensor", "index"])):
@@ -788,10 +796,11 @@ def test_test_chunks_passes_and_blocks_do_not_change_the_numbers(tmp_path):
             assert a.select(keys).equals(b.select(keys)), (name, layout)
             value = {"completeness": "reconstructed", "importance": "importance"}.get(name, "value")
             np.testing.assert_allclose(a[value].to_numpy(), b[value].to_numpy(), atol=1e-13, err_msg=name)
-    components_only = explain(history.path, ExplainConfig(test_chunk=2, engine="vjp", **F64), progress=False)
+    components_only = explain(history.path, ExplainConfig(test_chunk=2, engine="vjp", **F64),
+                              progress=False, trust_run=True)
     np.testing.assert_allclose(totals(components_only.components), totals(whole.components), atol=1e-13)
     forward = explain(history.path, ExplainConfig(views=("components", "data"), window=2, engine="jvp", test_chunk=4,
-                                                  block=2, **F64), progress=False)
+                                                  block=2, **F64), progress=False, trust_run=True)
     keys = ["step_lo", "train", "test", "output"]
     assert forward.data.sort(keys).select(keys).equals(whole.data.sort(keys).select(keys))
     np.testing.assert_allclose(forward.data.sort(keys)["value"].to_numpy(), whole.data.sort(keys)["value"].to_numpy(),

@@ -116,7 +116,8 @@ def check_case(tmp_path, case: str, dtype: torch.dtype) -> None:
     run = record(tmp_path / case, case, dtype)
     history = History.open(run)
     explanation = explain(run, ExplainConfig(dtype=str(dtype).removeprefix("torch."), test_size=TESTS,
-                                             views=("components", "data")), progress=False)
+                                             views=("components", "data")), progress=False,
+                          trust_run=True)
     truth = true_change(history)
     components = explanation.components
     buffers = components.filter(pl.col("tensor").str.ends_with("<buffers>"))
@@ -126,7 +127,7 @@ def check_case(tmp_path, case: str, dtype: torch.dtype) -> None:
     assert explanation.max_rel_split_residual <= TOLERANCE[dtype]
     assert explanation.data_split == ("per-example" if case == "norm-mlp" else "batched")
     assert any(note.startswith("data split:") for note in explanation.notes)
-    first, second = verify(run, progress=False), verify(run, progress=False)
+    first, second = verify(run, progress=False, trust_run=True), verify(run, progress=False, trust_run=True)
     assert first.to_json() == second.to_json()
     assert first.max_rel_error <= 1e-6, first
     assert math.isfinite(first.max_rel_error_raw)
@@ -149,7 +150,7 @@ def test_the_buffer_term_is_a_component_of_the_module_that_owns_the_buffer(tmp_p
     run = record(tmp_path / "bn", "batchnorm-cnn", torch.float64)
     history = History.open(run)
     explanation = explain(run, ExplainConfig(dtype="float64", test_size=TESTS, quadrature="gauss:2"),
-                          progress=False)
+                          progress=False, trust_run=True)
     buffers = explanation.components.filter(pl.col("tensor").str.ends_with("<buffers>"))
     assert sorted(buffers["tensor"].unique()) == ["bn1.<buffers>", "bn2.<buffers>"]
     # the last step's term of bn2 alone: g(θ_N, b_N) − g(θ_N, b_N with bn2 back at b_{N−1})
@@ -183,7 +184,7 @@ def test_the_data_view_names_its_error_when_the_random_state_is_not_replayed(tmp
     del manifest["training_forward"]
     (run / "manifest.json").write_text(json.dumps(manifest))
     explanation = explain(run, ExplainConfig(dtype="float64", test_size=TESTS, views=("components", "data")),
-                          progress=False)
+                          progress=False, trust_run=True)
     assert explanation.max_rel_split_residual > 1e-3
     notes = [n for n in explanation.notes if n.startswith("the data view misses")]
     assert len(notes) == 1 and "unreplayed training forward" in notes[0], explanation.notes
@@ -199,7 +200,7 @@ def test_buffer_terms_reach_the_store_and_every_summary(tmp_path, capsys):
     history = History.open(run)
     task = get_task(history.model_spec)
     explanation = explain(run, ExplainConfig(dtype="float64", test_size=TESTS, views=("components", "data")),
-                          progress=False)
+                          progress=False, trust_run=True)
     db_path = write_run(tmp_path / "bn.duckdb", explanation.to_bundle(history, task))
     with RunDB.open(db_path) as db:
         groups = db.groups()

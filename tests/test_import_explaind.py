@@ -238,9 +238,9 @@ def test_kinks_at_positions_the_output_drops_are_not_cut(tmp_path, monkeypatch):
                              model_class=SlicedNet)
     run = run_import(src, tmp_path / "run", model="tests.test_import_explaind:SlicedNet")
     config = ExplainConfig(test_split="val", quantity="logits", views=("components",), dtype="float64")
-    probed = explain(run, config, progress=False)
+    probed = explain(run, config, progress=False, trust_run=True)
     monkeypatch.setattr("engine.decompose.setup.live_switches", lambda *args, **kwargs: None)
-    every = explain(run, config, progress=False)
+    every = explain(run, config, progress=False, trust_run=True)
     for result in (probed, every):
         assert result.max_rel_residual <= 1e-12
     assert probed.summary()["mean_nodes"] < every.summary()["mean_nodes"]
@@ -255,9 +255,9 @@ def test_tensors_the_output_does_not_use_are_not_evaluated(tmp_path, monkeypatch
     src = write_explaind_run(tmp_path / "src", kind="sgd", lr=0.5, weight_decay=1e-3, steps=4)
     run = run_import(src, tmp_path / "run")
     config = ExplainConfig(test_split="val", quantity="logits", views=("components",), dtype="float64", engine="jvp")
-    skipped = explain(run, config, progress=False)
+    skipped = explain(run, config, progress=False, trust_run=True)
     monkeypatch.setattr("engine.decompose.setup.live_tensors", lambda *args, **kwargs: None)
-    every = explain(run, config, progress=False)
+    every = explain(run, config, progress=False, trust_run=True)
     assert "the output does not depend on unused: components exactly 0, not evaluated" in skipped.notes
     assert skipped.summary()["gradient_evaluations"] < every.summary()["gradient_evaluations"]
     columns = ["step_lo", "tensor", "test", "output"]
@@ -275,7 +275,7 @@ def test_a_failing_parameter_probe_evaluates_every_tensor(tmp_path, monkeypatch)
         raise ValueError("a ReLU came out negative")
     monkeypatch.setattr("engine.decompose.setup.live_tensors", fail)
     config = ExplainConfig(test_split="val", views=("components",), dtype="float64", engine="jvp")
-    result = explain(run, config, progress=False)
+    result = explain(run, config, progress=False, trust_run=True)
     assert "parameter probe failed (ValueError: a ReLU came out negative): every tensor is evaluated" in result.notes
     assert not any(note.startswith("the output does not depend on") for note in result.notes)
     assert result.max_rel_residual <= 1e-12
@@ -291,7 +291,8 @@ def test_a_failing_kink_probe_keeps_every_kink(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise ValueError("a ReLU came out negative")
     monkeypatch.setattr("engine.decompose.setup.live_switches", fail)
-    result = explain(run, ExplainConfig(test_split="val", views=("components",), dtype="float64"), progress=False)
+    result = explain(run, ExplainConfig(test_split="val", views=("components",), dtype="float64"),
+                     progress=False, trust_run=True)
     assert "kink probe failed (ValueError: a ReLU came out negative): every kink is cut at" in result.notes
     assert result.max_rel_residual <= 1e-12
 

@@ -155,7 +155,7 @@ def decoys(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("scope", ["global", "per-tensor"])
 @pytest.mark.parametrize("method", ["kernel", "magnitude", "random"])
 def test_pruned_model_has_requested_zeros_and_untouched_output_layer(trained, scope, method):
-    setup = load_setup(trained[1])
+    setup = load_setup(trained[1], trust_run=True)
     assert setup.output == ("out.weight", "out.bias") and setup.prunable == ("hidden.weight", "hidden.bias")
     total = sum(setup.params[n].numel() for n in setup.prunable)
     for sparsity in (0.3, 0.7, 0.95):
@@ -175,9 +175,9 @@ def test_pruned_model_has_requested_zeros_and_untouched_output_layer(trained, sc
 
 def test_frame_reports_achieved_sparsity_overall_and_per_layer(trained):
     frame = prune(trained[1], sparsities=(0.5, 0.9), methods=("kernel", "magnitude"), scope="per-tensor",
-                  write=False)
+                  write=False, trust_run=True)
     assert frame.columns[: len(COLUMNS)] == list(COLUMNS)
-    setup = load_setup(trained[1])
+    setup = load_setup(trained[1], trust_run=True)
     for row in frame.iter_rows(named=True):
         dense = row["method"] == DENSE
         pruned = setup.params if dense else setup.pruned(row["method"], row["sparsity"], "per-tensor")
@@ -201,10 +201,10 @@ def test_global_keeps_highest_scores_and_breaks_ties_by_model_order():
 
 # ---------------------------------------------------------------------------- random baseline
 def test_random_seeds_differ_and_reported_mean_is_mean_of_seeds(trained):
-    setup = load_setup(trained[1])
+    setup = load_setup(trained[1], trust_run=True)
     masks = [setup.pruned("random", 0.7, "global", seed=s)["hidden.weight"] != 0 for s in range(3)]
     assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
-    frame = prune(trained[1], sparsities=(0.7,), methods=("kernel", "random"), seeds=3, write=False)
+    frame = prune(trained[1], sparsities=(0.7,), methods=("kernel", "random"), seeds=3, write=False, trust_run=True)
     rows = frame.filter(pl.col("method") == "random").sort("seed")
     assert rows["seed"].to_list() == [0, 1, 2]
     assert frame.filter(pl.col("method") == "kernel")["seed"].to_list() == [NO_SEED]
@@ -228,7 +228,7 @@ def test_random_seeds_differ_and_reported_mean_is_mean_of_seeds(trained):
 
 # ---------------------------------------------------------------------------- evaluation set
 def test_evaluation_set_never_overlaps_ranking_set(trained):
-    setup = load_setup(trained[1])
+    setup = load_setup(trained[1], trust_run=True)
     assert setup.ranking_ids.tolist() == list(RANKING)
     assert set(setup.eval_ids.tolist()).isdisjoint(RANKING)
     assert sorted(setup.eval_ids.tolist() + list(RANKING)) == list(range(N_VAL))
@@ -241,13 +241,13 @@ def test_ranking_on_training_examples_evaluates_on_all_validation_examples(train
     run = trained[0]
     db = store.write_run(tmp_path / "train.duckdb", bundle(run, random_importance(run), ranking=(0, 5, 9),
                                                           split="train"))
-    setup = load_setup(db)
+    setup = load_setup(db, trust_run=True)
     assert setup.eval_ids.tolist() == list(range(N_VAL))
 
 
 # ---------------------------------------------------------------------------- ranking by Ψ̄
 def test_importance_ranking_keeps_the_parameters_that_matter(decoys):
-    frame = prune(decoys, sparsities=(0.5,), write=False)
+    frame = prune(decoys, sparsities=(0.5,), write=False, trust_run=True)
     by = {(r["method"], r["seed"]): r for r in frame.iter_rows(named=True)}
     kernel = by[("kernel", NO_SEED)]
     assert kernel["agreement"] == 1.0 and kernel["kl"] == pytest.approx(0.0, abs=1e-12)
@@ -259,7 +259,7 @@ def test_importance_ranking_keeps_the_parameters_that_matter(decoys):
 
 # ---------------------------------------------------------------------------- measures
 def test_kl_is_nonnegative_and_zero_when_nothing_is_pruned(trained):
-    frame = prune(trained[1], sparsities=(1e-6, 0.5, 0.9, 0.999), write=False)
+    frame = prune(trained[1], sparsities=(1e-6, 0.5, 0.9, 0.999), write=False, trust_run=True)
     assert (frame["kl"] >= 0).all()
     tiny = frame.filter(pl.col("sparsity") == 1e-6)
     assert (tiny["kl"] == 0).all() and (tiny["agreement"] == 1).all() and (tiny["achieved_sparsity"] == 0).all()
@@ -282,18 +282,19 @@ def test_compare_matches_definitions():
 # ---------------------------------------------------------------------------- store round trip
 def test_add_pruning_round_trip_keeps_other_scopes(trained, tmp_path):
     db = store.write_run(tmp_path / "rt.duckdb", bundle(trained[0], random_importance(trained[0])))
-    first = prune(db, sparsities=(0.7, 0.9), seeds=2)
+    first = prune(db, sparsities=(0.7, 0.9), seeds=2, trust_run=True)
     with store.RunDB.open(db) as reader:
         stored = reader.pruning()
     expected = first.select(COLUMNS).sort("method", "scope", "seed", "sparsity")
     assert stored.select(COLUMNS).equals(expected)
-    second = prune(db, sparsities=(0.8,), methods=("kernel", "magnitude"), scope="per-tensor")
+    second = prune(db, sparsities=(0.8,), methods=("kernel", "magnitude"), scope="per-tensor", trust_run=True)
     with store.RunDB.open(db) as reader:
         stored = reader.pruning()
         assert reader.views()["importance"] == 30 + 21  # the rest of the database is intact
     assert stored.height == first.height + second.height
     assert set(stored["scope"].to_list()) == {"global", "per-tensor"}
-    again = prune(db, sparsities=(0.5,), methods=("kernel",), scope="global")  # replaces global kernel rows only
+    # replaces global kernel rows only
+    again = prune(db, sparsities=(0.5,), methods=("kernel",), scope="global", trust_run=True)
     with store.RunDB.open(db) as reader:
         stored = reader.pruning()
     kernel_global = stored.filter((pl.col("method") == "kernel") & (pl.col("scope") == "global"))
@@ -305,13 +306,13 @@ def test_add_pruning_round_trip_keeps_other_scopes(trained, tmp_path):
 def test_database_without_importance_view_names_the_explain_command(trained, tmp_path):
     db = store.write_run(tmp_path / "noimp.duckdb", bundle(trained[0], None))
     with pytest.raises(BadInputError, match=r"python -m engine explain .* --views importance"):
-        prune(db)
+        prune(db, trust_run=True)
 
 
 @pytest.mark.parametrize("sparsities", [(0.0,), (1.0,), (0.5, 1.5), (-0.1,), ()])
 def test_sparsities_outside_open_unit_interval_are_refused(trained, sparsities):
     with pytest.raises(BadInputError, match="sparsit"):
-        prune(trained[1], sparsities=sparsities, write=False)
+        prune(trained[1], sparsities=sparsities, write=False, trust_run=True)
 
 
 def test_bad_options_are_refused():
@@ -330,23 +331,23 @@ def test_missing_run_directory_is_named(trained, tmp_path):
     db = store.write_run(tmp_path / "moved.duckdb", bundle(trained[0], random_importance(trained[0]),
                                                           run_dir=str(gone)))
     with pytest.raises(RunNotFoundError, match="moved-away"):
-        prune(db, write=False)
-    frame = prune(db, sparsities=(0.5,), methods=("kernel",), run_dir=trained[0], write=False)
+        prune(db, write=False, trust_run=True)
+    frame = prune(db, sparsities=(0.5,), methods=("kernel",), run_dir=trained[0], write=False, trust_run=True)
     assert frame["method"].to_list() == ["dense", "kernel"]
 
 
 def test_relative_run_directory_resolves_beside_the_database(trained, tmp_path):
     other = record(tmp_path / "runs" / "tiny")
     db = store.write_run(tmp_path / "beside.duckdb", bundle(other, random_importance(other), run_dir="runs/tiny"))
-    assert load_setup(db).run_dir == tmp_path / "runs" / "tiny"
+    assert load_setup(db, trust_run=True).run_dir == tmp_path / "runs" / "tiny"
 
 
 def test_too_few_held_out_examples(trained, tmp_path):
     db = store.write_run(tmp_path / "all.duckdb", bundle(trained[0], random_importance(trained[0]),
                                                          ranking=tuple(range(30))))
     with pytest.raises(BadInputError, match="only 10 validation examples"):
-        prune(db, write=False)
-    assert load_setup(db, min_eval=10).eval_ids.tolist() == list(range(30, N_VAL))
+        prune(db, write=False, trust_run=True)
+    assert load_setup(db, min_eval=10, trust_run=True).eval_ids.tolist() == list(range(30, N_VAL))
 
 
 def test_database_of_another_run_is_refused(trained, tmp_path):
@@ -355,7 +356,7 @@ def test_database_of_another_run_is_refused(trained, tmp_path):
     db = store.write_run(tmp_path / "mismatch.duckdb", bundle(trained[0], random_importance(trained[0]),
                                                              run_dir=str(other)))
     with pytest.raises(CorruptRunError, match="steps"):
-        load_setup(db)
+        load_setup(db, trust_run=True)
 
 
 def test_incomplete_importance_view_is_refused(trained, tmp_path):
@@ -363,7 +364,7 @@ def test_incomplete_importance_view_is_refused(trained, tmp_path):
     del importance["hidden.bias"]
     db = store.write_run(tmp_path / "partial.duckdb", bundle(trained[0], importance))
     with pytest.raises(CorruptRunError, match=r"hidden\.bias"):
-        load_setup(db)
+        load_setup(db, trust_run=True)
 
 
 # ---------------------------------------------------------------------------- output layer
@@ -432,7 +433,7 @@ def test_cmd_prune_arguments_and_json(trained, tmp_path):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args([str(db), "--sparsities", "0.5,0.9", "--methods", "kernel,magnitude,random", "--seeds",
-                              "2", "--scope", "per-tensor", "--json"])
+                              "2", "--scope", "per-tensor", "--trust-run", "--json"])
     result = json.loads(json.dumps(cmd_prune(args)))
     assert result["rows"] == 1 + 2 * (1 + 1 + 2) and result["eval_examples"] == N_VAL - len(RANKING)
     assert result["output_layer"] == ["out.weight", "out.bias"] and result["prunable_parameters"] == 30
@@ -444,7 +445,8 @@ def test_cmd_prune_arguments_and_json(trained, tmp_path):
     defaults = parser.parse_args([str(db)])
     assert defaults.sparsities == "0.1,0.3,0.5,0.7,0.8,0.9,0.95,0.99,0.999" and defaults.seeds == 3
     assert defaults.scope == "global" and defaults.methods == "all"
-    everything = json.loads(json.dumps(cmd_prune(parser.parse_args([str(db), "--sparsities", "0.5", "--json"]))))
+    everything = json.loads(json.dumps(cmd_prune(parser.parse_args([str(db), "--sparsities", "0.5", "--trust-run",
+                                                                       "--json"]))))
     assert sorted({key.split(" @ ")[0] for key in everything["curves"]}) == ["dense", "kernel", "magnitude", "random"]
 
 
@@ -454,10 +456,10 @@ def test_prune_with_importance_from_explain(trained, tmp_path):
     run = trained[0]
     history = History.open(run)
     explanation = explain(run, ExplainConfig(views=("importance",), test_size=len(RANKING), device="cpu"),
-                          progress=False)
+                          progress=False, trust_run=True)
     db = store.write_run(tmp_path / "explained.duckdb",
                          explanation.to_bundle(history, get_task(history.model_spec)))
-    setup = load_setup(db)
+    setup = load_setup(db, trust_run=True)
     assert setup.ranking_ids.tolist() == list(RANKING)
     assert setup.methods == METHODS  # explain stores every score
     with store.RunDB.open(db) as reader:
@@ -468,7 +470,7 @@ def test_prune_with_importance_from_explain(trained, tmp_path):
     scores = torch.cat([setup.scores("kernel")[n].flatten() for n in setup.prunable])
     alive = torch.cat([(kept[n] != 0).flatten() for n in setup.prunable])
     assert scores[alive].min() >= scores[~alive].max()
-    frame = prune(db, sparsities=(0.7,), write=False)
+    frame = prune(db, sparsities=(0.7,), write=False, trust_run=True)
     assert set(frame["method"]) == {DENSE, *METHODS}
     reference = log_probs(setup.model, setup.params, setup.eval_inputs, 16)
     assert frame.filter(pl.col("method") == "kernel")["agreement"].item() == compare(
@@ -485,7 +487,7 @@ def test_every_stored_variant_ranks_by_its_own_column(trained, tmp_path):
     run = trained[0]
     scores = variant_scores(run)
     db = store.write_run(tmp_path / "variants.duckdb", bundle(run, random_importance(run), scores=scores))
-    setup = load_setup(db)
+    setup = load_setup(db, trust_run=True)
     assert setup.methods == METHODS
     for method, column in STORED_SCORES.items():
         if column == "importance":
@@ -493,7 +495,7 @@ def test_every_stored_variant_ranks_by_its_own_column(trained, tmp_path):
         for n in setup.prunable:
             np.testing.assert_array_equal(setup.scores(method)[n].numpy(), scores[column][n].reshape(
                 setup.params[n].shape))
-    frame = prune(db, sparsities=(0.3, 0.9), seeds=2, write=False)
+    frame = prune(db, sparsities=(0.3, 0.9), seeds=2, write=False, trust_run=True)
     assert frame.group_by("method").len().sort("method").rows() == sorted(
         [(DENSE, 1), *[(m, 2) for m in METHODS if m != "random"], ("random", 4)])
     masks = {m: setup.pruned(m, 0.3, "global")["hidden.weight"] != 0 for m in STORED_SCORES}
@@ -503,11 +505,12 @@ def test_every_stored_variant_ranks_by_its_own_column(trained, tmp_path):
 def test_database_without_variant_scores_prunes_by_the_others_and_names_the_missing(trained, tmp_path):
     run = trained[0]
     db = store.write_run(tmp_path / "kernel-only.duckdb", bundle(run, random_importance(run)))
-    assert load_setup(db).methods == ("kernel", "magnitude", "random")
-    assert set(prune(db, sparsities=(0.5,), write=False)["method"]) == {DENSE, "kernel", "magnitude", "random"}
+    assert load_setup(db, trust_run=True).methods == ("kernel", "magnitude", "random")
+    frame = prune(db, sparsities=(0.5,), write=False, trust_run=True)
+    assert set(frame["method"]) == {DENSE, "kernel", "magnitude", "random"}
     before = db.read_bytes()
     with pytest.raises(BadInputError, match=r"no taylor scores: .*`python -m engine explain .* --views importance"):
-        prune(db, sparsities=(0.5,), methods=("kernel", "taylor"))
+        prune(db, sparsities=(0.5,), methods=("kernel", "taylor"), trust_run=True)
     assert db.read_bytes() == before
 
 
@@ -517,4 +520,4 @@ def test_importance_view_with_scores_for_some_elements_only_is_refused(trained, 
     scores["taylor"]["hidden.bias"] = np.full(6, None)
     db = store.write_run(tmp_path / "partial-taylor.duckdb", bundle(run, random_importance(run), scores=scores))
     with pytest.raises(CorruptRunError, match="taylor scores for some elements only"):
-        load_setup(db)
+        load_setup(db, trust_run=True)

@@ -211,10 +211,11 @@ def test_truncated_manifest_and_chunk(tmp_path):
         History.open(run)
     manifest.write_text(text)
     chunk = run / "chunks" / "chunk-00000003.safetensors"
-    chunk.write_bytes(chunk.read_bytes()[:100])
-    h = History.open(run)
-    with pytest.raises(CorruptRunError, match=r"chunk-00000003\.safetensors"):
-        h.params(4)
+    good = chunk.read_bytes()
+    chunk.write_bytes(good[:100])
+    with pytest.raises(CorruptRunError, match=r"chunk-00000003\.safetensors is not valid safetensors"):
+        History.open(run)  # every file's layout is checked on open, not when its steps are first read
+    chunk.write_bytes(good)
     (run / "chunks" / "chunk-00000000.batches.parquet").unlink()
     with pytest.raises(CorruptRunError, match=r"batches\.parquet is missing"):
         History.open(run)

@@ -148,11 +148,12 @@ def test_mse_regression_components_and_data_add_up_to_the_true_change(tmp_path, 
     history = record(tmp_path / "run", spec(outputs=2), dtype=dtype)
     figures = []
     for _ in range(2):  # the replay: no traceback, the same figure twice
-        assert main(["verify", str(history.path), "--json"]) == 0
+        assert main(["verify", str(history.path), "--trust-run", "--json"]) == 0
         figures.append(json.loads(capsys.readouterr().out)["max_rel_error"])
     assert figures[0] == figures[1] < 1e-5
     name = str(dtype).removeprefix("torch.")
-    e = explain(history.path, ExplainConfig(dtype=name, test_size=None, views=("components", "data")), progress=False)
+    e = explain(history.path, ExplainConfig(dtype=name, test_size=None, views=("components", "data")), progress=False,
+                trust_run=True)
     truth = true_change(history)
     assert worst_relative(e.components, truth) <= bound
     assert worst_relative(e.data, truth) <= bound          # every training example and the weight decay
@@ -163,7 +164,7 @@ def test_loss_quantity_is_the_runs_own_loss(tmp_path):
     history = record(tmp_path / "run", spec(loss="tests.test_regression:huber", outputs=2), dtype=torch.float64,
                      steps=4)
     e = explain(history.path, ExplainConfig(dtype="float64", test_size=None, quantity="loss", views=()),
-                progress=False)
+                progress=False, trust_run=True)
     task = get_task(history.model_spec)
     val = task.dataset("val")
     losses = []
@@ -181,9 +182,9 @@ def test_a_loss_of_integer_targets_by_import_path_records_and_replays(tmp_path):
     model_spec = {**spec(loss="tests.test_regression:smoothed_cross_entropy", data="classes"),
                   "model_kwargs": {"outputs": 3}}
     history = record(tmp_path / "run", model_spec, dtype=torch.float64, steps=4)
-    assert main(["verify", str(history.path), "--json"]) == 0
+    assert main(["verify", str(history.path), "--trust-run", "--json"]) == 0
     e = explain(history.path, ExplainConfig(dtype="float64", test_size=None, views=("components", "data")),
-                progress=False)
+                progress=False, trust_run=True)
     assert worst_relative(e.data, true_change(history)) <= 1e-10
     assert not e.regression and e.exactness() is not None
 
@@ -193,7 +194,7 @@ def test_explain_cli_takes_a_quantity_by_import_path_and_writes_a_regression_dat
     out = tmp_path / "reg.duckdb"
     path = "tests.test_regression:squared_error"
     assert main(["explain", str(history.path), "--out", str(out), "--test", "val:all", "--views",
-                 "components,data", "--quantity", path, "--dtype", "float64", "--json"]) == 0
+                 "components,data", "--quantity", path, "--dtype", "float64", "--trust-run", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["quantity"] == path and summary["max_rel_residual"] < 1e-10
     task = get_task(history.model_spec)
@@ -227,7 +228,7 @@ def test_explain_cli_takes_a_quantity_by_import_path_and_writes_a_regression_dat
 def test_explain_cli_refuses_what_a_regression_run_cannot_give(tmp_path, capsys, argv, message):
     history = record(tmp_path / "run", spec(), steps=2)
     out = tmp_path / "reg.duckdb"
-    assert main(["explain", str(history.path), "--out", str(out), *argv]) == 2
+    assert main(["explain", str(history.path), "--out", str(out), "--trust-run", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
     assert not out.exists()
@@ -265,7 +266,7 @@ def test_dashboard_shows_a_regression_run_without_classes(tmp_path, monkeypatch)
     runs = tmp_path / "runs"
     runs.mkdir()
     assert main(["explain", str(history.path), "--out", str(runs / "reg.duckdb"), "--test", "val:all",
-                 "--views", "components,data", "--json"]) == 0
+                 "--views", "components,data", "--trust-run", "--json"]) == 0
     monkeypatch.setenv(state.ENV_RUNS, str(runs))
     try:
         for page in ("overview", "components", "data", "reconstruction"):

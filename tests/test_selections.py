@@ -227,11 +227,11 @@ def test_max_pooling_cnn_is_reconstructed_to_round_off(tmp_path, act):
     history = record(tmp_path / "run", "PoolCNN", act=act)
     truth = true_change(history)
     for dtype, bound in (("float32", 1e-5), ("float64", 1e-10)):
-        e = explain(history.path, ExplainConfig(dtype=dtype, test_size=None), progress=False)
+        e = explain(history.path, ExplainConfig(dtype=dtype, test_size=None), progress=False, trust_run=True)
         assert worst_relative(e.components, truth) <= bound
         assert quadrature_notes(e) == []
     fixed = explain(history.path, ExplainConfig(dtype="float64", test_size=None, quadrature="gauss:16"),
-                    progress=False)
+                    progress=False, trust_run=True)
     assert worst_relative(fixed.components, truth) > 1e-8         # uncut switches cost a fixed rule accuracy
 
 
@@ -239,7 +239,7 @@ def test_switches_between_equal_activations_and_hidden_ones_are_cut(tmp_path):
     # larger steps: windows of the blank border (equal activations) switch, and switches come and go
     # within one step
     history = record(tmp_path / "run", "PoolCNN", steps=10, lr=0.3)
-    e = explain(history.path, ExplainConfig(dtype="float64", test_size=None), progress=False)
+    e = explain(history.path, ExplainConfig(dtype="float64", test_size=None), progress=False, trust_run=True)
     assert worst_relative(e.components, true_change(history)) <= 1e-10
     assert quadrature_notes(e) == []
 
@@ -248,8 +248,8 @@ def test_the_margin_quantity_is_cut_where_the_runner_up_class_changes(tmp_path):
     # margin = true logit − the largest other: an amax over the classes, in the explained quantity itself
     history = record(tmp_path / "run", "PoolCNN", act="tanh")
     config = ExplainConfig(dtype="float64", test_size=None, quantity="margin", views=())
-    assert explain(history.path, config, progress=False).max_rel_residual < 1e-10
-    fixed = explain(history.path, replace(config, quadrature="gauss:16"), progress=False)
+    assert explain(history.path, config, progress=False, trust_run=True).max_rel_residual < 1e-10
+    fixed = explain(history.path, replace(config, quadrature="gauss:16"), progress=False, trust_run=True)
     assert fixed.max_rel_residual > 1e-6
 
 
@@ -257,14 +257,15 @@ def test_verify_of_a_max_pooling_run_gives_the_same_figure_twice(tmp_path, capsy
     history = record(tmp_path / "run", "PoolCNN", steps=4)
     figures = []
     for _ in range(2):
-        assert main(["verify", str(history.path), "--json"]) == 0
+        assert main(["verify", str(history.path), "--trust-run", "--json"]) == 0
         figures.append(json.loads(capsys.readouterr().out)["max_rel_error"])
     assert figures[0] == figures[1] < 1e-5
 
 
 def test_a_selection_whose_switches_are_not_located_is_named_with_its_steps(tmp_path):
     history = record(tmp_path / "run", "CumMaxNet", steps=4, lr=0.5)
-    e = explain(history.path, ExplainConfig(dtype="float64", test_size=None, views=()), progress=False)
+    e = explain(history.path, ExplainConfig(dtype="float64", test_size=None, views=()), progress=False,
+                trust_run=True)
     assert e.max_rel_residual > 1e-10
     (note,) = quadrature_notes(e)
     assert "cummax" in note and "not located" in note

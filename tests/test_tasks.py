@@ -225,8 +225,13 @@ def test_bad_import_targets_are_reported_when_used():
 
 def test_make_config_validates_overrides():
     assert make_config("modular-addition", {"betas": [0.8, 0.9]}).betas == (0.8, 0.9)
-    with pytest.raises(BadInputError, match="channels must be two positive whole numbers"):
+    with pytest.raises(BadInputError, match="config 'channels' must be a list of 2 integers, got"):
         make_config("digits-cnn", {"channels": (8.5, 16)})
+    with pytest.raises(BadInputError, match="channels must be two positive whole numbers"):
+        make_config("digits-cnn", {"channels": (8, 0)})
+    for key, value in (("lr", float("inf")), ("lr", float("nan")), ("p", "97"), ("betas", [0.9]), ("seed", True)):
+        with pytest.raises(BadInputError, match=f"config '{key}' must be"):
+            make_config("modular-addition", {key: value})
 
 
 # ---------------------------------------------------------------------------- training

@@ -44,7 +44,7 @@ CONFIGS = {
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_replay_matches_torch_optim(tmp_path, name):
     run = record_tiny_run(tmp_path / name, CONFIGS[name], steps=15, chunk_steps=4)
-    report = verify(run, progress=False)
+    report = verify(run, progress=False, trust_run=True)
     assert report.steps == 15
     assert report.max_rel_error <= 1e-6, report
     assert report.max_rel_error_raw <= 1e-4, report
@@ -59,7 +59,7 @@ def test_replay_schedules_clipping_weights_precision(tmp_path, variant):
         "float64": {"dtype": torch.float64},
     }[variant]
     run = record_tiny_run(tmp_path / variant, CONFIGS["adamw"], steps=15, **kwargs)
-    report = verify(run, progress=False)
+    report = verify(run, progress=False, trust_run=True)
     assert report.max_rel_error <= 1e-6, report
     if variant == "float64":
         assert report.max_rel_error_raw <= 1e-10, report
@@ -74,7 +74,7 @@ def test_replay_detects_a_wrong_record(tmp_path):
     frame = pl.read_parquet(path)
     frame.with_columns(pl.when(pl.col("step") == 3).then(pl.col("lr") * 1.01).otherwise(pl.col("lr"))
                        .alias("lr")).write_parquet(path)
-    report = verify(run, progress=False)
+    report = verify(run, progress=False, trust_run=True)
     assert report.worst_step == 3
     assert report.max_rel_error > 1e-3
 
@@ -82,7 +82,7 @@ def test_replay_detects_a_wrong_record(tmp_path):
 def test_other_optimizer_refused_with_reason(tmp_path):
     run = record_tiny_run(tmp_path / "r", lambda m: torch.optim.Adagrad(m.parameters(), lr=0.1), steps=3)
     with pytest.raises(UnsupportedOptimizerError, match="Adagrad"):
-        verify(run, progress=False)
+        verify(run, progress=False, trust_run=True)
 
 
 def test_model_spec_mismatch(tmp_path):
@@ -92,22 +92,37 @@ def test_model_spec_mismatch(tmp_path):
     manifest["model"]["model_kwargs"] = {"hidden": 7}
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(CorruptRunError, match="shape"):
-        verify(run, progress=False)
+        verify(run, progress=False, trust_run=True)
     manifest["model"]["model_kwargs"] = {}
     manifest["model"]["data_kwargs"] = {"seed": 3}
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(CorruptRunError, match="fingerprint"):
-        verify(run, progress=False)
+        verify(run, progress=False, trust_run=True)
 
 
 def test_cli_verify_json(tmp_path, capsys):
     run = record_tiny_run(tmp_path / "r", CONFIGS["adamw"], steps=5)
-    assert main(["verify", str(run), "--json"]) == 0
+    assert main(["verify", str(run), "--trust-run", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["steps"] == 5 and out["max_rel_error"] <= 1e-6
     assert main(["verify", str(tmp_path / "missing"), "--json"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert History.open(run).num_steps == 5
+
+
+def test_verify_cross_checks_the_final_parameters_against_the_last_chunk(tmp_path):
+    """A finite but different θ_N in final.safetensors passes every per-file check; only the
+    cross-check sees that the two records of the final parameters disagree."""
+    from safetensors.torch import load_file, save_file
+
+    run = record_tiny_run(tmp_path / "r", CONFIGS["sgd"], steps=4)
+    final = run / "final.safetensors"
+    tensors = load_file(str(final))
+    tensors["out.bias"] = tensors["out.bias"] + 1e-3
+    save_file(tensors, str(final))
+    History.open(run).params(4)   # readable: the per-file checks pass
+    with pytest.raises(CorruptRunError, match=r"final\.safetensors: tensor 'out\.bias' differs from the parameters"):
+        verify(run, progress=False, trust_run=True)
 
 
 def _record_fidelity(out, name: str, data: str, dtype=torch.float32, steps: int = 8):
@@ -137,7 +152,7 @@ def _record_fidelity(out, name: str, data: str, dtype=torch.float32, steps: int 
 def test_replay_of_batchnorm_and_dropout_runs(tmp_path, name, data, dtype):
     """The training forward is replayed with its batch statistics and its dropout masks."""
     run = _record_fidelity(tmp_path / "r", name, data, dtype)
-    report = verify(run, progress=False)
+    report = verify(run, progress=False, trust_run=True)
     assert report.max_rel_error <= 1e-6, report
     if dtype == torch.float64:
         assert report.max_rel_error_raw <= 1e-10, report
@@ -155,7 +170,7 @@ def test_replay_without_the_random_state_says_so(tmp_path):
     (run / "manifest.json").write_text(json.dumps(manifest))
     chunk = run / "chunks" / "chunk-00000000.safetensors"
     save_file({k: v for k, v in load_file(str(chunk)).items() if k not in ("random", "rng_cpu")}, str(chunk))
-    report = verify(run, progress=False)
+    report = verify(run, progress=False, trust_run=True)
     assert report.max_rel_error > 1e-3
     assert any("records no random state" in note for note in report.notes)
 
@@ -164,7 +179,7 @@ VERIFY_SCRIPT = """
 import json, sys, torch
 torch.set_num_threads(int(sys.argv[2]))
 from engine.run.verify import verify
-print(json.dumps(verify(sys.argv[1], progress=False).to_json()))
+print(json.dumps(verify(sys.argv[1], progress=False, trust_run=True).to_json()))
 """
 
 

@@ -58,7 +58,7 @@ from tqdm.auto import tqdm
 
 from engine import store
 from engine.errors import BadInputError, CorruptRunError, RunNotFoundError
-from engine.model.task import Task, get_task
+from engine.model.task import Task
 from engine.run.history import History
 
 log = logging.getLogger(__name__)
@@ -399,14 +399,17 @@ def _ranking_and_eval(db_path: Path, run_path: Path, task: Task, meta: dict, ran
 
 
 def load_setup(db_path: str | os.PathLike, run_dir: str | os.PathLike | None = None,
-               min_eval: int = PruneConfig.min_eval) -> PruneSetup:
-    """Read Ψ̄ and the ranking set from ``db_path`` and θ_N, model and data from its run directory."""
+               min_eval: int = PruneConfig.min_eval, trust_run: bool = False) -> PruneSetup:
+    """Read Ψ̄ and the ranking set from ``db_path`` and θ_N, model and data from its run directory.
+
+    The run's model and data code is imported only for a built-in task or with ``trust_run``.
+    """
     db_path = Path(db_path)
     meta, importance, groups, ranking = _read_database(db_path)
     run_path = _resolve_run_dir(db_path, meta, run_dir)
     history = History.open(run_path)
     _check_same_run(db_path, meta, history)
-    task = get_task(history.model_spec)
+    task = history.task(trust_run)
     if task.dataset("val").regression:
         raise BadInputError(f"{run_path} has floating-point targets: the pruning check compares predicted classes "
                             "(agreement, accuracy, KL)")
@@ -511,25 +514,20 @@ def sweep(setup: PruneSetup, config: PruneConfig, progress: bool = False) -> pl.
     })
 
 
-def _merge(existing: pl.DataFrame, new: pl.DataFrame) -> pl.DataFrame:
-    """Stored rows of other (method, scope) pairs, plus ``new``, in the contract's columns."""
-    replaced = new.select("method", "scope").unique()
-    kept = existing.select(COLUMNS).join(replaced, on=["method", "scope"], how="anti")
-    return pl.concat([kept.cast(new.select(COLUMNS).schema), new.select(COLUMNS)])
-
-
 def run_prune(db_path: str | os.PathLike, config: PruneConfig, *, run_dir: str | os.PathLike | None = None,
-              write: bool = True, progress: bool = False) -> tuple[PruneSetup, pl.DataFrame]:
-    """Load, sweep and (with ``write``) store; returns the setup and the new rows."""
-    setup = load_setup(db_path, run_dir=run_dir, min_eval=config.min_eval)
+              write: bool = True, progress: bool = False, trust_run: bool = False) -> tuple[PruneSetup, pl.DataFrame]:
+    """Load, sweep and (with ``write``) store; returns the setup and the new rows.
+
+    The rows replace the stored rows of the same (method, scope) and keep the others, in one
+    atomic update under the database's writer lock (``engine.store.add_pruning``).
+    """
+    setup = load_setup(db_path, run_dir=run_dir, min_eval=config.min_eval, trust_run=trust_run)
     log.info("pruning %d tensors (%d elements) of %s; output layer kept: %s; %d ranking / %d held-out examples",
              len(setup.prunable), sum(setup.params[n].numel() for n in setup.prunable), setup.run_dir,
              ", ".join(setup.output), setup.ranking_ids.numel(), setup.eval_ids.numel())
     frame = sweep(setup, config, progress=progress)
     if write:
-        with store.RunDB.open(setup.db_path) as db:
-            existing = db.pruning()
-        store.add_pruning(setup.db_path, _merge(existing, frame))
+        store.add_pruning(setup.db_path, frame.select(COLUMNS), keep_other_curves=True)
     return setup, frame
 
 
@@ -544,6 +542,7 @@ def prune(
     min_eval: int = PruneConfig.min_eval,
     write: bool = True,
     progress: bool = False,
+    trust_run: bool = False,
 ) -> pl.DataFrame:
     """Prune the final model of the run behind ``db_path`` by ``methods`` (default: every method
     the database holds scores for; MATH.md §5).
@@ -551,11 +550,12 @@ def prune(
     Returns one row per (method, seed, sparsity) in the pruning-frame columns plus
     ``layer_sparsity`` (JSON). With ``write`` the rows go into the database's pruning
     table atomically, replacing earlier rows of the same (method, scope) and keeping the
-    others. ``run_dir`` overrides the run directory recorded in the database.
+    others. ``run_dir`` overrides the run directory recorded in the database; ``trust_run``
+    allows importing the model and data code a run names (built-in tasks need no trust).
     """
     config = PruneConfig(sparsities=tuple(sparsities), methods=None if methods is None else tuple(methods),
                          scope=scope, seeds=seeds, min_eval=min_eval)
-    return run_prune(db_path, config, run_dir=run_dir, write=write, progress=progress)[1]
+    return run_prune(db_path, config, run_dir=run_dir, write=write, progress=progress, trust_run=trust_run)[1]
 
 
 def summarize(frame: pl.DataFrame) -> pl.DataFrame:
@@ -581,6 +581,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", default=None, help="run directory (default: the one recorded in the database)")
     parser.add_argument("--min-eval", type=int, default=PruneConfig.min_eval,
                         help="fewest held-out validation examples accepted (default %(default)s)")
+    parser.add_argument("--trust-run", action="store_true",
+                        help="import the model and data code the run names (needed unless it is a built-in task)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -601,7 +603,7 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     methods = None if args.methods.strip() == "all" else tuple(_split(args.methods))
     config = PruneConfig(sparsities=tuple(_parse_sparsities(args.sparsities)), methods=methods, scope=args.scope,
                          seeds=args.seeds, min_eval=args.min_eval)
-    setup, frame = run_prune(args.db, config, run_dir=args.run, progress=not args.json)
+    setup, frame = run_prune(args.db, config, run_dir=args.run, progress=not args.json, trust_run=args.trust_run)
     curves = {
         f"{row['method']} @ {row['sparsity']:g}": {k: row[k] for k in ("agreement", "accuracy", "kl",
                                                                         "achieved_sparsity", "seeds")}

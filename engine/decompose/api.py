@@ -77,7 +77,7 @@ from engine.decompose.setup import BufferGroup, _math_attention, _Setup, _setup,
 from engine.decompose.stream import REGULARIZER, _Pass, _Window
 from engine.errors import BadInputError, ExplaindError, UnsupportedOptimizerError
 from engine.model.groups import GroupMap, ParamLayout
-from engine.model.task import Task, get_task, short_numbers
+from engine.model.task import Task, short_numbers
 from engine.run.history import History, StepRecord
 from engine.run.spec import check_model_matches
 from engine.run.updates import UpdateRule, initial_buffer, rule_for
@@ -112,6 +112,8 @@ IMPORTANCE_SCORES = ("importance", "gradient", "decay", "balance", "taylor")
 # ============================================================================ results
 class ExplainInterrupted(ExplaindError):
     """Ctrl-C during ``explain``; ``partial`` is the Explanation of the finished steps."""
+
+    signum = signal.SIGINT  # the command line reports it as the interruption it is
 
     def __init__(self, message: str, partial: Explanation) -> None:
         super().__init__(message)
@@ -431,10 +433,13 @@ def _examples_frame(task: Task, model: nn.Module, final: dict[str, Tensor], test
 
 # ============================================================================ driver
 def explain(run_dir: str | Path, config: ExplainConfig | None = None, progress: bool = True,
-            allow_incomplete: bool = False) -> Explanation:
-    """Decompose a recorded run (see the module docstring); ``python -m engine explain`` calls this."""
+            allow_incomplete: bool = False, trust_run: bool = False) -> Explanation:
+    """Decompose a recorded run (see the module docstring); ``python -m engine explain`` calls this.
+
+    The run's model and data code is imported only for a built-in task or with ``trust_run``.
+    """
     history = History.open(run_dir, allow_incomplete=allow_incomplete)
-    return explain_history(history, get_task(history.model_spec), config or ExplainConfig(), progress)
+    return explain_history(history, history.task(trust_run), config or ExplainConfig(), progress)
 
 
 @retained_heap()
@@ -448,10 +453,10 @@ def explain_history(history: History, task: Task, config: ExplainConfig | None =
     kept = _kept_steps(s)
     passes = _passes(s)
     start = 0 if rule else s.lo
-    bar = tqdm(total=(s.hi - start) * len(passes), desc="explain", unit="step", disable=not progress,
-               dynamic_ncols=True)
     results: list[_Pass] = []
-    with _deferred_interrupt() as stop, bar:
+    # the bar opens once Ctrl-C is deferred, so that an interruption always finds it to close
+    with _deferred_interrupt() as stop, tqdm(total=(s.hi - start) * len(passes), desc="explain", unit="step",
+                                              disable=not progress, dynamic_ncols=True) as bar:
         for tests in passes:
             current = _Pass(s, tests, kept, _rule_for(s) if rule else None)  # rules are stateful: one per pass
             results.append(current)
@@ -800,14 +805,14 @@ def _empty_completeness() -> pl.DataFrame:
 
 # ============================================================================ other entry points
 def element_influence(run: str | Path | History, config: ExplainConfig | None = None,
-                      progress: bool = False) -> tuple[tuple[int, ...], dict[str, Tensor]]:
+                      progress: bool = False, trust_run: bool = False) -> tuple[tuple[int, ...], dict[str, Tensor]]:
     """Signed ``Σ_s φ̂_s(x)[j, i] Δ_s[i]`` per test example, output and parameter element.
 
     Returns ``(test_ids, {tensor name: (test, out, *shape) float64})`` over the configured
-    step range; memory is ``tests × O × D`` doubles.
+    step range; memory is ``tests × O × D`` doubles. ``trust_run`` as for ``explain``.
     """
     history = run if isinstance(run, History) else History.open(run)
-    task = get_task(history.model_spec)
+    task = history.task(trust_run)
     config = replace(config or ExplainConfig(), views=("importance",))
     s = _setup(history, task, config)
     rule = _rule_for(s)
@@ -822,10 +827,11 @@ def element_influence(run: str | Path | History, config: ExplainConfig | None = 
 
 def compare_quadratures(run: str | Path | History, quadratures: tuple[str, ...] = ("midpoint:10", "midpoint:100",
                         "gauss:2", "adaptive"), config: ExplainConfig | None = None,
-                        progress: bool = False) -> pl.DataFrame:
-    """The ``exactness`` table: reconstruction of the final logits under several quadrature rules."""
+                        progress: bool = False, trust_run: bool = False) -> pl.DataFrame:
+    """The ``exactness`` table: reconstruction of the final logits under several quadrature rules
+    (``trust_run`` as for ``explain``)."""
     history = run if isinstance(run, History) else History.open(run)
-    task = get_task(history.model_spec)
+    task = history.task(trust_run)
     base = replace(config or ExplainConfig(), views=(), quantity="logits", optimizer_residual=False)
     if task.dataset("train").regression:
         raise BadInputError(f"{history.path} has floating-point targets: the exactness table compares predicted "

@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from engine.errors import BadInputError, CorruptRunError, RunNotFoundError
 from engine.model.task import Dataset, Task, data_fingerprint, get_task
-from engine.run.record import HPARAM_COLUMNS, RunWriter, StepData, write_json_atomic
+from engine.run.record import HPARAM_COLUMNS, RunWriter, StepData, check_run_target, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +163,10 @@ def resolve_dataset(directory: Path, dataset: str | None, data_kwargs: Mapping[s
 
 
 # ============================================================================ loading
+_ZIP_MAGIC = b"PK\x03\x04"   # torch.save's default format is a zip archive
+_PICKLE_MAGIC = b"\x80"       # its legacy format starts with a pickle protocol byte
+
+
 def _load_list(file: Path, what: str) -> list[Any]:
     """``torch.load`` a list saved by the package, without executing pickled code."""
     if not file.is_file():
@@ -170,6 +174,14 @@ def _load_list(file: Path, what: str) -> list[Any]:
             f"{file} is missing: an explaind run directory holds {MODEL_FILE}, {OPTIMIZER_FILE} and {DATA_FILE} "
             f"(written by save_checkpoints() of ModelPath, the optimizer wrapper and DataPath)"
         )
+    try:
+        with open(file, "rb") as handle:
+            head = handle.read(4)
+    except OSError as exc:
+        raise CorruptRunError(f"{file} cannot be read ({exc.strerror})") from None
+    if not (head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_MAGIC)):
+        raise CorruptRunError(f"{file} is not a file written by torch.save (it starts with {head!r}); "
+                              "it is truncated or foreign")
     try:
         try:
             value = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
@@ -179,14 +191,20 @@ def _load_list(file: Path, what: str) -> list[Any]:
             value = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         lines = [line.strip() for line in str(exc).splitlines() if "Unsupported global" in line]
-        reason = lines[0] if lines else str(exc).splitlines()[0]
+        if not lines:
+            raise CorruptRunError(f"{file} cannot be read as a torch.save file of tensors, lists and dicts; "
+                                  "it is truncated or foreign") from None
         raise CorruptRunError(
-            f"{file} holds pickled Python objects other than tensors, lists and dicts ({reason}); it is loaded "
+            f"{file} holds pickled Python objects other than tensors, lists and dicts ({lines[0]}); it is loaded "
             "with weights_only=True so that importing a file never runs code from it. Re-save the "
             f"{what} as plain lists and dicts of tensors (e.g. torch.save([dict(c) for c in checkpoints], ...))"
-        ) from exc
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise CorruptRunError(f"{file} cannot be read by torch.load ({exc}); the file is truncated or foreign") from exc
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "weights_only" in reason:  # torch's advice to load without it would run code from the file
+            reason = type(exc).__name__
+        raise CorruptRunError(f"{file} cannot be read by torch.load ({reason}); the file is truncated or "
+                              "foreign") from None
     if not isinstance(value, list):
         raise CorruptRunError(f"{file} holds a {type(value).__name__}, expected the list of {what} the package saves")
     return value
@@ -215,11 +233,15 @@ class _Source:
         return len(self.batches)
 
 
-def _load_source(directory: Path) -> _Source:
+def _check_directory(directory: Path) -> None:
     if not directory.exists():
         raise RunNotFoundError(f"explaind checkpoint directory {directory} does not exist")
     if not directory.is_dir():
         raise BadInputError(f"{directory} is a file; pass the directory holding {MODEL_FILE}")
+
+
+def _load_source(directory: Path) -> _Source:
+    _check_directory(directory)
     files = (directory / MODEL_FILE, directory / OPTIMIZER_FILE, directory / DATA_FILE)
     params = _load_list(files[0], "model state dicts")
     optimizer = _load_list(files[1], "optimizer checkpoints")
@@ -574,6 +596,8 @@ def import_explaind(
     from engine.run.verify import verify
 
     directory = Path(directory)
+    _check_directory(directory)
+    check_run_target(Path(out), overwrite)
     cfg = optimizer or ExplaindOptimizer()
     data_path, data_args = resolve_dataset(directory, dataset, data_kwargs)
     spec = {"model": model, "model_kwargs": dict(model_kwargs or {}), "data": data_path,
@@ -612,7 +636,7 @@ def import_explaind(
                                  active=data.active, second_moment=data.second_moment, adam_step=data.adam_step))
     run = writer.finish(src.params[-1], "complete")
 
-    report = verify(run, progress=progress)
+    report = verify(run, progress=progress, trust_run=True)  # the code is the one the caller named
     manifest = json.loads((run / "manifest.json").read_text())
     manifest["import"]["replay"] = report.to_json()
     if report.max_rel_error > REPLAY_TOLERANCE:

@@ -6,16 +6,20 @@ script: ``build_model()`` gives a module with the recorded parameter names,
 ``per_example_loss`` gives the loss whose gradients the optimizer followed.
 The built-in tasks live in ``engine.tasks`` and are named here by import path
 (``BUILTIN_TASKS``); ``ImportedTask`` wraps a user's own model, data and (optionally) loss
-functions named by import path. ``get_task`` turns a spec back into a task.
+functions named by import path. ``get_task`` turns a spec back into a task; ``run_task`` does
+so for the spec found in a recorded run, where code named by import path (model, data, loss —
+a Hugging Face model spec included) runs only when the user trusts the run.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import math
 import re
+import typing
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -23,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.errors import BadInputError
+from engine.errors import BadInputError, UntrustedRunError
 from engine.model.groups import ParamLayout
 from engine.model.units import Partition
 
@@ -257,6 +261,10 @@ class ImportedTask(Task):
         if not isinstance(loss, str) or (loss not in LOSSES and ":" not in loss):
             raise BadInputError(f"import spec loss {loss!r} is not supported; choose one of {', '.join(LOSSES)} "
                                 "or give the import path 'package.module:function' of a per-example loss")
+        for key in ("model_kwargs", "data_kwargs"):
+            if not isinstance(spec.get(key) or {}, dict):
+                raise BadInputError(f"import spec {key} must be an object of keyword arguments, got "
+                                    f"{spec[key]!r}")
         self._spec = {
             "model": spec["model"],
             "model_kwargs": dict(spec.get("model_kwargs") or {}),
@@ -335,23 +343,60 @@ def seeded_model(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
 
 def builtin_task(name: Any) -> type[Task]:
     """The class of built-in task ``name``."""
-    if name not in BUILTIN_TASKS:
+    if not isinstance(name, str) or name not in BUILTIN_TASKS:
         raise BadInputError(f"unknown task {name!r}; choose one of {', '.join(BUILTIN_TASKS)}")
     return load_object(BUILTIN_TASKS[name], f"built-in task {name!r}")
 
 
 def make_config(name: str, overrides: dict[str, Any] | None = None) -> Any:
-    """The default configuration of built-in task ``name`` with ``overrides`` applied, validated."""
+    """The default configuration of built-in task ``name`` with ``overrides`` applied, validated.
+
+    Every value must have its field's type (numbers finite; a tuple field takes a list or
+    tuple of that many values) before the task's own checks run.
+    """
     config_cls = builtin_task(name).config_cls
     overrides = dict(overrides or {})
     valid = [f.name for f in fields(config_cls)]
     unknown = sorted(set(overrides) - set(valid))
     if unknown:
         raise BadInputError(f"task {name!r} has no config key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}")
+    hints = typing.get_type_hints(config_cls)
+    for key, value in overrides.items():
+        if not _fits(hints[key], value):
+            raise BadInputError(f"task {name!r}: config {key!r} must be {_words(hints[key])}, got {value!r}")
     try:
         return config_cls(**overrides)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise BadInputError(f"task {name!r}: invalid config {overrides}: {exc}") from exc
+
+
+def _fits(kind: Any, value: Any) -> bool:
+    """Whether ``value`` (from JSON or the command line) fits the config field type ``kind``."""
+    if kind is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if kind is int:
+        return isinstance(value, int)
+    if kind is float:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    if kind is str:
+        return isinstance(value, str)
+    if typing.get_origin(kind) is tuple:
+        args = typing.get_args(kind)
+        if len(args) == 2 and args[1] is Ellipsis:
+            args = (args[0],) * len(value) if isinstance(value, (list, tuple)) else ()
+        return (isinstance(value, (list, tuple)) and len(value) == len(args)
+                and all(_fits(a, v) for a, v in zip(args, value, strict=True)))
+    return True
+
+
+def _words(kind: Any) -> str:
+    if typing.get_origin(kind) is tuple:
+        args = typing.get_args(kind)
+        plural = {bool: "booleans", int: "integers", float: "finite numbers", str: "strings"}.get(args[0], "values")
+        return f"a list of {plural}" if args[-1] is Ellipsis else f"a list of {len(args)} {plural}"
+    return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}.get(kind, str(kind))
 
 
 def get_task(spec: dict[str, Any]) -> Task:
@@ -372,3 +417,35 @@ def get_task(spec: dict[str, Any]) -> Task:
         f"task spec with keys {sorted(spec)} names neither a built-in task ('task': one of "
         f"{', '.join(BUILTIN_TASKS)}) nor an import spec ('model' and 'data' import paths)"
     )
+
+
+def run_task(spec: Any, source: str, trust_run: bool = False) -> Task:
+    """The task of a recorded run's spec; code the spec names runs only when ``trust_run``.
+
+    A built-in task (``{"task": name, ...}``) is always rebuilt: it loads only the modules in
+    ``BUILTIN_TASKS``. Any other spec names code by import path (its model, data and loss);
+    importing it would run that code, so without ``trust_run`` it raises UntrustedRunError
+    saying what ``source`` (e.g. ``"run runs/r1"``) wants to import and how to allow it.
+    """
+    if isinstance(spec, dict) and "task" in spec:
+        return get_task(spec)
+    if not trust_run:
+        named = [f"{key} {value!r}" for key, value in _import_paths(spec)]
+        shown = ", ".join(named) if named else f"the model spec {str(spec)[:80]}"
+        raise UntrustedRunError(
+            f"{source} is not a built-in task: rebuilding it imports and runs {shown}. Code named in a run "
+            "runs only when you trust the run: pass --trust-run (from Python: trust_run=True)"
+        )
+    return get_task(spec)
+
+
+def _import_paths(value: Any, key: str = "") -> Iterator[tuple[str, str]]:
+    """(key path, import path) of every ``pkg.mod:name`` string in a spec."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _import_paths(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _import_paths(v, f"{key}[{i}]")
+    elif isinstance(value, str) and _IMPORT_PATH.match(value):
+        yield key, value

@@ -73,6 +73,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import time
 import weakref
@@ -87,6 +88,7 @@ from safetensors.torch import save_file
 
 from engine.errors import BadInputError
 from engine.model.task import data_fingerprint
+from engine.run.schema import CHUNK_STEM, HPARAMS
 from engine.run.spec import check_live, floating_buffers
 
 FORMAT = "explaind-studio-run"
@@ -94,11 +96,13 @@ SCHEMA_VERSION = 2
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 MAX_CHUNK_STEPS = 256
 
-# Hyper-parameters stored per step and group; a missing key is stored as null.
-HPARAM_COLUMNS = (
-    "lr", "weight_decay", "beta1", "beta2", "eps", "momentum", "dampening",
-    "nesterov", "maximize", "amsgrad", "decoupled",
-)
+# Hyper-parameters stored per step and group (declared in engine.run.schema); a missing key is stored as null.
+HPARAM_COLUMNS = tuple(HPARAMS)
+# What a run directory holds; ``--overwrite`` replaces a folder only when it holds nothing else.
+RUN_ENTRIES = ("manifest.json", "chunks", "buffers.safetensors", "final.safetensors", "initial_state.safetensors")
+_RUN_LEFTOVERS = re.compile(r"\.manifest\.json\.tmp-\d+")
+_CHUNK_ENTRIES = re.compile(rf"\.?{CHUNK_STEM}(\.safetensors|\.batches\.parquet|\.hparams\.parquet|"
+                            r"\.metrics\.parquet|\.tmp)")
 
 # The Recorder attached to each optimizer: a second one would record every step twice.
 _RECORDING: weakref.WeakKeyDictionary[torch.optim.Optimizer, Recorder] = weakref.WeakKeyDictionary()
@@ -122,6 +126,70 @@ def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
     os.replace(tmp, path)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    """``safetensors`` file at ``path`` with the mode any new file gets (safetensors itself writes 0600)."""
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def is_run_directory(path: Path) -> bool:
+    """Whether ``path`` holds the manifest of a run directory this tool wrote."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
+def check_run_target(out: Path, overwrite: bool) -> None:
+    """Refuse an output run directory that cannot be created or holds data this tool did not write.
+
+    An existing non-empty folder is replaced only with ``overwrite``, and only when it is a run
+    directory (its manifest says so) holding nothing but what a run directory holds.
+    """
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing != out and not existing.is_dir():
+        raise BadInputError(f"run directory {out} cannot be created: {existing} is a file")
+    if existing == out and not out.is_dir():
+        raise BadInputError(f"{out} is a file; the run directory must be a new or empty folder")
+    if not os.access(existing, os.W_OK):
+        raise BadInputError(f"run directory {out} cannot be written: {existing} is not writable (permission denied)")
+    if existing != out or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise BadInputError(f"run directory {out} already exists and is not empty; "
+                            "choose a new directory or pass overwrite=True (CLI: --overwrite)")
+    if not is_run_directory(out):
+        raise BadInputError(f"{out} is not a run directory (it has no manifest.json of a recording); overwriting "
+                            "replaces only run directories: choose another directory or empty this one yourself")
+    foreign = [e.name for e in out.iterdir() if e.name not in RUN_ENTRIES and not _RUN_LEFTOVERS.fullmatch(e.name)]
+    chunks = out / "chunks"
+    if chunks.is_dir():
+        foreign += [f"chunks/{e.name}" for e in chunks.iterdir() if not _CHUNK_ENTRIES.fullmatch(e.name)]
+    elif chunks.exists():
+        foreign.append("chunks")
+    if foreign:
+        raise BadInputError(f"{out} is a run directory but also holds {', '.join(sorted(foreign)[:3])}, which the "
+                            "recording did not write; overwriting would delete them: move them away or choose "
+                            "another directory")
 
 
 def _group_hparams(group: Mapping[str, Any], decoupled_default: bool) -> dict[str, Any]:
@@ -165,6 +233,34 @@ class StepData:
     rng: RandomState | None = None             # state before the training forward, if it drew random numbers
 
 
+def _not_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """The name of the first tensor holding NaN or Inf, or None."""
+    return next((n for n, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+
+
+def _check_finite(step: int, data: StepData) -> None:
+    bad = _not_finite(data.theta)
+    if bad is not None:
+        cause = (f"the update of step {step - 1} made it NaN or Inf (training diverged; lower the learning rate)"
+                 if step else "the initial parameters are not finite")
+        raise BadInputError(f"step {step}: parameter {bad!r} holds NaN or Inf: {cause}")
+    bad = _not_finite(data.buffers or {})
+    if bad is not None:
+        cause = (f"the training of step {step - 1} made it NaN or Inf (training diverged)"
+                 if step else "the model's buffers are not finite when recording starts")
+        raise BadInputError(f"step {step}: buffer {bad!r} holds NaN or Inf: {cause}")
+    for group, row in enumerate(data.hparams):
+        for key, value in row.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise BadInputError(f"step {step}: {key} of parameter group {group} is {value}; optimizer "
+                                    "hyper-parameters must be finite")
+    if not torch.isfinite(data.batch_weights).all():
+        raise BadInputError(f"step {step}: the batch weights hold NaN or Inf")
+    if not math.isfinite(data.clip_scale):
+        raise BadInputError(f"step {step}: the gradients were scaled by {data.clip_scale} between backward() and "
+                            "step(); they hold NaN or Inf")
+
+
 class RunWriter:
     """Writes a run directory step by step, one chunk of steps in memory at a time.
 
@@ -189,11 +285,7 @@ class RunWriter:
         training_forward: Mapping[str, Any] | None = None,
     ) -> None:
         self.out_dir = Path(out_dir)
-        if self.out_dir.exists() and any(self.out_dir.iterdir()) and not overwrite:
-            raise BadInputError(
-                f"run directory {self.out_dir} already exists and is not empty; "
-                "choose a new directory or pass overwrite=True"
-            )
+        check_run_target(self.out_dir, overwrite)
         if dtype not in (torch.float32, torch.float64):
             raise BadInputError(f"storage dtype must be float32 or float64, got {dtype}")
         self.dtype = dtype
@@ -206,7 +298,7 @@ class RunWriter:
         self._buffer: list[StepData] = []
         self._metrics: list[dict[str, Any]] = []
         self._chunks: list[dict[str, Any]] = []
-        if self.out_dir.exists() and overwrite:
+        if self.out_dir.is_dir() and any(self.out_dir.iterdir()):
             shutil.rmtree(self.out_dir)
         (self.out_dir / "chunks").mkdir(parents=True, exist_ok=True)
         self.manifest: dict[str, Any] = {
@@ -230,8 +322,7 @@ class RunWriter:
                 "random": False, "irregular": None, **training_forward},
         }
         if self.initial_buffers:
-            save_file({n: b.contiguous() for n, b in self.initial_buffers.items()},
-                      str(self.out_dir / "buffers.safetensors"))
+            save_tensors(self.initial_buffers, self.out_dir / "buffers.safetensors")
         self._write_manifest()
 
     def set_data_axis_reason(self, reason: str | None) -> None:
@@ -245,10 +336,12 @@ class RunWriter:
     def save_initial_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Optimizer state that existed before the first recorded step (keys ``"<state>/<tensor>"``)."""
         if tensors:
-            save_file({k: v.to("cpu", self.dtype).contiguous() for k, v in tensors.items()},
-                      str(self.out_dir / "initial_state.safetensors"))
+            save_tensors({k: v.to("cpu", self.dtype) for k, v in tensors.items()},
+                         self.out_dir / "initial_state.safetensors")
 
     def add_step(self, data: StepData) -> None:
+        """Buffer one step; refuses non-finite parameters, buffers or hyper-parameters (training diverged)."""
+        _check_finite(self.steps, data)
         if len(self._buffer) == self.chunk_steps:
             self._flush(data.theta, data.buffers)
         self._buffer.append(data)
@@ -262,14 +355,28 @@ class RunWriter:
 
     def finish(self, theta_end: Mapping[str, torch.Tensor], status: str,
                buffers_end: Mapping[str, torch.Tensor] | None = None) -> Path:
-        """Flush the last chunk (ending at ``theta_end`` and ``buffers_end``) and mark the run ``status``."""
+        """Flush the last chunk (ending at ``theta_end`` and ``buffers_end``) and mark the run ``status``.
+
+        When ``theta_end`` or ``buffers_end`` is not finite the last step diverged: the record ends before it, the
+        run is marked incomplete, and (for a run meant to be complete) BadInputError says so.
+        """
+        diverged = _not_finite({**theta_end, **(buffers_end or {})})
+        if diverged is not None and self._buffer:
+            last = self._buffer.pop()
+            theta_end, buffers_end = last.theta, last.buffers
+            self.steps -= 1
         self._flush(theta_end, buffers_end)
-        if status == "complete":
-            final = {n: theta_end[n].to("cpu", self.dtype).contiguous() for n in self.names}
-            final.update({n: b.to("cpu", self.dtype).contiguous() for n, b in (buffers_end or {}).items()})
-            save_file(final, str(self.out_dir / "final.safetensors"))
-        self.manifest["status"] = status
+        if status == "complete" and diverged is None:
+            final = {n: theta_end[n].to("cpu", self.dtype) for n in self.names}
+            final.update({n: b.to("cpu", self.dtype) for n, b in (buffers_end or {}).items()})
+            save_tensors(final, self.out_dir / "final.safetensors")
+        self.manifest["status"] = status if diverged is None else "incomplete"
         self._write_manifest()
+        if diverged is not None and status == "complete":
+            what = "parameter" if diverged in self.names else "buffer"
+            raise BadInputError(f"step {self.steps}: the update made {what} {diverged!r} NaN or Inf (training "
+                                f"diverged; lower the learning rate). {self.out_dir} keeps steps 0..{self.steps - 1} "
+                                "and is marked incomplete")
         return self.out_dir
 
     def _write_manifest(self) -> None:
@@ -319,7 +426,7 @@ class RunWriter:
             tensors["adam_step"] = torch.tensor([d.adam_step for d in steps], dtype=torch.float64)
         chunks = self.out_dir / "chunks"
         tmp = chunks / f".{stem}.tmp"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        save_tensors(tensors, tmp)
         os.replace(tmp, chunks / f"{stem}.safetensors")
 
         pl.DataFrame({

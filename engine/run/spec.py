@@ -149,6 +149,11 @@ def check_model_matches(history: History, task: Task) -> nn.Module:
 def check_data_matches(history: History, task: Task) -> Dataset:
     """The rebuilt training set, checked against the recorded fingerprint."""
     train = task.dataset("train")
+    if len(train) != history.n_train:
+        raise CorruptRunError(
+            f"{history.path}/manifest.json records {history.n_train} training examples, but the task rebuilds "
+            f"{len(train)}; the batch ids of the record do not index this data set"
+        )
     if train.fingerprint() != history.manifest["data"]["fingerprint"]:
         raise CorruptRunError(
             f"{history.path}: the training data rebuilt from the spec differs from the data recorded "

@@ -21,10 +21,8 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from engine.errors import UnsupportedOptimizerError
 from engine.run.history import GroupHParams, History, Params, StepRecord
@@ -200,10 +198,7 @@ def rule_for(history: History) -> UpdateRule:
 
 def initial_buffer(history: History, rule: UpdateRule) -> Params | None:
     """The optimizer's carried buffer when recording started (None for a fresh optimizer)."""
-    path: Path = history.path / "initial_state.safetensors"
-    if not path.exists():
-        return None
-    state = load_file(str(path))
+    state = history.initial_state()
     key = "exp_avg" if rule.family == "adam" else "momentum_buffer"
     buffer = {n: state[f"{key}/{n}"].double() for n in history.param_names if f"{key}/{n}" in state}
     if isinstance(rule, SGDRule):

@@ -20,6 +20,12 @@ Two errors are reported per step, both relative to ``‖Δ_s‖₂``:
 intra-op thread count the training ran with (one for runs that do not record it): CPU
 reductions are split by thread, so the figure depends on the recording only, not on the
 machine's load or the caller's thread setting.
+
+Before replaying, ``verify`` reads every file of the run and cross-checks it: the manifest
+against the chunks (steps, tensor names, dtypes, shapes), every value (finite, in range,
+batch ids within the training set, one hyper-parameter row per step and group), the
+metrics, the optimizer state carried in, and the final parameters and buffers against the
+end of the last chunk. Any disagreement raises ``CorruptRunError`` naming the file.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from engine.model.task import get_task
+from engine.errors import CorruptRunError
 from engine.run.history import History, Params
 from engine.run.replay import BATCHED, RANDOM_PROBE_EXAMPLES, DataSplit, TrainingForward, choose_split, pinned_threads
 from engine.run.spec import check_data_matches, check_model_matches
@@ -75,11 +81,33 @@ def _grid_excess(delta_hat: Params, record_before: Params, record_update: Params
     return raw_sq, excess_sq, norm_sq
 
 
-def verify(run: str | Path, allow_incomplete: bool = False, progress: bool = True) -> VerifyReport:
-    """Replay every recorded step; see the module docstring for the error measures."""
+def check_files(history: History) -> None:
+    """Read every file of the run beyond the chunks' tensors and batches, cross-checking what repeats."""
+    history.metrics()
+    history.hparams_table()
+    history.initial_state()
+    history.initial_buffers()
+    if history.complete:
+        end = {**history.params(history.num_steps), **history.buffers(history.num_steps)}
+        for name, value in history.final_state().items():
+            if not torch.equal(value, end[name]):
+                raise CorruptRunError(
+                    f"{history.path}/final.safetensors: tensor {name!r} differs from the "
+                    f"{'parameters' if name in history.param_shapes else 'buffers'} that end the last chunk; one of "
+                    "the two files was replaced or damaged"
+                )
+
+
+def verify(run: str | Path, allow_incomplete: bool = False, progress: bool = True,
+           trust_run: bool = False) -> VerifyReport:
+    """Replay every recorded step; see the module docstring for the checks and the error measures.
+
+    The run's model and data code is imported only for a built-in task or with ``trust_run``.
+    """
     history = History.open(run, allow_incomplete=allow_incomplete)
+    check_files(history)
     rule = rule_for(history)
-    task = get_task(history.model_spec)
+    task = history.task(trust_run)
     model = check_model_matches(history, task)
     train = check_data_matches(history, task)
     device = torch.device("cpu")

@@ -23,7 +23,7 @@ from engine.store.schema import (
     run_path,
     validate_run_name,
 )
-from engine.store.writer import add_progress, add_pruning, write_run
+from engine.store.writer import add_progress, add_pruning, check_target, write_run, writer_lock
 
 __all__ = [
     "ALL_TESTS",
@@ -42,9 +42,11 @@ __all__ = [
     "TestSelector",
     "add_progress",
     "add_pruning",
+    "check_target",
     "info",
     "list_runs",
     "run_path",
     "validate_run_name",
     "write_run",
+    "writer_lock",
 ]

@@ -32,9 +32,8 @@ from engine.store.schema import (
     _ALIAS,
     _LEVEL_COLUMNS,
     _MAGIC,
-    _META_TYPES,
-    _OPTIONAL_META_TYPES,
     ALL_TESTS,
+    COLUMN_SINCE,
     DEFAULT_THREADS,
     LEVELS,
     MEASURES,
@@ -50,7 +49,9 @@ from engine.store.schema import (
     TestSelector,
     as_int,
     first_line,
+    meta_problem,
     required_tables,
+    table_columns,
 )
 
 UNIT_SELECTORS = ("all", "correct", "incorrect")  # the test selectors unit summaries are stored for
@@ -58,6 +59,12 @@ UNIT_SELECTORS = ("all", "correct", "incorrect")  # the test selectors unit summ
 
 def _translate(path: Path, exc: duckdb.Error) -> StoreError:
     """A StoreError for a DuckDB error raised while reading ``path``."""
+    if isinstance(exc, duckdb.IOException) and "lock" in str(exc).lower():
+        holder = str(exc).split("Conflicting lock is held in", 1)[-1].split(". See also")[0].strip()
+        return StoreError(
+            f"{path} is open for writing in another program ({holder}); close it there, or wait until it "
+            "finishes, and try again"
+        )
     if isinstance(exc, (duckdb.CatalogException, duckdb.BinderException)):
         return StoreSchemaError(
             f"{path} lacks a table or column of run database schema {SCHEMA_VERSION} ({first_line(exc)}); "
@@ -79,8 +86,14 @@ def _check_file(path: Path) -> None:
         raise RunNotFoundError(f"run database {path} does not exist; create it with `python -m engine explain`")
     if not path.is_file():
         raise StoreCorruptError(f"{path} is not a file; a run database is a single DuckDB file")
-    with open(path, "rb") as handle:
-        head = handle.read(12)
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(12)
+    except PermissionError:
+        raise StoreError(f"{path} cannot be read: permission denied. Ask its owner to make it readable "
+                         "(chmod a+r)") from None
+    except OSError as exc:
+        raise StoreError(f"{path} cannot be read ({exc.strerror or exc})") from None
     if head[8:12] != _MAGIC:
         raise StoreCorruptError(f"{path} is not a DuckDB file; point to a run database written by `explain`")
 
@@ -125,7 +138,7 @@ class RunDB:
         self._con: duckdb.DuckDBPyConnection | None = con
         self._lock = threading.Lock()
         self.schema_version = self._check_schema()
-        self._meta = {k: json.loads(v) for k, v in self._rows("SELECT key, value FROM meta ORDER BY key")}
+        self._meta = self._read_meta()
         present = [name for name in VIEW_TABLES if name in required_tables(self.schema_version)]
         counts = ", ".join(f"(SELECT COUNT(*) FROM {name})" for name in present)  # fixed table names
         self._views = dict.fromkeys(VIEW_TABLES, 0) | dict(zip(present, self._rows(f"SELECT {counts}")[0],
@@ -193,6 +206,7 @@ class RunDB:
         if "schema_version" not in tables:
             missing = [t for t in REQUIRED_TABLES if t not in tables]
             raise StoreSchemaError(f"{self.path} is not an ExPLAIND run database: missing tables {missing}")
+        self._check_columns(("schema_version",))
         versions = self._rows("SELECT version FROM schema_version")
         found = versions[0][0] if len(versions) == 1 else None
         if found not in READABLE_VERSIONS:
@@ -206,7 +220,41 @@ class RunDB:
         if missing:
             raise StoreSchemaError(f"{self.path} lacks tables {missing} of run database schema {found}; "
                                    "re-create it with `python -m engine explain`")
+        self._check_columns(required_tables(found), found)
         return found
+
+    def _check_columns(self, tables: tuple[str, ...], version: int = SCHEMA_VERSION) -> None:
+        """Each of ``tables`` has the columns and types of the schema (extra columns are ignored; a
+        column added after ``version`` may be absent)."""
+        found: dict[str, dict[str, str]] = {}
+        for table, column, kind in self._rows(
+                "SELECT table_name, column_name, data_type FROM duckdb_columns() WHERE database_name = $db",
+                {"db": _ALIAS}):
+            found.setdefault(table, {})[column] = kind
+        for table in tables:
+            for column, kind in table_columns()[table]:
+                have = found.get(table, {}).get(column)
+                if have is None and COLUMN_SINCE.get((table, column), 1) > version:
+                    continue
+                if have != kind:
+                    state = "lacks the column" if have is None else f"has the column {table}.{column} as {have}, not"
+                    what = f"{table}.{column} ({kind})" if have is None else kind
+                    raise StoreSchemaError(f"{self.path} {state} {what} of run database schema {SCHEMA_VERSION}; "
+                                           "re-create it with `python -m engine explain`")
+
+    def _read_meta(self) -> dict:
+        """The metadata, each value parsed and the declared keys typed (``engine.store.schema.META_TYPES``)."""
+        meta = {}
+        for key, text in self._rows("SELECT key, value FROM meta ORDER BY key"):
+            try:
+                meta[key] = json.loads(text)
+            except (TypeError, ValueError, RecursionError):
+                raise StoreSchemaError(f"{self.path}: metadata {key!r} is not valid JSON; re-create the run "
+                                       "database with `python -m engine explain`") from None
+        problem = meta_problem(meta)
+        if problem is not None:
+            raise StoreSchemaError(f"{self.path} {problem}; re-create it with `python -m engine explain`")
+        return meta
 
     def _part_filter(self, tests: TestSelector, column: str) -> tuple[str, dict]:
         """``AND column BETWEEN ...``: the summary parts of ``tests`` (any kind but 'example')."""
@@ -224,11 +272,7 @@ class RunDB:
 
     def run_meta(self) -> RunMeta:
         """Typed accessors for the metadata every run carries."""
-        meta = self._meta
-        for key, types in {**_META_TYPES, **_OPTIONAL_META_TYPES}.items():
-            if (key in meta or key in _META_TYPES) and not isinstance(meta.get(key), types):
-                raise StoreSchemaError(f"{self.path}: metadata {key!r} is {meta.get(key)!r}, not "
-                                       f"{' or '.join(t.__name__ for t in types)}; re-create the run database")
+        meta = self._meta  # typed when the database was opened
         return RunMeta(
             task=meta["task"],
             steps=meta["steps"],

@@ -53,12 +53,15 @@ are empty.
 
 from __future__ import annotations
 
+import functools
+import math
 import operator
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import polars as pl
 
 from engine.errors import BadInputError, RunNotFoundError, StoreNameError
@@ -134,6 +137,9 @@ CREATE TABLE frequency_norms (tensor VARCHAR NOT NULL, frequency INTEGER NOT NUL
     key BOOLEAN NOT NULL);
 """
 
+# columns that a file of an earlier schema version lacks: (table, column) → the version that added it
+COLUMN_SINCE: dict[tuple[str, str], int] = {("importance", c): 2 for c in ("gradient", "decay", "balance", "taylor")}
+
 REQUIRED_TABLES = (
     "schema_version", "meta", "steps", "groups", "examples", "test_parts", "windows", "components",
     "component_summary", "data", "data_summary", "importance", "completeness", "completeness_summary",
@@ -146,6 +152,22 @@ TABLES_SINCE = {"units": 2, "unit_summary": 2, "progress": 2, "frequency_norms":
 def required_tables(version: int) -> tuple[str, ...]:
     """The tables a file of schema ``version`` has."""
     return tuple(t for t in REQUIRED_TABLES if TABLES_SINCE.get(t, 1) <= version)
+
+
+@functools.cache
+def table_columns() -> dict[str, tuple[tuple[str, str], ...]]:
+    """(column, DuckDB type) of every table, in order, as the schema above creates them."""
+    con = duckdb.connect(":memory:")
+    try:
+        con.execute(_DDL)
+        rows = con.execute("SELECT table_name, column_name, data_type FROM duckdb_columns() WHERE NOT internal "
+                           "ORDER BY table_name, column_index").fetchall()
+    finally:
+        con.close()
+    columns: dict[str, list[tuple[str, str]]] = {}
+    for table, column, kind in rows:
+        columns.setdefault(table, []).append((column, kind))
+    return {table: tuple(cols) for table, cols in columns.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,17 +226,89 @@ _ANALYSIS_FRAMES: dict[str, tuple[_Col, ...]] = {
     "frequency_norms": _cols("tensor:str frequency:int norm:float key:bool"),
 }
 _REQUIRED_FRAMES = ("steps", "groups", "examples", "completeness")
-_META_TYPES: dict[str, tuple[type, ...]] = {
+_NUMBER = (int, float)
+_NONE = type(None)
+# The metadata keys of a run database and the JSON types of their values. The first four are
+# required; the others are typed when present; keys not listed here are kept as they are.
+META_TYPES: dict[str, tuple[type, ...]] = {
     "task": (str,),
     "steps": (int,),
     "quantity": (str,),
     "quadrature": (str,),
-}
-_OPTIONAL_META_TYPES: dict[str, tuple[type, ...]] = {
     "data_fingerprint": (str,),
     "model_summary": (dict,),
     "optimizer": (dict,),
+    "model_spec": (dict,),
+    "run_dir": (str,),
+    "explained_steps": (list,),
+    "test_split": (str,),
+    "outputs": (int,),
+    "dtype": (str,),
+    "rtol": (*_NUMBER, _NONE),
+    "escalated": (int,),
+    "device": (str,),
+    "engine": (str,),
+    "window": (int, _NONE),
+    "subsample": _NUMBER,
+    "views": (list,),
+    "decay_split": (bool,),
+    "seconds": _NUMBER,
+    "gradient_evaluations": (int,),
+    "max_rel_residual": _NUMBER,
+    "max_rel_residual_output": _NUMBER,
+    "max_abs_residual": _NUMBER,
+    "max_optimizer_residual": (*_NUMBER, _NONE),
+    "partial": (bool,),
+    "notes": (list,),
+    "recipe": (dict,),
+    "replay_max_rel_error": _NUMBER,
+    "data_window": (int,),
+    "data_tests": (int,),
+    # recorded runs: the data view's own error and the buffer terms
+    "targets": (str,),
+    "max_rel_split_residual": (*_NUMBER, _NONE),
+    "split_residual_cause": (str, _NONE),
+    "data_split": (str, _NONE),
+    "buffer_groups": (list,),
+    # checkpoint series (``kind`` = "checkpoints")
+    "kind": (str,),
+    "checkpoints": (list,),
+    "max_rel_residual_interval": _NUMBER,
+    "data_axis_reason": (str, _NONE),
+    "source": (str,),
+    "inputs": (dict,),
+    "granularity": (str,),
+    "recomputed_inputs": (int,),
+    "resumed_intervals": (int,),
 }
+REQUIRED_META = ("task", "steps", "quantity", "quadrature")
+
+
+def _type_words(types: tuple[type, ...]) -> str:
+    words = {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "an object",
+             list: "a list", type(None): "null"}
+    return " or ".join(dict.fromkeys(words[t] for t in types))
+
+
+def _fits(value: Any, types: tuple[type, ...]) -> bool:
+    if isinstance(value, bool):
+        return bool in types
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    return isinstance(value, types)
+
+
+def meta_problem(meta: dict) -> str | None:
+    """What is wrong with run metadata (a missing required key or a value of the wrong type), or None."""
+    for key in REQUIRED_META:
+        if key not in meta:
+            return f"lacks the metadata key {key!r} ({_type_words(META_TYPES[key])})"
+    for key, types in META_TYPES.items():
+        if key in meta and not _fits(meta[key], types):
+            shown = repr(meta[key])
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            return f"has metadata {key!r} = {shown}; expected {_type_words(types)}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -347,8 +441,6 @@ def list_runs(directory: str | os.PathLike) -> list[Path]:
     return sorted(
         p for p in folder.iterdir() if p.suffix == RUN_SUFFIX and not p.name.startswith(".") and p.is_file()
     )
-
-
 
 
 def first_line(exc: BaseException) -> str:

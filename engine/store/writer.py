@@ -2,11 +2,17 @@
 
 A database is built under a temporary name beside the target, checkpointed, closed, synced
 and renamed into place, so a reader sees the previous complete file or the new one, never
-half a run. The tables and their columns are described in ``engine.store.schema``.
+half a run. One writer at a time: publishing holds a lock (``.NAME.duckdb.lock`` beside the
+target, removed afterwards); a second writer waits for it, saying so. Before it starts,
+publishing checks the target (``check_target``: never a folder or a file that is not a run
+database) and the free space; on any failure the temporary file is removed. The tables and
+their columns are described in ``engine.store.schema``.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -14,7 +20,7 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -25,12 +31,12 @@ import polars as pl
 from engine.errors import BadInputError, StoreError
 from engine.store.reader import RunDB
 from engine.store.schema import (
+    _ALIAS,
     _ANALYSIS_FRAMES,
     _DDL,
     _FRAMES,
     _LEVEL_COLUMNS,
-    _META_TYPES,
-    _OPTIONAL_META_TYPES,
+    _MAGIC,
     _REQUIRED_FRAMES,
     DEFAULT_THREADS,
     FIRST_CLASS_PART,
@@ -44,9 +50,11 @@ from engine.store.schema import (
     RunBundle,
     as_int,
     first_line,
+    meta_problem,
 )
 
 log = logging.getLogger(__name__)
+SPACE_MARGIN = 16 * 2**20  # bytes beyond the data that a new database file needs (catalog, free blocks)
 
 
 def _temp_path(target: Path) -> Path:
@@ -130,14 +138,9 @@ def _check_meta(meta: Any) -> list[tuple[str, str]]:
     """Validate ``meta`` and return its (key, JSON text) rows."""
     if not isinstance(meta, dict):
         raise BadInputError(f"RunBundle.meta must be a dict, got {type(meta).__name__}")
-    for key in _META_TYPES:
-        if key not in meta:
-            raise BadInputError(f"RunBundle.meta lacks {key!r}; required keys are {sorted(_META_TYPES)}")
-    for key, types in {**_META_TYPES, **_OPTIONAL_META_TYPES}.items():
-        value = meta.get(key)
-        if key in meta and (not isinstance(value, types) or isinstance(value, bool)):
-            wanted = " or ".join(t.__name__ for t in types)
-            raise BadInputError(f"RunBundle.meta[{key!r}] must be {wanted}, got {value!r}")
+    problem = meta_problem(meta)
+    if problem is not None:
+        raise BadInputError(f"RunBundle.meta {problem}")
     rows = []
     for key, value in meta.items():
         if not isinstance(key, str) or key == "schema_version":
@@ -474,34 +477,154 @@ def _connect_writable(path: Path, threads: int) -> duckdb.DuckDBPyConnection:
     return duckdb.connect(str(path), config={"threads": threads})
 
 
+def _lock_path(target: Path) -> Path:
+    return target.with_name(f".{target.name}.lock")
+
+
 @contextmanager
-def _publishing(target: Path, action: str, threads: int, copy_of: Path | None = None) -> Iterator[
-        duckdb.DuckDBPyConnection]:
+def writer_lock(target: Path) -> Iterator[None]:
+    """Hold the lock of the writers of ``target``; wait, with one message, while another process holds it.
+
+    The lock is an ``flock`` on ``.NAME.lock`` beside the target. The holder removes the file
+    when it is done; a waiter that then finds it gone (or replaced) takes the new one.
+    """
+    lock = _lock_path(target)
+    announced = False
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise StoreError(f"cannot lock {target} for writing ({exc.strerror}: {lock})") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not announced:
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                    log.warning("waiting for another process (pid %s) that is writing %s", holder, target)
+                    announced = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.path.exists(lock) and os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # the holder removed the file before we got it: lock the current one
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        _remove_quietly(lock)
+        os.close(fd)
+
+
+def _replaceable(path: Path) -> bool:
+    """Whether an existing file may be replaced by a run database: empty, a run database, or a damaged
+    DuckDB file; never a foreign file or another program's DuckDB database."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(12)
+    except OSError as exc:
+        raise StoreError(f"{path} cannot be read ({exc.strerror}); choose another path") from None
+    if not head:
+        return True
+    if head[8:12] != _MAGIC:
+        return False
+    con = duckdb.connect(":memory:")
+    try:
+        con.execute(f"ATTACH '{str(path).replace(chr(39), chr(39) * 2)}' AS {_ALIAS} (READ_ONLY)")
+        tables = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE database_name = $db",
+                                            {"db": _ALIAS}).fetchall()}
+    except duckdb.IOException as exc:
+        if "lock" in str(exc).lower():
+            raise StoreError(f"{path} is open for writing in another program; close it there, or wait until "
+                             "it finishes, and try again") from None
+        return True
+    except duckdb.Error:
+        return True   # damaged: re-creating it is what the reader advises
+    finally:
+        con.close()
+    return "schema_version" in tables
+
+
+def check_target(db_path: str | os.PathLike, protect: Iterable[str | os.PathLike] = ()) -> Path:
+    """Refuse a path a run database cannot be published to, before any work is done.
+
+    The path must not be a folder or lie under a file, its folder must be writable, an existing
+    file there must be a run database (or empty, or a damaged DuckDB file), and it must not be or
+    lie inside any of ``protect`` (the inputs of the command: a run directory, a database).
+    """
+    target = Path(db_path)
+    resolved = target.resolve()
+    for path in protect:
+        inside = Path(path).resolve()
+        if resolved == inside or inside in resolved.parents:
+            raise BadInputError(f"{target} is {'inside ' if resolved != inside else ''}{path}, an input of this "
+                                "command; write the run database somewhere else")
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing != target and not existing.is_dir():
+        raise BadInputError(f"{target} cannot be created: {existing} is a file, not a folder")
+    if existing == target and not target.is_file():
+        raise BadInputError(f"{target} exists and is not a file; choose another path for the run database")
+    folder = existing if existing != target else target.parent
+    if not os.access(folder, os.W_OK):
+        raise BadInputError(f"{target} cannot be written: {folder} is not writable (permission denied)")
+    if existing == target and not _replaceable(target):
+        raise BadInputError(f"{target} exists and is not a run database; it would be overwritten: remove it "
+                            "yourself or choose another path")
+    return target
+
+
+def _check_space(folder: Path, needed: int, target: Path) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise StoreError(f"not enough free space to write {target}: about {needed / 2**20:.0f} MiB are needed, "
+                         f"{free / 2**20:.0f} MiB are free in {folder}; free some space and try again")
+
+
+def _bundle_bytes(bundle: RunBundle) -> int:
+    frames = [getattr(bundle, name) for name in _FRAMES]
+    return sum(frame.estimated_size() for frame in frames if frame is not None)
+
+
+@contextmanager
+def _publishing(target: Path, action: str, threads: int, needed: int,
+                copy_of: Path | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
     """A writable connection to a new temporary file beside ``target`` (a copy of ``copy_of``).
 
+    Runs under the writers' lock of ``target``, after checking that ``needed`` bytes are free.
     When the block succeeds the file is checkpointed, closed, synced and renamed over
-    ``target``; when it fails the temporary file is removed and ``target`` is untouched.
+    ``target``; when it fails (an error, a full disk, an interrupt) the temporary file is
+    removed and ``target`` is untouched.
     """
-    _remove_stale_temps(target)
-    tmp = _temp_path(target)
-    try:
-        if copy_of is not None:
-            shutil.copyfile(copy_of, tmp)
-        con = _connect_writable(tmp, threads)
+    with writer_lock(target):
+        _remove_stale_temps(target)
+        _check_space(target.parent, needed + (copy_of.stat().st_size if copy_of is not None else 0), target)
+        tmp = _temp_path(target)
         try:
-            yield con
-            con.execute("CHECKPOINT")
-        finally:
-            con.close()
-        _fsync(tmp)
-        os.replace(tmp, target)
-        _fsync(target.parent, directory=True)
-    except BaseException as exc:
-        _remove_quietly(tmp)
-        _remove_quietly(Path(f"{tmp}.wal"))
-        if isinstance(exc, duckdb.Error):
-            raise StoreError(f"{action} {target} failed: {first_line(exc)}") from None
-        raise
+            if copy_of is not None:
+                shutil.copyfile(copy_of, tmp)
+            con = _connect_writable(tmp, threads)
+            try:
+                yield con
+                con.execute("CHECKPOINT")
+            finally:
+                con.close()
+            _fsync(tmp)
+            os.replace(tmp, target)
+            _fsync(target.parent, directory=True)
+        except BaseException as exc:
+            _remove_quietly(tmp)
+            _remove_quietly(Path(f"{tmp}.wal"))
+            if isinstance(exc, duckdb.Error):
+                raise StoreError(f"{action} {target} failed: {first_line(exc)}; {target} is unchanged") from None
+            if isinstance(exc, OSError):
+                reason = "the disk is full" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
+                raise StoreError(f"{action} {target} failed: {reason}; {target} is unchanged") from None
+            raise
 
 
 def write_run(db_path: str | os.PathLike, bundle: RunBundle, *, threads: int = DEFAULT_THREADS) -> Path:
@@ -510,26 +633,37 @@ def write_run(db_path: str | os.PathLike, bundle: RunBundle, *, threads: int = D
     The database is built in a temporary file beside the target, checkpointed, closed,
     synced and renamed over the target. On any error the temporary file is removed and an
     existing target is left as it was. Temporary files of dead writers of the same target
-    are removed first.
+    are removed first. The target is checked first (``check_target``).
     """
     target = Path(db_path)
     meta_rows = _check_bundle(bundle)
-    if target.exists() and not target.is_file():
-        raise BadInputError(f"{target} exists and is not a file; choose another path for the run database")
+    check_target(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _publishing(target, "writing run database", threads) as con:
+    with _publishing(target, "writing run database", threads, _bundle_bytes(bundle) + SPACE_MARGIN) as con:
         _Writer(con).write(bundle, meta_rows)
     return target
 
 
-def add_pruning(db_path: str | os.PathLike, frame: pl.DataFrame, *, threads: int = DEFAULT_THREADS) -> Path:
-    """Replace the pruning table of an existing run database atomically (copy, modify, rename)."""
+def add_pruning(db_path: str | os.PathLike, frame: pl.DataFrame, *, threads: int = DEFAULT_THREADS,
+                keep_other_curves: bool = False) -> Path:
+    """Replace the pruning table of an existing run database atomically (copy, modify, rename).
+
+    With ``keep_other_curves`` only the rows of the (method, scope) pairs in ``frame`` are
+    replaced and the others kept; the stored rows are read under the writers' lock, so two
+    processes adding curves to one database never lose each other's rows.
+    """
     target = Path(db_path)
     _check_frame("pruning", frame, required=True)
     RunDB.open(target, threads=threads).close()  # refuses missing, corrupt or foreign files untouched
-    with _publishing(target, "adding pruning curves to", threads, copy_of=target) as con:
+    needed = frame.estimated_size() + SPACE_MARGIN
+    with _publishing(target, "adding pruning curves to", threads, needed, copy_of=target) as con:
         con.execute("BEGIN TRANSACTION")
-        con.execute("DELETE FROM pruning")
+        if keep_other_curves:
+            con.register("src", frame.to_arrow())
+            con.execute("DELETE FROM pruning WHERE (method, scope) IN (SELECT DISTINCT method, scope FROM src)")
+            con.unregister("src")
+        else:
+            con.execute("DELETE FROM pruning")
         _Writer(con).load(frame, _PRUNING_INSERT, "pruning frame")
         con.execute("COMMIT")
     return target

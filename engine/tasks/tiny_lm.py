@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -143,12 +144,23 @@ def tokenizer(words: list[str]) -> object:
 
 
 def train(config: TinyLMConfig, out_dir: Path, progress: bool = True, overwrite: bool = True) -> Path:
-    """Train and save ``checkpoint-<step>/`` folders and ``heldout.txt`` into ``out_dir``."""
+    """Train and save ``checkpoint-<step>/`` folders and ``heldout.txt`` into ``out_dir``.
+
+    An existing ``out_dir`` is replaced (with ``overwrite``) only when it holds nothing but what
+    this function writes; any other folder is refused before training.
+    """
     package = transformers()
     out_dir = Path(out_dir)
     if out_dir.exists():
         if not overwrite:
             raise BadInputError(f"{out_dir} exists; choose another folder or overwrite it")
+        if not out_dir.is_dir():
+            raise BadInputError(f"{out_dir} is a file; the checkpoints need a new folder or one this sample wrote")
+        foreign = sorted(e.name for e in out_dir.iterdir()
+                         if e.name not in (HELDOUT, AGREEMENT) and not re.fullmatch(r"checkpoint-\d+", e.name))
+        if foreign:
+            raise BadInputError(f"{out_dir} holds {', '.join(foreign[:3])}, which training the sample does not "
+                                "write; overwriting would delete them: move them away or choose another folder")
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     package.utils.logging.disable_progress_bar()
