@@ -34,6 +34,7 @@ from engine.store.schema import (
     _MAGIC,
     ALL_TESTS,
     COLUMN_SINCE,
+    COLUMN_WIDENED,
     DEFAULT_THREADS,
     LEVELS,
     MEASURES,
@@ -235,6 +236,9 @@ class RunDB:
             for column, kind in table_columns()[table]:
                 have = found.get(table, {}).get(column)
                 if have is None and COLUMN_SINCE.get((table, column), 1) > version:
+                    continue
+                widened, earlier = COLUMN_WIDENED.get((table, column), (1, None))
+                if version < widened and have == earlier:
                     continue
                 if have != kind:
                     state = "lacks the column" if have is None else f"has the column {table}.{column} as {have}, not"

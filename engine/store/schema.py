@@ -139,6 +139,8 @@ CREATE TABLE frequency_norms (tensor VARCHAR NOT NULL, frequency INTEGER NOT NUL
 
 # columns that a file of an earlier schema version lacks: (table, column) → the version that added it
 COLUMN_SINCE: dict[tuple[str, str], int] = {("importance", c): 2 for c in ("gradient", "decay", "balance", "taylor")}
+# columns whose type a later schema version widened: (table, column) → (that version, the earlier type)
+COLUMN_WIDENED: dict[tuple[str, str], tuple[int, str]] = {("windows", "view"): (2, "ENUM('components', 'data')")}
 
 REQUIRED_TABLES = (
     "schema_version", "meta", "steps", "groups", "examples", "test_parts", "windows", "components",
