@@ -129,13 +129,14 @@ def cmd_explain(args: argparse.Namespace) -> dict[str, Any]:
                            partitions=(*_split(args.partitions), *_partition_specs(args.partition_spec)))
     # prediction-level exactness (agreement, KL) needs every logit reconstructed
     checks = [ExplainConfig(**common, quantity="logits", quadrature=q, views=()) for q in _split(args.exactness)]
+    workers = from_arguments(args)
     history = History.open(args.run, allow_incomplete=args.allow_incomplete)
     task = history.task(args.trust_run)
     if checks and task.dataset("train").regression:
         raise BadInputError(f"--exactness compares predicted classes (agreement, KL); {history.path} has "
                             "floating-point targets")
     shards = out.with_name(out.name + ".shards")
-    (explanation, *checked), parallel = explain_all(history, task, [config, *checks], from_arguments(args), shards,
+    (explanation, *checked), parallel = explain_all(history, task, [config, *checks], workers, shards,
                                                     progress=not args.json, allow_incomplete=args.allow_incomplete)
     exactness = [e.exactness() for e in (explanation, *checked) if e.exactness() is not None]
     table = pl.concat(exactness).unique("quadrature", keep="first", maintain_order=True) if exactness else None

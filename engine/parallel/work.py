@@ -242,5 +242,7 @@ def _in_explain_order(e: Explanation) -> Explanation:
         e, components=components, completeness=e.completeness.sort("step", "test", "output"),
         data=None if e.data is None else e.data.sort("step_lo", "train", "test", "output"),
         predictions=None if e.predictions is None else e.predictions.sort("test", "output"),
+        unit_components=None if e.unit_components is None
+        else e.unit_components.sort("step_lo", "unit_id", "test", "output"),
         step_stats=e.step_stats.sort("step"))
 

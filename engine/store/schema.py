@@ -282,6 +282,9 @@ META_TYPES: dict[str, tuple[type, ...]] = {
     "granularity": (str,),
     "recomputed_inputs": (int,),
     "resumed_intervals": (int,),
+    # partitions finer than a tensor and the data view stored per test at coarser windows
+    "partitions": (list,),
+    "data_test_window": (int, _NONE),
 }
 REQUIRED_META = ("task", "steps", "quantity", "quadrature")
 

@@ -680,7 +680,8 @@ def add_progress(db_path: str | os.PathLike, progress: pl.DataFrame, norms: pl.D
         if db.schema_version < 2:
             raise BadInputError(f"{target} has run database schema version {db.schema_version}, which has no "
                                 "progress table; re-create it with `python -m engine explain`")
-    with _publishing(target, "adding progress measures to", threads, copy_of=target) as con:
+    needed = progress.estimated_size() + (norms.estimated_size() if norms is not None else 0) + SPACE_MARGIN
+    with _publishing(target, "adding progress measures to", threads, needed, copy_of=target) as con:
         con.execute("BEGIN TRANSACTION")
         con.execute("DELETE FROM progress")
         con.execute("DELETE FROM frequency_norms")
