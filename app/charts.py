@@ -755,8 +755,8 @@ def pruning_figure(pruning: pl.DataFrame, style: Style) -> go.Figure:
     Every method gets its own colour, mark and dash; bands are drawn first and the
     kernel curve last, so no curve hides another.
     """
-    panels = (("agreement", "agreement", ".0%", "agreement with the dense model"),
-              ("accuracy", "accuracy", ".0%", "accuracy on held-out examples"),
+    panels = (("agreement", "agreement", ".0%", "agreement with dense"),
+              ("accuracy", "accuracy", ".0%", "held-out accuracy"),
               ("kl", "KL (nats)", None, "KL(dense ‖ pruned)"))  # fmt: skip
     swept = pruning.filter(pl.col("method") != DENSE)
     dense = pruning.filter(pl.col("method") == DENSE)
@@ -808,7 +808,7 @@ def pruning_figure(pruning: pl.DataFrame, style: Style) -> go.Figure:
     layout = {**g.layout, "annotations": _subplot_titles(g, [p[3] for p in panels], style), "showlegend": True,
               "legend": {"orientation": "h", "yref": "container", "y": 0.0, "yanchor": "bottom", "xanchor": "left",
                          "x": 0.0}}  # fmt: skip
-    names = ", ".join(method_label(m) for m in methods)
+    names = ", ".join(method_label(m) for m in methods) if len(methods) <= 3 else f"{len(methods)} methods"
     fig = _figure([*bands, *refs, *lines], layout, style, f"Pruning the final model: {names}", 540, legend=False,
                   notes=True)
     fig.layout.margin.b = 60 + (2 * style.font_size + 10) * math.ceil((len(methods) + 1) / 2)
