@@ -464,7 +464,8 @@ def component_heatmap(
     layout = {"xaxis": _title("training step"), "yaxis": {"autorange": "reversed"}, "shapes": shapes,
               "annotations": notes}
     height = min(220 + 28 * len(groups), 900)
-    return _figure([trace], layout, style, f"Influence by component and step window ({measure})", height, legend=False)
+    return _figure([trace], layout, style, f"Influence by component and step window ({measure})", height, legend=False,
+                   notes=bool(notes))
 
 
 def component_lines(
@@ -493,7 +494,7 @@ def component_lines(
     layout = {"xaxis": _title("training step"), "yaxis": _title(axis), "hovermode": "x unified", "shapes": shapes,
               "annotations": notes}
     title = "Cumulative influence per component" if cumulative else "Influence per component over steps"
-    return _figure(traces, layout, style, title, 480)
+    return _figure(traces, layout, style, title, 480, notes=bool(notes))
 
 
 def decay_balance(
@@ -573,7 +574,8 @@ def example_over_time(frame: pl.DataFrame, train: int, quantity: str, style: Sty
     g.x(2).update(_title("training step"))
     shapes, notes = _phase_shapes(g, phases, False, style, spikes)
     layout = {**g.layout, "shapes": shapes, "annotations": notes, "bargap": 0}
-    return _figure(traces, layout, style, f"Influence of training example {_example_label(train)} over time", 520)
+    return _figure(traces, layout, style, f"Influence of training example {_example_label(train)} over time", 520,
+                   notes=bool(notes))
 
 
 def influence_histogram(dist: pl.DataFrame, quantity: str, style: Style, bins: int = 60) -> go.Figure:
@@ -639,7 +641,7 @@ def reconstruction_change(comp: pl.DataFrame, quantity: str, style: Style, phase
     g.x(2).update(_title("training step"))
     shapes, notes = _phase_shapes(g, phases, False, style, spikes)
     layout = {**g.layout, "hovermode": "x unified", "shapes": shapes, "annotations": notes}
-    return _figure(traces, layout, style, "True vs reconstructed change", 560)
+    return _figure(traces, layout, style, "True vs reconstructed change", 560, notes=bool(notes))
 
 
 def residual_figure(comp: pl.DataFrame, quantity: str, style: Style, phases: Sequence[Phase] = (),
@@ -662,7 +664,7 @@ def residual_figure(comp: pl.DataFrame, quantity: str, style: Style, phases: Seq
     g.x(2).update(_title("training step"))
     shapes, notes = _phase_shapes(g, phases, False, style, spikes)
     layout = {**g.layout, "hovermode": "x unified", "shapes": shapes, "annotations": notes}
-    return _figure(traces, layout, style, "Residuals and quadrature nodes per step", 520)
+    return _figure(traces, layout, style, "Residuals and quadrature nodes per step", 520, notes=bool(notes))
 
 
 def exactness_figure(exactness: pl.DataFrame, style: Style) -> go.Figure:
@@ -984,12 +986,12 @@ def progress_curves(
     for (measure,), rows in progress.sort("step").partition_by("measure", as_dict=True, maintain_order=True).items():
         traces.append(_line(rows["step"].to_numpy(), rows["value"].to_numpy(), measure,
                             PROGRESS_COLORS.get(measure, PALETTE[len(traces)]), style, line={"dash": "dash"}))
-    g.y(1).update(_title("loss (nats)"), type="log")
+    g.y(1).update(_title("loss (nats)"), type="log", **log_ticks([y for t in traces for y in t["y"]]))
     _step_axis(g, log_x)
     shapes, notes = _phase_shapes(g, phases, log_x, style, spikes)
     layout = {**g.layout, "shapes": shapes, "annotations": notes, "hovermode": "x unified"}
     shown = ", ".join(map(str, keys)) if keys else "none"
-    return _figure(traces, layout, style, f"Progress measures (key frequencies {shown})", 480)
+    return _figure(traces, layout, style, f"Progress measures (key frequencies {shown})", 480, notes=True)
 
 
 # ── units of partitions: heads, neurons, frequencies ────────────────────────────────
@@ -1032,7 +1034,7 @@ def unit_heatmap(
     layout = {"xaxis": _title("training step"), "yaxis": {"autorange": "reversed", "type": "category"},
               "shapes": shapes, "annotations": notes}
     height = min(220 + (16 if len(units) > 30 else 26) * len(units), 1400)
-    return _figure([trace], layout, style, f"{title} ({measure})", height, legend=False)
+    return _figure([trace], layout, style, f"{title} ({measure})", height, legend=False, notes=bool(notes))
 
 
 def unit_totals_bar(totals: pl.DataFrame, quantity: str, style: Style, title: str,
