@@ -386,8 +386,10 @@ def shown_as_text(raw: str) -> str:
 def test_hostile_link_values_stay_text(page, server):
     query = "?" + urllib.parse.urlencode(HOSTILE)
     open_page(page, server, "components", query)
-    page.wait_for_function(f"() => document.querySelectorAll('[data-testid=\"stAlert\"]').length >= {len(HOSTILE)}",
-                           timeout=SETTLE_MS)  # fmt: skip
+    page.wait_for_function(  # every value's warning drawn (other alerts may come first)
+        """(names) => { const text = Array.from(document.querySelectorAll('[data-testid="stAlert"]'))
+            .map(a => a.innerText).join(' '); return names.every(n => text.includes(`The link's ${n}=`)); }""",
+        arg=list(HOSTILE), timeout=SETTLE_MS)
     alerts = page.locator('[data-testid="stAlert"]')
     texts = " ".join(alerts.all_inner_texts())
     for name, raw in HOSTILE.items():
