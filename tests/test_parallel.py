@@ -110,7 +110,8 @@ def test_a_killed_worker_is_retried(ray_cluster, run, single, tmp_path):
 def test_rerun_after_a_killed_driver_reuses_finished_shards(ray_cluster, run, single, tmp_path, capsys):
     out = tmp_path / "resumed.duckdb"
     shards = tmp_path / "resumed.duckdb.shards"
-    args = [str(run), "--out", str(out), "--test", "val:8", "--dtype", "float64", "--window", "3", "--json"]
+    args = [str(run), "--out", str(out), "--test", "val:8", "--dtype", "float64", "--window", "3", "--json",
+            "--trust-run"]
     address = ray_cluster.get_runtime_context().gcs_address
     driver = subprocess.Popen([sys.executable, "-m", "engine", "explain", *args, "--ray-address", address],
                               cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
