@@ -14,6 +14,7 @@ while the engine's libraries load is handled like any other.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -152,7 +153,8 @@ def cmd_explain(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_explain_checkpoints(args: argparse.Namespace) -> dict[str, Any]:
-    from engine.decompose.checkpoints import checkpoint_config, explain_checkpoints
+    from engine.decompose.checkpoints import checkpoint_config, explain_checkpoints, work_folder
+    from engine.parallel import explain_intervals, from_arguments
     from engine.run.series import SeriesSource, open_series
     from engine.store import check_target, validate_run_name
 
@@ -160,14 +162,20 @@ def cmd_explain_checkpoints(args: argparse.Namespace) -> dict[str, Any]:
     validate_run_name(out.stem)
     inputs = [*args.source, args.inputs, *(p for p in (args.model, args.tokenizer) if p and not p.startswith("{"))]
     check_target(out, protect=inputs)
+    parallel = from_arguments(args)
     # the model is the user's own --model or a Hugging Face config.json (data that names no code):
     # no --trust-run is asked for
-    opened = open_series(SeriesSource(tuple(args.source), args.inputs, args.model, args.steps, args.tokenizer,
-                                      args.max_inputs))
-    config = checkpoint_config(opened, args.quantity, quadrature=args.quadrature, dtype=args.dtype, rtol=args.rtol,
-                               device=args.device)
+    source = SeriesSource(tuple(args.source), args.inputs, args.model, args.steps, args.tokenizer, args.max_inputs)
+    opened = open_series(source)
+    options = {"quantity": args.quantity, "quadrature": args.quadrature, "dtype": args.dtype, "rtol": args.rtol,
+               "device": args.device}
+    config = checkpoint_config(opened, **options)
+    report = None
+    if parallel is not None:  # every interval as a task, saved where explain_checkpoints reads it back
+        report = explain_intervals(source, options, work_folder(out, opened, config), parallel,
+                                   progress=not args.json)
     summary = explain_checkpoints(opened, config, out, progress=not args.json).summary()
-    return {**summary, "out": str(out)}
+    return {**summary, "out": str(out), **({"parallel": report} if report is not None else {})}
 
 
 def _partition_specs(paths: list[str]) -> list[dict]:
@@ -366,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "cannot meet it are recomputed in float64 (default: every interval to round-off)")
     series.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     series.add_argument("--json", action="store_true", help="print one JSON object")
+    parallel_arguments(series)
 
     from engine.analysis.prune import add_arguments as prune_arguments
 
@@ -477,7 +486,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command in _DATABASE_OUT:
                 before = _state(_DATABASE_OUT[args.command](args))
             handler = COMMANDS[args.command][0]
-            with retained_heap():  # from the start of the command: later, the heap is already fragmented
+            # with --json stdout carries the one JSON object: what libraries print while the command
+            # runs (Ray's notes on a worker that died) goes to stderr
+            keep_stdout = contextlib.redirect_stdout(sys.stderr) if getattr(args, "json", False) \
+                else contextlib.nullcontext()
+            with retained_heap(), keep_stdout:  # the heap from the start: later, it is already fragmented
                 result = handler(args)
             if getattr(args, "json", False):
                 text = json.dumps(_finite(result), default=str, allow_nan=False)

@@ -25,10 +25,9 @@ import polars as pl
 from engine.analysis.progress import progress_measures
 from engine.analysis.prune import SCOPES, PruneConfig, run_prune
 from engine.decompose import ExplainConfig
-from engine.decompose.checkpoints import checkpoint_config, explain_checkpoints, saved_interval, work_folder
+from engine.decompose.checkpoints import checkpoint_config, explain_checkpoints, work_folder
 from engine.errors import BadInputError
-from engine.parallel import Parallel, explain_all, remove_shards
-from engine.parallel.cluster import MAX_RETRIES, ray_session
+from engine.parallel import Parallel, explain_all, explain_intervals, remove_shards
 from engine.run.history import History
 from engine.run.record import check_run_target
 from engine.run.series import SeriesSource, open_series
@@ -167,12 +166,6 @@ def build_sample(sample: str | SampleRecipe, out_dir: Path = Path("sample_runs")
     }
 
 
-def _series_interval(source: SeriesSource, explain: dict[str, Any], work: Path, k: int) -> None:
-    """Explain and save interval ``k`` (a Ray task of one core)."""
-    opened = open_series(source)
-    saved_interval(opened, checkpoint_config(opened, **explain), work, k)
-
-
 def build_series_sample(recipe: SeriesRecipe, out_dir: Path, work_dir: Path, progress: bool = True,
                         parallel: Parallel | None = None) -> dict[str, Any]:
     """Train the tiny language model (saving checkpoints), explain its held-out text over them, publish.
@@ -185,11 +178,7 @@ def build_series_sample(recipe: SeriesRecipe, out_dir: Path, work_dir: Path, pro
     opened = open_series(source)
     config = checkpoint_config(opened, **recipe.explain)
     if parallel is not None:
-        work = work_folder(target, opened, config)
-        with ray_session(parallel) as ray:
-            task = ray.remote(_series_interval).options(num_cpus=0 if parallel.gpus_per_task else 1,
-                                                        num_gpus=parallel.gpus_per_task, max_retries=MAX_RETRIES)
-            ray.get([task.remote(source, recipe.explain, work, k) for k in range(opened.series.num_steps)])
+        explain_intervals(source, recipe.explain, work_folder(target, opened, config), parallel, progress)
     explanation = explain_checkpoints(opened, config, target, progress=progress, meta={"recipe": recipe.to_json()})
     summary = explanation.summary()
     return {"sample": recipe.name, "database": str(target), "run": str(run_dir),

@@ -6,6 +6,7 @@ recorded here can be rebuilt by ``engine.tasks.get_task`` exactly like a user's 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -79,3 +80,35 @@ def record_tiny_run(
                 sched.step()
             rec.log(train_loss=float(losses.detach().mean()))
     return out
+
+
+# ---------------------------------------------------------------------------------- checkpoint series
+VOCAB = 13
+
+
+def tiny_gpt2(seed: int = 0, n_embd: int = 8, n_layer: int = 1):
+    """A GPT-2 of a few hundred parameters (``VOCAB`` tokens, sequences of up to 10)."""
+    import transformers
+
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=10, n_embd=n_embd, n_layer=n_layer, n_head=2,
+                                     bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def write_series(folder: Path, steps=(0, 10, 30), scale: float = 0.3, **model_kwargs) -> Path:
+    """``checkpoint-<step>`` folders of a tiny GPT-2 whose weights move by random steps."""
+    model = tiny_gpt2(**model_kwargs)
+    g = torch.Generator().manual_seed(1)
+    for i, step in enumerate(steps):
+        if i:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(scale * torch.randn(p.shape, generator=g) * p.std().clamp_min(0.05))
+        model.save_pretrained(folder / f"checkpoint-{step}")
+    return folder
+
+
+def write_inputs(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

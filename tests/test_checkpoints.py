@@ -28,35 +28,9 @@ from engine.model.task import get_task
 from engine.run.history import History
 from engine.run.series import SeriesSource, open_series
 from engine.store import RunDB, info
-from tests.helpers import record_tiny_run, tiny_data, tiny_spec
+from tests.helpers import VOCAB, record_tiny_run, tiny_data, tiny_gpt2, tiny_spec, write_inputs, write_series
 
 transformers = pytest.importorskip("transformers")
-VOCAB = 13
-
-
-def tiny_gpt2(seed: int = 0, n_embd: int = 8, n_layer: int = 1):
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=10, n_embd=n_embd, n_layer=n_layer, n_head=2,
-                                     bos_token_id=0, eos_token_id=0)
-    torch.manual_seed(seed)
-    return transformers.GPT2LMHeadModel(config)
-
-
-def write_series(folder: Path, steps=(0, 10, 30), scale: float = 0.3, **model_kwargs) -> Path:
-    """``checkpoint-<step>`` folders of a tiny GPT-2 whose weights move by random steps."""
-    model = tiny_gpt2(**model_kwargs)
-    g = torch.Generator().manual_seed(1)
-    for i, step in enumerate(steps):
-        if i:
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.add_(scale * torch.randn(p.shape, generator=g) * p.std().clamp_min(0.05))
-        model.save_pretrained(folder / f"checkpoint-{step}")
-    return folder
-
-
-def write_inputs(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 SEQUENCES = [[1, 5, 2, 7, 3, 3], [4, 4, 9], [12, 0, 6, 1, 8, 2, 11, 5]]

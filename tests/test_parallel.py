@@ -1,5 +1,6 @@
 """Explanations as tasks on Ray: split over test chunks and step segments, merged, equal to one
-process; a killed worker is retried, a killed driver's finished shards are reused."""
+process; a killed worker is retried, a killed driver's finished shards are reused. A checkpoint
+series: one task per interval, equal to one process, a killed worker retried, saved intervals reused."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from engine.model.task import get_task
 from engine.parallel import Parallel, explain_all
 from engine.run.history import History
 from engine.store import RunDB, write_run
-from tests.helpers import record_tiny_run
+from tests.helpers import record_tiny_run, write_inputs, write_series
 
 ROOT = Path(__file__).resolve().parents[1]
 FRAMES = ("components", "data", "importance", "completeness", "predictions", "step_stats", "units",
@@ -66,6 +67,26 @@ def assert_same(single, parallel) -> None:
         assert one.max_rel_residual == pytest.approx(many.max_rel_residual, rel=1e-9, abs=1e-15)
 
 
+def kill_first_worker(folder: Path, pattern: str, killed: list[int]) -> None:
+    """SIGKILL the first worker process found computing a task (an ``.attempts`` marker whose task
+    has not finished: ``finished(marker)`` false); its pid goes to ``killed``."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        for attempts in folder.glob(pattern):
+            pids = [int(p.name) for p in attempts.iterdir()]
+            if pids and not finished(attempts):
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+                return
+        time.sleep(0.002)
+
+
+def finished(attempts: Path) -> bool:
+    """A unit's folder is complete; an interval's saved folder (``interval-00001-<hash>``) exists."""
+    base = str(attempts).removesuffix(".attempts")
+    return Path(base).exists() or any(attempts.parent.glob(f"{Path(base).name}-*"))
+
+
 def test_workers_equal_one_process(ray_cluster, run, single, tmp_path):
     history = History.open(run)
     parallel, report = explain_all(history, get_task(history.model_spec), list(CONFIGS), Parallel(workers=2),
@@ -82,19 +103,7 @@ def test_a_killed_worker_is_retried(ray_cluster, run, single, tmp_path):
     """The first task's worker process is killed (SIGKILL, by its pid) while it computes."""
     shards = tmp_path / "shards"
     killed: list[int] = []
-
-    def kill_first_worker() -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not killed:
-            for attempts in shards.glob("*/*.attempts"):
-                pids = [int(p.name) for p in attempts.iterdir()]
-                if pids and not Path(str(attempts).removesuffix(".attempts")).exists():
-                    os.kill(pids[0], signal.SIGKILL)
-                    killed.append(pids[0])
-                    return
-            time.sleep(0.002)
-
-    killer = threading.Thread(target=kill_first_worker)
+    killer = threading.Thread(target=kill_first_worker, args=(shards, "*/*.attempts", killed))
     killer.start()
     history = History.open(run)
     parallel, report = explain_all(history, get_task(history.model_spec), list(CONFIGS), Parallel(workers=2),
@@ -154,3 +163,44 @@ def test_more_gpus_per_task_than_the_cluster_has_is_an_error(ray_cluster, run, t
         explain_all(history, get_task(history.model_spec), list(CONFIGS), Parallel(workers=2, gpus_per_task=1),
                     tmp_path / "shards", progress=False)
     assert not (tmp_path / "shards").exists()
+
+
+# ---------------------------------------------------------------------------------- checkpoint series
+def test_a_series_on_workers_equals_one_process(ray_cluster, tmp_path, capsys):
+    """One task per interval; the first interval's worker is killed mid-task and retried; the run
+    database equals one process's; a rerun of the intervals reuses every saved one."""
+    source = write_series(tmp_path / "ckpts", steps=(0, 10, 20, 30))
+    inputs = write_inputs(tmp_path / "in.jsonl", [[1, 5, 2, 7, 3, 3], [4, 4, 9], [12, 0, 6, 1, 8, 2, 11, 5]])
+    args = [str(source), "--inputs", str(inputs), "--dtype", "float64", "--device", "cpu", "--json"]
+    assert main(["explain-checkpoints", *args, "--out", str(tmp_path / "one.duckdb")]) == 0
+    capsys.readouterr()
+
+    out = tmp_path / "many.duckdb"
+    killed: list[int] = []
+    killer = threading.Thread(target=kill_first_worker, args=(tmp_path, ".many.duckdb.intervals-*/*.attempts",
+                                                              killed))
+    killer.start()
+    assert main(["explain-checkpoints", *args, "--out", str(out), "--workers", "2"]) == 0
+    killer.join()
+    summary = json.loads(capsys.readouterr().out)
+    report = summary["parallel"]
+    assert [t["unit"] for t in report["tasks"]] == ["interval-00000", "interval-00001", "interval-00002"]
+    assert killed and report["retries"] >= 1 and killed[0] not in {t["worker_pid"] for t in report["tasks"]}
+    assert summary["resumed_intervals"] == 3  # the database is made of the tasks' saved intervals
+    assert not list(tmp_path.glob(".many.duckdb.intervals-*"))
+    with RunDB.open(tmp_path / "one.duckdb") as one, RunDB.open(out) as many:
+        assert_frame_equal(many.completeness(), one.completeness(), rel_tol=1e-12, abs_tol=1e-20)
+        assert_frame_equal(many.component_totals("tensor"), one.component_totals("tensor"), rel_tol=1e-12)
+        assert many.meta()["max_rel_residual"] == pytest.approx(one.meta()["max_rel_residual"], rel=1e-9, abs=1e-15)
+
+    from engine.decompose.checkpoints import checkpoint_config, work_folder
+    from engine.parallel import explain_intervals
+    from engine.run.series import SeriesSource, open_series
+
+    series = SeriesSource((str(source),), str(inputs))
+    options = {"dtype": "float64", "device": "cpu"}
+    opened = open_series(series)
+    work = work_folder(out, opened, checkpoint_config(opened, **options))
+    first = explain_intervals(series, options, work, Parallel(workers=2), progress=False)
+    again = explain_intervals(series, options, work, Parallel(workers=2), progress=False)
+    assert (first["reused"], again["reused"]) == (0, 3)

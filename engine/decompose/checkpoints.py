@@ -401,12 +401,17 @@ def _chain_predictions(parts: list[pl.DataFrame]) -> pl.DataFrame:
     return first.with_columns(true_final=first["initial"] + true, reconstructed_final=first["initial"] + recon)
 
 
+def interval_folder(opened: OpenedSeries, config: ExplainConfig, work: Path, k: int) -> Path:
+    """Where interval ``k`` is saved in ``work`` (a folder that exists only when complete)."""
+    return work / _interval_name(run_key(opened, config), opened.series, k)
+
+
 def saved_interval(opened: OpenedSeries, config: ExplainConfig, work: Path | None, k: int) -> tuple[
         IntervalResult, bool]:
     """Interval ``k``: read back from ``work`` if it was saved there (``True``), else computed
     (and saved there when ``work`` is given)."""
     series = opened.series
-    folder = work / _interval_name(run_key(opened, config), series, k) if work is not None else None
+    folder = interval_folder(opened, config, work, k) if work is not None else None
     if folder is not None and folder.is_dir():
         return _load(folder), True
     result = explain_interval(series, opened.task, config, k)

@@ -1,13 +1,14 @@
 """Explanations as tasks on Ray: a local instance (``--workers N``) or a cluster (``--ray-address``).
 
-``explain_all`` is the one entry point: without a ``Parallel`` it explains each configuration in
+``explain_all`` is the entry point of a recorded run: without a ``Parallel`` it explains each configuration in
 this process (no Ray needed); with one, it plans the units of every configuration
 (``engine.parallel.work``), submits them all at once, shows one progress bar over them, and
 merges each configuration's shards into one ``Explanation``. The shards live in a folder keyed
 by a hash of the run and the arguments; a rerun of the same command after a crash (of the
 driver, or of the whole machine) computes only the units without a finished folder. Ray retries
 a unit whose worker process dies (``MAX_RETRIES`` times). The caller removes the shard folder
-once the merged result is published.
+once the merged result is published. ``explain_intervals`` runs the intervals of a checkpoint
+series the same way, one task per interval.
 """
 
 from __future__ import annotations
@@ -27,8 +28,19 @@ from tqdm.auto import tqdm
 from engine.decompose import ExplainConfig, Explanation, explain_history
 from engine.errors import BadInputError
 from engine.model.task import Task
-from engine.parallel.work import WorkUnit, content_key, merge_units, plan_units, read_shards, run_unit
+from engine.parallel.work import (
+    IntervalUnit,
+    WorkUnit,
+    content_key,
+    interval_report,
+    merge_units,
+    plan_units,
+    read_shards,
+    run_interval,
+    run_unit,
+)
 from engine.run.history import History
+from engine.run.series import SeriesSource, open_series
 
 MAX_RETRIES = 3  # attempts after the first when a worker process dies
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -108,12 +120,7 @@ def explain_all(history: History, task: Task, configs: list[ExplainConfig], para
     ids = [c.test_ids_in(len(task.dataset(c.test_split))) for c in configs]  # bad ids fail before Ray starts
     started = time.perf_counter()
     with ray_session(parallel) as ray:
-        resources = ray.cluster_resources()
-        kind = "GPU" if parallel.gpus_per_task else "CPU"
-        if resources.get(kind, 0) < (parallel.gpus_per_task or 1):
-            raise BadInputError(f"the Ray cluster has {resources.get(kind, 0):g} {kind}s; a task needs "
-                                f"{parallel.gpus_per_task or 1:g} (--gpus-per-task)")
-        slots = max(1, int(resources[kind] / (parallel.gpus_per_task or 1)))
+        slots = _slots(ray, parallel)
         startup = time.perf_counter() - started
         folder = shards / content_key(history, configs, slots)
         units = [u for i, (c, t) in enumerate(zip(configs, ids, strict=True))
@@ -132,32 +139,83 @@ def explain_all(history: History, task: Task, configs: list[ExplainConfig], para
 
 def _run_units(ray: Any, units: list[WorkUnit], parallel: Parallel, progress: bool) -> list[dict[str, Any]]:
     """Submit every unit not finished before; one progress bar over all of them."""
-    remote = ray.remote(run_unit).options(num_cpus=0 if parallel.gpus_per_task else 1,
-                                          num_gpus=parallel.gpus_per_task, max_retries=MAX_RETRIES,
-                                          retry_exceptions=False)
+    remote = _remote(ray, run_unit, parallel)
     reports: dict[str, dict[str, Any]] = {}
     pending = {}
     for unit in sorted(units, key=lambda u: "data" not in u.config.views):  # the longest (data view) first
         if unit.done():
             reports[unit.folder] = run_unit(unit)  # reads nothing but the folder: reuse is instant
         else:
-            pending[remote.remote(unit)] = unit
-    steps = {u.folder: u.config.steps[1] - u.config.steps[0] for u in units}
-    started, done_steps = time.perf_counter(), 0
-    with tqdm(total=len(units), initial=len(reports), desc="explain", unit="task", disable=not progress,
+            pending[remote.remote(unit)] = (unit.folder, Path(unit.folder).name,
+                                            (unit.config.steps[1] - unit.config.steps[0]) * len(unit.config.test_ids))
+    reports.update(_gather(ray, pending, len(units), progress))
+    return [reports[u.folder] for u in units]
+
+
+def explain_intervals(source: SeriesSource, options: dict[str, Any], work: Path, parallel: Parallel,
+                      progress: bool = True) -> dict[str, Any]:
+    """Every interval of a checkpoint series as one task, saved in ``work`` (the ``work_folder`` of
+    the run database) for ``explain_checkpoints`` to read back; intervals saved there before (a
+    killed run) are not computed again. Returns the report: worker slots, start-up seconds, each
+    task's timing and retries."""
+    from engine.decompose.checkpoints import checkpoint_config, interval_folder
+
+    opened = open_series(source)
+    config = checkpoint_config(opened, **options)
+    series, tests = opened.series, len(config.test_ids_in(len(opened.task.dataset("val"))))
+    units = [IntervalUnit(source, tuple(sorted(options.items())), str(work), k, tests,
+                          (series.steps[k], series.steps[k + 1])) for k in range(series.num_steps)]
+    started = time.perf_counter()
+    with ray_session(parallel) as ray:
+        slots = _slots(ray, parallel)
+        startup = time.perf_counter() - started
+        remote = _remote(ray, run_interval, parallel)
+        reports = {u.name: interval_report(u, 0.0, reused=True) for u in units
+                   if interval_folder(opened, config, work, u.k).is_dir()}
+        pending = {remote.remote(u): (u.name, u.name, (u.steps[1] - u.steps[0]) * u.tests)
+                   for u in units if u.name not in reports}
+        reports.update(_gather(ray, pending, len(units), progress, desc="intervals", rate="step·inputs/s"))
+    tasks = [reports[u.name] for u in units]
+    return {"slots": slots, "tasks": tasks, "startup_seconds": startup, "seconds": time.perf_counter() - started,
+            "reused": sum(r["reused"] for r in tasks), "retries": sum(r["retries"] for r in tasks)}
+
+
+def _slots(ray: Any, parallel: Parallel) -> int:
+    """Tasks the cluster runs at once; an error if it cannot run one."""
+    resources = ray.cluster_resources()
+    kind = "GPU" if parallel.gpus_per_task else "CPU"
+    if resources.get(kind, 0) < (parallel.gpus_per_task or 1):
+        raise BadInputError(f"the Ray cluster has {resources.get(kind, 0):g} {kind}s; a task needs "
+                            f"{parallel.gpus_per_task or 1:g} (--gpus-per-task)")
+    return max(1, int(resources[kind] / (parallel.gpus_per_task or 1)))
+
+
+def _remote(ray: Any, function: Any, parallel: Parallel) -> Any:
+    """``function`` as a Ray task of one core (or ``gpus_per_task`` GPUs), retried when its worker dies."""
+    return ray.remote(function).options(num_cpus=0 if parallel.gpus_per_task else 1,
+                                        num_gpus=parallel.gpus_per_task, max_retries=MAX_RETRIES,
+                                        retry_exceptions=False)
+
+
+def _gather(ray: Any, pending: dict[Any, tuple[str, str, int]], total: int, progress: bool,
+            desc: str = "explain", rate: str = "step·tests/s") -> dict[str, dict[str, Any]]:
+    """The reports of the submitted tasks (``ref → (key, name, work)``), one progress bar over all
+    ``total`` tasks (those not submitted count as done), its throughput in ``rate`` units of work."""
+    reports: dict[str, dict[str, Any]] = {}
+    started, done = time.perf_counter(), 0
+    with tqdm(total=total, initial=total - len(pending), desc=desc, unit="task", disable=not progress,
               dynamic_ncols=True) as bar:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
-            unit = pending.pop(ready[0])
+            key, name, work = pending.pop(ready[0])
             try:
-                reports[unit.folder] = ray.get(ready[0])
+                reports[key] = ray.get(ready[0])
             except ray.exceptions.RayError as exc:
-                raise BadInputError(f"task {Path(unit.folder).name} failed: {_cause(exc)}") from exc
-            done_steps += steps[unit.folder] * len(unit.config.test_ids or ())
-            elapsed = time.perf_counter() - started
-            bar.set_postfix_str(f"{done_steps / elapsed:.1f} step·tests/s")
+                raise BadInputError(f"task {name} failed: {_cause(exc)}") from exc
+            done += work
+            bar.set_postfix_str(f"{done / (time.perf_counter() - started):.1f} {rate}")
             bar.update(1)
-    return [reports[u.folder] for u in units]
+    return reports
 
 
 def _cause(exc: BaseException) -> str:

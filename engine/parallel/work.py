@@ -26,6 +26,10 @@ How an explanation splits (``plan_units``):
 ``merge_units`` puts the pieces back together: segments of one chunk in step order (residual
 summaries recomputed from the merged rows, as ``explain`` computes them), then chunks with
 ``merge_tests``, frames sorted in the order ``explain`` returns them.
+
+A checkpoint series splits by interval (``IntervalUnit``, MATH.md §7: interval ``k`` needs
+checkpoints ``k`` and ``k + 1`` only). ``run_interval`` saves it in the series' own work folder,
+where ``explain_checkpoints`` reads every interval back; nothing is merged here.
 """
 
 from __future__ import annotations
@@ -35,7 +39,6 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -45,9 +48,11 @@ import polars as pl
 import torch
 
 from engine.decompose import DTYPES, ExplainConfig, Explanation, explain_history, merge_tests
+from engine.decompose.checkpoints import checkpoint_config, saved_interval
 from engine.model.outputs import get_quantity
 from engine.model.task import get_task
 from engine.run.history import History
+from engine.run.series import SeriesSource, open_series
 
 FRAMES = ("components", "data", "importance", "completeness", "predictions", "step_stats", "units", "unit_components")
 TUPLES = ("test_ids", "steps", "notes")
@@ -64,9 +69,6 @@ class WorkUnit:
     chunk: int                     # test chunk index within that explanation
     segment: int                   # step segment index within that chunk
     allow_incomplete: bool = False
-    # what computes the unit: any picklable module-level function of the unit (e.g. one interval
-    # of a checkpoint series); ``explain_unit`` by default
-    compute: Callable[[WorkUnit], Explanation] | None = None
 
     @property
     def attempts_folder(self) -> Path:
@@ -124,7 +126,7 @@ def run_unit(unit: WorkUnit) -> dict[str, Any]:
         return _report(unit, 0.0, reused=True)
     attempts.mkdir(parents=True, exist_ok=True)
     (attempts / str(os.getpid())).touch()
-    explanation = (unit.compute or explain_unit)(unit)
+    explanation = explain_unit(unit)
     write_shards(explanation, Path(unit.folder))
     return _report(unit, time.perf_counter() - started, reused=False)
 
@@ -136,10 +138,50 @@ def explain_unit(unit: WorkUnit) -> Explanation:
 
 
 def _report(unit: WorkUnit, seconds: float, reused: bool) -> dict[str, Any]:
-    tried = len(list(unit.attempts_folder.iterdir())) if unit.attempts_folder.exists() else 0
     return {"unit": Path(unit.folder).name, "tests": len(unit.config.test_ids or ()),
             "steps": list(unit.config.steps or ()), "seconds": seconds, "reused": reused,
-            "retries": max(0, tried - 1), "worker_pid": os.getpid()}
+            "retries": _retries(unit.attempts_folder), "worker_pid": os.getpid()}
+
+
+def _retries(attempts: Path) -> int:
+    return max(0, len(list(attempts.iterdir())) - 1) if attempts.exists() else 0
+
+
+@dataclass(frozen=True)
+class IntervalUnit:
+    """One task of a checkpoint series: interval ``k`` of the series at ``source``, explained with
+    ``checkpoint_config(opened, **options)`` and saved in ``work`` (``work_folder`` of the run
+    database)."""
+
+    source: SeriesSource
+    options: tuple[tuple[str, Any], ...]   # the numerical settings, as (name, value) pairs
+    work: str
+    k: int
+    tests: int                             # explained inputs (for the progress bar's throughput)
+    steps: tuple[int, int]                 # training steps of the two checkpoints
+
+    @property
+    def name(self) -> str:
+        return f"interval-{self.k:05d}"
+
+    @property
+    def attempts_folder(self) -> Path:
+        return Path(self.work) / f"{self.name}.attempts"
+
+
+def run_interval(unit: IntervalUnit) -> dict[str, Any]:
+    """Explain and save one interval (on a worker); returns its timing report."""
+    started = time.perf_counter()
+    unit.attempts_folder.mkdir(parents=True, exist_ok=True)
+    (unit.attempts_folder / str(os.getpid())).touch()
+    opened = open_series(unit.source)
+    saved_interval(opened, checkpoint_config(opened, **dict(unit.options)), Path(unit.work), unit.k)
+    return interval_report(unit, time.perf_counter() - started, reused=False)
+
+
+def interval_report(unit: IntervalUnit, seconds: float, reused: bool) -> dict[str, Any]:
+    return {"unit": unit.name, "tests": unit.tests, "steps": list(unit.steps), "seconds": seconds,
+            "reused": reused, "retries": _retries(unit.attempts_folder), "worker_pid": os.getpid()}
 
 
 def write_shards(explanation: Explanation, folder: Path) -> None:
