@@ -144,6 +144,7 @@ def opens_presenting() -> bool:
 
 
 def main() -> None:
+    state.freeze_startup_heap()
     st.set_page_config(
         page_title="ExPLAIND Studio", page_icon=":material/insights:", layout="wide",
         initial_sidebar_state="collapsed" if opens_presenting() else "auto",

@@ -97,10 +97,14 @@ def find_spikes(steps: pl.DataFrame, column: str = "train_loss", factor: float =
         return []
     frame = steps.sort("step").select("step", pl.col(column).cast(pl.Float64).fill_nan(None)).drop_nulls()
     step, loss = frame["step"].to_numpy(), frame[column].to_numpy()
+    if loss.size <= window:
+        return []
+    # baselines[i - window]: the median of the window steps before step i, all at once
+    baselines = np.median(np.lib.stride_tricks.sliding_window_view(loss, window)[:-1], axis=1)
     spikes: list[int] = []
     i = window
     while i < loss.size:
-        baseline = np.median(loss[i - window:i])
+        baseline = baselines[i - window]
         if loss[i] >= factor * baseline > 0:
             end = i
             while end + 1 < loss.size and loss[end + 1] >= factor * baseline:

@@ -15,7 +15,9 @@ The 10^7-row run is the synthetic run of ``bench/bench_app.py`` (components 500 
 
 For every interaction the page itself records (an init script; no polling error):
 
-- ``t0``: the first input event of the interaction (pointer down, key down);
+- ``t0``: the input event that changes the value (pointer down on a toggle, a segment, an
+  option of an opened list or a page link; the key that moves a slider or commits a typed
+  number). Opening a list and typing digits are not timed: they change nothing yet;
 - the arrival of every websocket message (the server's script run streams its output
   and ends with "script finished"), and every DOM mutation (React and plotly drawing);
 - *settled*: no message and no mutation for ``QUIET_MS`` with the status widget gone.
@@ -119,18 +121,24 @@ def segment(name: str, option: str) -> Action:
 
 
 def select(name: str, option: str) -> Action:
+    """Open the list (not timed: no value changed yet), then choose the option."""
     def act(tab) -> None:
         control(tab, name).get_by_role("button", name="Open").click()
-        tab.get_by_role("option", name=option, exact=True).click()
+        choice = tab.get_by_role("option", name=option, exact=True)
+        choice.wait_for()
+        tab.evaluate(RESET)
+        choice.click()
 
     return act
 
 
 def number(name: str, value: int) -> Action:
+    """Type the number (not timed), then commit it with Enter."""
     def act(tab) -> None:
         box = control(tab, name).locator("input")
         box.click()
         box.fill(str(value))
+        tab.evaluate(RESET)
         box.press("Enter")
 
     return act
