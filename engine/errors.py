@@ -52,3 +52,12 @@ class StoreSchemaError(StoreError):
 
 class StoreNameError(StoreError):
     """A run name is not a plain file name."""
+
+
+def unreadable_reason(exc: BaseException) -> str:
+    """The first line of a parser's complaint about a file, for a message that says the file is
+    truncated or foreign. ``torch.load`` failures that suggest ``weights_only=False`` are reduced to
+    the exception's type: that advice would run code from the file."""
+    lines = str(exc).splitlines()
+    reason = lines[0] if lines else type(exc).__name__
+    return type(exc).__name__ if "weights_only" in reason else reason

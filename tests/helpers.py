@@ -6,10 +6,12 @@ recorded here can be rebuilt by ``engine.tasks.get_task`` exactly like a user's 
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -112,3 +114,16 @@ def write_series(folder: Path, steps=(0, 10, 30), scale: float = 0.3, **model_kw
 def write_inputs(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def foreign_payloads(seed: int) -> list[bytes]:
+    """Bytes a loader meets in the wild: random content behind every magic number ``torch.load``
+    dispatches on (pickle protocols 2-5, zip), and a real ``torch.save`` file cut short anywhere."""
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    torch.save([{"w": torch.arange(6.0).reshape(2, 3)}], buffer)
+    real = buffer.getvalue()
+    heads = [b"\x80" + bytes([protocol]) for protocol in (2, 3, 4, 5)] + [b"PK\x03\x04"]
+    payloads = [head + rng.bytes(int(rng.integers(0, 600))) for head in heads for _ in range(40)]
+    payloads += [real[:int(cut)] for cut in rng.integers(4, len(real) - 1, size=40)]
+    return payloads

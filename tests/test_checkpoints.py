@@ -23,12 +23,23 @@ from engine.decompose.checkpoints import (
     explain_series,
     work_folder,
 )
+from engine.errors import CorruptRunError
 from engine.model.lm import LM_QUANTITIES, NextTokenLogProbs
 from engine.model.task import get_task
+from engine.run.checkpoints import _read_file
 from engine.run.history import History
 from engine.run.series import SeriesSource, open_series
 from engine.store import RunDB, info
-from tests.helpers import VOCAB, record_tiny_run, tiny_data, tiny_gpt2, tiny_spec, write_inputs, write_series
+from tests.helpers import (
+    VOCAB,
+    foreign_payloads,
+    record_tiny_run,
+    tiny_data,
+    tiny_gpt2,
+    tiny_spec,
+    write_inputs,
+    write_series,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -298,3 +309,12 @@ def test_buffers_the_checkpoints_share_are_held_along_the_path(tmp_path):
         truth = model(x)                                                      # (test, class) at checkpoint 1
     np.testing.assert_allclose(predictions["true_final"].to_numpy().reshape(4, 3), truth.numpy(), rtol=1e-6)
     np.testing.assert_allclose(predictions["reconstructed_final"], predictions["true_final"], rtol=1e-6)
+
+
+@pytest.mark.filterwarnings("error")
+def test_any_foreign_or_truncated_state_dict_is_named_not_raised(tmp_path):
+    file = tmp_path / "step_0.pt"
+    for payload in foreign_payloads(seed=1):
+        file.write_bytes(payload)
+        with pytest.raises(CorruptRunError, match=r"step_0\.pt (cannot be read|does not hold)"):
+            _read_file(file)

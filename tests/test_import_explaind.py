@@ -26,12 +26,14 @@ from engine.importers.explaind import (
     MODEL_FILE,
     OPTIMIZER_FILE,
     ExplaindOptimizer,
+    _load_list,
     add_arguments,
     cmd_import_explaind,
     csv_dataset,
     import_explaind,
 )
 from engine.run.history import History
+from tests.helpers import foreign_payloads
 
 MODEL = "tests.test_import_explaind:TokenNet"
 DATA = "tests.test_import_explaind:token_data"
@@ -433,3 +435,12 @@ def test_dataset_option_must_name_something(tmp_path):
         run_import(src, tmp_path / "run", dataset=None)
     with pytest.raises(BadInputError, match="neither an import path"):
         run_import(src, tmp_path / "run", dataset=str(tmp_path / "nothing-here"))
+
+
+@pytest.mark.filterwarnings("error")
+def test_any_foreign_or_truncated_bytes_are_named_not_raised(tmp_path):
+    file = tmp_path / MODEL_FILE
+    for payload in foreign_payloads(seed=0):
+        file.write_bytes(payload)
+        with pytest.raises(CorruptRunError, match=r"model_checkpoint\.pt .*(truncated or foreign|holds a)"):
+            _load_list(file, "model state dicts")

@@ -39,7 +39,7 @@ import json
 import logging
 import math
 import pickle
-import zipfile
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,7 +50,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from engine.errors import BadInputError, CorruptRunError, RunNotFoundError
+from engine.errors import BadInputError, CorruptRunError, RunNotFoundError, unreadable_reason
 from engine.model.task import Dataset, Task, data_fingerprint, get_task
 from engine.run.record import HPARAM_COLUMNS, RunWriter, StepData, check_run_target, write_json_atomic
 
@@ -183,12 +183,14 @@ def _load_list(file: Path, what: str) -> list[Any]:
         raise CorruptRunError(f"{file} is not a file written by torch.save (it starts with {head!r}); "
                               "it is truncated or foreign")
     try:
-        try:
-            value = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            value = torch.load(file, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns of pickle protocols it was not written with
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            try:
+                value = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                value = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         lines = [line.strip() for line in str(exc).splitlines() if "Unsupported global" in line]
         if not lines:
@@ -199,12 +201,9 @@ def _load_list(file: Path, what: str) -> list[Any]:
             "with weights_only=True so that importing a file never runs code from it. Re-save the "
             f"{what} as plain lists and dicts of tensors (e.g. torch.save([dict(c) for c in checkpoints], ...))"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "weights_only" in reason:  # torch's advice to load without it would run code from the file
-            reason = type(exc).__name__
-        raise CorruptRunError(f"{file} cannot be read by torch.load ({reason}); the file is truncated or "
-                              "foreign") from None
+    except Exception as exc:  # the unpickler fails on foreign bytes with any error type
+        raise CorruptRunError(f"{file} cannot be read by torch.load ({unreadable_reason(exc)}); the file is "
+                              "truncated or foreign") from None
     if not isinstance(value, list):
         raise CorruptRunError(f"{file} holds a {type(value).__name__}, expected the list of {what} the package saves")
     return value

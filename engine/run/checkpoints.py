@@ -23,6 +23,7 @@ import itertools
 import json
 import math
 import re
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_safetensors
 from torch import Tensor, nn
 
-from engine.errors import BadInputError, CorruptRunError
+from engine.errors import BadInputError, CorruptRunError, unreadable_reason
 from engine.model.task import Dataset, Task
 from engine.run.history import GroupHParams, StepRecord
 
@@ -152,9 +153,12 @@ def _torch_state(data: bytes, path: Path) -> dict[str, Tensor]:
     """A ``torch.save``-d state dict (also nested as ``state_dict`` or ``model``), read with
     ``weights_only=True``: no code in the file runs."""
     try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle and zip errors of many kinds
-        raise CorruptRunError(f"{path} cannot be read as a PyTorch state dict: {str(exc).splitlines()[0]}") from exc
+        with warnings.catch_warnings():  # torch warns of pickle protocols it was not written with
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # the unpickler fails on foreign bytes with any error type
+        raise CorruptRunError(f"{path} cannot be read as a PyTorch state dict ({unreadable_reason(exc)}); the "
+                              "file is truncated or foreign") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict) and len(state) == 1:
             state = state[key]
