@@ -799,6 +799,12 @@ def test_test_chunks_passes_and_blocks_do_not_change_the_numbers(tmp_path):
     components_only = explain(history.path, ExplainConfig(test_chunk=2, engine="vjp", **F64),
                               progress=False, trust_run=True)
     np.testing.assert_allclose(totals(components_only.components), totals(whole.components), atol=1e-13)
+    fixed = dict(quadrature="midpoint:12", engine="jvp", **F64)  # shared nodes; 1 node per call at max_batch 8
+    nodes_together, node_by_node = (explain(history.path, ExplainConfig(max_batch=batch, **fixed), progress=False,
+                                            trust_run=True).components for batch in (16384, 8))
+    keys = ["step_lo", "tensor", "test", "output"]
+    np.testing.assert_allclose(nodes_together.sort(keys)["value"].to_numpy(),
+                               node_by_node.sort(keys)["value"].to_numpy(), atol=1e-13)
     forward = explain(history.path, ExplainConfig(views=("components", "data"), window=2, engine="jvp", test_chunk=4,
                                                   block=2, **F64), progress=False, trust_run=True)
     keys = ["step_lo", "train", "test", "output"]

@@ -145,16 +145,24 @@ class _Evaluator:
 
     def shared(self, thetas: Tensor, deltas: Tensor, bufs: Tensor, t: Tensor, directions: Tensor, x: Tensor,
                y: Tensor) -> Tensor:
-        """Directional derivatives at shared nodes ``t (M,)``: ``(B, M, K, n, O)``."""
+        """Directional derivatives at shared nodes ``t (M,)``: ``(B, M, K, n, O)``.
+
+        Steps are batched while ``max_batch`` allows; a step whose nodes alone exceed it is
+        split over its nodes (a fixed rule of 100 nodes would otherwise hold the activations
+        of all of them at once)."""
         s = self.s
         b_count, k, n = directions.shape[0], directions.shape[1], x.shape[0]
-        per_step = len(t) * k * n
-        steps = self._batch(per_step, len(t) * (k + 1))
+        per_node = k * n
+        nodes_per_call = max(1, min(len(t), s.config.max_batch // per_node))
+        steps = self._batch(nodes_per_call * per_node, nodes_per_call * (k + 1))
         nodes = t.to(s.dtype).expand(b_count, -1)
-        out = [self._jvp_shared(thetas[a:a + steps], deltas[a:a + steps], bufs[a:a + steps], nodes[a:a + steps],
-                                directions[a:a + steps], x, y) for a in range(0, b_count, steps)]
-        self.evaluations += b_count * per_step
-        return torch.cat(out)
+        out = torch.cat([
+            torch.cat([self._jvp_shared(thetas[a:a + steps], deltas[a:a + steps], bufs[a:a + steps],
+                                        nodes[a:a + steps, m:m + nodes_per_call], directions[a:a + steps], x, y)
+                       for m in range(0, len(t), nodes_per_call)], dim=1)
+            for a in range(0, b_count, steps)])
+        self.evaluations += b_count * len(t) * per_node
+        return out
 
     def units(self, thetas: Tensor, deltas: Tensor, bufs: Tensor, step: Tensor, t: Tensor, directions: Tensor,
               x: Tensor, y: Tensor) -> Tensor:
