@@ -127,6 +127,7 @@ def cmd_explain(args: argparse.Namespace) -> dict[str, Any]:
     common = {**parse_test(args.test), "dtype": args.dtype, "device": args.device, "subsample": args.subsample}
     config = ExplainConfig(**common, quantity=quantity, quadrature=args.quadrature, views=args.views,
                            window=args.window, rtol=args.rtol, decay_split=not args.no_decay_split,
+                           engine=args.engine, memory_mb=args.memory_mb,
                            partitions=(*_split(args.partitions), *_partition_specs(args.partition_spec)))
     # prediction-level exactness (agreement, KL) needs every logit reconstructed
     checks = [ExplainConfig(**common, quantity="logits", quadrature=q, views=()) for q in _split(args.exactness)]
@@ -342,6 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--no-decay-split", action="store_true", help="do not split components into their "
                          "weight-decay share (half the forward-mode directions; no data view)")
     explain.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    explain.add_argument("--engine", default="auto", choices=("auto", "jvp", "vjp"),
+                         help="derivatives by forward-mode directions (jvp) or per-output reverse passes (vjp); "
+                         "auto counts both and takes the cheaper (default %(default)s)")
+    explain.add_argument("--memory-mb", type=_positive_int, default=1024,
+                         help="budget for the vectorised batches' Jacobians and accumulators, in MiB "
+                         "(default %(default)s)")
     explain.add_argument("--allow-incomplete", action="store_true", help="explain the steps of an unfinished run")
     explain.add_argument("--trust-run", action="store_true", help=TRUST_HELP)
     explain.add_argument("--json", action="store_true", help="print one JSON object")

@@ -9,6 +9,7 @@ record are rebuilt by ``engine.tasks.get_task`` exactly like a user's own code.
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 from dataclasses import replace
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.cli import main
 from engine.decompose import (
     IMPORTANCE_SCORES,
     ExplainConfig,
@@ -39,6 +41,7 @@ from engine.model.task import get_task
 from engine.run.history import History
 from engine.run.record import Recorder
 from engine.run.updates import rule_for
+from engine.store import RunDB
 
 N_IN, N_OUT = 4, 3
 
@@ -398,6 +401,12 @@ def test_without_the_decay_split_components_are_the_same_at_fewer_evaluations(tm
     plain = explain(history.path, ExplainConfig(**F64, decay_split=False), progress=False, trust_run=True)
     assert split.decay_split and not plain.decay_split
     assert (plain.components["decay"] == 0).all() and (split.components["decay"] != 0).any()
+    # the choice of evaluation and its counted costs: 6 tensors × (1 + split) + ρ directions, 3 outputs
+    assert ("evaluation: vjp (the cheaper); cost per node and test example: 13 forward-mode directions ≈ 6.5 "
+            "Jacobian rows (jvp) against 3 rows, one per output (vjp)") in split.notes
+    assert ("evaluation: jvp (as asked); cost per node and test example: 7 forward-mode directions ≈ 3.5 "
+            "Jacobian rows (jvp) against 3 rows, one per output (vjp)") in explain(
+        history.path, ExplainConfig(**F64, decay_split=False, engine="jvp"), progress=False, trust_run=True).notes
     np.testing.assert_allclose(plain.components["value"].to_numpy(), split.components["value"].to_numpy(),
                                rtol=1e-12, atol=1e-14)
     assert plain.completeness["optimizer_residual"].null_count() == plain.completeness.height
@@ -420,6 +429,30 @@ def test_model_without_forward_mode_falls_back_to_reverse_mode(tmp_path):
     with pytest.raises(BadInputError, match="forward-mode"):
         explain(history.path, ExplainConfig(engine="jvp", **F64), progress=False, trust_run=True)
 
+
+def test_cli_takes_the_evaluation_and_the_memory_budget(tmp_path, capsys):
+    history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.AdamW(m.parameters(), lr=0.02), steps=4)
+    base = ["explain", str(history.path), "--test", "val:all", "--dtype", "float64", "--trust-run", "--json"]
+    tables = {}
+    for name, flags in (("auto", []), ("jvp", ["--engine", "jvp", "--memory-mb", "1"])):
+        out = tmp_path / f"{name}.duckdb"
+        assert main([*base, "--out", str(out), *flags]) == 0
+        capsys.readouterr()
+        with RunDB.open(out) as db:
+            tables[name] = db.component_totals(level="tensor")
+        assert main(["info", str(out), "--json"]) == 0
+        notes = json.loads(capsys.readouterr().out)["notes"]
+        assert any(note.startswith(f"evaluation: {'vjp (the cheaper)' if name == 'auto' else 'jvp (as asked)'}")
+                   for note in notes), notes
+    auto, jvp = (tables[name].sort("group") for name in ("auto", "jvp"))
+    assert auto["group"].to_list() == jvp["group"].to_list()
+    np.testing.assert_allclose(auto["value"].to_numpy(), jvp["value"].to_numpy(), rtol=1e-10, atol=1e-14)
+    assert main([*base, "--out", str(tmp_path / "no.duckdb"), "--engine", "jvp", "--views", "importance"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the importance view needs full Jacobians") and err.count("\n") == 1
+    with pytest.raises(SystemExit):
+        main([*base, "--out", str(tmp_path / "no.duckdb"), "--memory-mb", "0"])
+    assert "--memory-mb" in capsys.readouterr().err and not (tmp_path / "no.duckdb").exists()
 
 class AttentionNet(nn.Module):
     """nn.MultiheadAttention, whose eval fast path has no derivative rules."""

@@ -218,8 +218,8 @@ def test_selection_probe_names_which_switch_points_are_located():
 
 # ------------------------------------------------------------------------------ recorded loops
 def quadrature_notes(e) -> list[str]:
-    """The notes about the quadrature (the one saying how batch gradients were split is always there)."""
-    return [n for n in e.notes if not n.startswith("data split:")]
+    """The notes about the quadrature (those on the batch-gradient split and the evaluation are always there)."""
+    return [n for n in e.notes if not n.startswith(("data split:", "evaluation:"))]
 
 
 @pytest.mark.parametrize("act", ["relu", "tanh"])

@@ -351,15 +351,20 @@ def _choose_engine(setup: _Setup, params0: Tensor, bufs0: Tensor) -> str:
         what = "the importance view" if "importance" in config.views else "partitions finer than a tensor"
         if config.engine == "jvp":
             raise BadInputError(f"{what} needs full Jacobians; use engine='vjp' or 'auto'")
+        setup.notes.append(f"evaluation: vjp, {setup.outputs} Jacobian rows per node ({what} needs them)")
         return "vjp"
     directions = _direction_count(setup)
-    wanted = config.engine if config.engine != "auto" else (
-        "jvp" if directions <= JVP_PER_ROW * setup.outputs else "vjp")
+    cheaper = "jvp" if directions <= JVP_PER_ROW * setup.outputs else "vjp"
+    wanted = cheaper if config.engine == "auto" else config.engine
     if wanted == "jvp" and not setup.forward_ad:
         if config.engine == "jvp":
             raise BadInputError("forward-mode JVP is not implemented for an operation of this model; "
                                 "use engine='vjp' or 'auto'")
-        return "vjp"
+        wanted = "vjp"
+    why = "as asked" if config.engine != "auto" else "the cheaper" if wanted == cheaper else "no forward mode"
+    setup.notes.append(
+        f"evaluation: {wanted} ({why}); cost per node and test example: {directions} forward-mode directions "
+        f"≈ {directions / JVP_PER_ROW:g} Jacobian rows (jvp) against {setup.outputs} rows, one per output (vjp)")
     return wanted
 
 
