@@ -2,39 +2,39 @@
 
 Usage::
 
-    .venv/bin/python bench/compare_explaind.py                 # all sizes, writes bench/results/compare_explaind.md
-    .venv/bin/python bench/compare_explaind.py --only S-adamw  # one configuration
+    .venv/bin/python bench/compare_explaind.py                        # the grid → bench/results/compare_explaind.md
+    .venv/bin/python bench/compare_explaind.py --only p23-sgd-200x20  # one configuration
 
-For every configuration the script
+The grid (``CONFIGS``): outputs few and many (p = 23 and 113: 25 and 115 tokens), AdamW and SGD
+with momentum, 200 or 20 training examples, 10–40 test examples, 50 trained steps. For every
+configuration the script
 
 1. trains the package's ``SingleLayerTransformerClassifier`` with its wrappers
    (``ModelPath``, ``AdamWOptimizerPath`` / ``SGDOptimizerPath``, ``DataPath``) as its README
    shows, saving the three checkpoint files and the CSV dataset, and cuts the files to the
-   first ``explain`` steps (a complete run in the package's format: the package needs
-   about 0.3 s per test example and quadrature node, too slow for whole runs here);
+   first ``explain`` step (a complete run in the package's format: the package needs
+   0.07–0.3 s per test example and quadrature node, too slow for whole runs here);
 2. computes the package's EPK predictions of the validation examples on that run as its
    README does (``ExactPathKernelModel`` with ``integral_eps=0.01``,
    ``keep_param_wise_kernel=True``, ``param_wise_kernel_keep_out_dims=True``,
    ``keep_kernel_matrices=True``, test batches of 100) with ``early_steps=0``, so that every
    step uses the same 100 midpoint nodes (the package's default integrates the first four
-   steps with 1000 nodes);
+   steps with 1000 nodes); its time per step, times the trained steps, is its whole run;
 3. imports the full run and the cut run (``engine.importers.explaind``, which replays every
-   update) and explains the same validation examples and all outputs of the cut run with
-   ``engine.decompose.explain``: the components view at ``midpoint:100`` and at the
-   default ``adaptive`` quadrature, and the per-element importance view at ``adaptive``
-   (element granularity like the package's parameter-wise kernel; stopped after
-   ``ELEMENT_TIMEOUT`` seconds), all at the package's granularity (``decay_split=False``:
-   its kernel does not split off weight decay); the whole imported run at ``adaptive``
-   with and without our weight-decay split.
+   update) and explains the same validation examples and all outputs with
+   ``engine.decompose.explain``, components view: the cut run at the adaptive rule (to compare
+   predictions), and every trained step at parity (``midpoint:100``, ``decay_split=False``:
+   the package's rule and granularity), headline (adaptive, ``decay_split=False``) and default
+   (adaptive with the decay split).
 
 Every measured computation runs in its own process with one thread (``OMP_NUM_THREADS=1``
 and ``torch.set_num_threads(1)``) and the same glibc heap setting for both sides
 (``same_heap``: what ``engine.decompose.heap.retained_heap`` sets, from process start): wall time of
 the computation, peak resident memory of the process, and the increase of resident memory
 over the process before computing.
-The package runs in its own virtual environment (created on first use, see
-``ensure_venv``); our side imports the package's model class from that environment's
-package folder, put on ``PYTHONPATH`` alone.
+The package runs in its own virtual environment (``.venv-explaind``, or
+``$EXPLAIND_BENCH_VENV``; created on first use by ``ensure_venv``); our side imports the
+package's model class from that environment's package folder, put on ``PYTHONPATH`` alone.
 
 Worker roles (internal): ``--role train|theirs|import|ours`` with ``--dir``.
 """
@@ -55,24 +55,25 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-VENV = Path(os.environ.get("EXPLAIND_BENCH_VENV", "/work/bench-venv"))
+VENV = Path(os.environ.get("EXPLAIND_BENCH_VENV", ROOT / ".venv-explaind"))  # the package's own environment
 OURS_PYTHON = ROOT / ".venv" / "bin" / "python"
 RESULTS = ROOT / "bench" / "results" / "compare_explaind.md"
 MODEL = "explaind.modulo_model.model:SingleLayerTransformerClassifier"
 
-# name: trained steps, training examples, test (validation) examples, batch size, optimizer, and the
-# number of leading steps both sides explain (the package needs ~0.3 s per test example and node).
+# The grid: outputs (p + 2 tokens: few and many), optimizer (AdamW, SGD with momentum), training set
+# size and test examples. name: modulus, trained steps, training examples, test (validation)
+# examples, batch size, optimizer; the package explains the first step only (its cost per step is
+# constant: ~0.07 s per test example and node at 25 outputs, ~0.3 s at 115).
 CONFIGS: dict[str, dict[str, Any]] = {
-    "S-adamw": {"steps": 50, "n_train": 100, "n_test": 10, "batch": 50, "optimizer": "adamw", "explain": 3},
-    "S-sgd": {"steps": 50, "n_train": 100, "n_test": 10, "batch": 50, "optimizer": "sgd", "explain": 3},
-    "L-adamw": {"steps": 500, "n_train": 2000, "n_test": 10, "batch": 200, "optimizer": "adamw", "explain": 2},
-    "T-adamw": {"steps": 50, "n_train": 1000, "n_test": 30, "batch": 100, "optimizer": "adamw", "explain": 1},
+    f"p{p}-{opt}-{train}x{test}": {"p": p, "steps": 50, "n_train": train, "n_test": test,
+                                   "batch": min(train, 100), "optimizer": opt, "explain": 1}
+    for p, train, test in ((23, 200, 20), (23, 20, 40), (113, 200, 10))
+    for opt in ("adamw", "sgd")
 }
-MODEL_SIZE = {"p": 113, "d_model": 32, "nhead": 4, "dim_mlp": 128}
+MODEL_SIZE = {"d_model": 32, "nhead": 4, "dim_mlp": 128}
 ADAMW = {"lr": 1e-3, "betas": (0.9, 0.98), "weight_decay": 1.0}
 SGD = {"lr": 0.01, "momentum": 0.9, "dampening": 0.0, "weight_decay": 1e-3}
 SEED = 0
-ELEMENT_TIMEOUT = 90.0   # seconds allowed for our element-granularity (importance) run per configuration
 
 
 def one_thread() -> None:
@@ -94,10 +95,10 @@ def peak_mib() -> float:
 
 
 # ============================================================================ package side
-def model_kwargs() -> dict[str, Any]:
+def model_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
     m = MODEL_SIZE
     return {
-        "n_token": m["p"] + 2,
+        "n_token": cfg["p"] + 2,
         "d_model": m["d_model"],
         "nhead": m["nhead"],
         "dim_mlp": m["dim_mlp"],
@@ -127,7 +128,7 @@ def role_train(directory: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     np.random.seed(SEED)
     torch.manual_seed(SEED)
     gen = ModulusDataGenerator(
-        num_samples=cfg["n_train"], val_num_samples=cfg["n_test"], test_num_samples=0, P=MODEL_SIZE["p"]
+        num_samples=cfg["n_train"], val_num_samples=cfg["n_test"], test_num_samples=0, P=cfg["p"]
     )
     train, val, _ = gen.generate_data()
     (directory / "dataset").mkdir(parents=True, exist_ok=True)
@@ -136,7 +137,8 @@ def role_train(directory: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     loader = torch.utils.data.DataLoader(ClassificationDataset(*train), batch_size=cfg["batch"], shuffle=True)
 
     model = ModelPath(
-        SingleLayerTransformerClassifier(**model_kwargs()),
+        SingleLayerTransformerClassifier(**model_kwargs(cfg)),
+        output_dim=cfg["p"] + 2,  # the package's default is p = 113's 115
         device="cpu",
         checkpoint_path=str(directory / "model_checkpoint.pt"),
         overwrite=True,
@@ -220,7 +222,8 @@ def role_theirs(directory: Path, cfg: dict[str, Any]) -> dict[str, Any]:
         train_set, val_set = read("train"), read("val")
         loader = torch.utils.data.DataLoader(train_set, batch_size=cfg["batch"], shuffle=False)
         model = ModelPath(
-            SingleLayerTransformerClassifier(**model_kwargs()),
+            SingleLayerTransformerClassifier(**model_kwargs(cfg)),
+            output_dim=cfg["p"] + 2,
             device="cpu",
             checkpoint_path=str(directory / "model_checkpoint.pt"),
         )
@@ -292,7 +295,7 @@ def role_import(directory: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     result = {}
     for key, source in (("full", directory), ("prefix", directory / "prefix")):
         start = time.perf_counter()
-        run = import_explaind(source, MODEL, model_kwargs(), out=source / "run", optimizer=opt, overwrite=True,
+        run = import_explaind(source, MODEL, model_kwargs(cfg), out=source / "run", optimizer=opt, overwrite=True,
                               progress=False)
         manifest = _json.loads((run / "manifest.json").read_text())
         result[key] = {"seconds": time.perf_counter() - start, "replay": manifest["import"]["replay"],
@@ -301,7 +304,7 @@ def role_import(directory: Path, cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def role_ours(directory: Path, cfg: dict[str, Any], quadrature: str, views: tuple[str, ...],
-              whole: bool = False, decay_split: bool = False) -> dict[str, Any]:
+              whole: bool = False, decay_split: bool = False, engine: str = "auto") -> dict[str, Any]:
     import numpy as np
     import torch
 
@@ -316,6 +319,7 @@ def role_ours(directory: Path, cfg: dict[str, Any], quadrature: str, views: tupl
         device="cpu",
         dtype="float32",
         decay_split=decay_split,
+        engine=engine,
     )
     before = rss_mib()
     start = time.perf_counter()
@@ -330,7 +334,8 @@ def role_ours(directory: Path, cfg: dict[str, Any], quadrature: str, views: tupl
     summary = result.summary()
     if whole:  # every trained step: no package result to compare with
         return {"seconds": seconds, "peak_mib": peak, "rss_before_mib": before,
-                "residual": float(np.abs(recon - true).max()), "mean_nodes": summary["mean_nodes"]}
+                "residual": float(np.abs(recon - true).max()), "mean_nodes": summary["mean_nodes"],
+                "max_rel_residual": summary["max_rel_residual"], "engine": summary["engine"]}
     theirs = torch.load(directory / "prefix" / "theirs.pt")
     their_recon = theirs["reconstructed"].double().numpy()
     their_true = theirs["true_final"].double().numpy()
@@ -407,16 +412,15 @@ def run_config(name: str, cfg: dict[str, Any], theirs_python: Path, work: Path, 
     row["theirs"] = worker(theirs_python, "theirs", directory / "prefix", name, "")
     print(f"  {name}: package EPK {row['theirs']['seconds']:.1f} s", flush=True)
     row["import"] = worker(OURS_PYTHON, "import", directory, name, ours_path)
-    for key, quadrature, views, timeout, flags in (
-        ("mid", "midpoint:100", "components", None, ()),
-        ("adaptive", "adaptive", "components", None, ()),
-        ("whole", "adaptive", "components", None, ("--whole",)),
-        ("whole_split", "adaptive", "components", None, ("--whole", "--decay-split")),
-        ("elements", "adaptive", "components,importance", ELEMENT_TIMEOUT, ()),
+    for key, quadrature, flags in (
+        ("agree", "adaptive", ()),                                 # the package's step: predictions compared
+        ("parity", "midpoint:100", ("--whole",)),                   # its rule, its granularity
+        ("headline", "adaptive", ("--whole",)),                     # our rule, its granularity
+        ("default", "adaptive", ("--whole", "--decay-split")),      # our default: the decay split as well
     ):
         row[key] = worker(OURS_PYTHON, "ours", directory, name, ours_path, "--quadrature", quadrature,
-                          "--views", views, *flags, timeout=timeout)
-        print(f"  {name}: ours {key} {row[key].get('seconds', row[key].get('timeout'))} s", flush=True)
+                          "--views", "components", *flags)
+        print(f"  {name}: ours {key} {row[key]['seconds']:.1f} s", flush=True)
     return row
 
 
@@ -427,73 +431,50 @@ def fmt(value: float, digits: int = 2) -> str:
 def write_table(rows: list[dict[str, Any]], total: float) -> str:
     m = MODEL_SIZE
     lines = [
-        "# ExPLAIND Studio vs the published explaind 0.1.0 — modular addition",
+        "# ExPLAIND Studio vs the published explaind 0.1.0 — modular addition, a grid",
         "",
         "Generated by `.venv/bin/python bench/compare_explaind.py`: one CPU thread for both sides "
         "(`OMP_NUM_THREADS=1`, `torch.set_num_threads(1)`) and the same glibc heap setting (`engine.decompose.heap`'s "
         "thresholds from process start), every computation in its own process, on a "
-        "shared 2-core machine: the same computation varies by up to about 25 % in time between runs, "
-        "so a ratio near a target carries that uncertainty.",
+        "shared 2-core machine (ratios are taken within one run; the same computation varies by up to about "
+        "25 % between runs).",
         "",
-        f"Model: the package's `SingleLayerTransformerClassifier` (p = {m['p']}, {m['p'] + 2} tokens and outputs, "
-        f"d_model {m['d_model']}, {m['nhead']} heads, MLP {m['dim_mlp']}), trained with the package's wrappers "
-        f"for the listed steps; AdamW lr {ADAMW['lr']}, betas {ADAMW['betas']}, weight decay "
-        f"{ADAMW['weight_decay']}; SGD lr {SGD['lr']}, momentum {SGD['momentum']}, weight decay "
-        f"{SGD['weight_decay']} (`buffer_float16=False`: the package's float16 momentum buffers would cost it "
-        "accuracy). Explained: every validation example, all outputs (the model's log-probabilities).",
-        "",
-        "The package needs about 0.3 s per test example and quadrature node on this machine (one reverse pass "
-        "per output, 100 nodes per step) and more under load, so whole runs are out of reach (10 test examples × "
-        "50 steps ≈ 30–60 min). Both sides therefore explain the same leading steps of each run (`explained`), "
-        "which form a complete run in the package's format (its three files cut to those steps). "
-        "`theirs full (extrap.)` scales the measured time to all trained steps (its cost per step is constant). "
-        "The replay error is our import's check over all trained steps.",
+        f"Model: the package's `SingleLayerTransformerClassifier` (p + 2 tokens and outputs, d_model "
+        f"{m['d_model']}, {m['nhead']} heads, MLP {m['dim_mlp']}), trained with the package's wrappers for "
+        f"the listed steps; AdamW lr {ADAMW['lr']}, betas {ADAMW['betas']}, weight decay {ADAMW['weight_decay']}; "
+        f"SGD lr {SGD['lr']}, momentum {SGD['momentum']}, weight decay {SGD['weight_decay']} "
+        "(`buffer_float16=False`). Explained: every validation example, all outputs (log-probabilities).",
         "",
         "- **theirs**: `ExactPathKernelModel.predict` as in the package README (integral_eps 0.01 → 100 midpoint "
         "nodes, `keep_param_wise_kernel=True`, `param_wise_kernel_keep_out_dims=True`, "
-        "`keep_kernel_matrices=True`, test batches of 100), with `early_steps=0` so every step uses 100 nodes "
-        "(the default integrates the first four steps with 1000).",
-        "- **ours mid-100 / default**: `explain(quadrature='midpoint:100' / 'adaptive', views=components, "
-        "decay_split=False)` — per step, test example, output and parameter tensor, the package's granularity "
-        "(its kernel does not split off weight decay; ours would cost a second forward-mode direction per tensor "
-        "and the optimizer-residual measurement). **elements**: adaptive with the per-element importance "
-        f"view added (element granularity like the package's parameter-wise kernel), stopped after "
-        f"{ELEMENT_TIMEOUT:.0f} s.",
-        "- **ours all steps**: the default on the whole imported run (every trained step), against the package's "
-        "extrapolated time for the same steps: the speed-up at equal work, without our fixed cost of opening a "
-        "run dominating a few steps. **+ decay split**: the same with our default `decay_split=True` (each "
-        "tensor's weight-decay share and the optimizer residual as well).",
-        "- time: the computation only (the package's files already loaded; ours includes opening the run). "
-        "Peak: peak resident memory of the process in MiB, in brackets its growth during the computation.",
-        "- |Δ pred|: max over tests × outputs of |theirs − ours| reconstructed predictions at the end of the "
-        "explained steps. Residual: max |reconstructed − true| prediction of each side.",
+        "`keep_kernel_matrices=True`, test batches of 100, `early_steps=0`) on the first step (its cost per "
+        "step is constant: one reverse pass per output and node); **whole** scales it to every trained step.",
+        "- **ours**, every trained step, components view: **parity** `midpoint:100` without the decay split "
+        "(the package's rule and granularity), **headline** the adaptive rule without the decay split, "
+        "**default** the adaptive rule with the decay split (each tensor's weight-decay share and the "
+        "optimizer residual as well). Time includes opening the run.",
+        "- Peak: peak resident memory of the process in MiB. Residual: our largest relative residual "
+        "(`max_rel_residual`) at the default. |Δ pred|: max |theirs − ours| reconstructed prediction after "
+        "the package's step (ours adaptive), beside the package's own residual there (max |reconstructed − true|): "
+        "the two agree to within the package's quadrature error.",
         "",
-        "| run | trained steps | train | test | opt | explained | theirs s | theirs full (extrap.) s | "
-        "ours mid-100 s | ours default s | speed-up mid / default | ours elements s | peak MiB theirs | "
-        "peak MiB ours mid / default | \\|Δ pred\\| mid | \\|Δ pred\\| default | residual theirs | "
-        "residual mid | residual default | nodes/step default | ours all steps s | speed-up all steps | "
-        "residual all steps | ours all steps + decay split s | speed-up + decay split | replay error |",
-        "|" + "---|" * 26,
+        "| run | outputs | opt | train | test | steps | theirs s/step | theirs whole s (extrap.) | "
+        "ours parity s | ours headline s | ours default s | speed-up parity / headline / default | "
+        "evaluation (default) | nodes/step (default) | peak MiB theirs / parity / default | "
+        "rel. residual default | \\|Δ pred\\| | residual theirs |",
+        "|" + "---|" * 18,
     ]
     for r in rows:
-        t, mid, ada, el = r["theirs"], r["mid"], r["adaptive"], r["elements"]
-        whole, split = r["whole"], r["whole_split"]
-
-        def peak(x: dict) -> str:
-            return f"{x['peak_mib']:.0f} (+{x['peak_mib'] - x['rss_before_mib']:.0f})"
-
-        elements = f"> {el['timeout']:.0f}" if "timeout" in el else f"{el['seconds']:.1f}"
-        extrap = t["seconds"] / r["explain"] * r["steps"]
+        t, par, head, de, ag = r["theirs"], r["parity"], r["headline"], r["default"], r["agree"]
+        per_step = t["seconds"] / r["explain"]
+        whole = per_step * r["steps"]
         lines.append(
-            f"| {r['name']} | {r['steps']} | {r['n_train']} | {r['n_test']} | {r['optimizer']} | {r['explain']} | "
-            f"{t['seconds']:.1f} | {extrap:.0f} | {mid['seconds']:.2f} | {ada['seconds']:.2f} | "
-            f"{t['seconds'] / mid['seconds']:.1f}× / {t['seconds'] / ada['seconds']:.1f}× | {elements} | "
-            f"{peak(t)} | {peak(mid)} / {peak(ada)} | "
-            f"{fmt(mid['max_abs_diff_vs_theirs'])} | {fmt(ada['max_abs_diff_vs_theirs'])} | "
-            f"{fmt(mid['their_residual'])} | {fmt(mid['residual'])} | {fmt(ada['residual'])} | "
-            f"{ada['mean_nodes']:.1f} | {whole['seconds']:.1f} | {extrap / whole['seconds']:.0f}× | "
-            f"{fmt(whole['residual'])} | {split['seconds']:.1f} | {extrap / split['seconds']:.0f}× | "
-            f"{fmt(r['import']['full']['replay']['max_rel_error'])} |"
+            f"| {r['name']} | {r['p'] + 2} | {r['optimizer']} | {r['n_train']} | {r['n_test']} | {r['steps']} | "
+            f"{per_step:.1f} | {whole:.0f} | {par['seconds']:.1f} | {head['seconds']:.1f} | {de['seconds']:.1f} | "
+            f"{whole / par['seconds']:.0f}× / {whole / head['seconds']:.0f}× / **{whole / de['seconds']:.0f}×** | "
+            f"{de['engine']} | {de['mean_nodes']:.1f} | "
+            f"{t['peak_mib']:.0f} / {par['peak_mib']:.0f} / {de['peak_mib']:.0f} | "
+            f"{fmt(de['max_rel_residual'])} | {fmt(ag['max_abs_diff_vs_theirs'])} | {fmt(ag['their_residual'])} |"
         )
     lines += ["", f"Total benchmark wall time: {total / 60:.1f} min.", ""]
     return "\n".join(lines)
@@ -508,6 +489,7 @@ def main() -> None:
     parser.add_argument("--views", default="components,importance", help=argparse.SUPPRESS)
     parser.add_argument("--whole", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--decay-split", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--engine", default="auto", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS, help="markdown table to write")
     parser.add_argument("--work", type=Path, default=None, help="working directory (default: a temporary one)")
     args = parser.parse_args()
@@ -522,7 +504,7 @@ def main() -> None:
             result = role_import(args.dir, cfg)
         else:
             result = role_ours(args.dir, cfg, args.quadrature, tuple(args.views.split(",")), args.whole,
-                               args.decay_split)
+                               args.decay_split, args.engine)
         print(json.dumps(result))
         return
 
