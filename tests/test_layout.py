@@ -9,6 +9,8 @@ Every ``import`` statement counts, including those inside functions.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,3 +78,13 @@ def test_the_layout_is_checked_against_real_imports() -> None:
     assert part_of(ENGINE / "decompose" / "api.py") == "decompose"
     assert part_of(ENGINE / "cli.py") == "cli"
     assert len(MODULES) > 30
+
+
+def test_a_command_does_not_load_what_only_one_task_needs() -> None:
+    """scikit-learn (140 MiB resident, 2 s to import) is for reading the digits; `explain`, `info`
+    and the dashboard's engine imports do without it."""
+    probe = ("import sys, engine.cli, engine.decompose, engine.store; engine.cli.build_parser(); "
+             "print(sorted(m for m in ('sklearn', 'scipy', 'streamlit', 'plotly') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         cwd=ENGINE.parent).stdout
+    assert out.strip() == "[]", out

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -67,6 +66,8 @@ class DigitsCNNConfig:
 @functools.cache
 def all_digits() -> tuple[Tensor, Tensor]:
     """All 1797 images ``(n, 1, 8, 8)`` scaled to [0, 1] and their labels ``(n,)``, in file order."""
+    from sklearn.datasets import load_digits  # 140 MiB and 2 s to import: only where digits are read
+
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / PIXEL_MAX
     return images, torch.tensor(digits.target, dtype=torch.int64)
