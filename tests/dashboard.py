@@ -70,15 +70,31 @@ def dashboard(runs: Path, log: Path) -> Iterator[str]:
             process.wait()
 
 
+# the app's own record of its script run (streamlit sets it on the root element), and every chart drawn
+_IDLE = """() => {
+    const app = document.querySelector('[data-testid="stApp"]');
+    return app && app.getAttribute('data-test-script-state') === 'notRunning'
+        && app.getAttribute('data-test-connection-state') === 'CONNECTED'
+        && !document.querySelector('[data-testid="stStatusWidget"]')
+        && document.querySelector('[data-testid="stPlotlyChart"], [data-testid="stAlert"]') !== null
+        && Array.from(document.querySelectorAll('[data-testid="stPlotlyChart"]'))
+               .every(chart => { const plot = chart.querySelector('.js-plotly-plot'); return plot && plot.data; });
+}"""
+
+
 def settle(tab) -> None:
-    """Wait until the script run finished and at least one chart or message is drawn."""
-    tab.wait_for_selector('[data-testid="stApp"]', timeout=SETTLE_MS)
-    tab.wait_for_function(
-        """() => !document.querySelector('[data-testid="stStatusWidget"]')
-               && document.querySelector('[data-testid="stPlotlyChart"] .js-plotly-plot, [data-testid="stAlert"]')""",
-        timeout=SETTLE_MS,
-    )
-    tab.wait_for_timeout(300)
+    """Wait until the script has run and stays idle for 300 ms with a chart or message drawn.
+
+    Idle once is not enough: a run that rewrites the URL or a widget that syncs its value asks
+    for another run right after, and on a loaded machine that request can come late."""
+    deadline = time.monotonic() + SETTLE_MS / 1000
+    while True:
+        tab.wait_for_function(_IDLE, timeout=max(1.0, deadline - time.monotonic()) * 1000)
+        tab.wait_for_timeout(300)
+        if tab.evaluate(_IDLE):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the page at {tab.url} kept rerunning for {SETTLE_MS / 1000:.0f} s")
 
 
 def open_page(tab, server: str, name: str, query: str = "") -> None:

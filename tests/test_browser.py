@@ -90,9 +90,10 @@ LAYOUT_PROBLEMS = """(minPx) => {
   return problems;
 }"""
 
+# charts by their place on the page; one plotly has not drawn yet reads as null
 FIGURE_DATA = """(index) => {
-    const plots = document.querySelectorAll('[data-testid="stPlotlyChart"] .js-plotly-plot');
-    const plot = plots[index];
+    const chart = document.querySelectorAll('[data-testid="stPlotlyChart"]')[index];
+    const plot = chart && chart.querySelector('.js-plotly-plot');
     return plot && plot.data ? JSON.stringify({data: plot.data, layout: plot.layout}) : null;
 }"""
 
@@ -420,8 +421,9 @@ def test_readme_screenshot(page, tmp_path):
         assert "Overview · grokking" in page.locator("h1").first.inner_text()
         README_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(README_SCREENSHOT))
-TITLES = """() => Array.from(document.querySelectorAll('[data-testid="stPlotlyChart"] .js-plotly-plot'))
-    .map(plot => plot.layout && plot.layout.title ? plot.layout.title.text : '')"""
+TITLES = """() => Array.from(document.querySelectorAll('[data-testid="stPlotlyChart"]'))
+    .map(chart => chart.querySelector('.js-plotly-plot'))
+    .map(plot => plot && plot.layout && plot.layout.title ? plot.layout.title.text : '')"""
 
 
 def chart_index(tab, prefix: str) -> int:
@@ -459,5 +461,5 @@ def test_data_page_snaps_the_step_range_and_names_examples(page, server):
     assert "Steps 5–24 lie within stored windows" in alerts
     assert "steps=0-30" in page.url
     bars = json.loads(figure(page, 0))["data"][0]["y"]
-    assert all(" · #" in label or label == "weight decay" for label in bars)
+    assert all(" · #" in label or label == "weight decay" for label in bars), bars
     shoot(page, "data-snapped")
