@@ -99,7 +99,7 @@ PRESETS: dict[str, dict] = {
     "paper": {"p": 113, "pairs": "a>=b", "train_size": 4000, "val_size": 2000, "d_model": 64, "n_heads": 4,
               "d_mlp": 512, "lr": 1e-3, "betas": (0.9, 0.98), "weight_decay": 4.0, "steps": 4000},
     "nanda": {"p": 113, "pairs": "all", "train_frac": 0.3, "d_model": 128, "n_heads": 4, "d_mlp": 512,
-              "lr": 1e-3, "betas": (0.9, 0.98), "weight_decay": 1.0, "warmup_steps": 10, "steps": 12000},
+              "lr": 1e-3, "betas": (0.9, 0.98), "weight_decay": 1.0, "warmup_steps": 10, "steps": 16000},
 }
 
 
