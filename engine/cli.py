@@ -489,6 +489,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from engine.decompose.heap import retained_heap
 
             args = build_parser().parse_args(argv)
+            if signals.received is not None:  # its KeyboardInterrupt was swallowed by a module while importing
+                raise KeyboardInterrupt
             logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
             if args.command in _DATABASE_OUT:
                 before = _state(_DATABASE_OUT[args.command](args))
