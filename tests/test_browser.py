@@ -347,6 +347,8 @@ def test_slides_convert_in_libreoffice(page, server, tmp_path):
     soffice = require("soffice", "apt-get install -y libreoffice-impress")
     open_page(page, server, "reconstruction", "?run=demo&steps=0-20")
     page.get_by_text("Export slides", exact=True).click()
+    page.get_by_role("button", name="Export slides (.pptx)").wait_for(timeout=SETTLE_MS)
+    settle(page)
     with page.expect_download(timeout=120_000) as info:
         page.get_by_role("button", name="Export slides (.pptx)").click()
     deck = info.value
@@ -430,6 +432,7 @@ def chart_index(tab, prefix: str) -> int:
     """Index of the chart whose title starts with ``prefix``, once it is drawn."""
     tab.wait_for_function(f"(prefix) => ({TITLES})().some(t => t.startsWith(prefix))", arg=prefix,
                           timeout=SETTLE_MS)
+    settle(tab)  # every chart drawn: one not drawn yet would leave a later one with the same prefix first
     return next(i for i, t in enumerate(tab.evaluate(TITLES)) if t.startswith(prefix))
 
 
