@@ -463,6 +463,6 @@ def test_data_page_snaps_the_step_range_and_names_examples(page, server):
     alerts = " ".join(page.locator('[data-testid="stAlert"]').all_inner_texts())
     assert "Steps 5–24 lie within stored windows" in alerts
     assert "steps=0-30" in page.url
-    bars = json.loads(figure(page, 0))["data"][0]["y"]
+    bars = json.loads(figure(page, chart_index(page, "Top proponents")))["data"][0]["y"]
     assert all(" · #" in label or label == "weight decay" for label in bars), bars
     shoot(page, "data-snapped")
