@@ -39,7 +39,6 @@ import json
 import logging
 import math
 import pickle
-import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,6 +51,7 @@ from tqdm.auto import tqdm
 
 from engine.errors import BadInputError, CorruptRunError, RunNotFoundError, unreadable_reason
 from engine.model.task import Dataset, Task, data_fingerprint, get_task
+from engine.run.checkpoints import load_plain
 from engine.run.record import HPARAM_COLUMNS, RunWriter, StepData, check_run_target, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -183,14 +183,12 @@ def _load_list(file: Path, what: str) -> list[Any]:
         raise CorruptRunError(f"{file} is not a file written by torch.save (it starts with {head!r}); "
                               "it is truncated or foreign")
     try:
-        with warnings.catch_warnings():  # torch warns of pickle protocols it was not written with
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            try:
-                value = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as exc:
-                if "mmap" not in str(exc):
-                    raise
-                value = torch.load(file, map_location="cpu", weights_only=True)
+        try:
+            value = load_plain(file, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            value = load_plain(file)
     except pickle.UnpicklingError as exc:
         lines = [line.strip() for line in str(exc).splitlines() if "Unsupported global" in line]
         if not lines:

@@ -149,13 +149,19 @@ def _is_safetensors(path: Path) -> bool:
     return path.suffix.lower() == ".safetensors"
 
 
+def load_plain(source: Any, **kwargs: Any) -> Any:
+    """``torch.load`` with ``weights_only=True`` (no code in the file runs), quiet about pickle
+    protocols the file was not written with (foreign files carry any)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        return torch.load(source, map_location="cpu", weights_only=True, **kwargs)
+
+
 def _torch_state(data: bytes, path: Path) -> dict[str, Tensor]:
     """A ``torch.save``-d state dict (also nested as ``state_dict`` or ``model``), read with
     ``weights_only=True``: no code in the file runs."""
     try:
-        with warnings.catch_warnings():  # torch warns of pickle protocols it was not written with
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        state = load_plain(io.BytesIO(data))
     except Exception as exc:  # the unpickler fails on foreign bytes with any error type
         raise CorruptRunError(f"{path} cannot be read as a PyTorch state dict ({unreadable_reason(exc)}); the "
                               "file is truncated or foreign") from None
