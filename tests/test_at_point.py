@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, jvp, vmap
+from torch.func import functional_call, jacrev, jvp, vmap
 
-from engine.decompose.at_point import AtPoint
+from engine.decompose.at_point import AtPoint, Injected
 from engine.model.groups import ParamLayout
 
 
@@ -91,6 +91,45 @@ def test_vectorised_over_units_and_directions(model):
             want = jvp(lambda p, u=u: plain(model, layout, p, tokens[u:u + 1])[0], (theta + ts[u] * delta,),
                        (directions[k],))[1]
             assert torch.allclose(got[k, u], want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("point", [False, True])
+def test_injected_directions_give_the_derivatives_along_them(model, point):
+    """Reverse mode over α in ``W + tΔW + Σ_k α_k V_k``, vectorised over units, equals forward mode
+    along each ``V_k`` at the point ``θ + tΔ`` — for directions on one tensor (weights and biases
+    apart, as per-tensor components have them) and a direction on every tensor."""
+    theta, layout = flat_and_layout(model)
+    torch.manual_seed(1)
+    delta = torch.randn(theta.shape, dtype=torch.float64) * 0.1
+    names = list(layout.names)
+    on_one = [layout.flatten({m: torch.randn(layout.shapes[i], dtype=torch.float64) if m == n
+                              else torch.zeros(layout.shapes[i], dtype=torch.float64)
+                              for i, m in enumerate(names)}, dtype=torch.float64) for n in names]
+    directions = torch.stack([*on_one, torch.randn(theta.shape, dtype=torch.float64)])  # (K, D)
+    k = len(directions)
+    rows = [torch.tensor([i, k - 1]) for i in range(len(names))]
+    ts = torch.rand(4, dtype=torch.float64)
+    tokens = torch.randint(0, 7, (4, 3))
+
+    def injected(t, x):
+        params = layout.unflatten(theta)
+        pieces = layout.unflatten(directions)
+        values = [pieces[n][r] for n, r in zip(names, rows, strict=True)]
+
+        def g(alpha):
+            with AtPoint(list(params.values()), list(layout.unflatten(delta).values()), t,
+                         Injected(alpha, rows, values, point)):
+                return functional_call(model, params, (x[None],))[0]
+        value = g(torch.zeros(k, dtype=torch.float64))
+        return value, jacrev(g)(torch.zeros(k, dtype=torch.float64))  # (O,), (O, K)
+
+    values, got = vmap(injected)(ts, tokens)
+    for u in range(4):
+        here = theta + ts[u] * delta
+        assert torch.allclose(values[u], plain(model, layout, here, tokens[u:u + 1])[0], rtol=0, atol=1e-12)
+        for j in range(k):
+            want = jvp(lambda p, u=u: plain(model, layout, p, tokens[u:u + 1])[0], (here,), (directions[j],))[1]
+            assert torch.allclose(got[u, :, j], want, rtol=0, atol=1e-12), (u, j)
 
 
 def test_only_the_listed_tensors_move(model):

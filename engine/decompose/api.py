@@ -29,12 +29,16 @@ test examples, so a small model costs a few vectorised calls per block). The ada
 and raises the Gauss order of the pieces that need it until the error estimate is at
 round-off; the search runs in forward mode along Δ_s only (in reverse mode for models without
 forward-mode AD). ``φ̂`` is then evaluated in one of two ways, chosen by
-cost (``ExplainConfig.engine``): forward-mode ``jvp`` along the directions the views need
-(Δ_s and ψ_s(reg) per group, ρ_s, and for the data view ψ_s(k) per training example), or
-reverse mode — the full Jacobian of each test example (``jacrev``), which the importance view
-needs and which is cheaper when there are many more directions than outputs. A "gradient
-evaluation" counts one derivative of one example at one node: one JVP direction, one Jacobian
-row, or one training example's gradient.
+cost (``ExplainConfig.engine``): ``φ̂`` contracted with the directions the views need (Δ_s and
+ψ_s(reg) per group, ρ_s, and for the data view ψ_s(k) per training example), or the full
+Jacobian of each test example (``jacrev``), which the importance view needs and which is
+cheaper when there are many more directions than outputs. The contractions come by forward
+mode (one tangent per direction) or by reverse mode with the directions injected into the
+parameters they touch (one cotangent per output, ``engine.decompose.at_point.Injected``):
+under ``engine="auto"`` each pass times both on its first units and keeps the faster, and
+the notes give the measured costs. A "gradient evaluation" counts one derivative of one
+example at one node: one JVP direction, one reverse pass of one output, or one training
+example's gradient.
 
 Frame order: components by (step_lo, group in model order, test, output); data by (step_lo,
 train with the regularizer −1 first, test, output); completeness by (step, test, output).
@@ -643,14 +647,14 @@ def _assemble(s: _Setup, results: list[_Pass], kept: np.ndarray, seconds: float,
     completeness = _combine(compl_frames, ["step", "test", "output"], one) if compl_frames \
         else _empty_completeness()
     cause = _split_cause(s) if max_split is not None else None
-    notes = list(s.notes)
+    engine, notes = _evaluation(s, results)
     if max_split is not None and max_split > SPLIT_NOTE_THRESHOLD:
         notes.append(f"the data view misses the change by {max_split:.2g} relative (split residual, more than "
                      f"{SPLIT_NOTE_THRESHOLD:g}): {cause}")
     return Explanation(
         config=s.config, quantity=s.config.quantity_name, quadrature=str(s.config.quadrature_spec),
         test_split=s.config.test_split, test_ids=s.test_ids, steps=(s.lo, s.hi), outputs=s.outputs,
-        engine=s.engine, device=str(s.device),
+        engine=engine, device=str(s.device),
         components=_combine(comp_frames, ["step_lo", pl.col(group_col).replace_strict(order, return_dtype=pl.Int64),
                                           "test", "output"], one) if "components" in s.config.views else None,
         data=_combine(data_frames, ["step_lo", "train", "test", "output"], one) if "data" in s.config.views
@@ -673,6 +677,23 @@ def _assemble(s: _Setup, results: list[_Pass], kept: np.ndarray, seconds: float,
 
 
 NOTE_STEPS = 10  # steps named in a note
+
+
+def _evaluation(s: _Setup, results: list[_Pass]) -> tuple[str, list[str]]:
+    """The engine as run — ``jvp+vjp`` where the directions at the final nodes went by reverse mode
+    (the rule's search stays in forward mode) — and the notes, with the measured costs of the
+    directional derivatives where they were timed."""
+    engine = "jvp+vjp" if any(p.evaluator.mode == "reverse" for p in results) else s.engine
+    timed = [p.evaluator for p in results if p.evaluator.measured]
+    if not timed:
+        return engine, list(s.notes)
+    m = timed[0].measured
+    chosen = "reverse mode with the directions injected" if timed[0].mode == "reverse" else "forward mode"
+    return engine, [*s.notes, (
+        f"evaluation: {chosen} at the final nodes, measured the faster on {m['units']:.0f} "
+        f"(step, node, test example) units: {m['forward'] * 1e3:.3g} ms per unit by forward mode "
+        f"({m['directions']:.0f} directions) against {m['reverse'] * 1e3:.3g} ms by reverse mode "
+        f"({s.outputs} outputs)")]
 
 
 def _tolerance_notes(s: _Setup, results: list[_Pass]) -> list[str]:

@@ -10,16 +10,20 @@ nodes, directions and test examples within the ``max_batch`` and ``memory_mb`` b
 from __future__ import annotations
 
 import math
+import time
+from functools import partial
 
 import torch
 from torch import Tensor
 from torch.func import jacrev, jvp, vmap
 
+from engine.decompose.at_point import Injected
 from engine.decompose.quadrature import SwitchRecorder
 from engine.decompose.scalar_ops import ScalarOps
 from engine.decompose.setup import _Setup
 
 ROW_FRACTION = 0.25  # row width ÷ mean units per step: padding ~1/8 of the evaluations instead of ~1/4
+SAMPLE_UNITS = 64  # units the two evaluations of directions are timed on, once per pass
 
 
 def _pack(step: Tensor, steps: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -53,11 +57,18 @@ class _Evaluator:
     step (``vmap`` over steps, nodes and directions). *Unit* evaluations give each (step,
     node, example) unit its own point, for examples whose rule is cut at kinks or refined;
     units are grouped by step so that a step's directions are not copied per unit.
+
+    Directional derivatives of units come by forward mode (one tangent per direction) or by
+    reverse mode with the directions injected (one cotangent per output; ``units_injected``).
+    ``mode`` says which; ``None``: time both on the first ``SAMPLE_UNITS`` units and keep the
+    faster (``directional``), its measured costs in ``measured``.
     """
 
-    def __init__(self, setup: _Setup) -> None:
+    def __init__(self, setup: _Setup, mode: str | None = "forward") -> None:
         self.s = setup
         self.evaluations = 0
+        self.mode = mode
+        self.measured: dict[str, float] = {}
 
         def along_batch(theta: Tensor, delta: Tensor, bufs: Tensor, t: Tensor, v: Tensor, x: Tensor,
                         y: Tensor) -> Tensor:
@@ -95,6 +106,19 @@ class _Evaluator:
                 g = setup.g_batch(theta, bufs, x, y)
             values = recorder.values()
             return g, values if values is not None else g.new_zeros(x.shape[0], 0)
+
+        def injected_one(theta: Tensor, delta: Tensor, bufs: Tensor, t: Tensor, v: Tensor, x: Tensor, y: Tensor,
+                         rows: list[Tensor], point: bool) -> Tensor:
+            # ∂/∂α_k g(θ + tΔ + Σ_k α_k v_k) at α = 0, by reverse mode over the outputs: (O, K)
+            pieces = torch.split(v, list(setup.layout.sizes), dim=1)
+            values = [piece[r].reshape(len(r), *shape)
+                      for piece, r, shape in zip(pieces, rows, setup.layout.shapes, strict=True)]
+
+            def g(alpha: Tensor) -> Tensor:
+                return setup.g_one_at(theta, delta, t, bufs, x, y, Injected(alpha, rows, values, point))
+            return jacrev(g)(v.new_zeros(v.shape[0]))
+
+        self._injected_one = injected_one
 
         step_dims = (0, 0, 0, 0, 0, None, None)
         # steps (B, D), (B, D), buffers (B, Db); nodes (B, M); directions (B, K, D); batch → (B, M, K, n, O)
@@ -180,6 +204,62 @@ class _Evaluator:
             out[sl[ok]] = value.transpose(1, 2)[ok]  # value: (rows, K, W, O)
         self.evaluations += len(t) * k
         return out
+
+    def units_injected(self, thetas: Tensor, deltas: Tensor, bufs: Tensor, step: Tensor, t: Tensor,
+                       directions: Tensor, rows: list[Tensor], x: Tensor, y: Tensor) -> Tensor:
+        """``units``' values by reverse mode, the directions injected into the parameters they touch
+        (``rows``: per tensor, the direction rows nonzero on it): ``(U, K, O)``.
+
+        Each unit's linear ops are evaluated at its own point ``W + tΔW`` where a row of units'
+        copies of the parameters fits a quarter of ``memory_mb``, else as ``op(x, W) + t·op(x, ΔW)``."""
+        s = self.s
+        k = directions.shape[1]
+        out = torch.zeros(len(t), k, s.outputs, dtype=s.dtype, device=s.device)
+        if not len(t):
+            return out
+        row_step, slot, valid = _pack(step, len(thetas))
+        width = slot.shape[1]
+        point = width * s.layout.total * s.dtype.itemsize <= s.config.memory_mb * 2**20 // 4
+        rows_per_call = self._batch(width * s.outputs, (width if point else 1) + k)
+        one = partial(self._injected_one, rows=rows, point=point)
+        fn = vmap(vmap(one, in_dims=(None, None, None, 0, None, 0, 0)), in_dims=(0,) * 7)  # → (R, W, O, K)
+        for a in range(0, len(row_step), rows_per_call):
+            b, sl, ok = row_step[a:a + rows_per_call], slot[a:a + rows_per_call], valid[a:a + rows_per_call]
+            value = fn(thetas[b], deltas[b], bufs[b], t[sl].to(s.dtype), directions[b], x[sl], y[sl])
+            out[sl[ok]] = value.transpose(2, 3)[ok]
+        self.evaluations += len(t) * s.outputs
+        return out
+
+    def directional(self, thetas: Tensor, deltas: Tensor, bufs: Tensor, step: Tensor, t: Tensor,
+                    directions: Tensor, rows: list[Tensor], x: Tensor, y: Tensor) -> Tensor:
+        """``(U, K, O)`` directional derivatives of units by ``mode``; undecided, both evaluations are
+        timed on the first ``SAMPLE_UNITS`` units (after one unit each, which pays their first-call
+        costs) and the faster is kept."""
+        if self.mode == "forward":
+            return self.units(thetas, deltas, bufs, step, t, directions, x, y)
+        if self.mode == "reverse":
+            return self.units_injected(thetas, deltas, bufs, step, t, directions, rows, x, y)
+        if not len(t):
+            return self.units(thetas, deltas, bufs, step, t, directions, x, y)
+
+        def run(mode: str, n: int) -> Tensor:
+            if mode == "forward":
+                return self.units(thetas, deltas, bufs, step[:n], t[:n], directions, x[:n], y[:n])
+            return self.units_injected(thetas, deltas, bufs, step[:n], t[:n], directions, rows, x[:n], y[:n])
+
+        head = min(len(t), SAMPLE_UNITS)
+        for mode in ("forward", "reverse"):
+            run(mode, 1)
+            start = time.perf_counter()
+            value = run(mode, head)
+            self.measured[mode] = (time.perf_counter() - start) / head
+            if mode == "forward":
+                first = value
+        self.mode = min(self.measured, key=self.measured.get)
+        self.measured.update(units=head, directions=directions.shape[1])
+        rest = slice(head, len(t))
+        return torch.cat([first, self.directional(thetas, deltas, bufs, step[rest], t[rest], directions, rows,
+                                                  x[rest], y[rest])])
 
     def phi_shared(self, thetas: Tensor, deltas: Tensor, bufs: Tensor, t: Tensor, w: Tensor, x: Tensor,
                    y: Tensor) -> Tensor:

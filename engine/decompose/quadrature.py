@@ -179,6 +179,27 @@ def accept(q: Tensor, q_prev: Tensor | None, residual: Tensor, g_scale: Tensor, 
     return ok | ((residual.norm(dim=-1) <= budget) & (error.norm(dim=-1) <= budget))
 
 
+def lowered(hi: Tensor, lo: Tensor, q: Tensor, residual: Tensor, g_scale: Tensor, valid: Tensor,
+            dtype: torch.dtype) -> Tensor:
+    """Pieces of accepted units that may keep their previous rule (half the nodes): bool ``(U, P)``.
+
+    ``hi``, ``lo`` ``(U, P, O)``: each piece by its rule and by its previous one; ``q``,
+    ``residual`` and ``g_scale`` ``(U, O)`` of the unit by ``hi`` as in ``accept``. The previous
+    rule's error is about ``|hi − lo|`` itself (``estimate``'s square is the error of the rule
+    that gave ``hi``); a piece goes down where that is within its share of the tolerance
+    ``accept`` applies to the unit, and a unit's pieces only where its residual with them lowered
+    still passes ``accept``'s residual test. Short pieces between crowded kinks mostly do: a
+    smooth integrand is nearly linear over them, and one node integrates a line exactly.
+    """
+    share = valid.sum(1, keepdim=True).clamp_min(1).to(hi.dtype)  # (U, 1)
+    down = valid & ((hi - lo).abs() <= (tolerance(g_scale + q.abs(), dtype) / share)[:, None, :]).all(-1)
+    q_low = q - torch.where(down[..., None], hi - lo, 0.0).sum(1)
+    r_low = residual + q - q_low
+    ok = (r_low.abs() <= tolerance((residual + q).abs() + q_low.abs(), dtype, RESIDUAL_ULPS)
+          + tolerance(g_scale, dtype, 1.0)).all(-1)
+    return down & ok[:, None]
+
+
 def above_tolerance(q: Tensor, residual: Tensor, g_scale: Tensor, dtype: torch.dtype,
                     budget: Tensor | None = None) -> Tensor:
     """Units whose measured residual is more than round-off: bool of ``q``'s shape without the last axis.

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
-from engine.decompose.at_point import AtPoint
+from engine.decompose.at_point import AtPoint, Injected
 from engine.decompose.config import DTYPES, ExplainConfig, resolve_device
 from engine.decompose.quadrature import LiveSwitches, live_switches, live_tensors, selections
 from engine.decompose.scalar_ops import ScalarOps
@@ -117,6 +117,7 @@ class _Setup:
     test_chunk: int
     block: int = 1                           # steps per vectorised block
     forward_ad: bool = True                  # the model supports forward-mode AD
+    directional: str | None = "forward"      # directions at the final nodes: forward, reverse, None: time both
     notes: list[str] = field(default_factory=list)
     loss_changes: np.ndarray | None = None   # (hi − lo,) batch loss change per step (subsampling)
     live_switches: LiveSwitches | None = None  # switching values that can change g (adaptive rule)
@@ -144,16 +145,19 @@ class _Setup:
     def _call(self, flat: Tensor, bufs: Tensor, x: Tensor) -> Tensor:
         return functional_call(self.model, self._state(flat, bufs), (x,))
 
-    def _call_at(self, flat: Tensor, delta: Tensor, t: Tensor, bufs: Tensor, x: Tensor) -> Tensor:
+    def _call_at(self, flat: Tensor, delta: Tensor, t: Tensor, bufs: Tensor, x: Tensor,
+                 injected: Injected | None = None) -> Tensor:
         """The model at ``flat + t·delta``, its parameters left at ``flat`` (``engine.decompose.at_point``)."""
         state = self._state(flat, bufs)
         params = [state[n] for n in self.layout.names]
-        with AtPoint(params, list(self.layout.unflatten(delta).values()), t):
+        with AtPoint(params, list(self.layout.unflatten(delta).values()), t, injected):
             return functional_call(self.model, state, (x,))
 
-    def g_one_at(self, flat: Tensor, delta: Tensor, t: Tensor, bufs: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        """One example at ``flat + t·delta`` with buffers ``bufs``: ``(D,), (D,), (), (Db,), (...), () → (O,)``."""
-        return self.quantity(self._call_at(flat, delta, t, bufs, x[None]), y[None])[0]
+    def g_one_at(self, flat: Tensor, delta: Tensor, t: Tensor, bufs: Tensor, x: Tensor, y: Tensor,
+                 injected: Injected | None = None) -> Tensor:
+        """One example at ``flat + t·delta`` with buffers ``bufs``: ``(D,), (D,), (), (Db,), (...), () → (O,)``;
+        with ``injected`` directions ``+ Σ_k α_k V_k`` as well (``engine.decompose.at_point``)."""
+        return self.quantity(self._call_at(flat, delta, t, bufs, x[None], injected), y[None])[0]
 
     def g_batch(self, flat: Tensor, bufs: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """``(D,), (Db,), (n, ...), (n,) → (n, O)``."""
@@ -246,6 +250,8 @@ def _setup(history: History, task: Task, config: ExplainConfig) -> _Setup:
     setup.engine = _choose_engine(setup, params0, bufs0)
     if setup.engine == "jvp":  # a direction on tensors g does not use needs no evaluation
         setup.live_tensors = _live_tensors(setup, params0, bufs0)
+        if config.engine == "auto":  # forward mode or reverse with the directions injected: measured per pass
+            setup.directional = None
     if config.quadrature_spec.adaptive:
         setup.live_switches = _live_switches(setup, params0, bufs0)
         setup.selections = _selections(setup, params0, bufs0)

@@ -34,6 +34,7 @@ from engine.decompose.quadrature import (
     composite,
     crossings,
     estimate,
+    lowered,
     panels,
     refine_zero,
     unconverged,
@@ -44,7 +45,7 @@ from engine.run.history import StepRecord
 from engine.run.updates import UpdateRule
 
 KINK_ITERATIONS = 16  # most root-search steps refining each kink position …
-KINK_TOLERANCE = 1e-13  # … stopping once no position moves more than this
+KINK_TOLERANCE = 1e-13  # … stopping once no position moves more than this, or than the compute dtype resolves
 HIDDEN_GRID = 16  # panels of a piece searched for kinks the known ones hide, where the top rule failed …
 HIDDEN_ROUNDS = 8  # … at most this many times, each in the pieces that still fail
 REGULARIZER = -1  # train id of the weight-decay pseudo-example in the data view
@@ -149,7 +150,7 @@ class _Pass:
         self.s = setup
         self.kept = kept
         self.views = set(setup.config.views)
-        self.evaluator = _Evaluator(setup)
+        self.evaluator = _Evaluator(setup, setup.directional)
         self.quad = setup.config.quadrature_spec
         self.rtol = setup.config.rtol
         self.wide = _Evaluator(_widened(setup)) if self.rtol is not None and setup.dtype != torch.float64 else None
@@ -388,6 +389,18 @@ class _Pass:
         q1, q2 = self._first_level(c, thetas, deltas, bufs, ladder[0], ladder[1], rules)
         done, stuck = self._accept(q2, q1, true - q2, scale, budget, wide=False)  # (B, n)
         rules.shared = plain & done
+        if budget is None and not self.search_reverse:  # one node, at the middle of the step, is enough
+            units = b_count * n  # of one piece each
+            one = rules.shared & lowered(q2.reshape(units, 1, -1), q1.reshape(units, 1, -1), q2.reshape(units, -1),
+                                         (true - q2).reshape(units, -1), scale.reshape(units, -1),
+                                         torch.ones(units, 1, dtype=torch.bool, device=s.device),
+                                         s.dtype)[:, 0].reshape(b_count, n)
+            if bool(one.any()):
+                rules.shared &= ~one
+                bi, xi = one.nonzero(as_tuple=True)
+                middle = ladder[0].tensors(torch.float64, s.device)
+                self._store_rule(rules, bi, xi, middle[0].expand(len(bi), 1), middle[1].expand(len(bi), 1),
+                                 torch.ones_like(bi))
         escalate = [(plain & stuck).nonzero()]
         for units, first in (((plain & ~done & ~stuck).nonzero(), (q1, q2)), ((~plain).nonzero(), None)):
             bi, xi = units[:, 0], units[:, 1]
@@ -491,7 +504,11 @@ class _Pass:
             missed = beyond & ~restart  # kept at the top rule without meeting the tolerance
             rules.above[bi[missed], xi[missed]] = above_tolerance(q, true[bi, xi] - q, scale[bi, xi], dtype,
                                                                   unit_budget)[missed]
-            t, w, count = composite(start[keep], width[keep], level[keep], ladder)
+            final = level
+            if unit_budget is None and phi is None:  # pieces whose previous rule is already good enough
+                down = lowered(hi, lo, q, true[bi, xi] - q, scale[bi, xi], valid, dtype) & ok[:, None]
+                final = torch.where(down, level - 1, level)
+            t, w, count = composite(start[keep], width[keep], final[keep], ladder)
             self._store_rule(rules, bi[keep], xi[keep], t, w, count, None if phi is None else phi[keep], wide)
             escalate.append(units[stuck])
             move = ~ok & ~stuck & ~beyond
@@ -637,8 +654,11 @@ class _Pass:
                example: Tensor, switch: Tensor, lo: tuple[Tensor, Tensor], hi: tuple[Tensor, Tensor]) -> Tensor:
         """Zeros of switching values ``switch`` of (step, example) inside the sign brackets
         ``lo = (t, value)``, ``hi = (t, value)``: a safeguarded root search from the secant. A
-        zero stops moving once a step moves it less than ``KINK_TOLERANCE``; only the others
+        zero stops moving once a step moves it less than ``KINK_TOLERANCE`` or than one unit of
+        round-off of ``t`` in ``ev``'s dtype (the points are evaluated there: float32 cannot place a
+        zero closer, and its search would otherwise run all ``KINK_ITERATIONS``); only the others
         are evaluated again."""
+        tolerance = max(KINK_TOLERANCE, torch.finfo(ev.s.dtype).eps)
         guess = lo[0] - lo[1] * (hi[0] - lo[0]) / (hi[1] - lo[1])
         history = [lo, hi]
         value = torch.zeros_like(guess)
@@ -650,7 +670,7 @@ class _Pass:
             values = ev.switches(thetas, deltas, bufs, step[rows], guess[rows], c.x[at], c.y[at])  # (len(rows), S)
             value[rows] = values[torch.arange(len(rows), device=rows.device), switch[rows]].double()
             new = torch.where(active, refine_zero(guess, value, history), guess)
-            active &= (new - guess).abs() > KINK_TOLERANCE
+            active &= (new - guess).abs() > tolerance
             guess = new
             if not bool(active.any()):
                 break
@@ -714,19 +734,23 @@ class _Pass:
             groups = self.mask.shape[0]  # the first rows are Δ on each group: exact in float64
             wide_directions[:, :groups] = self.mask.double()[None] * block.wide[1][idx][:, None]
         rows = self._live_rows(k)
+        touch = self._touch(k)  # (K, T)
         if rows is not None:
-            directions = directions[:, rows]
+            directions, touch = directions[:, rows], touch[rows]
             wide_directions = None if wide_directions is None else wide_directions[:, rows]
+        per_tensor = [column.nonzero().squeeze(1) for column in touch.T]
         out = torch.zeros(b_count, n, directions.shape[1], s.outputs, dtype=torch.float64, device=s.device)
-        if bool(rules.shared.any()):
+        own = ~wide
+        if ev.mode == "forward" and bool(rules.shared.any()):
             values = ev.shared(thetas, deltas, bufs, rules.base_t, directions, c.x, c.y)  # (B, M, K, n, O)
             weights = rules.base_w.to(s.dtype)[None, :, None] * rules.shared.to(s.dtype)[:, None, :]  # (B, M, n)
             out += torch.einsum("bmkno,bmn->bnko", values, weights).double()
-        self._own_units(ev, c.x, c.y, thetas, deltas, bufs, directions, rules, ~rules.shared & ~wide, out)
+            own &= ~rules.shared
+        self._own_units(ev, c.x, c.y, thetas, deltas, bufs, directions, per_tensor, rules, own, out)
         if wide_directions is not None:
             x = c.x.double() if c.x.is_floating_point() else c.x
             self._own_units(self.wide, x, c.y, block.wide[0][idx], block.wide[1][idx], block.wide[2][idx],
-                            wide_directions, rules, wide, out)
+                            wide_directions, per_tensor, rules, wide, out)
         if rows is not None:
             every = out.new_zeros(b_count, n, k, s.outputs)
             every[:, :, rows] = out
@@ -735,20 +759,40 @@ class _Pass:
 
     @staticmethod
     def _own_units(ev: _Evaluator, x: Tensor, y: Tensor, thetas: Tensor, deltas: Tensor, bufs: Tensor,
-                   directions: Tensor, rules: _Rules, units: Tensor, out: Tensor) -> None:
-        """Adds ``φ̂·v_k`` of ``units (B, n)`` under their own rules to ``out (B, n, K, O)``."""
+                   directions: Tensor, per_tensor: list[Tensor], rules: _Rules, units: Tensor, out: Tensor) -> None:
+        """Adds ``φ̂·v_k`` of ``units (B, n)`` to ``out (B, n, K, O)``, each unit at its own nodes (the
+        shared base rule's where it has none): one evaluation per (unit, node)."""
         own = units.nonzero()
         if not len(own):
             return
         bi, xi = own[:, 0], own[:, 1]
         count = rules.count[bi, xi]
-        valid = torch.arange(rules.t.shape[2], device=out.device)[None] < count[:, None]
+        t, w = rules.t[bi, xi], rules.w[bi, xi]
+        shared = rules.shared[bi, xi]
+        if bool(shared.any()):
+            m = len(rules.base_t)
+            if t.shape[1] < m:
+                t, w = (torch.cat([v, v.new_zeros(len(v), m - v.shape[1])], dim=1) for v in (t, w))
+            t[shared, :m], w[shared, :m] = rules.base_t, rules.base_w
+        valid = torch.arange(t.shape[1], device=out.device)[None] < count[:, None]
         unit, node = valid.nonzero(as_tuple=True)
         b, ex = bi[unit], xi[unit]
-        values = ev.units(thetas, deltas, bufs, b, rules.t[b, ex, node], directions, x[ex], y[ex])  # (U, K, O)
-        values = values * rules.w[b, ex, node].to(values.dtype)[:, None, None]
+        values = ev.directional(thetas, deltas, bufs, b, t[unit, node], directions, per_tensor, x[ex], y[ex])
+        values = values * w[unit, node].to(values.dtype)[:, None, None]  # (U, K, O)
         flat = out.view(-1, *out.shape[2:])
         flat.index_add_(0, b * out.shape[1] + ex, values.double())
+
+    def _touch(self, k: int) -> Tensor:
+        """``(K, T)`` bool: which tensors each of the ``k`` direction rows (``_directions``) is nonzero on.
+        The first rows hold one group each (Δ, then ψ_s(reg) where split); ρ_s and ψ_s(k) touch all."""
+        s = self.s
+        groups = self.mask.shape[0]
+        touch = torch.ones(k, len(s.layout.names), dtype=torch.bool, device=s.device)
+        on_group = self.tensor_to_group.bool().T  # (G, T)
+        touch[:groups] = on_group
+        if self.train is not None:
+            touch[groups:2 * groups] = on_group
+        return touch
 
     # -------------------------------------------------------------- accumulation
     def _accumulate(self, c: _Chunk, b: int, block: _Block, values: Tensor | None, rules: _Rules | None,
