@@ -35,8 +35,9 @@ Jacobian of each test example (``jacrev``), which the importance view needs and 
 cheaper when there are many more directions than outputs. The contractions come by forward
 mode (one tangent per direction) or by reverse mode with the directions injected into the
 parameters they touch (one cotangent per output, ``engine.decompose.at_point.Injected``):
-under ``engine="auto"`` each pass times both on its first units and keeps the faster, and
-the notes give the measured costs. A "gradient evaluation" counts one derivative of one
+under ``engine="auto"`` each pass times both on its first units with rules of their own and
+keeps the faster, and the notes give the measured costs; units under a rule the chunk shares
+stay in forward mode, vectorised over its nodes and test examples. A "gradient evaluation" counts one derivative of one
 example at one node: one JVP direction, one reverse pass of one output, or one training
 example's gradient.
 
@@ -676,24 +677,29 @@ def _assemble(s: _Setup, results: list[_Pass], kept: np.ndarray, seconds: float,
     )
 
 
-NOTE_STEPS = 10  # steps named in a note
-
-
 def _evaluation(s: _Setup, results: list[_Pass]) -> tuple[str, list[str]]:
-    """The engine as run — ``jvp+vjp`` where the directions at the final nodes went by reverse mode
+    """The engine as run — ``jvp+vjp`` where directions at the final nodes went by reverse mode
     (the rule's search stays in forward mode) — and the notes, with the measured costs of the
-    directional derivatives where they were timed."""
-    engine = "jvp+vjp" if any(p.evaluator.mode == "reverse" for p in results) else s.engine
-    timed = [p.evaluator for p in results if p.evaluator.measured]
-    if not timed:
-        return engine, list(s.notes)
-    m = timed[0].measured
-    chosen = "reverse mode with the directions injected" if timed[0].mode == "reverse" else "forward mode"
-    return engine, [*s.notes, (
-        f"evaluation: {chosen} at the final nodes, measured the faster on {m['units']:.0f} "
-        f"(step, node, test example) units: {m['forward'] * 1e3:.3g} ms per unit by forward mode "
-        f"({m['directions']:.0f} directions) against {m['reverse'] * 1e3:.3g} ms by reverse mode "
-        f"({s.outputs} outputs)")]
+    directional derivatives where they were timed (on the first pass)."""
+    evaluators = [p.evaluator for p in results]
+    engine = "jvp+vjp" if any("reverse" in (e.mode, e.shared_mode) for e in evaluators) else s.engine
+    notes = list(s.notes)
+    for kind, measured, mode in (("with rules of their own", "measured", "mode"),
+                                 ("under a rule their chunk shares", "measured_shared", "shared_mode")):
+        timed = next((e for e in evaluators if getattr(e, measured)), None)
+        if timed is None:
+            continue
+        m = getattr(timed, measured)
+        chosen = ("reverse mode with the directions injected" if getattr(timed, mode) == "reverse"
+                  else "forward mode")
+        notes.append(f"evaluation: {chosen} at the final nodes of units {kind}, measured the faster on "
+                     f"{m['units']:.0f} (step, node, test example) units: {m['forward'] * 1e3:.3g} ms per unit by "
+                     f"forward mode ({m['directions']:.0f} directions) against {m['reverse'] * 1e3:.3g} ms by "
+                     f"reverse mode ({s.outputs} outputs)")
+    return engine, notes
+
+
+NOTE_STEPS = 10  # steps named in a note
 
 
 def _tolerance_notes(s: _Setup, results: list[_Pass]) -> list[str]:

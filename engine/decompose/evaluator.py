@@ -58,17 +58,21 @@ class _Evaluator:
     node, example) unit its own point, for examples whose rule is cut at kinks or refined;
     units are grouped by step so that a step's directions are not copied per unit.
 
-    Directional derivatives of units come by forward mode (one tangent per direction) or by
-    reverse mode with the directions injected (one cotangent per output; ``units_injected``).
-    ``mode`` says which; ``None``: time both on the first ``SAMPLE_UNITS`` units and keep the
-    faster (``directional``), its measured costs in ``measured``.
+    Directional derivatives come by forward mode (one tangent per direction) or by reverse mode
+    with the directions injected (one cotangent per output; ``units_injected``). ``mode`` says
+    which for units with rules of their own, ``shared_mode`` for units under a rule a chunk
+    shares (whose forward mode is vectorised over its nodes and test examples, ``shared``);
+    ``None``: time both on the first units and keep the faster (``directional``,
+    ``shared_directional``), the measured costs per unit in ``measured`` and ``measured_shared``.
     """
 
     def __init__(self, setup: _Setup, mode: str | None = "forward") -> None:
         self.s = setup
         self.evaluations = 0
         self.mode = mode
+        self.shared_mode = mode
         self.measured: dict[str, float] = {}
+        self.measured_shared: dict[str, float] = {}
 
         def along_batch(theta: Tensor, delta: Tensor, bufs: Tensor, t: Tensor, v: Tensor, x: Tensor,
                         y: Tensor) -> Tensor:
@@ -250,9 +254,9 @@ class _Evaluator:
         head = min(len(t), SAMPLE_UNITS)
         for mode in ("forward", "reverse"):
             run(mode, 1)
-            start = time.perf_counter()
+            start = self._clock()
             value = run(mode, head)
-            self.measured[mode] = (time.perf_counter() - start) / head
+            self.measured[mode] = (self._clock() - start) / head
             if mode == "forward":
                 first = value
         self.mode = min(self.measured, key=self.measured.get)
@@ -260,6 +264,53 @@ class _Evaluator:
         rest = slice(head, len(t))
         return torch.cat([first, self.directional(thetas, deltas, bufs, step[rest], t[rest], directions, rows,
                                                   x[rest], y[rest])])
+
+    def shared_directional(self, thetas: Tensor, deltas: Tensor, bufs: Tensor, t: Tensor, w: Tensor, shared: Tensor,
+                           directions: Tensor, rows: list[Tensor], x: Tensor, y: Tensor) -> Tensor:
+        """``Σ_m w_m φ̂(t_m)·v_k`` of the units ``shared (B, n)`` under the rule ``t, w (M,)``:
+        ``(B, n, K, O)``, by ``shared_mode``; undecided, both are timed on the first step and the
+        faster is kept."""
+        if self.shared_mode is None and bool(shared[0].any()):
+            start = self._clock()
+            first = self._shared_by("forward", thetas[:1], deltas[:1], bufs[:1], t, w, shared[:1], directions[:1],
+                                    rows, x, y)
+            forward = (self._clock() - start) / (int(shared[0].sum()) * len(t))
+            sample = shared[:1] & (torch.cumsum(shared[:1], 1) <= max(1, SAMPLE_UNITS // len(t)))  # ≈ SAMPLE_UNITS
+            once = shared[:1] & (torch.cumsum(shared[:1], 1) <= 1)
+            self._shared_by("reverse", thetas[:1], deltas[:1], bufs[:1], t[:1], w[:1], once, directions[:1], rows,
+                            x, y)  # its first-call costs
+            start = self._clock()
+            self._shared_by("reverse", thetas[:1], deltas[:1], bufs[:1], t, w, sample, directions[:1], rows, x, y)
+            reverse = (self._clock() - start) / (int(sample.sum()) * len(t))
+            self.measured_shared = {"forward": forward, "reverse": reverse, "units": int(sample.sum()) * len(t),
+                                    "directions": directions.shape[1]}
+            self.shared_mode = "forward" if forward <= reverse else "reverse"
+            rest = self.shared_directional(thetas[1:], deltas[1:], bufs[1:], t, w, shared[1:], directions[1:], rows,
+                                           x, y)
+            return torch.cat([first, rest])
+        return self._shared_by(self.shared_mode, thetas, deltas, bufs, t, w, shared, directions, rows, x, y)
+
+    def _shared_by(self, mode: str, thetas: Tensor, deltas: Tensor, bufs: Tensor, t: Tensor, w: Tensor,
+                   shared: Tensor, directions: Tensor, rows: list[Tensor], x: Tensor, y: Tensor) -> Tensor:
+        s = self.s
+        if mode == "forward":
+            values = self.shared(thetas, deltas, bufs, t, directions, x, y)  # (B, M, K, n, O)
+            weights = w.to(s.dtype)[None, :, None] * shared.to(s.dtype)[:, None, :]  # (B, M, n)
+            return torch.einsum("bmkno,bmn->bnko", values, weights)
+        b, ex = shared.nonzero(as_tuple=True)
+        m = len(t)
+        values = self.units_injected(thetas, deltas, bufs, b.repeat_interleave(m), t.to(s.dtype).repeat(len(b)),
+                                     directions, rows, x[ex].repeat_interleave(m, 0), y[ex].repeat_interleave(m, 0))
+        values = (values * w.to(s.dtype).repeat(len(b))[:, None, None]).unflatten(0, (len(b), m)).sum(1)
+        out = values.new_zeros(*shared.shape, *values.shape[1:])
+        out[b, ex] = values
+        return out
+
+    def _clock(self) -> float:
+        """The time once the device's queued work is done (CUDA runs asynchronously)."""
+        if self.s.device.type == "cuda":
+            torch.cuda.synchronize(self.s.device)
+        return time.perf_counter()
 
     def phi_shared(self, thetas: Tensor, deltas: Tensor, bufs: Tensor, t: Tensor, w: Tensor, x: Tensor,
                    y: Tensor) -> Tensor:

@@ -740,13 +740,10 @@ class _Pass:
             wide_directions = None if wide_directions is None else wide_directions[:, rows]
         per_tensor = [column.nonzero().squeeze(1) for column in touch.T]
         out = torch.zeros(b_count, n, directions.shape[1], s.outputs, dtype=torch.float64, device=s.device)
-        own = ~wide
-        if ev.mode == "forward" and bool(rules.shared.any()):
-            values = ev.shared(thetas, deltas, bufs, rules.base_t, directions, c.x, c.y)  # (B, M, K, n, O)
-            weights = rules.base_w.to(s.dtype)[None, :, None] * rules.shared.to(s.dtype)[:, None, :]  # (B, M, n)
-            out += torch.einsum("bmkno,bmn->bnko", values, weights).double()
-            own &= ~rules.shared
-        self._own_units(ev, c.x, c.y, thetas, deltas, bufs, directions, per_tensor, rules, own, out)
+        if bool(rules.shared.any()):
+            out += ev.shared_directional(thetas, deltas, bufs, rules.base_t, rules.base_w, rules.shared, directions,
+                                         per_tensor, c.x, c.y).double()
+        self._own_units(ev, c.x, c.y, thetas, deltas, bufs, directions, per_tensor, rules, ~rules.shared & ~wide, out)
         if wide_directions is not None:
             x = c.x.double() if c.x.is_floating_point() else c.x
             self._own_units(self.wide, x, c.y, block.wide[0][idx], block.wide[1][idx], block.wide[2][idx],
@@ -760,20 +757,14 @@ class _Pass:
     @staticmethod
     def _own_units(ev: _Evaluator, x: Tensor, y: Tensor, thetas: Tensor, deltas: Tensor, bufs: Tensor,
                    directions: Tensor, per_tensor: list[Tensor], rules: _Rules, units: Tensor, out: Tensor) -> None:
-        """Adds ``φ̂·v_k`` of ``units (B, n)`` to ``out (B, n, K, O)``, each unit at its own nodes (the
-        shared base rule's where it has none): one evaluation per (unit, node)."""
+        """Adds ``φ̂·v_k`` of ``units (B, n)`` under their own rules to ``out (B, n, K, O)``: one evaluation
+        per (unit, node), by the evaluator's mode (``_Evaluator.directional``)."""
         own = units.nonzero()
         if not len(own):
             return
         bi, xi = own[:, 0], own[:, 1]
         count = rules.count[bi, xi]
         t, w = rules.t[bi, xi], rules.w[bi, xi]
-        shared = rules.shared[bi, xi]
-        if bool(shared.any()):
-            m = len(rules.base_t)
-            if t.shape[1] < m:
-                t, w = (torch.cat([v, v.new_zeros(len(v), m - v.shape[1])], dim=1) for v in (t, w))
-            t[shared, :m], w[shared, :m] = rules.base_t, rules.base_w
         valid = torch.arange(t.shape[1], device=out.device)[None] < count[:, None]
         unit, node = valid.nonzero(as_tuple=True)
         b, ex = bi[unit], xi[unit]
