@@ -45,7 +45,7 @@ from engine.run.history import StepRecord
 from engine.run.updates import UpdateRule
 
 KINK_ITERATIONS = 16  # most root-search steps refining each kink position …
-KINK_TOLERANCE = 1e-13  # … stopping once no position moves more than this, or than the compute dtype resolves
+KINK_TOLERANCE = 1e-13  # … stopping once no position moves more than this
 HIDDEN_GRID = 16  # panels of a piece searched for kinks the known ones hide, where the top rule failed …
 HIDDEN_ROUNDS = 8  # … at most this many times, each in the pieces that still fail
 REGULARIZER = -1  # train id of the weight-decay pseudo-example in the data view
@@ -654,11 +654,8 @@ class _Pass:
                example: Tensor, switch: Tensor, lo: tuple[Tensor, Tensor], hi: tuple[Tensor, Tensor]) -> Tensor:
         """Zeros of switching values ``switch`` of (step, example) inside the sign brackets
         ``lo = (t, value)``, ``hi = (t, value)``: a safeguarded root search from the secant. A
-        zero stops moving once a step moves it less than ``KINK_TOLERANCE`` or than one unit of
-        round-off of ``t`` in ``ev``'s dtype (the points are evaluated there: float32 cannot place a
-        zero closer, and its search would otherwise run all ``KINK_ITERATIONS``); only the others
+        zero stops moving once a step moves it less than ``KINK_TOLERANCE``; only the others
         are evaluated again."""
-        tolerance = max(KINK_TOLERANCE, torch.finfo(ev.s.dtype).eps)
         guess = lo[0] - lo[1] * (hi[0] - lo[0]) / (hi[1] - lo[1])
         history = [lo, hi]
         value = torch.zeros_like(guess)
@@ -670,7 +667,7 @@ class _Pass:
             values = ev.switches(thetas, deltas, bufs, step[rows], guess[rows], c.x[at], c.y[at])  # (len(rows), S)
             value[rows] = values[torch.arange(len(rows), device=rows.device), switch[rows]].double()
             new = torch.where(active, refine_zero(guess, value, history), guess)
-            active &= (new - guess).abs() > tolerance
+            active &= (new - guess).abs() > KINK_TOLERANCE
             guess = new
             if not bool(active.any()):
                 break
