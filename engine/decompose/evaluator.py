@@ -224,7 +224,9 @@ class _Evaluator:
         row_step, slot, valid = _pack(step, len(thetas))
         width = slot.shape[1]
         point = width * s.layout.total * s.dtype.itemsize <= s.config.memory_mb * 2**20 // 4
-        rows_per_call = self._batch(width * s.outputs, (width if point else 1) + k)
+        # a unit holds a cotangent per output in the backward pass and, from the forward pass, the
+        # product of every injected direction (its α's gradient needs it): outputs + K evaluations
+        rows_per_call = self._batch(width * (s.outputs + k), (width if point else 1) + k)
         one = partial(self._injected_one, rows=rows, point=point)
         fn = vmap(vmap(one, in_dims=(None, None, None, 0, None, 0, 0)), in_dims=(0,) * 7)  # → (R, W, O, K)
         for a in range(0, len(row_step), rows_per_call):
