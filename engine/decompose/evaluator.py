@@ -24,6 +24,7 @@ from engine.decompose.setup import _Setup
 
 ROW_FRACTION = 0.25  # row width ÷ mean units per step: padding ~1/8 of the evaluations instead of ~1/4
 SAMPLE_UNITS = 64  # units the two evaluations of directions are timed on, once per pass
+ACTIVATION_SHARE = 4  # the activations of one vectorised call may take 1/ACTIVATION_SHARE of memory_mb
 
 
 def _pack(step: Tensor, steps: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -73,6 +74,11 @@ class _Evaluator:
         self.shared_mode = mode
         self.measured: dict[str, float] = {}
         self.measured_shared: dict[str, float] = {}
+        # evaluations (one example's forward each: a direction, an output's backward pass, a point)
+        # in one vectorised call: max_batch, or fewer where their activations would exceed their share
+        config = setup.config
+        self.call_evaluations = max(1, min(config.max_batch, config.memory_mb * 2**20 // ACTIVATION_SHARE
+                                           // max(1, setup.example_bytes)))
 
         def along_batch(theta: Tensor, delta: Tensor, bufs: Tensor, t: Tensor, v: Tensor, x: Tensor,
                         y: Tensor) -> Tensor:
@@ -142,11 +148,11 @@ class _Evaluator:
         self._g = vmap(setup.g_batch, in_dims=(0, 0, None, None))      # steps → (B, n, O)
 
     def _batch(self, evaluations: int, vectors: int) -> int:
-        """Items per vectorised call when each costs ``evaluations`` of the ``max_batch`` budget
+        """Items per vectorised call when each costs ``evaluations`` of the ``call_evaluations`` budget
         and holds ``vectors`` parameter-sized vectors (points or tangents) of ``memory_mb``."""
         config, s = self.s.config, self.s
         memory = config.memory_mb * 2**20 // (vectors * s.layout.total * s.dtype.itemsize)
-        return max(1, min(config.max_batch // evaluations, memory))
+        return max(1, min(self.call_evaluations // evaluations, memory))
 
     def forward(self, thetas: Tensor, bufs: Tensor, x: Tensor, y: Tensor,
                 switches: bool) -> tuple[Tensor, Tensor | None]:
@@ -158,7 +164,7 @@ class _Evaluator:
         exactly, and a float32 ``g`` of magnitude 10 carries round-off of order 1e-6 — more than
         the float32 reconstruction's own error of the change over one step.
         """
-        budget = max(1, self.s.config.max_batch // x.shape[0])
+        budget = max(1, self.call_evaluations * self.s.dtype.itemsize // 8 // x.shape[0])  # float64 evaluations
         thetas, bufs = thetas.to(torch.float64), bufs.to(torch.float64)
         x, y = (v.to(torch.float64) if v.is_floating_point() else v for v in (x, y))
         outs, sws = [], []
@@ -171,24 +177,27 @@ class _Evaluator:
                 outs.append(self._g(thetas[a:a + budget], bufs[a:a + budget], x, y))
         return torch.cat(outs), torch.cat(sws) if switches else None
 
-    def shared(self, thetas: Tensor, deltas: Tensor, bufs: Tensor, t: Tensor, directions: Tensor, x: Tensor,
-               y: Tensor) -> Tensor:
-        """Directional derivatives at shared nodes ``t (M,)``: ``(B, M, K, n, O)``.
+    def shared(self, thetas: Tensor, deltas: Tensor, bufs: Tensor, t: Tensor, w: Tensor, directions: Tensor,
+               x: Tensor, y: Tensor) -> Tensor:
+        """Weighted sums ``Σ_m w[m, r] ∇g(t_m)·v_k`` of directional derivatives at shared nodes
+        ``t (M,)`` under the rules ``w (M, R)``: ``(R, B, K, n, O)``.
 
-        Steps are batched while ``max_batch`` allows; a step whose nodes alone exceed it is
-        split over its nodes (a fixed rule of 100 nodes would otherwise hold the activations
-        of all of them at once)."""
+        Steps are batched while ``call_evaluations`` allows; a step whose nodes alone exceed it is
+        split over its nodes, and each call's nodes are summed into the rules at once (a fixed
+        rule of 100 nodes would otherwise hold the activations, and the values, of all of them)."""
         s = self.s
         b_count, k, n = directions.shape[0], directions.shape[1], x.shape[0]
         per_node = k * n
-        nodes_per_call = max(1, min(len(t), s.config.max_batch // per_node))
+        nodes_per_call = max(1, min(len(t), self.call_evaluations // per_node))
         steps = self._batch(nodes_per_call * per_node, nodes_per_call * (k + 1))
         nodes = t.to(s.dtype).expand(b_count, -1)
-        out = torch.cat([
-            torch.cat([self._jvp_shared(thetas[a:a + steps], deltas[a:a + steps], bufs[a:a + steps],
-                                        nodes[a:a + steps, m:m + nodes_per_call], directions[a:a + steps], x, y)
-                       for m in range(0, len(t), nodes_per_call)], dim=1)
-            for a in range(0, b_count, steps)])
+        w = w.to(s.dtype)
+        out = torch.zeros(w.shape[1], b_count, k, n, s.outputs, dtype=s.dtype, device=s.device)
+        for a in range(0, b_count, steps):
+            for m in range(0, len(t), nodes_per_call):
+                values = self._jvp_shared(thetas[a:a + steps], deltas[a:a + steps], bufs[a:a + steps],
+                                          nodes[a:a + steps, m:m + nodes_per_call], directions[a:a + steps], x, y)
+                out[:, a:a + steps] += torch.einsum("bmkno,mr->rbkno", values, w[m:m + nodes_per_call])
         self.evaluations += b_count * len(t) * per_node
         return out
 
@@ -296,9 +305,8 @@ class _Evaluator:
                    shared: Tensor, directions: Tensor, rows: list[Tensor], x: Tensor, y: Tensor) -> Tensor:
         s = self.s
         if mode == "forward":
-            values = self.shared(thetas, deltas, bufs, t, directions, x, y)  # (B, M, K, n, O)
-            weights = w.to(s.dtype)[None, :, None] * shared.to(s.dtype)[:, None, :]  # (B, M, n)
-            return torch.einsum("bmkno,bmn->bnko", values, weights)
+            values = self.shared(thetas, deltas, bufs, t, w[:, None], directions, x, y)[0]  # (B, K, n, O)
+            return values.permute(0, 2, 1, 3) * shared.to(s.dtype)[:, :, None, None]
         b, ex = shared.nonzero(as_tuple=True)
         m = len(t)
         values = self.units_injected(thetas, deltas, bufs, b.repeat_interleave(m), t.to(s.dtype).repeat(len(b)),

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from engine.decompose.at_point import AtPoint, Injected
 from engine.decompose.config import DTYPES, ExplainConfig, resolve_device
@@ -117,6 +119,7 @@ class _Setup:
     test_chunk: int
     block: int = 1                           # steps per vectorised block
     forward_ad: bool = True                  # the model supports forward-mode AD
+    example_bytes: int = 0                   # what g's forward allocates per test example (``_example_bytes``)
     directional: str | None = "forward"      # directions at the final nodes: forward, reverse, None: time both
     notes: list[str] = field(default_factory=list)
     loss_changes: np.ndarray | None = None   # (hi − lo,) batch loss change per step (subsampling)
@@ -243,6 +246,7 @@ def _setup(history: History, task: Task, config: ExplainConfig) -> _Setup:
     params0, bufs0 = setup.flat(history.params(lo)), setup.flat_buffers(history.buffers(lo))
     with torch.no_grad():
         setup.outputs = int(setup.g_batch(params0, bufs0, test_x[:1], test_y[:1]).shape[1])
+        setup.example_bytes = _example_bytes(setup, params0, bufs0)
     if needs_train:
         _training_side(setup, rebuilt)
     if config.partitions:
@@ -340,6 +344,33 @@ def _widened(setup: _Setup) -> _Setup:
                    test_y=_data_on(setup.test_y, torch.float64, setup.device),
                    train_x=None if setup.train_x is None else _data_on(setup.train_x, torch.float64, setup.device),
                    train_y=None if setup.train_y is None else _data_on(setup.train_y, torch.float64, setup.device))
+
+
+class _AllocatedBytes(TorchDispatchMode):
+    """Counts the bytes of the tensors every operation returns (views excepted) while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        self.bytes += sum(t.numel() * t.element_size() for t in tree_leaves(out)
+                          if isinstance(t, Tensor) and not t._is_view())
+        return out
+
+
+def _example_bytes(setup: _Setup, params0: Tensor, bufs0: Tensor) -> int:
+    """Bytes ``g``'s forward allocates per test example: that of two copies of the first example
+    less that of one, so what a call allocates once (weight copies, masks) is left out. The
+    evaluator sizes its vectorised calls by it (``_Evaluator.call_evaluations``)."""
+    x, y = setup.test_x[:1], setup.test_y[:1]
+    allocated = []
+    for n in (1, 2):
+        with _AllocatedBytes() as counter:
+            setup.g_batch(params0, bufs0, torch.cat([x] * n), torch.cat([y] * n))
+        allocated.append(counter.bytes)
+    return max(0, allocated[1] - allocated[0])
 
 
 def _choose_engine(setup: _Setup, params0: Tensor, bufs0: Tensor) -> str:

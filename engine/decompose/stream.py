@@ -46,6 +46,7 @@ from engine.run.updates import UpdateRule
 
 KINK_ITERATIONS = 16  # most root-search steps refining each kink position …
 KINK_TOLERANCE = 1e-13  # … stopping once no position moves more than this
+VALUES_SHARE = 16  # the directional derivatives of a chunk of units may take 1/VALUES_SHARE of memory_mb
 HIDDEN_GRID = 16  # panels of a piece searched for kinks the known ones hide, where the top rule failed …
 HIDDEN_ROUNDS = 8  # … at most this many times, each in the pieces that still fail
 REGULARIZER = -1  # train id of the weight-decay pseudo-example in the data view
@@ -631,8 +632,7 @@ class _Pass:
         t = torch.cat([lt, bt])                                             # (M,)
         w = torch.zeros(len(t), 2, dtype=s.dtype, device=s.device)          # (M, 2)
         w[:len(lt), 0], w[len(lt):, 1] = lw.to(s.dtype), bw.to(s.dtype)
-        values = ev.shared(thetas, deltas, bufs, t, deltas[:, None], c.x, c.y)[:, :, 0]  # (B, M, n, O)
-        q1, q2 = torch.einsum("bmno,mr->rbno", values, w)
+        q1, q2 = ev.shared(thetas, deltas, bufs, t, w, deltas[:, None], c.x, c.y)[:, :, 0]  # (B, n, O) each
         return q1, q2
 
     def _kinks(self, ev: _Evaluator, c: _Chunk, thetas: Tensor, deltas: Tensor, bufs: Tensor, bi: Tensor, xi: Tensor,
@@ -755,7 +755,8 @@ class _Pass:
     def _own_units(ev: _Evaluator, x: Tensor, y: Tensor, thetas: Tensor, deltas: Tensor, bufs: Tensor,
                    directions: Tensor, per_tensor: list[Tensor], rules: _Rules, units: Tensor, out: Tensor) -> None:
         """Adds ``φ̂·v_k`` of ``units (B, n)`` under their own rules to ``out (B, n, K, O)``: one evaluation
-        per (unit, node), by the evaluator's mode (``_Evaluator.directional``)."""
+        per (unit, node), by the evaluator's mode (``_Evaluator.directional``), a chunk of
+        (unit, node) pairs at a time whose values take at most 1/``VALUES_SHARE`` of ``memory_mb``."""
         own = units.nonzero()
         if not len(own):
             return
@@ -764,11 +765,14 @@ class _Pass:
         t, w = rules.t[bi, xi], rules.w[bi, xi]
         valid = torch.arange(t.shape[1], device=out.device)[None] < count[:, None]
         unit, node = valid.nonzero(as_tuple=True)
-        b, ex = bi[unit], xi[unit]
-        values = ev.directional(thetas, deltas, bufs, b, t[unit, node], directions, per_tensor, x[ex], y[ex])
-        values = values * w[unit, node].to(values.dtype)[:, None, None]  # (U, K, O)
         flat = out.view(-1, *out.shape[2:])
-        flat.index_add_(0, b * out.shape[1] + ex, values.double())
+        chunk = max(1, ev.s.config.memory_mb * 2**20 // VALUES_SHARE // (flat[0].numel() * flat.element_size()))
+        for a in range(0, len(unit), chunk):
+            u, m = unit[a:a + chunk], node[a:a + chunk]
+            b, ex = bi[u], xi[u]
+            values = ev.directional(thetas, deltas, bufs, b, t[u, m], directions, per_tensor, x[ex], y[ex])
+            values.mul_(w[u, m].to(values.dtype)[:, None, None])  # (U, K, O)
+            flat.index_add_(0, b * out.shape[1] + ex, values.double())
 
     def _touch(self, k: int) -> Tensor:
         """``(K, T)`` bool: which tensors each of the ``k`` direction rows (``_directions``) is nonzero on.
