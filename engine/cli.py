@@ -347,8 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="derivatives by forward-mode directions (jvp) or per-output reverse passes (vjp); "
                          "auto counts both and takes the cheaper (default %(default)s)")
     explain.add_argument("--memory-mb", type=_positive_int, default=1024,
-                         help="budget for the vectorised batches' Jacobians and accumulators, in MiB "
-                         "(default %(default)s)")
+                         help="budget for the vectorised batches' Jacobians, accumulators and (a quarter) "
+                         "activations, in MiB (default %(default)s)")
     explain.add_argument("--allow-incomplete", action="store_true", help="explain the steps of an unfinished run")
     explain.add_argument("--trust-run", action="store_true", help=TRUST_HELP)
     explain.add_argument("--json", action="store_true", help="print one JSON object")

@@ -33,6 +33,7 @@ from engine.decompose import (
     merge_tests,
     parse_test,
 )
+from engine.decompose.evaluator import ACTIVATION_SHARE, EVALUATION_COPIES, _Evaluator
 from engine.decompose.setup import _setup
 from engine.decompose.train_side import _TrainSide
 from engine.errors import BadInputError, UnsupportedOptimizerError
@@ -286,6 +287,18 @@ def test_data_view_summed_over_train_and_regularizer_equals_the_component_view(t
     reg = totals(e.data.filter(pl.col("train") == -1))
     np.testing.assert_allclose(reg, totals(e.components, "decay"), atol=1e-13)
     assert np.abs(reg).max() > 1e-6
+
+
+def test_vectorised_calls_are_sized_by_what_one_example_allocates(tmp_path):
+    history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.SGD(m.parameters(), lr=0.1))
+    task = get_task(history.model_spec)
+    tight = _setup(history, task, ExplainConfig(device="cpu", memory_mb=1, **F64))
+    # per example, ReluNet's forward writes its three linear layers' outputs and two ReLUs'
+    # (16 + 16 + 16 + 16 + 3 float64 values); views of the weights and inputs are not counted
+    assert tight.example_bytes == (4 * 16 + 3) * 8
+    assert _Evaluator(tight).call_evaluations == 2**20 // ACTIVATION_SHARE // (EVALUATION_COPIES * 536)
+    roomy = _setup(history, task, ExplainConfig(device="cpu", **F64))
+    assert _Evaluator(roomy).call_evaluations == roomy.config.max_batch
 
 
 def test_per_example_gradients_equal_single_example_autograd(tmp_path):

@@ -64,7 +64,8 @@ class ExplainConfig:
             the granularity of a plain path kernel. The data view needs it.
         block: steps evaluated together in one vectorised call (default: from the budgets).
         max_batch: most (step × node × direction × test example) evaluations in one vectorised call.
-        memory_mb: budget for Jacobians and per-element accumulators.
+        memory_mb: budget for Jacobians and per-element accumulators; a quarter of it bounds the
+            activations of one vectorised call (from what g's forward allocates per example).
     """
 
     test_split: str = "val"

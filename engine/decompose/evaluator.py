@@ -24,7 +24,8 @@ from engine.decompose.setup import _Setup
 
 ROW_FRACTION = 0.25  # row width ÷ mean units per step: padding ~1/8 of the evaluations instead of ~1/4
 SAMPLE_UNITS = 64  # units the two evaluations of directions are timed on, once per pass
-ACTIVATION_SHARE = 4  # the activations of one vectorised call may take 1/ACTIVATION_SHARE of memory_mb
+ACTIVATION_SHARE = 4  # the activations of one vectorised call may take 1/ACTIVATION_SHARE of memory_mb …
+EVALUATION_COPIES = 2  # … each evaluation holding a forward's allocations twice: primal and (co)tangent
 
 
 def _pack(step: Tensor, steps: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -78,7 +79,7 @@ class _Evaluator:
         # in one vectorised call: max_batch, or fewer where their activations would exceed their share
         config = setup.config
         self.call_evaluations = max(1, min(config.max_batch, config.memory_mb * 2**20 // ACTIVATION_SHARE
-                                           // max(1, setup.example_bytes)))
+                                           // max(1, EVALUATION_COPIES * setup.example_bytes)))
 
         def along_batch(theta: Tensor, delta: Tensor, bufs: Tensor, t: Tensor, v: Tensor, x: Tensor,
                         y: Tensor) -> Tensor:

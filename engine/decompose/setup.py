@@ -347,7 +347,7 @@ def _widened(setup: _Setup) -> _Setup:
 
 
 class _AllocatedBytes(TorchDispatchMode):
-    """Counts the bytes of the tensors every operation returns (views excepted) while active."""
+    """Counts the bytes of the tensors operations return in new storage (not views of an input)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -355,8 +355,9 @@ class _AllocatedBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)}
         self.bytes += sum(t.numel() * t.element_size() for t in tree_leaves(out)
-                          if isinstance(t, Tensor) and not t._is_view())
+                          if isinstance(t, Tensor) and t.untyped_storage().data_ptr() not in inputs)
         return out
 
 
@@ -366,9 +367,9 @@ def _example_bytes(setup: _Setup, params0: Tensor, bufs0: Tensor) -> int:
     evaluator sizes its vectorised calls by it (``_Evaluator.call_evaluations``)."""
     x, y = setup.test_x[:1], setup.test_y[:1]
     allocated = []
-    for n in (1, 2):
+    for inputs in ((x, y), (torch.cat([x, x]), torch.cat([y, y]))):
         with _AllocatedBytes() as counter:
-            setup.g_batch(params0, bufs0, torch.cat([x] * n), torch.cat([y] * n))
+            setup.g_batch(params0, bufs0, *inputs)
         allocated.append(counter.bytes)
     return max(0, allocated[1] - allocated[0])
 
