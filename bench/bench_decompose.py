@@ -93,13 +93,13 @@ def worker_unit(args: dict) -> dict:
 
     history = History.open(args["run"])
     s = _setup(history, get_task(history.model_spec), ExplainConfig(test_size=args["tests"]))
-    theta = s.flat(history.params(0))
+    theta, bufs = s.flat(history.params(0)), s.flat_buffers(history.buffers(0))
     x, y = s.test_x[: s.test_chunk], s.test_y[: s.test_chunk]
     times = []
     with _math_attention():
         for _ in range(30):
             start = time.perf_counter()
-            out, pull = vjp(lambda p: s.g_batch(p, x, y), theta)
+            out, pull = vjp(lambda p: s.g_batch(p, bufs, x, y), theta)
             pull(torch.ones_like(out))
             times.append(time.perf_counter() - start)
     times.sort()
@@ -193,13 +193,13 @@ def main() -> None:
               "training example, test and output). Blocks of up to 32 steps are evaluated together, so "
               "streaming memory rises until the block is full and then stays flat.", "",
               "| varied | value | parameters | tests | steps | CPU s/step | wall s/step | streaming MB | "
-              "total MB | frames MB | max abs Σr |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "total MB | frames MB | max abs Σr | rel |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def scaling_row(varied: str, value: str, size: int, tests: int, n_steps: int, r: dict) -> str:
         return (f"| {varied} | {value} | {size:,} | {tests} | {n_steps} | {fmt(r['cpu_step'], 3)} | "
                 f"{fmt(r['per_step'], 3)} | {r['streaming_mb']:.0f} | {r['working_mb']:.0f} | "
-                f"{r['frames_mb']:.0f} | {fmt(r['max_abs'])} |")
+                f"{r['frames_mb']:.0f} | {fmt(r['max_abs'])} | {fmt(r['max_rel'])} |")
 
     for n_steps in (steps // 2, steps, 2 * steps, 4 * steps, 8 * steps):
         r = run_worker("explain", {"run": str(base), "quadrature": "adaptive", "views": ALL_VIEWS, "tests": 10,
