@@ -34,7 +34,7 @@ from engine.decompose import (
     parse_test,
 )
 from engine.decompose.evaluator import ACTIVATION_SHARE, EVALUATION_COPIES, _Evaluator
-from engine.decompose.setup import _setup
+from engine.decompose.setup import _setup, _widened
 from engine.decompose.train_side import _TrainSide
 from engine.errors import BadInputError, UnsupportedOptimizerError
 from engine.model.groups import GroupMap, ParamLayout, aggregate
@@ -299,6 +299,10 @@ def test_vectorised_calls_are_sized_by_what_one_example_allocates(tmp_path):
     assert _Evaluator(tight).call_evaluations == 2**20 // ACTIVATION_SHARE // (EVALUATION_COPIES * 536)
     roomy = _setup(history, task, ExplainConfig(device="cpu", **F64))
     assert _Evaluator(roomy).call_evaluations == roomy.config.max_batch
+    # in float32 the same values take half the bytes; its float64 twin (units float32 cannot resolve) twice that
+    single = _setup(history, task, ExplainConfig(device="cpu", dtype="float32", test_size=None))
+    assert single.example_bytes == (4 * 16 + 3) * 4
+    assert _widened(single).example_bytes == (4 * 16 + 3) * 8
 
 
 def test_per_example_gradients_equal_single_example_autograd(tmp_path):

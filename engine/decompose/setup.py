@@ -340,6 +340,7 @@ def _widened(setup: _Setup) -> _Setup:
     """The same set-up computing in float64 (for the units the compute dtype cannot resolve)."""
     model = copy.deepcopy(setup.model).to(torch.float64)
     return replace(setup, dtype=torch.float64, model=model, _fixed={},
+                   example_bytes=setup.example_bytes * 8 // setup.dtype.itemsize,  # its activations in float64
                    test_x=_data_on(setup.test_x, torch.float64, setup.device),
                    test_y=_data_on(setup.test_y, torch.float64, setup.device),
                    train_x=None if setup.train_x is None else _data_on(setup.train_x, torch.float64, setup.device),
