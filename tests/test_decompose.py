@@ -34,7 +34,7 @@ from engine.decompose import (
     parse_test,
 )
 from engine.decompose.evaluator import ACTIVATION_SHARE, EVALUATION_COPIES, _Evaluator
-from engine.decompose.setup import _setup, _widened
+from engine.decompose.setup import _AllocatedBytes, _setup, _widened
 from engine.decompose.train_side import _TrainSide
 from engine.errors import BadInputError, UnsupportedOptimizerError
 from engine.model.groups import GroupMap, ParamLayout, aggregate
@@ -303,6 +303,18 @@ def test_vectorised_calls_are_sized_by_what_one_example_allocates(tmp_path):
     single = _setup(history, task, ExplainConfig(device="cpu", dtype="float32", test_size=None))
     assert single.example_bytes == (4 * 16 + 3) * 4
     assert _widened(single).example_bytes == (4 * 16 + 3) * 8
+
+
+def test_a_forward_that_cannot_be_counted_leaves_calls_to_max_batch_and_says_so(tmp_path, monkeypatch):
+    history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.SGD(m.parameters(), lr=0.1))
+
+    def refuse(self, func, types, args=(), kwargs=None):
+        raise NotImplementedError(f"{func} has no dispatch-mode support")
+    monkeypatch.setattr(_AllocatedBytes, "__torch_dispatch__", refuse)
+    s = _setup(history, get_task(history.model_spec), ExplainConfig(device="cpu", memory_mb=1, **F64))
+    assert s.example_bytes == 0
+    assert _Evaluator(s).call_evaluations == s.config.max_batch
+    assert any(note.startswith("activation probe failed (NotImplementedError") for note in s.notes)
 
 
 def test_per_example_gradients_equal_single_example_autograd(tmp_path):
