@@ -12,7 +12,10 @@ from __future__ import annotations
 import json
 import math
 import signal
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -34,7 +37,14 @@ from engine.decompose import (
     parse_test,
 )
 from engine.decompose.evaluator import ACTIVATION_SHARE, EVALUATION_COPIES, _Evaluator
-from engine.decompose.setup import _AllocatedBytes, _setup, _widened
+from engine.decompose.setup import (
+    INJECTED_ROW_SHARE,
+    _ActivationBytes,
+    _direction_count,
+    _directional_mode,
+    _setup,
+    _widened,
+)
 from engine.decompose.train_side import _TrainSide
 from engine.errors import BadInputError, UnsupportedOptimizerError
 from engine.model.groups import GroupMap, ParamLayout, aggregate
@@ -309,12 +319,37 @@ def test_a_forward_that_cannot_be_counted_leaves_calls_to_max_batch_and_says_so(
     history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.SGD(m.parameters(), lr=0.1))
 
     def refuse(self, func, types, args=(), kwargs=None):
-        raise NotImplementedError(f"{func} has no dispatch-mode support")
-    monkeypatch.setattr(_AllocatedBytes, "__torch_dispatch__", refuse)
+        raise NotImplementedError(f"{func} refuses to run under a function mode")
+    monkeypatch.setattr(_ActivationBytes, "__torch_function__", refuse)
     s = _setup(history, get_task(history.model_spec), ExplainConfig(device="cpu", memory_mb=1, **F64))
     assert s.example_bytes == 0
     assert _Evaluator(s).call_evaluations == s.config.max_batch
     assert any(note.startswith("activation probe failed (NotImplementedError") for note in s.notes)
+
+
+def test_reverse_mode_is_timed_only_where_the_output_count_leaves_it_a_chance(tmp_path):
+    history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.AdamW(m.parameters(), lr=0.01))
+    s = _setup(history, get_task(history.model_spec), ExplainConfig(device="cpu", **F64))
+    directions = _direction_count(s)  # Δ and its decay share on 6 tensors, and the residual
+    assert (directions, s.outputs, _directional_mode(s)) == (13, 3, None)  # both timed on each pass
+    for outputs, mode in ((int(directions / INJECTED_ROW_SHARE), None),
+                          (int(directions / INJECTED_ROW_SHARE) + 1, "forward")):
+        s.outputs, s.notes = outputs, []
+        assert _directional_mode(s) == mode
+        assert any("reverse mode not timed" in note for note in s.notes) == (mode == "forward")
+
+
+def test_a_forward_mode_run_never_imports_the_compiler_stack(tmp_path):
+    # torch.func's backward passes import torch._dynamo on first use (a second of start-up, ~70 MiB):
+    # a run in forward mode — quadrature search, directions, batch gradients, set-up probes — has none
+    history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.AdamW(m.parameters(), lr=0.01))
+    code = ("import sys; from engine.decompose import ExplainConfig, explain; "
+            f"explain({str(history.path)!r}, ExplainConfig(device='cpu', engine='jvp', test_size=None), "
+            "progress=False, trust_run=True); print('torch._dynamo' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "False"
 
 
 def test_per_example_gradients_equal_single_example_autograd(tmp_path):

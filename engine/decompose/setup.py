@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from engine.decompose.at_point import AtPoint, Injected
@@ -51,6 +51,10 @@ from engine.run.spec import check_data_matches, check_model_matches
 log = logging.getLogger(__name__)
 
 JVP_PER_ROW = 2  # forward-mode directions costing about one reverse-mode Jacobian row (measured 2–3)
+# An output's backward pass with the directions injected costs at least this share of one forward-mode
+# direction (measured 0.57–0.84 on the benchmark's transformer: more outputs share one forward): with
+# more outputs than directions ÷ share, reverse mode at the final nodes cannot win and is not timed
+INJECTED_ROW_SHARE = 0.5
 MAX_BLOCK = 32  # most steps per vectorised block
 PROBE_EXAMPLES = 16  # test examples in the forwards that find which switching values and tensors can change g
 
@@ -255,7 +259,7 @@ def _setup(history: History, task: Task, config: ExplainConfig) -> _Setup:
     if setup.engine == "jvp":  # a direction on tensors g does not use needs no evaluation
         setup.live_tensors = _live_tensors(setup, params0, bufs0)
         if config.engine == "auto":  # forward mode or reverse with the directions injected: measured per pass
-            setup.directional = None
+            setup.directional = _directional_mode(setup)
     if config.quadrature_spec.adaptive:
         setup.live_switches = _live_switches(setup, params0, bufs0)
         setup.selections = _selections(setup, params0, bufs0)
@@ -347,34 +351,58 @@ def _widened(setup: _Setup) -> _Setup:
                    train_y=None if setup.train_y is None else _data_on(setup.train_y, torch.float64, setup.device))
 
 
-class _AllocatedBytes(TorchDispatchMode):
-    """Counts the bytes of the tensors operations return in new storage (not views of an input)."""
+class _ActivationBytes(TorchFunctionMode):
+    """Counts the bytes of one forward's activations: every tensor an operation returns in new
+    storage (not a view of one of its inputs) and every tensor autograd saves for the backward
+    pass (inside fused operations too: attention weights) that is not one of the ``known``
+    tensors (parameters, inputs). Each storage once, however many views of it are seen; they are
+    kept alive until the count ends, so a freed address reused later is not mistaken for them.
+    (A dispatch mode would see every allocation, but entering one imports PyTorch's compiler
+    stack: a second of start-up and ~70 MiB resident, for one forward.)"""
 
-    def __init__(self) -> None:
+    def __init__(self, known: list[Tensor]) -> None:
         super().__init__()
-        self.bytes = 0
+        self.known = {t.untyped_storage().data_ptr() for t in known}
+        self.counted: dict[int, Any] = {}  # address → storage
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+    def _count(self, tensor: Tensor) -> Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self.known:
+            self.counted.setdefault(storage.data_ptr(), storage)
+        return tensor
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)}
-        self.bytes += sum(t.numel() * t.element_size() for t in tree_leaves(out)
-                          if isinstance(t, Tensor) and t.untyped_storage().data_ptr() not in inputs)
+        for t in tree_leaves(out):
+            if isinstance(t, Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self._count(t)
         return out
+
+    @property
+    def bytes(self) -> int:
+        return sum(storage.nbytes() for storage in self.counted.values())
+
+    @contextlib.contextmanager
+    def counting(self) -> Iterator[_ActivationBytes]:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(self._count, lambda t: t), self:
+            yield self
 
 
 def _example_bytes(setup: _Setup, params0: Tensor, bufs0: Tensor) -> int:
-    """Bytes ``g``'s forward allocates per test example: that of two copies of the first example
-    less that of one, so what a call allocates once (weight copies, masks) is left out. The
+    """Bytes of ``g``'s activations per test example (``_ActivationBytes``): those of two copies of
+    the first example less those of one, so what a call allocates once (weight copies) is left out. The
     evaluator sizes its vectorised calls by it (``_Evaluator.call_evaluations``); 0 (calls sized by
     ``max_batch`` alone, said in the notes) where the model's forward fails under the count."""
     x, y = setup.test_x[:1], setup.test_y[:1]
+    params = params0.detach().requires_grad_()
     allocated = []
     try:
         for inputs in ((x, y), (torch.cat([x, x]), torch.cat([y, y]))):
-            with _AllocatedBytes() as counter:
-                setup.g_batch(params0, bufs0, *inputs)
+            with _ActivationBytes([params, bufs0, *inputs]).counting() as counter:
+                setup.g_batch(params, bufs0, *inputs)
             allocated.append(counter.bytes)
-    except Exception as exc:  # the model's own code under a dispatch mode (an operator without one), as for the probes
+    except Exception as exc:  # the model's own code under the count's hooks, as for the probes
         setup.notes.append(f"activation probe failed ({type(exc).__name__}: {exc}): vectorised calls are sized "
                            "by max_batch alone")
         return 0
@@ -411,6 +439,18 @@ def _choose_engine(setup: _Setup, params0: Tensor, bufs0: Tensor) -> str:
         f"evaluation: {wanted} ({why}); cost per node and test example: {directions} forward-mode directions "
         f"≈ {directions / JVP_PER_ROW:g} Jacobian rows (jvp) against {setup.outputs} rows, one per output (vjp)")
     return wanted
+
+
+def _directional_mode(setup: _Setup) -> str | None:
+    """``forward`` where the outputs outnumber what reverse mode could afford (``INJECTED_ROW_SHARE``),
+    else None: both timed on each pass's first units. Timing reverse mode is not free: its first
+    backward pass through ``torch.func`` imports PyTorch's compiler stack (a second, ~70 MiB)."""
+    directions = _direction_count(setup)
+    if setup.outputs * INJECTED_ROW_SHARE <= directions:
+        return None
+    setup.notes.append(f"evaluation: forward mode at the final nodes, reverse mode not timed: its {setup.outputs} "
+                       f"backward passes, one per output, cost more than {directions} forward-mode directions")
+    return "forward"
 
 
 def _group_count(setup: _Setup) -> int:

@@ -60,7 +60,6 @@ class _TrainSide:
         self.seen: Tensor | None = None    # (train,) bool
         one = vmap(grad(setup.train_loss_one), in_dims=(None, 0, 0))          # (D,), (b, ...) → (b, D)
         self._example_grads = vmap(one, in_dims=(0, 0, 0))                     # steps × examples
-        self._batch_grads = vmap(grad(setup.train_loss_weighted), in_dims=(0, 0, 0, 0))  # steps → (B, D)
 
     def gradients(self, thetas: Tensor, records: list[StepRecord]) -> list[Any]:
         """Per step: ``None``; the weighted batch gradient ``(D,)``; or, for the data view,
@@ -79,17 +78,20 @@ class _TrainSide:
         if s.train_forward is not None:
             return [self._replayed(s.train_forward, r) for r in records]
         ids, weights = ids.to(s.device), weights.to(device=s.device, dtype=s.dtype)
-        steps = max(1, s.config.train_chunk // width)
-        out: list[Any] = []
-        for a in range(0, len(records), steps):
-            part = slice(a, a + steps)
-            if not self.per_example:
-                x, y = s.train_x[ids[part]], s.train_y[ids[part]]
-                out.extend(self._batch_grads(thetas[part], x, y, weights[part]))
-                continue
-            for b in range(a, min(a + steps, len(records))):
-                out.append(self._one_step_examples(thetas[b], ids[b, :sizes[b]], weights[b, :sizes[b]]))
-        return out
+        if not self.per_example:
+            return [self._batch_gradient(thetas[b], ids[b, :sizes[b]], weights[b, :sizes[b]])
+                    for b in range(len(records))]
+        return [self._one_step_examples(thetas[b], ids[b, :sizes[b]], weights[b, :sizes[b]])
+                for b in range(len(records))]
+
+    def _batch_gradient(self, theta: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
+        """One step's weighted batch gradient ``(D,)`` by plain autograd: a vectorised ``torch.func.grad``
+        over the block's steps is no faster at one batch per step, and its first call imports PyTorch's
+        compiler stack (a second of start-up, ~70 MiB resident) that a forward-mode run otherwise never needs."""
+        theta = theta.detach().requires_grad_()
+        with torch.enable_grad():
+            loss = self.s.train_loss_weighted(theta, self.s.train_x[ids], self.s.train_y[ids], weights)
+            return torch.autograd.grad(loss, theta)[0]
 
     def _replayed(self, forward: TrainingForward, record: StepRecord) -> Any:
         """One step's gradient from the replayed batched training forward: the weighted batch gradient
