@@ -9,12 +9,14 @@ record are rebuilt by ``engine.tasks.get_task`` exactly like a user's own code.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import signal
 import subprocess
 import sys
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,7 @@ import polars as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from engine.cli import main
 from engine.decompose import (
@@ -37,6 +39,7 @@ from engine.decompose import (
     parse_test,
 )
 from engine.decompose.evaluator import ACTIVATION_SHARE, EVALUATION_COPIES, _Evaluator
+from engine.decompose.reverse import gradient, jacobian
 from engine.decompose.setup import (
     INJECTED_ROW_SHARE,
     _ActivationBytes,
@@ -339,17 +342,57 @@ def test_reverse_mode_is_timed_only_where_the_output_count_leaves_it_a_chance(tm
         assert any("reverse mode not timed" in note for note in s.notes) == (mode == "forward")
 
 
-def test_a_forward_mode_run_never_imports_the_compiler_stack(tmp_path):
+@pytest.mark.parametrize("engine", ["jvp", "vjp"])
+def test_no_run_imports_the_compiler_stack(tmp_path, engine):
     # torch.func's backward passes import torch._dynamo on first use (a second of start-up, ~70 MiB):
-    # a run in forward mode — quadrature search, directions, batch gradients, set-up probes — has none
+    # a run in either mode — quadrature search, directions or Jacobians, batch and per-example
+    # gradients, set-up probes, reverse mode timed against forward mode — has none
     history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.AdamW(m.parameters(), lr=0.01))
     code = ("import sys; from engine.decompose import ExplainConfig, explain; "
-            f"explain({str(history.path)!r}, ExplainConfig(device='cpu', engine='jvp', test_size=None), "
-            "progress=False, trust_run=True); print('torch._dynamo' in sys.modules)")
+            f"r = explain({str(history.path)!r}, ExplainConfig(device='cpu', engine={engine!r}, test_size=None, "
+            "views=('components', 'data')), "
+            "progress=False, trust_run=True); print(r.summary()['engine'], 'torch._dynamo' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == "False"
+    assert done.stdout.strip().splitlines()[-1] == f"{engine} False"
+
+
+@pytest.mark.parametrize("compiler_loaded", [False, True])
+def test_reverse_jacobians_equal_jacrev_under_vmap(monkeypatch, compiler_loaded):
+    # the engine's reverse mode builds jacrev's Jacobian (and grad's gradient) without its compiled-autograd guard while
+    # the compiler stack is unloaded, and is jacrev itself once it is loaded
+    if not compiler_loaded:
+        monkeypatch.delitem(sys.modules, "torch._dynamo", raising=False)
+    else:
+        importlib.import_module("torch._dynamo")
+    gen = torch.Generator().manual_seed(0)
+    w, v, x = (torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in ((5, 3), (4, 5, 3), (6, 3)))
+
+    def f(alpha: Tensor, xi: Tensor) -> Tensor:
+        hidden = torch.relu((w + torch.einsum("k,kij->ij", alpha, v)) @ xi)
+        return torch.log_softmax(hidden * hidden.sum(), dim=0)
+
+    alpha = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    ours = torch.func.vmap(lambda a, xi: jacobian(lambda aa: f(aa, xi), a))(alpha, x)
+    truth = torch.stack([torch.autograd.functional.jacobian(partial(f, xi=xi), a)
+                         for a, xi in zip(alpha, x, strict=True)])
+    assert ours.shape == (6, 5, 4)
+    torch.testing.assert_close(ours, truth, rtol=1e-12, atol=1e-12)
+    grads = torch.func.vmap(gradient(lambda a, xi: f(a, xi)[0]))(alpha, x)
+    torch.testing.assert_close(grads, truth[:, 0], rtol=1e-12, atol=1e-12)
+    assert ("torch._dynamo" in sys.modules) == compiler_loaded
+
+
+@pytest.mark.parametrize("context", [torch.inference_mode, torch.no_grad])
+def test_a_caller_without_gradients_still_gets_the_explanation(tmp_path, context):
+    history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.AdamW(m.parameters(), lr=0.01))
+    config = ExplainConfig(device="cpu", test_size=4, views=("components", "data"), dtype="float64")
+    with context():
+        inside = explain(history.path, config, progress=False, trust_run=True)
+    outside = explain(history.path, config, progress=False, trust_run=True)
+    assert inside.summary()["max_rel_residual"] < 1e-9
+    assert inside.components.equals(outside.components)
 
 
 def test_per_example_gradients_equal_single_example_autograd(tmp_path):
@@ -810,8 +853,6 @@ def test_cuda_meets_the_rtol_budget_with_float64_units(tmp_path):
 
 
 def replace_device(config: ExplainConfig, device: str) -> ExplainConfig:
-    from dataclasses import replace
-
     return replace(config, device=device)
 
 

@@ -448,6 +448,7 @@ def explain(run_dir: str | Path, config: ExplainConfig | None = None, progress: 
 
 
 @retained_heap()
+@torch.inference_mode(False)  # the engine differentiates: a caller's inference mode would forbid it
 def explain_history(history: History, task: Task, config: ExplainConfig | None = None,
                     progress: bool = True) -> Explanation:
     """Like ``explain`` for an opened history and task (with freed memory kept, ``engine.decompose.heap``)."""

@@ -15,10 +15,11 @@ from functools import partial
 
 import torch
 from torch import Tensor
-from torch.func import jacrev, jvp, vmap
+from torch.func import jvp, vmap
 
 from engine.decompose.at_point import Injected
 from engine.decompose.quadrature import SwitchRecorder
+from engine.decompose.reverse import jacobian
 from engine.decompose.scalar_ops import ScalarOps
 from engine.decompose.setup import _Setup
 
@@ -104,7 +105,7 @@ class _Evaluator:
             def weighted(th: Tensor) -> Tensor:
                 values = vmap(lambda tm: setup.g_one(th + tm * delta, bufs, x, y))(t)  # (M, O)
                 return (w[:, None] * values).sum(0)
-            return jacrev(weighted)(theta)
+            return jacobian(weighted, theta)
 
         def switches_one(theta: Tensor, delta: Tensor, bufs: Tensor, t: Tensor, x: Tensor, y: Tensor) -> Tensor:
             with SwitchRecorder(1, setup.live_switches) as recorder:  # those of the quantity too, as in ``forward``
@@ -127,7 +128,7 @@ class _Evaluator:
 
             def g(alpha: Tensor) -> Tensor:
                 return setup.g_one_at(theta, delta, t, bufs, x, y, Injected(alpha, rows, values, point))
-            return jacrev(g)(v.new_zeros(v.shape[0]))
+            return jacobian(g, v.new_zeros(v.shape[0]))
 
         self._injected_one = injected_one
 

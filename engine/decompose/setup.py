@@ -444,8 +444,7 @@ def _choose_engine(setup: _Setup, params0: Tensor, bufs0: Tensor) -> str:
 
 def _directional_mode(setup: _Setup) -> str | None:
     """``forward`` where the outputs outnumber what reverse mode could afford (``INJECTED_ROW_SHARE``),
-    else None: both timed on each pass's first units. Timing reverse mode is not free: its first
-    backward pass through ``torch.func`` imports PyTorch's compiler stack (a second, ~70 MiB)."""
+    else None: both timed on each pass's first units."""
     directions = _direction_count(setup)
     if setup.outputs * INJECTED_ROW_SHARE <= directions:
         return None

@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import grad, vmap
+from torch.func import vmap
 
+from engine.decompose.reverse import gradient
 from engine.decompose.setup import _Setup
 from engine.run.history import StepRecord
 from engine.run.replay import TrainingForward
@@ -58,7 +59,7 @@ class _TrainSide:
         self.buf_sum = torch.zeros(d, dtype=setup.dtype, device=setup.device)
         self.buf_ex: Tensor | None = None  # (train, D)
         self.seen: Tensor | None = None    # (train,) bool
-        one = vmap(grad(setup.train_loss_one), in_dims=(None, 0, 0))          # (D,), (b, ...) → (b, D)
+        one = vmap(gradient(setup.train_loss_one), in_dims=(None, 0, 0))      # (D,), (b, ...) → (b, D)
         self._example_grads = vmap(one, in_dims=(0, 0, 0))                     # steps × examples
 
     def gradients(self, thetas: Tensor, records: list[StepRecord]) -> list[Any]:
@@ -85,9 +86,8 @@ class _TrainSide:
                 for b in range(len(records))]
 
     def _batch_gradient(self, theta: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
-        """One step's weighted batch gradient ``(D,)`` by plain autograd: a vectorised ``torch.func.grad``
-        over the block's steps is no faster at one batch per step, and its first call imports PyTorch's
-        compiler stack (a second of start-up, ~70 MiB resident) that a forward-mode run otherwise never needs."""
+        """One step's weighted batch gradient ``(D,)`` by plain autograd: a vectorised gradient over the
+        block's steps is no faster at one batch per step."""
         theta = theta.detach().requires_grad_()
         with torch.enable_grad():
             loss = self.s.train_loss_weighted(theta, self.s.train_x[ids], self.s.train_y[ids], weights)
