@@ -127,7 +127,7 @@ def cmd_explain(args: argparse.Namespace) -> dict[str, Any]:
     common = {**parse_test(args.test), "dtype": args.dtype, "device": args.device, "subsample": args.subsample}
     config = ExplainConfig(**common, quantity=quantity, quadrature=args.quadrature, views=args.views,
                            window=args.window, rtol=args.rtol, decay_split=not args.no_decay_split,
-                           engine=args.engine, memory_mb=args.memory_mb,
+                           engine=args.engine, memory_mb=args.memory_mb, block=args.block,
                            partitions=(*_split(args.partitions), *_partition_specs(args.partition_spec)))
     # prediction-level exactness (agreement, KL) needs every logit reconstructed
     checks = [ExplainConfig(**common, quantity="logits", quadrature=q, views=()) for q in _split(args.exactness)]
@@ -349,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--memory-mb", type=_positive_int, default=1024,
                          help="budget for the vectorised batches' Jacobians, accumulators and (a quarter) "
                          "activations, in MiB (default %(default)s)")
+    explain.add_argument("--block", type=_positive_int, default=None,
+                         help="steps evaluated together in one vectorised call (default: from the budgets, at most "
+                         "32); fewer lower peak memory at some speed")
     explain.add_argument("--allow-incomplete", action="store_true", help="explain the steps of an unfinished run")
     explain.add_argument("--trust-run", action="store_true", help=TRUST_HELP)
     explain.add_argument("--json", action="store_true", help="print one JSON object")

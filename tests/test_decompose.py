@@ -572,7 +572,7 @@ def test_cli_takes_the_evaluation_and_the_memory_budget(tmp_path, capsys):
     history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.AdamW(m.parameters(), lr=0.02), steps=4)
     base = ["explain", str(history.path), "--test", "val:all", "--dtype", "float64", "--trust-run", "--json"]
     tables = {}
-    for name, flags in (("auto", []), ("jvp", ["--engine", "jvp", "--memory-mb", "1"])):
+    for name, flags in (("auto", []), ("jvp", ["--engine", "jvp", "--memory-mb", "1", "--block", "1"])):
         out = tmp_path / f"{name}.duckdb"
         assert main([*base, "--out", str(out), *flags]) == 0
         capsys.readouterr()
@@ -582,6 +582,8 @@ def test_cli_takes_the_evaluation_and_the_memory_budget(tmp_path, capsys):
         notes = json.loads(capsys.readouterr().out)["notes"]
         assert any(note.startswith(f"evaluation: {'vjp (the cheaper)' if name == 'auto' else 'jvp (as asked)'}")
                    for note in notes), notes
+        blocks = "1 steps per vectorised call (as asked" if name == "jvp" else "32 steps per vectorised call (from"
+        assert any(note.startswith(f"evaluation: blocks of {blocks}") for note in notes), notes
     auto, jvp = (tables[name].sort("group") for name in ("auto", "jvp"))
     assert auto["group"].to_list() == jvp["group"].to_list()
     np.testing.assert_allclose(auto["value"].to_numpy(), jvp["value"].to_numpy(), rtol=1e-10, atol=1e-14)
@@ -591,6 +593,9 @@ def test_cli_takes_the_evaluation_and_the_memory_budget(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*base, "--out", str(tmp_path / "no.duckdb"), "--memory-mb", "0"])
     assert "--memory-mb" in capsys.readouterr().err and not (tmp_path / "no.duckdb").exists()
+    with pytest.raises(SystemExit):
+        main([*base, "--out", str(tmp_path / "no.duckdb"), "--block", "0"])
+    assert "--block" in capsys.readouterr().err and not (tmp_path / "no.duckdb").exists()
 
 class AttentionNet(nn.Module):
     """nn.MultiheadAttention, whose eval fast path has no derivative rules."""

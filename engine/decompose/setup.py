@@ -266,6 +266,8 @@ def _setup(history: History, task: Task, config: ExplainConfig) -> _Setup:
         setup.selections = _selections(setup, params0, bufs0)
     setup.test_chunk = _test_chunk(setup)
     setup.block = _block_size(setup)
+    setup.notes.append(f"evaluation: blocks of {setup.block} steps per vectorised call "
+                       f"({'as asked' if config.block is not None else 'from the budgets'}; fewer hold less memory)")
     return setup
 
 
