@@ -31,7 +31,7 @@ round-off; the search runs in forward mode along Δ_s only (in reverse mode for 
 forward-mode AD). ``φ̂`` is then evaluated in one of two ways, chosen by
 cost (``ExplainConfig.engine``): ``φ̂`` contracted with the directions the views need (Δ_s and
 ψ_s(reg) per group, ρ_s, and for the data view ψ_s(k) per training example), or the full
-Jacobian of each test example (``jacrev``), which the importance view needs and which is
+Jacobian of each test example (reverse mode, ``engine.decompose.reverse``), which the importance view needs and which is
 cheaper when there are many more directions than outputs. The contractions come by forward
 mode (one tangent per direction) or by reverse mode with the directions injected into the
 parameters they touch (one cotangent per output, ``engine.decompose.at_point.Injected``):
