@@ -74,7 +74,7 @@ MODEL_SIZE = {"d_model": 32, "nhead": 4, "dim_mlp": 128}
 ADAMW = {"lr": 1e-3, "betas": (0.9, 0.98), "weight_decay": 1.0}
 SGD = {"lr": 0.01, "momentum": 0.9, "dampening": 0.0, "weight_decay": 1e-3}
 SEED = 0
-LEAN_BLOCK = 8  # steps per vectorised block of the default's leaner variant (`explain --block 8`)
+LEAN_BLOCK = 8  # steps per vectorised block of the default's leaner variant (`explain --block`)
 
 
 def one_thread() -> None:

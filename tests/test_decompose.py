@@ -582,7 +582,7 @@ def test_cli_takes_the_evaluation_and_the_memory_budget(tmp_path, capsys):
         notes = json.loads(capsys.readouterr().out)["notes"]
         assert any(note.startswith(f"evaluation: {'vjp (the cheaper)' if name == 'auto' else 'jvp (as asked)'}")
                    for note in notes), notes
-        blocks = "1 steps per vectorised call (as asked" if name == "jvp" else "32 steps per vectorised call (from"
+        blocks = "1 steps per vectorised call (as asked" if name == "jvp" else "4 steps per vectorised call (from"
         assert any(note.startswith(f"evaluation: blocks of {blocks}") for note in notes), notes
     auto, jvp = (tables[name].sort("group") for name in ("auto", "jvp"))
     assert auto["group"].to_list() == jvp["group"].to_list()

@@ -513,10 +513,12 @@ def _math_attention() -> Iterator[None]:
 
 
 def _block_size(setup: _Setup) -> int:
-    """Steps per block: ``config.block``, else as many as fit ``max_batch`` and ``memory_mb`` (at most 32)."""
+    """Steps per block: ``config.block``, else as many as fit ``max_batch`` and ``memory_mb`` (at most 32);
+    never more than the explained steps."""
     config = setup.config
+    steps = max(1, setup.hi - setup.lo)
     if config.block is not None:
-        return config.block
+        return min(config.block, steps)
     d, itemsize = setup.layout.total, setup.dtype.itemsize
     directions = _direction_count(setup)
     memory = config.memory_mb * 2**20
@@ -524,7 +526,7 @@ def _block_size(setup: _Setup) -> int:
         per_step = 4 * setup.test_chunk * setup.outputs * d * itemsize
     else:  # directions and the points of every step
         per_step = (directions + 4) * d * itemsize
-    return int(max(1, min(MAX_BLOCK, memory // per_step, config.max_batch // (directions * setup.test_chunk))))
+    return int(max(1, min(MAX_BLOCK, steps, memory // per_step, config.max_batch // (directions * setup.test_chunk))))
 
 
 def _test_chunk(setup: _Setup) -> int:
