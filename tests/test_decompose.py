@@ -37,6 +37,7 @@ from engine.decompose import (
     explain_history,
     merge_tests,
     parse_test,
+    stream,
 )
 from engine.decompose.evaluator import ACTIVATION_SHARE, EVALUATION_COPIES, _Evaluator
 from engine.decompose.reverse import gradient, jacobian
@@ -98,6 +99,20 @@ class ReluNet(nn.Module):
 
     def forward(self, x):
         return self.head(F.relu(self.body(x)))
+
+
+class ShallowRelu(nn.Module):
+    """``head(relu(W x + b))``: along θ + tΔ a hidden unit's pre-activation is linear in t, so its
+    kink lies at ``t = −(W x + b)_j / (ΔW x + Δb)_j``."""
+
+    def __init__(self, seed: int = 0, hidden: int = 16) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc = nn.Linear(N_IN, hidden)
+        self.head = nn.Linear(hidden, N_OUT)
+
+    def forward(self, x):
+        return self.head(F.relu(self.fc(x)))
 
 
 class HiddenKink(nn.Module):
@@ -238,6 +253,36 @@ def test_adaptive_cuts_relu_kinks_and_beats_midpoint_100(tmp_path):
     assert adaptive.gradient_evaluations < published.gradient_evaluations / 5
     truth = final_change(history).numpy()
     np.testing.assert_allclose(totals(adaptive.completeness, "reconstructed"), truth, atol=1e-13)
+
+
+def test_kinks_are_placed_to_float64_precision_when_computing_in_float32(tmp_path, monkeypatch):
+    history = record(tmp_path / "run", "ShallowRelu", lambda m: torch.optim.SGD(m.parameters(), lr=1.0), steps=8,
+                     dtype=torch.float32)
+    found = []
+    kinks = stream._Pass._kinks
+
+    def spy(self, ev, c, thetas, deltas, bufs, bi, xi, *rest):
+        points, counts = kinks(self, ev, c, thetas, deltas, bufs, bi, xi, *rest)
+        found.append((thetas.double(), deltas.double(), c.x.double(), bi, xi, points, counts))
+        return points, counts
+
+    monkeypatch.setattr(stream._Pass, "_kinks", spy)
+    e = explain(history.path, ExplainConfig(dtype="float32", test_size=None, views=()), progress=False,
+                trust_run=True)
+    assert e.max_rel_residual < 1e-5
+    hidden, checked = 16, 0
+    for thetas, deltas, x, bi, xi, points, counts in found:
+        for u in range(len(bi)):
+            theta, delta, xu = thetas[bi[u]], deltas[bi[u]], x[xi[u]]
+            z0 = theta[:hidden * N_IN].view(hidden, N_IN) @ xu + theta[hidden * N_IN:hidden * (N_IN + 1)]
+            dz = delta[:hidden * N_IN].view(hidden, N_IN) @ xu + delta[hidden * N_IN:hidden * (N_IN + 1)]
+            exact = (-z0 / dz)[(-z0 / dz > 1e-4) & (-z0 / dz < 1 - 1e-4)].sort().values  # clear of the ends
+            got = points[u, :counts[u]]
+            got = got[(got > 1e-4) & (got < 1 - 1e-4)]
+            assert len(got) == len(exact)
+            np.testing.assert_allclose(got.numpy(), exact.numpy(), rtol=0, atol=1e-12)
+            checked += len(exact)
+    assert checked >= 10
 
 
 # ------------------------------------------------------------------------------ two algorithms agree

@@ -44,7 +44,7 @@ from engine.decompose.train_side import _StepTerms, _TrainSide
 from engine.run.history import StepRecord
 from engine.run.updates import UpdateRule
 
-KINK_ITERATIONS = 16  # most root-search steps refining each kink position …
+KINK_ITERATIONS = 16  # most root-search steps refining each kink position (in float64) …
 KINK_TOLERANCE = 1e-13  # … stopping once no position moves more than this
 VALUES_SHARE = 16  # the directional derivatives of a chunk of units may take 1/VALUES_SHARE of memory_mb
 HIDDEN_GRID = 16  # panels of a piece searched for kinks the known ones hide, where the top rule failed …
@@ -155,6 +155,7 @@ class _Pass:
         self.quad = setup.config.quadrature_spec
         self.rtol = setup.config.rtol
         self.wide = _Evaluator(_widened(setup)) if self.rtol is not None and setup.dtype != torch.float64 else None
+        self.kink_evaluator: _Evaluator | None = None  # float64, for the kink search (``_float64``)
         self.escalated = 0
         self.above: dict[int, int] = {}  # step → (step, example) units whose top rule missed its tolerance
         self.search_reverse = setup.engine == "vjp" and not setup.forward_ad
@@ -208,6 +209,7 @@ class _Pass:
     @property
     def evaluations(self) -> int:
         return (self.evaluator.evaluations + (self.wide.evaluations if self.wide else 0)
+                + (self.kink_evaluator.evaluations if self.kink_evaluator not in (None, self.wide) else 0)
                 + (self.train.evaluations if self.train else 0))
 
     def _budgets(self) -> None:
@@ -416,7 +418,7 @@ class _Pass:
             rules.wide[bi, xi] = torch.arange(len(escalate), device=s.device)
             if self.search_reverse:
                 rules.phi_wide = torch.zeros(len(escalate), s.outputs, s.layout.total, **f64)
-            # at float32's precision a misplaced kink alone leaves an error of the float32 round-off
+            # again on the exact path θ_s + t(θ_{s+1} − θ_s), not the one through the compute dtype's Δ
             wide_points, wide_counts = self._kinks(self.wide, c, wide_thetas, wide_deltas, wide_bufs, bi, xi,
                                                    sw_prev[bi, xi], sw_next[bi, xi])
             self._climb(c, self.wide, wide_thetas, wide_deltas, wide_bufs, escalate, wide_points, wide_counts,
@@ -655,7 +657,14 @@ class _Pass:
         """Zeros of switching values ``switch`` of (step, example) inside the sign brackets
         ``lo = (t, value)``, ``hi = (t, value)``: a safeguarded root search from the secant. A
         zero stops moving once a step moves it less than ``KINK_TOLERANCE``; only the others
-        are evaluated again."""
+        are evaluated again.
+
+        The search evaluates in float64 whatever the compute dtype (``_float64``). In float32 a
+        switching value near its zero is round-off, so the search could not settle and a kink
+        placed only to float32's resolution leaves a sliver of the other branch in each piece
+        beside it: their rules then converge more slowly, or not at all."""
+        steps, step = torch.unique(step, return_inverse=True)
+        ev, x, thetas, deltas, bufs = self._float64(ev, c.x, thetas[steps], deltas[steps], bufs[steps])
         guess = lo[0] - lo[1] * (hi[0] - lo[0]) / (hi[1] - lo[1])
         history = [lo, hi]
         value = torch.zeros_like(guess)
@@ -664,7 +673,7 @@ class _Pass:
             rows = active.nonzero().squeeze(1)
             value = value.clone()  # the history keeps the previous one
             at = example[rows]
-            values = ev.switches(thetas, deltas, bufs, step[rows], guess[rows], c.x[at], c.y[at])  # (len(rows), S)
+            values = ev.switches(thetas, deltas, bufs, step[rows], guess[rows], x[at], c.y[at])  # (len(rows), S)
             value[rows] = values[torch.arange(len(rows), device=rows.device), switch[rows]].double()
             new = torch.where(active, refine_zero(guess, value, history), guess)
             active &= (new - guess).abs() > KINK_TOLERANCE
@@ -672,6 +681,18 @@ class _Pass:
             if not bool(active.any()):
                 break
         return guess
+
+    def _float64(self, ev: _Evaluator, x: Tensor, thetas: Tensor, deltas: Tensor,
+                 bufs: Tensor) -> tuple[_Evaluator, Tensor, Tensor, Tensor, Tensor]:
+        """``ev`` and its arguments (test inputs, steps' ``θ``, ``Δ``, buffers) in float64: the
+        float64 evaluator of the pass (made on first use) where ``ev`` computes in a narrower dtype.
+        The path stays the one ``ev`` evaluates, ``θ + tΔ`` with its own ``θ`` and ``Δ``."""
+        if ev.s.dtype == torch.float64:
+            return ev, x, thetas, deltas, bufs
+        if self.kink_evaluator is None:
+            self.kink_evaluator = self.wide or _Evaluator(_widened(self.s))
+        return (self.kink_evaluator, x.double() if x.is_floating_point() else x, thetas.double(), deltas.double(),
+                bufs.double())
 
     def _hidden_kinks(self, ev: _Evaluator, c: _Chunk, thetas: Tensor, deltas: Tensor, bufs: Tensor, bi: Tensor,
                       xi: Tensor, points: Tensor, start: Tensor, width: Tensor) -> tuple[Tensor, Tensor]:
