@@ -285,6 +285,29 @@ def test_kinks_are_placed_to_float64_precision_when_computing_in_float32(tmp_pat
     assert checked >= 10
 
 
+def test_the_round_off_check_evaluates_a_units_rules_in_float64(tmp_path):
+    """Units whose float32 rules agree while their residual does not keep their rule where the same
+    rules, evaluated in float64, meet float32's tolerance. Along a DeepLinear step the logits are
+    cubic in t, so two Gauss nodes are exact: against the exact change every unit passes; against
+    a change off by 1e-3 none does."""
+    history = record(tmp_path / "run", "DeepLinear", lambda m: torch.optim.SGD(m.parameters(), lr=0.5), steps=2,
+                     dtype=torch.float32)
+    s = _setup(history, get_task(history.model_spec), ExplainConfig(dtype="float32", test_size=None, views=()))
+    p = stream._Pass(s, slice(0, len(s.test_ids)), np.ones(s.hi - s.lo, dtype=bool), None)
+    c = p.chunks[0]
+    flat = [s.layout.flatten(history.params(step), dtype=torch.float32, device=s.device) for step in range(3)]
+    thetas, deltas = torch.stack(flat[:2]), torch.stack(flat[1:]) - torch.stack(flat[:2])
+    bufs = torch.stack([s.flat_buffers(history.buffers(step)) for step in range(2)])
+    g = p.evaluator.forward(torch.stack(flat), torch.cat([bufs, bufs[-1:]]), c.x, c.y, False)[0]  # float64
+    true, scale = g[1:] - g[:-1], g[1:].abs() + g[:-1].abs()                                     # (2, n, O)
+    units = torch.ones(2, len(c.y), dtype=torch.bool).nonzero()
+    pieces = (torch.zeros(len(units), 1, dtype=torch.float64), torch.ones(len(units), 1, dtype=torch.float64),
+              torch.ones(len(units), 1, dtype=torch.int64), torch.ones(len(units), 1, dtype=torch.bool))
+    assert p._round_off(c, p.evaluator, thetas, deltas, bufs, units, *pieces, true, scale).all()
+    assert not p._round_off(c, p.evaluator, thetas, deltas, bufs, units, *pieces, true + 1e-3, scale).any()
+    assert p.kink_evaluator is not None and p.kink_evaluator.s.dtype == torch.float64
+
+
 # ------------------------------------------------------------------------------ two algorithms agree
 @pytest.mark.parametrize("engine", ["jvp", "vjp"])
 @pytest.mark.parametrize("batch", [6, 20])  # mini-batches of 6, and the full batch of 20

@@ -14,6 +14,7 @@ from engine.decompose.quadrature import (
     QuadratureSpec,
     SwitchRecorder,
     accept,
+    agreed,
     breakpoints,
     composite,
     crossings,
@@ -253,6 +254,18 @@ def test_accept_holds_the_residual_to_round_off_of_the_change_not_of_g():
     assert accept(q, q, torch.tensor([[1e-5]]), scale, torch.float32).item()
     # a change too small to resolve against g itself is held only to round-off of g
     assert accept(torch.tensor([[1e-9]]), torch.tensor([[1e-9]]), torch.tensor([[2e-6]]), scale, torch.float32).item()
+
+
+def test_agreed_is_accepts_error_estimate_without_the_residual():
+    """Rules 1e-6 apart estimate an error of (1e-6)²/|q| ≈ 1e-12: agreed in float32 (and accepted
+    only with a small residual); 1e-2 apart they are not, nor at float64's round-off."""
+    q_prev = torch.tensor([[1.0, 2.0], [1.0, 2.0]])
+    q = q_prev + torch.tensor([[1e-6, 1e-6], [1e-6, 1e-2]])  # the second unit: one output apart
+    scale = torch.full((2, 2), 3.0)
+    assert agreed(q, q_prev, scale, torch.float32).tolist() == [True, False]
+    assert agreed(q, q_prev, scale, torch.float64).tolist() == [False, False]
+    off = torch.full((2, 2), 1e-2)  # a residual far above round-off: agreed, yet not accepted
+    assert accept(q, q_prev, off, scale, torch.float32).tolist() == [False, False]
 
 
 def test_unconverged_refines_only_pieces_over_their_share_of_the_tolerance():

@@ -704,24 +704,32 @@ NOTE_STEPS = 10  # steps named in a note
 
 
 def _tolerance_notes(s: _Setup, results: list[_Pass]) -> list[str]:
-    """Where the adaptive rule's top rule missed its tolerance, and the selections whose switch
-    points are not located (the likely cause)."""
-    above: dict[int, int] = {}
-    for p in results:
-        for step, units in p.above.items():
-            above[step] = above.get(step, 0) + units
+    """Where the adaptive rule's residual stays above its tolerance — its top rule missed it, or its
+    rules agree and meet it in float64 but not in the compute dtype — and the likely cause:
+    selections whose switch points are not located, or the compute dtype's round-off."""
     unlocated = sorted(name for name, located in s.selections.items() if not located)
     cause = f"the switch points of {', '.join(unlocated)} are not located" if unlocated else ""
-    if not above:
-        return [f"{cause}; every step met the adaptive rule's tolerance"] if cause else []
-    steps = sorted(above)
-    named = ", ".join(map(str, steps[:NOTE_STEPS])) + (", …" if len(steps) > NOTE_STEPS else "")
     tolerance = f"its error budget (rtol {s.config.rtol:g})" if s.config.rtol is not None else "round-off"
     quadrature = s.config.quadrature_spec
-    return [f"the residual of {sum(above.values())} (step, test example) pairs stays above {tolerance} with "
-            f"{quadrature.n} Gauss nodes per piece ({quadrature}), in steps {named} ({len(steps)} of {s.hi - s.lo}): "
-            + (cause if cause else "no selection without located switch points was found; a rule with more "
-               "nodes (adaptive:N) may reach it")]
+    agreed = (f"the {str(s.dtype).removeprefix('torch.')} round-off of the gradients, which more nodes do not "
+              "lower (dtype float64, or an rtol budget, reaches it)")
+    notes = []
+    top = cause or ("no selection without located switch points was found; a rule with more nodes (adaptive:N) "
+                    "may reach it")
+    for kind, where, why in (("above", f"with {quadrature.n} Gauss nodes per piece ({quadrature})", top),
+                             ("off", "where their quadrature rules agree and meet it in float64", agreed)):
+        missed: dict[int, int] = {}
+        for p in results:
+            for step, units in getattr(p, kind).items():
+                missed[step] = missed.get(step, 0) + units
+        if missed:
+            steps = sorted(missed)
+            named = ", ".join(map(str, steps[:NOTE_STEPS])) + (", …" if len(steps) > NOTE_STEPS else "")
+            notes.append(f"the residual of {sum(missed.values())} (step, test example) pairs stays above {tolerance} "
+                         f"{where}, in steps {named} ({len(steps)} of {s.hi - s.lo}): {why}")
+    if cause and not notes:
+        return [f"{cause}; every step met the adaptive rule's tolerance"]
+    return notes
 
 
 def _split_cause(s: _Setup) -> str:

@@ -172,11 +172,17 @@ def accept(q: Tensor, q_prev: Tensor | None, residual: Tensor, g_scale: Tensor, 
           + tolerance(g_scale, dtype, 1.0)).all(dim=-1)
     if q_prev is None:
         return torch.zeros_like(ok)
-    error = estimate(q, q_prev)
-    ok &= (error <= tolerance(g_scale + q.abs(), dtype)).all(dim=-1)
+    ok &= agreed(q, q_prev, g_scale, dtype)
     if budget is None:
         return ok
-    return ok | ((residual.norm(dim=-1) <= budget) & (error.norm(dim=-1) <= budget))
+    return ok | ((residual.norm(dim=-1) <= budget) & (estimate(q, q_prev).norm(dim=-1) <= budget))
+
+
+def agreed(q: Tensor, q_prev: Tensor, g_scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """``accept``'s test of the estimated error alone: the rule that gave ``q`` and the previous
+    one agree to round-off for every output. Where they agree and the residual still fails,
+    the rules are both off: a kink the switching values at the ends of the step do not reveal."""
+    return (estimate(q, q_prev) <= tolerance(g_scale + q.abs(), dtype)).all(dim=-1)
 
 
 def lowered(hi: Tensor, lo: Tensor, q: Tensor, residual: Tensor, g_scale: Tensor, valid: Tensor,

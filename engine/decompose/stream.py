@@ -30,6 +30,7 @@ from engine.decompose.quadrature import (
     Rule,
     above_tolerance,
     accept,
+    agreed,
     breakpoints,
     composite,
     crossings,
@@ -142,6 +143,7 @@ class _Rules:
     wide: Tensor | None = None  # (B, n) int64, −1 where the compute dtype sufficed
     phi_wide: Tensor | None = None  # (E, O, D) float64, reverse mode
     above: Tensor | None = None  # (B, n) bool: the adaptive rule's top rule did not meet its tolerance
+    off: Tensor | None = None    # (B, n) bool: its rules agree and meet the tolerance in float64 only
 
 
 class _Pass:
@@ -157,7 +159,8 @@ class _Pass:
         self.wide = _Evaluator(_widened(setup)) if self.rtol is not None and setup.dtype != torch.float64 else None
         self.kink_evaluator: _Evaluator | None = None  # float64, for the kink search (``_float64``)
         self.escalated = 0
-        self.above: dict[int, int] = {}  # step → (step, example) units whose top rule missed its tolerance
+        self.above: dict[int, int] = {}  # step → (step, example) units whose top rule missed its tolerance …
+        self.off: dict[int, int] = {}  # … and those whose rules met it in float64 only
         self.search_reverse = setup.engine == "vjp" and not setup.forward_ad
         f64 = dict(dtype=torch.float64, device=setup.device)
         groups, o = _group_count(setup), setup.outputs
@@ -385,7 +388,8 @@ class _Pass:
         rules = _Rules(base_t, base_w, torch.zeros(b_count, n, dtype=torch.bool, device=s.device),
                        torch.zeros(b_count, n, width, **f64), torch.zeros(b_count, n, width, **f64),
                        torch.zeros(b_count, n, dtype=torch.int64, device=s.device),
-                       above=torch.zeros(b_count, n, dtype=torch.bool, device=s.device))
+                       above=torch.zeros(b_count, n, dtype=torch.bool, device=s.device),
+                       off=torch.zeros(b_count, n, dtype=torch.bool, device=s.device))
 
         # plain (kink-free) units: the two lowest rules at nodes shared by the chunk
         plain = counts == 0
@@ -427,10 +431,11 @@ class _Pass:
         rules.count[rules.shared] = len(ladder[1])
         if s.engine == "vjp" and not self.search_reverse:
             self._final_phi(c, block, idx, rules)
-        for b, units in enumerate(rules.above.sum(1).tolist()):
-            if units:
-                step = block.records[int(idx[b])].step
-                self.above[step] = self.above.get(step, 0) + units
+        for missed, flags in ((self.above, rules.above), (self.off, rules.off)):
+            for b, units in enumerate(flags.sum(1).tolist()):
+                if units:
+                    step = block.records[int(idx[b])].step
+                    missed[step] = missed.get(step, 0) + units
         return rules
 
     def _accept(self, q: Tensor, q_prev: Tensor | None, residual: Tensor, scale: Tensor, budget: Tensor | None,
@@ -455,12 +460,15 @@ class _Pass:
 
         Every piece starts with the two lowest rules of the ladder (``first``: their values
         ``(U, O)`` where already known, for single-piece units). While a unit is not accepted,
-        its unconverged pieces (``quadrature.unconverged``) go up one rule. A unit that would
-        need more than the top rule is recomputed in float64 where that is possible; otherwise its
-        pieces at the top rule are searched for hidden kinks and it starts again on its new pieces,
-        or keeps its rule when there are none (or it has been ``searched`` ``HIDDEN_ROUNDS`` times):
-        then ``rules.above`` marks it where its residual is above round-off (or its budget).
-        Returns the units to recompute in float64 ``(E, 2)``.
+        its unconverged pieces (``quadrature.unconverged``) go up one rule. A unit whose rules
+        agree to round-off (``quadrature.agreed``) while its residual does not, and whose rules meet
+        the tolerance when evaluated in float64 (``_round_off``), keeps its rule: its residual is the
+        compute dtype's round-off, which more nodes do not lower; ``rules.off`` marks it where that
+        residual is above round-off. A unit that would need more than the top rule is recomputed in
+        float64 where that is possible; otherwise its pieces at the top rule are searched for hidden
+        kinks and it starts again on its new pieces, or keeps its rule when there are none (or it has
+        been ``searched`` ``HIDDEN_ROUNDS`` times): then ``rules.above`` marks it where its residual
+        is above round-off (or its budget). Returns the units to recompute in float64 ``(E, 2)``.
         """
         if not len(units):
             return units
@@ -488,6 +496,7 @@ class _Pass:
             lo[:, 0], hi[:, 0] = first[0], first[1]
         escalate = [units.new_zeros(0, 2)]
         dtype = self.s.dtype if self.rtol is None else torch.float64
+        checked = torch.zeros(len(units), dtype=torch.bool, device=units.device)  # rules agreed once already
         while len(units):
             bi, xi = units[:, 0], units[:, 1]
             unit_budget = None if budget is None else budget[bi, xi]
@@ -495,18 +504,30 @@ class _Pass:
             ok, stuck = self._accept(q, lo.sum(1), true[bi, xi] - q, scale[bi, xi], unit_budget, wide)
             refine = unconverged(estimate(hi, lo), q, scale[bi, xi], valid, dtype, unit_budget)
             beyond = ~ok & ~stuck & (refine & (level == top)).any(1)
-            if self.wide is not None and not wide:
+            # rules that agree to round-off and a residual that does not, where the same rules evaluated in
+            # float64 meet the tolerance: the residual is the compute dtype's round-off of ∇g, which more
+            # nodes do not lower, and the unit keeps its rule (checked once per unit: elsewhere it climbs on)
+            rounded = ~ok & ~stuck & ~beyond & ~checked & agreed(q, lo.sum(1), scale[bi, xi], dtype)
+            checked |= rounded
+            if self.wide is not None and not wide:  # float64 can do better
                 stuck |= beyond
                 beyond = torch.zeros_like(beyond)
+            if ev.s.dtype == torch.float64 or self.wide is not None:
+                rounded = torch.zeros_like(rounded)
+            elif bool(rounded.any()):
+                rows = rounded.nonzero().squeeze(1)
+                rounded[rows] = self._round_off(c, ev, thetas, deltas, bufs, units[rows], start[rows], width[rows],
+                                                level[rows], valid[rows], true, scale)
             restart = torch.zeros_like(beyond)
             if searched < HIDDEN_ROUNDS and bool(beyond.any()):
                 top_pieces = torch.where(refine & (level == top), width, 0.0)
                 restart = self._restart(c, ev, thetas, deltas, bufs, units, points, counts, beyond, (start, top_pieces),
                                         true, scale, budget, rules, escalate, searched + 1)
-            keep = ok | (beyond & ~restart)
-            missed = beyond & ~restart  # kept at the top rule without meeting the tolerance
-            rules.above[bi[missed], xi[missed]] = above_tolerance(q, true[bi, xi] - q, scale[bi, xi], dtype,
-                                                                  unit_budget)[missed]
+            settle = (beyond & ~restart) | rounded
+            keep = ok | settle
+            residual_above = above_tolerance(q, true[bi, xi] - q, scale[bi, xi], dtype, unit_budget)
+            for flags, kept in ((rules.above, beyond & ~restart), (rules.off, rounded)):
+                flags[bi[kept], xi[kept]] = residual_above[kept]
             final = level
             if unit_budget is None and phi is None:  # pieces whose previous rule is already good enough
                 down = lowered(hi, lo, q, true[bi, xi] - q, scale[bi, xi], valid, dtype) & ok[:, None]
@@ -514,10 +535,11 @@ class _Pass:
             t, w, count = composite(start[keep], width[keep], final[keep], ladder)
             self._store_rule(rules, bi[keep], xi[keep], t, w, count, None if phi is None else phi[keep], wide)
             escalate.append(units[stuck])
-            move = ~ok & ~stuck & ~beyond
+            move = ~ok & ~stuck & ~beyond & ~rounded
             units, points, counts, start, width, valid = (units[move], points[move], counts[move], start[move],
                                                           width[move], valid[move])
             refine, level, lo, hi = refine[move], level[move], lo[move], hi[move]
+            checked = checked[move]
             level = torch.where(refine, level + 1, level)
             whole = (refine == valid).all(1)  # every piece moves up: the unit's φ̂ starts again
             if phi is not None:
@@ -532,6 +554,24 @@ class _Pass:
                     if phi is not None and bool(part.any()):  # the piece's φ̂ by its previous rule leaves
                         evaluate(row[part], piece[part], index - 1, -1.0)
         return torch.cat(escalate)
+
+    def _round_off(self, c: _Chunk, ev: _Evaluator, thetas: Tensor, deltas: Tensor, bufs: Tensor, units: Tensor,
+                   start: Tensor, width: Tensor, level: Tensor, valid: Tensor, true: Tensor, scale: Tensor) -> Tensor:
+        """Which of units ``(k, 2)`` pass ``accept``'s residual test at the compute dtype's round-off
+        when their pieces (``start``, ``width``, ``valid`` ``(k, P)``), each by its current rule of the
+        ladder (``level``), are evaluated in float64: those whose residual is the compute dtype's
+        round-off of ``∇g``, not the rule's error."""
+        ladder = self.quad.ladder()
+        steps, step = torch.unique(units[:, 0], return_inverse=True)
+        wide, x, thetas, deltas, bufs = self._float64(ev, c.x, thetas[steps], deltas[steps], bufs[steps])
+        local = torch.stack([step, units[:, 1]], dim=1)
+        q = torch.zeros(len(units), self.s.outputs, dtype=torch.float64, device=units.device)
+        for index in torch.unique(level[valid]).tolist():
+            row, piece = (valid & (level == index)).nonzero(as_tuple=True)
+            q.index_add_(0, row, self._evaluate_pieces(wide, x, c.y, thetas, deltas, bufs, local[row],
+                                                       start[row, piece], width[row, piece], ladder[index]))
+        bi, xi = units[:, 0], units[:, 1]
+        return accept(q, q, true[bi, xi] - q, scale[bi, xi], self.s.dtype)
 
     def _restart(self, c: _Chunk, ev: _Evaluator, thetas: Tensor, deltas: Tensor, bufs: Tensor, units: Tensor,
                  points: Tensor, counts: Tensor, beyond: Tensor, pieces: tuple[Tensor, Tensor], true: Tensor,
