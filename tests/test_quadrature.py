@@ -256,7 +256,7 @@ def test_accept_holds_the_residual_to_round_off_of_the_change_not_of_g():
     assert accept(torch.tensor([[1e-9]]), torch.tensor([[1e-9]]), torch.tensor([[2e-6]]), scale, torch.float32).item()
 
 
-def test_agreed_is_accepts_error_estimate_without_the_residual():
+def test_agreed_is_the_error_estimate_test_of_accept_alone():
     """Rules 1e-6 apart estimate an error of (1e-6)²/|q| ≈ 1e-12: agreed in float32 (and accepted
     only with a small residual); 1e-2 apart they are not, nor at float64's round-off."""
     q_prev = torch.tensor([[1.0, 2.0], [1.0, 2.0]])
