@@ -305,7 +305,7 @@ def test_the_round_off_check_evaluates_a_units_rules_in_float64(tmp_path):
               torch.ones(len(units), 1, dtype=torch.int64), torch.ones(len(units), 1, dtype=torch.bool))
     assert p._round_off(c, p.evaluator, thetas, deltas, bufs, units, *pieces, true, scale).all()
     assert not p._round_off(c, p.evaluator, thetas, deltas, bufs, units, *pieces, true + 1e-3, scale).any()
-    assert p.kink_evaluator is not None and p.kink_evaluator.s.dtype == torch.float64
+    assert p.float64_evaluator is not None and p.float64_evaluator.s.dtype == torch.float64
 
 
 # ------------------------------------------------------------------------------ two algorithms agree

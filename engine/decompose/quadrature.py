@@ -180,8 +180,9 @@ def accept(q: Tensor, q_prev: Tensor | None, residual: Tensor, g_scale: Tensor, 
 
 def agreed(q: Tensor, q_prev: Tensor, g_scale: Tensor, dtype: torch.dtype) -> Tensor:
     """``accept``'s test of the estimated error alone: the rule that gave ``q`` and the previous
-    one agree to round-off for every output. Where they agree and the residual still fails,
-    the rules are both off: a kink the switching values at the ends of the step do not reveal."""
+    one agree to round-off for every output. Where they agree and the residual still fails, either
+    the integrand is evaluated with more round-off than the tolerance (float32 gradients) or the
+    rules are both off (a kink the switching values at the ends of the step do not reveal)."""
     return (estimate(q, q_prev) <= tolerance(g_scale + q.abs(), dtype)).all(dim=-1)
 
 

@@ -157,7 +157,7 @@ class _Pass:
         self.quad = setup.config.quadrature_spec
         self.rtol = setup.config.rtol
         self.wide = _Evaluator(_widened(setup)) if self.rtol is not None and setup.dtype != torch.float64 else None
-        self.kink_evaluator: _Evaluator | None = None  # float64, for the kink search (``_float64``)
+        self.float64_evaluator: _Evaluator | None = None  # kink positions, round-off checks (``_float64``)
         self.escalated = 0
         self.above: dict[int, int] = {}  # step → (step, example) units whose top rule missed its tolerance …
         self.off: dict[int, int] = {}  # … and those whose rules met it in float64 only
@@ -212,7 +212,7 @@ class _Pass:
     @property
     def evaluations(self) -> int:
         return (self.evaluator.evaluations + (self.wide.evaluations if self.wide else 0)
-                + (self.kink_evaluator.evaluations if self.kink_evaluator not in (None, self.wide) else 0)
+                + (self.float64_evaluator.evaluations if self.float64_evaluator not in (None, self.wide) else 0)
                 + (self.train.evaluations if self.train else 0))
 
     def _budgets(self) -> None:
@@ -507,17 +507,17 @@ class _Pass:
             # rules that agree to round-off and a residual that does not, where the same rules evaluated in
             # float64 meet the tolerance: the residual is the compute dtype's round-off of ∇g, which more
             # nodes do not lower, and the unit keeps its rule (checked once per unit: elsewhere it climbs on)
-            rounded = ~ok & ~stuck & ~beyond & ~checked & agreed(q, lo.sum(1), scale[bi, xi], dtype)
-            checked |= rounded
+            # (under rtol they climb on: past the top rule, they are recomputed in float64)
+            rounded = torch.zeros_like(ok)
+            if ev.s.dtype != torch.float64 and self.wide is None:
+                rows = (~ok & ~stuck & ~beyond & ~checked & agreed(q, lo.sum(1), scale[bi, xi], dtype)).nonzero()[:, 0]
+                checked[rows] = True
+                if len(rows):
+                    rounded[rows] = self._round_off(c, ev, thetas, deltas, bufs, units[rows], start[rows], width[rows],
+                                                    level[rows], valid[rows], true, scale)
             if self.wide is not None and not wide:  # float64 can do better
                 stuck |= beyond
                 beyond = torch.zeros_like(beyond)
-            if ev.s.dtype == torch.float64 or self.wide is not None:
-                rounded = torch.zeros_like(rounded)
-            elif bool(rounded.any()):
-                rows = rounded.nonzero().squeeze(1)
-                rounded[rows] = self._round_off(c, ev, thetas, deltas, bufs, units[rows], start[rows], width[rows],
-                                                level[rows], valid[rows], true, scale)
             restart = torch.zeros_like(beyond)
             if searched < HIDDEN_ROUNDS and bool(beyond.any()):
                 top_pieces = torch.where(refine & (level == top), width, 0.0)
@@ -729,9 +729,9 @@ class _Pass:
         The path stays the one ``ev`` evaluates, ``θ + tΔ`` with its own ``θ`` and ``Δ``."""
         if ev.s.dtype == torch.float64:
             return ev, x, thetas, deltas, bufs
-        if self.kink_evaluator is None:
-            self.kink_evaluator = self.wide or _Evaluator(_widened(self.s))
-        return (self.kink_evaluator, x.double() if x.is_floating_point() else x, thetas.double(), deltas.double(),
+        if self.float64_evaluator is None:
+            self.float64_evaluator = self.wide or _Evaluator(_widened(self.s))
+        return (self.float64_evaluator, x.double() if x.is_floating_point() else x, thetas.double(), deltas.double(),
                 bufs.double())
 
     def _hidden_kinks(self, ev: _Evaluator, c: _Chunk, thetas: Tensor, deltas: Tensor, bufs: Tensor, bi: Tensor,
