@@ -39,7 +39,7 @@ from engine.decompose import (
     parse_test,
     stream,
 )
-from engine.decompose.evaluator import ACTIVATION_SHARE, EVALUATION_COPIES, _Evaluator
+from engine.decompose.evaluator import ACTIVATION_SHARE, EVALUATION_COPIES, SEARCH_SHARE, _Evaluator
 from engine.decompose.reverse import gradient, jacobian
 from engine.decompose.setup import (
     INJECTED_ROW_SHARE,
@@ -384,6 +384,34 @@ def test_vectorised_calls_are_sized_by_what_one_example_allocates(tmp_path):
     single = _setup(history, task, ExplainConfig(device="cpu", dtype="float32", test_size=None))
     assert single.example_bytes == (4 * 16 + 3) * 4
     assert _widened(single).example_bytes == (4 * 16 + 3) * 8
+
+
+def test_the_rules_search_runs_in_calls_of_its_own_smaller_share(tmp_path, monkeypatch):
+    """The search's vectorised calls (switching values, one direction per unit) hold at most
+    ``search_evaluations`` evaluations; the final directions may fill ``call_evaluations``."""
+    history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.SGD(m.parameters(), lr=0.5))
+    search, final = [], []
+    made = _Evaluator.__init__
+
+    def counting(self, *args, **kwargs):
+        made(self, *args, **kwargs)
+        switches, jvp_units = self._switches, self._jvp_units
+
+        def counted_switches(thetas, deltas, bufs, t, x, y):
+            search.append((self, t.numel()))
+            return switches(thetas, deltas, bufs, t, x, y)
+
+        def counted_units(thetas, deltas, bufs, t, directions, x, y):
+            (search if directions.shape[1] == 1 else final).append((self, t.numel() * directions.shape[1]))
+            return jvp_units(thetas, deltas, bufs, t, directions, x, y)
+        self._switches, self._jvp_units = counted_switches, counted_units
+    monkeypatch.setattr(_Evaluator, "__init__", counting)
+    e = explain(history.path, ExplainConfig(max_batch=64, engine="jvp", **F64), progress=False, trust_run=True)
+    assert e.max_rel_residual < 1e-10
+    assert all(ev.search_evaluations == 64 // SEARCH_SHARE for ev, _ in search)
+    assert max(size for _, size in search) <= 64 // SEARCH_SHARE
+    assert sum(size for _, size in search) > 64  # split: the budget was binding
+    assert max(size for _, size in final) > 64 // SEARCH_SHARE
 
 
 def test_a_forward_that_cannot_be_counted_leaves_calls_to_max_batch_and_says_so(tmp_path, monkeypatch):

@@ -27,6 +27,7 @@ ROW_FRACTION = 0.25  # row width ÷ mean units per step: padding ~1/8 of the eva
 SAMPLE_UNITS = 64  # units the two evaluations of directions are timed on, once per pass
 ACTIVATION_SHARE = 4  # the activations of one vectorised call may take 1/ACTIVATION_SHARE of memory_mb …
 EVALUATION_COPIES = 2  # … each evaluation holding a forward's allocations twice: primal and (co)tangent
+SEARCH_SHARE = 8  # calls of the rule's search (one direction, or switching values) take 1/SEARCH_SHARE of that
 
 
 def _pack(step: Tensor, steps: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -81,6 +82,9 @@ class _Evaluator:
         config = setup.config
         self.call_evaluations = max(1, min(config.max_batch, config.memory_mb * 2**20 // ACTIVATION_SHARE
                                            // max(1, EVALUATION_COPIES * setup.example_bytes)))
+        # the search's calls hold every unit's activations for one cheap evaluation: split finer, they
+        # cost no more time per unit, and they set the peak of a pass less (``SEARCH_SHARE``)
+        self.search_evaluations = max(1, self.call_evaluations // SEARCH_SHARE)
 
         def along_batch(theta: Tensor, delta: Tensor, bufs: Tensor, t: Tensor, v: Tensor, x: Tensor,
                         y: Tensor) -> Tensor:
@@ -149,12 +153,14 @@ class _Evaluator:
         self._forward = vmap(forward, in_dims=(0, 0, None, None))      # steps → (B, n, O), (B, n, S)
         self._g = vmap(setup.g_batch, in_dims=(0, 0, None, None))      # steps → (B, n, O)
 
-    def _batch(self, evaluations: int, vectors: int) -> int:
+    def _batch(self, evaluations: int, vectors: int, search: bool = False) -> int:
         """Items per vectorised call when each costs ``evaluations`` of the ``call_evaluations`` budget
-        and holds ``vectors`` parameter-sized vectors (points or tangents) of ``memory_mb``."""
+        (``search_evaluations`` for the rule's search) and holds ``vectors`` parameter-sized vectors
+        (points or tangents) of ``memory_mb``."""
         config, s = self.s.config, self.s
         memory = config.memory_mb * 2**20 // (vectors * s.layout.total * s.dtype.itemsize)
-        return max(1, min(self.call_evaluations // evaluations, memory))
+        budget = self.search_evaluations if search else self.call_evaluations
+        return max(1, min(budget // evaluations, memory))
 
     def forward(self, thetas: Tensor, bufs: Tensor, x: Tensor, y: Tensor,
                 switches: bool) -> tuple[Tensor, Tensor | None]:
@@ -204,15 +210,16 @@ class _Evaluator:
         return out
 
     def units(self, thetas: Tensor, deltas: Tensor, bufs: Tensor, step: Tensor, t: Tensor, directions: Tensor,
-              x: Tensor, y: Tensor) -> Tensor:
-        """Directional derivatives per unit (step ``step[u]``, node ``t[u]``, input ``x[u]``): ``(U, K, O)``."""
+              x: Tensor, y: Tensor, search: bool = False) -> Tensor:
+        """Directional derivatives per unit (step ``step[u]``, node ``t[u]``, input ``x[u]``): ``(U, K, O)``;
+        ``search``: in the smaller calls of the rule's search."""
         s = self.s
         k = directions.shape[1]
         out = torch.zeros(len(t), k, s.outputs, dtype=s.dtype, device=s.device)
         if not len(t):
             return out
         row_step, slot, valid = _pack(step, len(thetas))
-        rows = self._batch(slot.shape[1] * k, slot.shape[1] * (k + 1))
+        rows = self._batch(slot.shape[1] * k, slot.shape[1] * (k + 1), search)
         for a in range(0, len(row_step), rows):
             b, sl, ok = row_step[a:a + rows], slot[a:a + rows], valid[a:a + rows]
             value = self._jvp_units(thetas[b], deltas[b], bufs[b], t[sl].to(s.dtype), directions[b], x[sl], y[sl])
@@ -374,7 +381,7 @@ class _Evaluator:
         thetas, deltas, bufs = thetas.to(s.dtype), deltas.to(s.dtype), bufs.to(s.dtype)
         x, y = (v.to(s.dtype) if v.is_floating_point() else v for v in (x, y))
         row_step, slot, valid = _pack(step, len(thetas))
-        rows = self._batch(slot.shape[1], slot.shape[1])
+        rows = self._batch(slot.shape[1], slot.shape[1], search=True)
         out = None
         for a in range(0, len(row_step), rows):
             b, sl, ok = row_step[a:a + rows], slot[a:a + rows], valid[a:a + rows]

@@ -620,7 +620,8 @@ class _Pass:
             return q
         m = len(rule)
         step, example = bi.repeat_interleave(m), xi.repeat_interleave(m)
-        values = ev.units(thetas, deltas, bufs, step, t.reshape(-1), deltas[:, None], x[example], y[example])[:, 0]
+        values = ev.units(thetas, deltas, bufs, step, t.reshape(-1), deltas[:, None], x[example], y[example],
+                          search=True)[:, 0]
         return (values.double().reshape(len(units), m, s.outputs) * w[:, :, None]).sum(1)
 
     @staticmethod
