@@ -47,7 +47,7 @@ from engine.run.updates import UpdateRule
 
 KINK_ITERATIONS = 16  # most root-search steps refining each kink position (in float64) …
 KINK_TOLERANCE = 1e-13  # … stopping once no position moves more than this
-VALUES_SHARE = 16  # the directional derivatives of a chunk of units may take 1/VALUES_SHARE of memory_mb
+VALUES_SHARE = 64  # the directional derivatives of a chunk of units may take 1/VALUES_SHARE of memory_mb
 HIDDEN_GRID = 16  # panels of a piece searched for kinks the known ones hide, where the top rule failed …
 HIDDEN_ROUNDS = 8  # … at most this many times, each in the pieces that still fail
 REGULARIZER = -1  # train id of the weight-decay pseudo-example in the data view
