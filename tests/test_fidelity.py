@@ -115,8 +115,12 @@ def relative(value: np.ndarray, truth: np.ndarray) -> float:
 def check_case(tmp_path, case: str, dtype: torch.dtype) -> None:
     run = record(tmp_path / case, case, dtype)
     history = History.open(run)
+    # in float32 the evaluation is pinned (forward mode): ``auto`` picks forward or reverse mode by timing
+    # them, and with the shared units in reverse mode the float32 data view of hf-causal-lm misses its
+    # bound (1.1e-5 to 6.7e-5 measured), so the test would follow the machine's load
+    engine = "jvp" if dtype == torch.float32 else "auto"
     explanation = explain(run, ExplainConfig(dtype=str(dtype).removeprefix("torch."), test_size=TESTS,
-                                             views=("components", "data")), progress=False,
+                                             views=("components", "data"), engine=engine), progress=False,
                           trust_run=True)
     truth = true_change(history)
     components = explanation.components
