@@ -65,7 +65,8 @@ class ExplainConfig:
         block: steps evaluated together in one vectorised call (default: from the budgets).
         max_batch: most (step × node × direction × test example) evaluations in one vectorised call.
         memory_mb: budget for Jacobians and per-element accumulators; a quarter of it bounds the
-            activations of one vectorised call (from what g's forward allocates per example).
+            activations of one vectorised call (from what g's forward allocates per example), an
+            eighth of that a call of the adaptive rule's search.
     """
 
     test_split: str = "val"
