@@ -39,7 +39,7 @@ from engine.decompose import (
     parse_test,
     stream,
 )
-from engine.decompose.evaluator import ACTIVATION_SHARE, EVALUATION_COPIES, SEARCH_SHARE, _Evaluator
+from engine.decompose.evaluator import ACTIVATION_SHARE, EVALUATION_COPIES, SEARCH_SHARE, TIMING_ROUNDS, _Evaluator
 from engine.decompose.reverse import gradient, jacobian
 from engine.decompose.setup import (
     INJECTED_ROW_SHARE,
@@ -645,6 +645,31 @@ def test_reverse_mode_with_injected_directions_equals_forward_mode(tmp_path, mon
                                forward.completeness["reconstructed"].to_numpy(),
                                rtol=0, atol=1e-13)
     assert other.max_rel_residual < 1e-10
+
+
+def test_the_evaluation_mode_is_chosen_on_each_modes_least_time_over_alternating_rounds(tmp_path):
+    """One slow round (the machine busy while forward mode is timed) does not decide: forward mode
+    measures 5 then 1, reverse mode 2 and 2, and forward mode is kept, at its least time."""
+    history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.SGD(m.parameters(), lr=0.1))
+    s = _setup(history, get_task(history.model_spec), ExplainConfig(device="cpu", **F64))
+    ev = _Evaluator(s, None)
+    clock = iter([0.0, 5.0, 5.0, 7.0, 7.0, 8.0, 8.0, 10.0])  # (start, end) of forward, reverse, forward, reverse
+    ev._clock = lambda: next(clock)
+    theta = s.layout.flatten(history.params(0), dtype=torch.float64)
+    delta = s.layout.flatten(history.params(1), dtype=torch.float64) - theta
+    directions = torch.stack([delta, torch.randn_like(delta)])[None]  # (1 step, 2 directions, D)
+    rows = [torch.arange(2)] * len(s.layout.names)
+    units = 6
+    values = ev.directional(theta[None], delta[None], s.flat_buffers(history.buffers(0))[None],
+                            torch.zeros(units, dtype=torch.int64), torch.linspace(0.1, 0.9, units, dtype=torch.float64),
+                            directions, rows, s.test_x[:units], s.test_y[:units])
+    assert TIMING_ROUNDS == 2
+    assert ev.mode == "forward"
+    assert ev.measured["forward"] == pytest.approx(1.0 / units) and ev.measured["reverse"] == pytest.approx(2.0 / units)
+    forward = ev.units(theta[None], delta[None], s.flat_buffers(history.buffers(0))[None],
+                       torch.zeros(units, dtype=torch.int64), torch.linspace(0.1, 0.9, units, dtype=torch.float64),
+                       directions, s.test_x[:units], s.test_y[:units])
+    torch.testing.assert_close(values, forward, rtol=1e-12, atol=1e-14)
 
 
 def test_multihead_attention_fast_path_is_avoided(tmp_path):

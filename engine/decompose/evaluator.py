@@ -24,7 +24,8 @@ from engine.decompose.scalar_ops import ScalarOps
 from engine.decompose.setup import _Setup
 
 ROW_FRACTION = 0.25  # row width ÷ mean units per step: padding ~1/8 of the evaluations instead of ~1/4
-SAMPLE_UNITS = 64  # units the two evaluations of directions are timed on, once per pass
+SAMPLE_UNITS = 64  # units the two evaluations of directions are timed on, once per pass …
+TIMING_ROUNDS = 2  # … in alternating rounds, each mode's least time kept: one round follows the machine's load
 ACTIVATION_SHARE = 4  # the activations of one vectorised call may take 1/ACTIVATION_SHARE of memory_mb …
 EVALUATION_COPIES = 2  # … each evaluation holding a forward's allocations twice: primal and (co)tangent
 SEARCH_SHARE = 8  # calls of the rule's search (one direction, or switching values) take 1/SEARCH_SHARE of that
@@ -258,7 +259,7 @@ class _Evaluator:
                     directions: Tensor, rows: list[Tensor], x: Tensor, y: Tensor) -> Tensor:
         """``(U, K, O)`` directional derivatives of units by ``mode``; undecided, both evaluations are
         timed on the first ``SAMPLE_UNITS`` units (after one unit each, which pays their first-call
-        costs) and the faster is kept."""
+        costs) in ``TIMING_ROUNDS`` alternating rounds and the faster is kept."""
         if self.mode == "forward":
             return self.units(thetas, deltas, bufs, step, t, directions, x, y)
         if self.mode == "reverse":
@@ -274,11 +275,15 @@ class _Evaluator:
         head = min(len(t), SAMPLE_UNITS)
         for mode in ("forward", "reverse"):
             run(mode, 1)
-            start = self._clock()
-            value = run(mode, head)
-            self.measured[mode] = (self._clock() - start) / head
-            if mode == "forward":
-                first = value
+        times: dict[str, list[float]] = {"forward": [], "reverse": []}
+        for _ in range(TIMING_ROUNDS):
+            for mode in times:
+                start = self._clock()
+                value = run(mode, head)
+                times[mode].append((self._clock() - start) / head)
+                if mode == "forward":
+                    first = value
+        self.measured = {mode: min(seconds) for mode, seconds in times.items()}
         self.mode = min(self.measured, key=self.measured.get)
         self.measured.update(units=head, directions=directions.shape[1])
         rest = slice(head, len(t))
@@ -288,20 +293,24 @@ class _Evaluator:
     def shared_directional(self, thetas: Tensor, deltas: Tensor, bufs: Tensor, t: Tensor, w: Tensor, shared: Tensor,
                            directions: Tensor, rows: list[Tensor], x: Tensor, y: Tensor) -> Tensor:
         """``Σ_m w_m φ̂(t_m)·v_k`` of the units ``shared (B, n)`` under the rule ``t, w (M,)``:
-        ``(B, n, K, O)``, by ``shared_mode``; undecided, both are timed on the first step and the
+        ``(B, n, K, O)``, by ``shared_mode``; undecided, both are timed on the first step (reverse
+        mode on about ``SAMPLE_UNITS`` of its units) in ``TIMING_ROUNDS`` alternating rounds and the
         faster is kept."""
         if self.shared_mode is None and bool(shared[0].any()):
-            start = self._clock()
-            first = self._shared_by("forward", thetas[:1], deltas[:1], bufs[:1], t, w, shared[:1], directions[:1],
-                                    rows, x, y)
-            forward = (self._clock() - start) / (int(shared[0].sum()) * len(t))
             sample = shared[:1] & (torch.cumsum(shared[:1], 1) <= max(1, SAMPLE_UNITS // len(t)))  # ≈ SAMPLE_UNITS
             once = shared[:1] & (torch.cumsum(shared[:1], 1) <= 1)
             self._shared_by("reverse", thetas[:1], deltas[:1], bufs[:1], t[:1], w[:1], once, directions[:1], rows,
                             x, y)  # its first-call costs
-            start = self._clock()
-            self._shared_by("reverse", thetas[:1], deltas[:1], bufs[:1], t, w, sample, directions[:1], rows, x, y)
-            reverse = (self._clock() - start) / (int(sample.sum()) * len(t))
+            forward, reverse = [], []
+            for _ in range(TIMING_ROUNDS):
+                start = self._clock()
+                first = self._shared_by("forward", thetas[:1], deltas[:1], bufs[:1], t, w, shared[:1],
+                                        directions[:1], rows, x, y)
+                forward.append((self._clock() - start) / (int(shared[0].sum()) * len(t)))
+                start = self._clock()
+                self._shared_by("reverse", thetas[:1], deltas[:1], bufs[:1], t, w, sample, directions[:1], rows, x, y)
+                reverse.append((self._clock() - start) / (int(sample.sum()) * len(t)))
+            forward, reverse = min(forward), min(reverse)
             self.measured_shared = {"forward": forward, "reverse": reverse, "units": int(sample.sum()) * len(t),
                                     "directions": directions.shape[1]}
             self.shared_mode = "forward" if forward <= reverse else "reverse"
