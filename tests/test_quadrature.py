@@ -21,6 +21,7 @@ from engine.decompose.quadrature import (
     gauss,
     live_switches,
     live_tensors,
+    lowered,
     midpoint,
     panels,
     parse_quadrature,
@@ -266,6 +267,25 @@ def test_agreed_is_the_error_estimate_test_of_accept_alone():
     assert agreed(q, q_prev, scale, torch.float64).tolist() == [False, False]
     off = torch.full((2, 2), 1e-2)  # a residual far above round-off: agreed, yet not accepted
     assert accept(q, q_prev, off, scale, torch.float32).tolist() == [False, False]
+
+
+@pytest.mark.parametrize("first", [0, 1])
+def test_lowered_keeps_as_many_pieces_down_as_the_residual_test_allows_smallest_error_first(first):
+    """Two pieces are within their share of the estimate's tolerance (16 round-offs of ``g_scale``);
+    the residual test allows one round-off of it. Both down, the unit fails that test; the piece
+    with the smaller error alone passes it, and goes down, wherever it sits among the pieces."""
+    errors = [1e-17, 1e-15]  # candidates: within 16·eps·(1 + 1e-3) / 3 ≈ 1.2e-15 each …
+    errors = (errors if first == 0 else errors[::-1]) + [1e-12]  # … the third piece is not
+    hi = torch.tensor([3e-4, 3e-4, 4e-4], dtype=torch.float64)[None, :, None]  # (U, P, O)
+    lo = hi - torch.tensor(errors, dtype=torch.float64)[None, :, None]
+    q, scale = hi.sum(1), torch.ones(1, 1, dtype=torch.float64)
+    residual = torch.zeros_like(q)
+    down = lowered(hi, lo, q, residual, scale, torch.ones(1, 3, dtype=torch.bool), torch.float64)
+    expected = [True, False, False] if first == 0 else [False, True, False]
+    assert down[0].tolist() == expected
+    # with room in the residual test for both, both go down (and never the third)
+    down = lowered(hi, lo, q, residual, 10 * scale, torch.ones(1, 3, dtype=torch.bool), torch.float64)
+    assert down[0].tolist() == [True, True, False]
 
 
 def test_unconverged_refines_only_pieces_over_their_share_of_the_tolerance():
