@@ -841,6 +841,32 @@ def test_adaptive_finds_a_kink_the_end_points_of_the_step_hide(tmp_path):
     assert e.max_rel_residual < 1e-12
 
 
+def test_a_unit_whose_rules_agree_but_miss_its_residual_is_searched_for_hidden_kinks_at_once(tmp_path, monkeypatch):
+    """Rules that agree while the residual does not (and not from round-off: float64 here) are both
+    off, as at a kink the ends of the step hide: the unit's pieces are searched for one at the
+    level they agreed, not after every piece climbed to the top rule. Here every unconverged unit's
+    rules are taken to agree; the search finds no kink, and the units climb on to the exact result."""
+    import engine.decompose.stream as stream
+
+    history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.SGD(m.parameters(), lr=1.0))
+    events = []
+    evaluate, hidden = stream._Pass._evaluate_pieces, stream._Pass._hidden_kinks
+
+    def evaluated(self, ev, x, y, thetas, deltas, bufs, units, start, width, rule, *args, **kwargs):
+        events.append(len(rule))
+        return evaluate(self, ev, x, y, thetas, deltas, bufs, units, start, width, rule, *args, **kwargs)
+
+    def searched(self, *args, **kwargs):
+        events.append("search")
+        return hidden(self, *args, **kwargs)
+    monkeypatch.setattr(stream, "agreed", lambda q, q_prev, g_scale, dtype: torch.ones(q.shape[:-1], dtype=torch.bool))
+    monkeypatch.setattr(stream._Pass, "_evaluate_pieces", evaluated)
+    monkeypatch.setattr(stream._Pass, "_hidden_kinks", searched)
+    e = explain(history.path, ExplainConfig(engine="jvp", **F64), progress=False, trust_run=True)
+    assert "search" in events and 16 not in events[:events.index("search")]
+    assert e.max_rel_residual < 1e-12
+
+
 @pytest.mark.parametrize(("engine", "forward_ad"), [("jvp", True), ("vjp", True), ("vjp", False)])
 def test_adaptive_refines_only_the_piece_that_needs_it(tmp_path, engine, forward_ad):
     """Forward-mode search (then Jacobians at the final nodes for vjp); without forward-mode AD,

@@ -508,21 +508,25 @@ class _Pass:
             # float64 meet the tolerance: the residual is the compute dtype's round-off of ∇g, which more
             # nodes do not lower, and the unit keeps its rule (checked once per unit: elsewhere it climbs on)
             # (under rtol they climb on: past the top rule, they are recomputed in float64)
+            # where they do not, the rules are both off: a kink the switching values at the ends do not reveal,
+            # searched for in every piece at once (``early``) rather than after every piece climbed to the top
             rounded = torch.zeros_like(ok)
-            if ev.s.dtype != torch.float64 and self.wide is None:
+            early = torch.zeros_like(ok)
+            if self.wide is None:
                 rows = (~ok & ~stuck & ~beyond & ~checked & agreed(q, lo.sum(1), scale[bi, xi], dtype)).nonzero()[:, 0]
                 checked[rows] = True
-                if len(rows):
+                if len(rows) and ev.s.dtype != torch.float64:
                     rounded[rows] = self._round_off(c, ev, thetas, deltas, bufs, units[rows], start[rows], width[rows],
                                                     level[rows], valid[rows], true, scale)
+                early[rows] = ~rounded[rows]
             if self.wide is not None and not wide:  # float64 can do better
                 stuck |= beyond
                 beyond = torch.zeros_like(beyond)
             restart = torch.zeros_like(beyond)
-            if searched < HIDDEN_ROUNDS and bool(beyond.any()):
-                top_pieces = torch.where(refine & (level == top), width, 0.0)
-                restart = self._restart(c, ev, thetas, deltas, bufs, units, points, counts, beyond, (start, top_pieces),
-                                        true, scale, budget, rules, escalate, searched + 1)
+            if searched < HIDDEN_ROUNDS and bool((beyond | early).any()):
+                pieces = torch.where(early[:, None] & valid | refine & (level == top), width, 0.0)
+                restart = self._restart(c, ev, thetas, deltas, bufs, units, points, counts, beyond | early,
+                                        (start, pieces), true, scale, budget, rules, escalate, searched + 1)
             settle = (beyond & ~restart) | rounded
             keep = ok | settle
             residual_above = above_tolerance(q, true[bi, xi] - q, scale[bi, xi], dtype, unit_budget)
@@ -535,7 +539,7 @@ class _Pass:
             t, w, count = composite(start[keep], width[keep], final[keep], ladder)
             self._store_rule(rules, bi[keep], xi[keep], t, w, count, None if phi is None else phi[keep], wide)
             escalate.append(units[stuck])
-            move = ~ok & ~stuck & ~beyond & ~rounded
+            move = ~ok & ~stuck & ~beyond & ~rounded & ~restart  # (early units without a hidden kink climb on)
             units, points, counts, start, width, valid = (units[move], points[move], counts[move], start[move],
                                                           width[move], valid[move])
             refine, level, lo, hi = refine[move], level[move], lo[move], hi[move]
