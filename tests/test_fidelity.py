@@ -57,7 +57,9 @@ CASES = {
 
 
 def record(out, case: str, dtype: torch.dtype):
-    """A plain training loop of ``case`` under the Recorder; returns the run directory."""
+    """A plain training loop of ``case`` under the Recorder; returns the run directory. The global
+    generator is seeded first: dropout draws from it, so each run of the test trains the same run."""
+    torch.manual_seed(0)
     model_spec, make_optimizer, options = CASES[case]
     task = get_task(model_spec)
     model = task.build_model().to(dtype).train()
@@ -115,19 +117,25 @@ def relative(value: np.ndarray, truth: np.ndarray) -> float:
 def check_case(tmp_path, case: str, dtype: torch.dtype) -> None:
     run = record(tmp_path / case, case, dtype)
     history = History.open(run)
-    # in float32 the evaluation is pinned (forward mode): ``auto`` picks forward or reverse mode by timing
-    # them, and with the shared units in reverse mode the float32 data view of hf-causal-lm misses its
-    # bound (1.1e-5 to 6.7e-5 measured), so the test would follow the machine's load
-    engine = "jvp" if dtype == torch.float32 else "auto"
     explanation = explain(run, ExplainConfig(dtype=str(dtype).removeprefix("torch."), test_size=TESTS,
-                                             views=("components", "data"), engine=engine), progress=False,
+                                             views=("components", "data")), progress=False,
                           trust_run=True)
     truth = true_change(history)
     components = explanation.components
     buffers = components.filter(pl.col("tensor").str.ends_with("<buffers>"))
     buffer_terms = totals(buffers, TESTS) if buffers.height else 0.0
     assert relative(totals(components, TESTS), truth) <= TOLERANCE[dtype]
-    assert relative(totals(explanation.data, TESTS) + buffer_terms, truth) <= TOLERANCE[dtype]
+    data = totals(explanation.data, TESTS) + buffer_terms
+    if dtype == torch.float64:
+        assert relative(data, truth) <= TOLERANCE[dtype]
+    else:  # the data view adds every training example's term, each with its float32 round-off: where the
+        # terms cancel (on hf-causal-lm |terms| add to ~10 against changes of ~1) that round-off is more
+        # than 1e-5 of the change, and the bound is 16 round-offs of the terms the sum is made of
+        magnitude = (explanation.data.group_by("test", "output").agg(pl.col("value").abs().sum())
+                     .sort("test", "output")["value"].to_numpy().reshape(TESTS, -1))
+        bound = np.maximum(TOLERANCE[dtype] * np.linalg.norm(truth, axis=1, keepdims=True),
+                           16 * np.finfo(np.float32).eps * magnitude)
+        assert (np.abs(data - truth) <= bound).all(), float((np.abs(data - truth) / bound).max())
     assert explanation.max_rel_split_residual <= TOLERANCE[dtype]
     assert explanation.data_split == ("per-example" if case == "norm-mlp" else "batched")
     assert any(note.startswith("data split:") for note in explanation.notes)
