@@ -48,7 +48,7 @@ from engine.run.updates import UpdateRule
 KINK_ITERATIONS = 16  # most root-search steps refining each kink position (in float64) …
 KINK_TOLERANCE = 1e-13  # … stopping once no position moves more than this
 VALUES_SHARE = 64  # the directional derivatives of a chunk of units may take 1/VALUES_SHARE of memory_mb
-HIDDEN_GRID = 16  # panels of a piece searched for kinks the known ones hide, where the top rule failed …
+HIDDEN_GRID = 16  # panels of a piece searched for kinks the known ones hide, where the rules fail …
 HIDDEN_ROUNDS = 8  # … at most this many times, each in the pieces that still fail
 REGULARIZER = -1  # train id of the weight-decay pseudo-example in the data view
 
@@ -464,7 +464,10 @@ class _Pass:
         agree to round-off (``quadrature.agreed``) while its residual does not, and whose rules meet
         the tolerance when evaluated in float64 (``_round_off``), keeps its rule: its residual is the
         compute dtype's round-off, which more nodes do not lower; ``rules.off`` marks it where that
-        residual is above round-off. A unit that would need more than the top rule is recomputed in
+        residual is above round-off. Where they miss it in float64 as well (or ``ev`` computes in
+        float64), the rules are both off, as at a kink the ends of the step hide: every piece of the
+        unit is searched for hidden kinks at once, and the unit climbs on where none is found. A
+        unit that would need more than the top rule is recomputed in
         float64 where that is possible; otherwise its pieces at the top rule are searched for hidden
         kinks and it starts again on its new pieces, or keeps its rule when there are none (or it has
         been ``searched`` ``HIDDEN_ROUNDS`` times): then ``rules.above`` marks it where its residual
@@ -581,10 +584,10 @@ class _Pass:
                  points: Tensor, counts: Tensor, beyond: Tensor, pieces: tuple[Tensor, Tensor], true: Tensor,
                  scale: Tensor, budget: Tensor | None, rules: _Rules, escalate: list[Tensor],
                  searched: int) -> Tensor:
-        """Units marked ``beyond`` the top rule whose search in their unconverged ``pieces``
-        (``(start, width) (U, P)``, width 0 elsewhere) finds hidden kinks climb again on the new
-        pieces, with ``searched`` searches behind them (their float64 escalations go to
-        ``escalate``); returns which of ``units`` did."""
+        """Units marked ``beyond`` (past the top rule, or with rules that agree but are off) whose
+        search in their ``pieces`` (``(start, width) (U, P)``, width 0 elsewhere) finds hidden
+        kinks climb again on the new pieces, with ``searched`` searches behind them (their float64
+        escalations go to ``escalate``); returns which of ``units`` did."""
         rows = beyond.nonzero().squeeze(1)
         bi, xi = units[rows, 0], units[rows, 1]
         more, more_counts = self._hidden_kinks(ev, c, thetas, deltas, bufs, bi, xi, points[rows], pieces[0][rows],
