@@ -846,8 +846,6 @@ def test_a_unit_whose_rules_agree_but_miss_its_residual_is_searched_for_hidden_k
     off, as at a kink the ends of the step hide: the unit's pieces are searched for one at the
     level they agreed, not after every piece climbed to the top rule. Here every unconverged unit's
     rules are taken to agree; the search finds no kink, and the units climb on to the exact result."""
-    import engine.decompose.stream as stream
-
     history = record(tmp_path / "run", "ReluNet", lambda m: torch.optim.SGD(m.parameters(), lr=1.0))
     events = []
     evaluate, hidden = stream._Pass._evaluate_pieces, stream._Pass._hidden_kinks

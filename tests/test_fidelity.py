@@ -104,8 +104,9 @@ def true_change(history: History) -> np.ndarray:
     return out[1] - out[0]  # (test, output)
 
 
-def totals(frame: pl.DataFrame, tests: int) -> np.ndarray:
-    grouped = frame.group_by("test", "output").agg(pl.col("value").sum()).sort("test", "output")
+def totals(frame: pl.DataFrame, tests: int, absolute: bool = False) -> np.ndarray:
+    value = pl.col("value").abs() if absolute else pl.col("value")
+    grouped = frame.group_by("test", "output").agg(value.sum()).sort("test", "output")
     return grouped["value"].to_numpy().reshape(tests, -1)
 
 
@@ -131,10 +132,8 @@ def check_case(tmp_path, case: str, dtype: torch.dtype) -> None:
     else:  # the data view adds every training example's term, each with its float32 round-off: where the
         # terms cancel (on hf-causal-lm |terms| add to ~10 against changes of ~1) that round-off is more
         # than 1e-5 of the change, and the bound is 16 round-offs of the terms the sum is made of
-        magnitude = (explanation.data.group_by("test", "output").agg(pl.col("value").abs().sum())
-                     .sort("test", "output")["value"].to_numpy().reshape(TESTS, -1))
         bound = np.maximum(TOLERANCE[dtype] * np.linalg.norm(truth, axis=1, keepdims=True),
-                           16 * np.finfo(np.float32).eps * magnitude)
+                           16 * np.finfo(np.float32).eps * totals(explanation.data, TESTS, absolute=True))
         assert (np.abs(data - truth) <= bound).all(), float((np.abs(data - truth) / bound).max())
     assert explanation.max_rel_split_residual <= TOLERANCE[dtype]
     assert explanation.data_split == ("per-example" if case == "norm-mlp" else "batched")
