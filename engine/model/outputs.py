@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from engine.errors import BadInputError
-from engine.model.task import load_object
+from engine.model.task import cross_entropy, load_object
 
 QuantityFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -37,7 +37,7 @@ def _logprob(output: Tensor, labels: Tensor) -> Tensor:
 
 
 def _loss(output: Tensor, labels: Tensor) -> Tensor:
-    return F.cross_entropy(output, labels, reduction="none")[:, None]
+    return cross_entropy(output, labels)[:, None]
 
 
 def _margin(output: Tensor, labels: Tensor) -> Tensor:
