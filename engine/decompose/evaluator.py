@@ -124,16 +124,13 @@ class _Evaluator:
             values = recorder.values()
             return g, values if values is not None else g.new_zeros(x.shape[0], 0)
 
-        def injected_one(theta: Tensor, delta: Tensor, bufs: Tensor, t: Tensor, v: Tensor, x: Tensor, y: Tensor,
-                         rows: list[Tensor], point: bool) -> Tensor:
-            # ∂/∂α_k g(θ + tΔ + Σ_k α_k v_k) at α = 0, by reverse mode over the outputs: (O, K)
-            pieces = torch.split(v, list(setup.layout.sizes), dim=1)
-            values = [piece[r].reshape(len(r), *shape)
-                      for piece, r, shape in zip(pieces, rows, setup.layout.shapes, strict=True)]
-
+        def injected_one(theta: Tensor, delta: Tensor, bufs: Tensor, t: Tensor, values: list[Tensor], x: Tensor,
+                         y: Tensor, rows: list[Tensor], k: int, point: bool) -> Tensor:
+            # ∂/∂α_k g(θ + tΔ + Σ_k α_k v_k) at α = 0, by reverse mode over the outputs: (O, K);
+            # ``values``: per tensor, the rows of the directions that touch it (``rows``)
             def g(alpha: Tensor) -> Tensor:
                 return setup.g_one_at(theta, delta, t, bufs, x, y, Injected(alpha, rows, values, point))
-            return jacobian(g, v.new_zeros(v.shape[0]))
+            return jacobian(g, theta.new_zeros(k))
 
         self._injected_one = injected_one
 
@@ -243,14 +240,19 @@ class _Evaluator:
         row_step, slot, valid = _pack(step, len(thetas))
         width = slot.shape[1]
         point = width * s.layout.total * s.dtype.itemsize <= s.config.memory_mb * 2**20 // 4
+        # per tensor, only the direction rows that touch it: a call copies those for each of its rows
+        pieces = torch.split(directions, list(s.layout.sizes), dim=2)
+        values = [piece[:, r].reshape(len(piece), len(r), *shape)
+                  for piece, r, shape in zip(pieces, rows, s.layout.shapes, strict=True)]
+        touched = sum(v[0].numel() for v in values) / s.layout.total  # parameter-sized vectors per row
         # a unit holds a cotangent per output in the backward pass and, from the forward pass, the
         # product of every injected direction (its α's gradient needs it): outputs + K evaluations
-        rows_per_call = self._batch(width * (s.outputs + k), (width if point else 1) + k)
-        one = partial(self._injected_one, rows=rows, point=point)
+        rows_per_call = self._batch(width * (s.outputs + k), (width if point else 1) + max(1, math.ceil(touched)))
+        one = partial(self._injected_one, rows=rows, k=k, point=point)
         fn = vmap(vmap(one, in_dims=(None, None, None, 0, None, 0, 0)), in_dims=(0,) * 7)  # → (R, W, O, K)
         for a in range(0, len(row_step), rows_per_call):
             b, sl, ok = row_step[a:a + rows_per_call], slot[a:a + rows_per_call], valid[a:a + rows_per_call]
-            value = fn(thetas[b], deltas[b], bufs[b], t[sl].to(s.dtype), directions[b], x[sl], y[sl])
+            value = fn(thetas[b], deltas[b], bufs[b], t[sl].to(s.dtype), [v[b] for v in values], x[sl], y[sl])
             out[sl[ok]] = value.transpose(2, 3)[ok]
         self.evaluations += len(t) * s.outputs
         return out

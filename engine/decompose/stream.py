@@ -338,7 +338,9 @@ class _Pass:
                             sw_prev[idx] if adaptive else None, sw_next[idx] if adaptive else None)
         if directions is None:
             return None, rules, ends
-        return self._directional(c, block, idx, rules, directions[idx]), rules, ends
+        if len(idx) < len(directions):  # (a block's directions are the largest tensor of a pass: no copy of all)
+            directions = directions[idx]
+        return self._directional(c, block, idx, rules, directions), rules, ends
 
     def _buffer_terms(self, c: _Chunk, block: _Block, g_next: Tensor,
                       adaptive: bool) -> tuple[Tensor, Tensor | None, Tensor]:
