@@ -94,3 +94,21 @@ def test_make_g_is_differentiable_by_torch_func():
     for c in range(2):
         assert torch.allclose(grads["weight"][c], x[y == c].sum(0))
     assert torch.allclose(grads["bias"], torch.bincount(y, minlength=2).float())
+
+
+def test_cross_entropy_is_torchs_value_and_gradient_ignored_labels_included():
+    # the engine's cross-entropy avoids F.cross_entropy's decomposition under vmap (it imports sympy);
+    # values and gradients are torch's, 0 at the ignore index -100
+    from engine.model.task import cross_entropy
+
+    gen = torch.Generator().manual_seed(0)
+    output = torch.randn(6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 4, -100, 2, 1, -100])
+    ours, theirs = cross_entropy(output, labels), F.cross_entropy(output, labels, reduction="none")
+    torch.testing.assert_close(ours, theirs, rtol=1e-14, atol=1e-14)
+    weights = torch.randn(6, generator=gen, dtype=torch.float64)
+    ours_grad, = torch.autograd.grad((ours * weights).sum(), output)
+    theirs_grad, = torch.autograd.grad((theirs * weights).sum(), output)
+    torch.testing.assert_close(ours_grad, theirs_grad, rtol=1e-14, atol=1e-14)
+    per_example = torch.func.vmap(lambda o, y: cross_entropy(o[None], y[None])[0])(output.detach(), labels)
+    torch.testing.assert_close(per_example, theirs.detach(), rtol=1e-14, atol=1e-14)

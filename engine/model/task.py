@@ -141,9 +141,11 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 def cross_entropy(output: Tensor, labels: Tensor) -> Tensor:
     """Cross-entropy of each example: ``(batch, classes), (batch,) int64 → (batch,)``.
 
-    ``F.cross_entropy``'s value, as the log-softmax at the label: under ``vmap`` ``F.cross_entropy``
-    runs a decomposition whose checks import sympy (0.3 s and ~35 MiB on first use)."""
-    return -F.log_softmax(output, dim=1).gather(1, labels[:, None])[:, 0]
+    ``F.cross_entropy``'s value, as the log-softmax at the label (0 at its ``ignore_index``, -100):
+    under ``vmap`` ``F.cross_entropy`` runs a decomposition whose checks import sympy (0.3 s and
+    ~35 MiB on first use)."""
+    picked = F.log_softmax(output, dim=1).gather(1, labels.clamp_min(0)[:, None])[:, 0]
+    return torch.where(labels == -100, 0.0, -picked)
 
 
 def mse(output: Tensor, targets: Tensor) -> Tensor:
