@@ -9,6 +9,7 @@ from torch import nn
 
 from engine.errors import BadInputError
 from engine.model.outputs import QUANTITIES, get_quantity, make_g, output_count
+from engine.model.task import cross_entropy
 
 
 @pytest.fixture
@@ -98,9 +99,7 @@ def test_make_g_is_differentiable_by_torch_func():
 
 def test_cross_entropy_is_torchs_value_and_gradient_ignored_labels_included():
     # the engine's cross-entropy avoids F.cross_entropy's decomposition under vmap (it imports sympy);
-    # values and gradients are torch's, 0 at the ignore index -100
-    from engine.model.task import cross_entropy
-
+    # values and gradients are torch's, 0 at the ignore index -100; any other label out of range is refused
     gen = torch.Generator().manual_seed(0)
     output = torch.randn(6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
     labels = torch.tensor([0, 4, -100, 2, 1, -100])
@@ -112,3 +111,6 @@ def test_cross_entropy_is_torchs_value_and_gradient_ignored_labels_included():
     torch.testing.assert_close(ours_grad, theirs_grad, rtol=1e-14, atol=1e-14)
     per_example = torch.func.vmap(lambda o, y: cross_entropy(o[None], y[None])[0])(output.detach(), labels)
     torch.testing.assert_close(per_example, theirs.detach(), rtol=1e-14, atol=1e-14)
+    for bad in (-5, 5):
+        with pytest.raises((RuntimeError, IndexError)):
+            cross_entropy(output, torch.tensor([0, bad, 1, 2, 3, 4]))

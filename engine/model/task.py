@@ -144,8 +144,9 @@ def cross_entropy(output: Tensor, labels: Tensor) -> Tensor:
     ``F.cross_entropy``'s value, as the log-softmax at the label (0 at its ``ignore_index``, -100):
     under ``vmap`` ``F.cross_entropy`` runs a decomposition whose checks import sympy (0.3 s and
     ~35 MiB on first use)."""
-    picked = F.log_softmax(output, dim=1).gather(1, labels.clamp_min(0)[:, None])[:, 0]
-    return torch.where(labels == -100, 0.0, -picked)
+    ignored = labels == -100
+    picked = F.log_softmax(output, dim=1).gather(1, labels.masked_fill(ignored, 0)[:, None])[:, 0]
+    return torch.where(ignored, 0.0, -picked)  # (any other label out of range is refused by gather, as by torch)
 
 
 def mse(output: Tensor, targets: Tensor) -> Tensor:
